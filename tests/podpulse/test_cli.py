@@ -1,0 +1,92 @@
+"""The podpulse command line, run as a user runs it: in a subprocess."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import msgspec
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from podpulse import geo
+
+CLI = [sys.executable, "-m", "podpulse.cli"]
+
+
+def podpulse(*args, check=True, timeout=300):
+    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_simulate_to_file_writes_one_event_per_line_and_summarises(tmp_path):
+    path = tmp_path / "fleet.jsonl"
+    proc = podpulse("simulate", "--devices", 10_000, "--hours", 24, "--to", path)
+    lines = path.read_bytes().splitlines()
+    records = [msgspec.json.decode(line) for line in lines[:: len(lines) // 500]]
+    assert all(r["device_id"].startswith("ap-") and len(r["postcode"]) == 4 for r in records)
+    for s in geo.STATES:
+        assert s.code in proc.stdout
+    for word in ("urban", "rural", "v1", "v2", f"{len(lines):,} events"):
+        assert word in proc.stdout
+    truth = json.loads(path.with_suffix(".truth.json").read_text())
+    assert len(truth) == 200
+
+
+def test_simulate_json_summary_counts_add_up(tmp_path):
+    proc = podpulse("simulate", "--devices", 500, "--hours", 6, "--malformed", 0.01,
+                    "--to", tmp_path / "f.jsonl", "--json")
+    summary = json.loads(proc.stdout)
+    lines = (tmp_path / "f.jsonl").read_bytes().count(b"\n")
+    assert summary["events"] == lines == sum(summary["events_by_state"].values())
+    assert sum(summary["devices_by_state"].values()) == 500
+    assert 0 < summary["malformed"] < lines
+
+
+@pytest.mark.parametrize("args, words", [
+    (["simulate", "--devices", "-3", "--to", "x.jsonl"], ["--devices"]),
+    (["simulate", "--devices", "ten", "--to", "x.jsonl"], ["--devices", "integer"]),
+    (["simulate"], ["--to"]),
+    (["simulate", "--to", "kafka://nohost"], ["kafka://HOST:PORT/TOPIC"]),
+    (["simulate", "--to", "/no/such/dir/x.jsonl"], ["/no/such/dir"]),
+    (["simulate", "--to", "x.jsonl", "--start", "yesterday"], ["--start"]),
+    (["simulate", "--to", "x.jsonl", "-X", "novalue"], ["key=value"]),
+    (["frobnicate"], ["frobnicate"]),
+])
+def test_bad_arguments_get_one_line_not_a_traceback(tmp_path, args, words):
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("podpulse: error:"), proc.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_help_everywhere_and_memory_only_is_said():
+    for cmd in ([], ["simulate"], ["broker"], ["bench"], ["bench", "simulate"]):
+        assert "Usage" in podpulse(*cmd, "--help").stdout
+    assert "MEMORY-ONLY" in podpulse("broker", "--help").stdout
+
+
+def test_bench_simulate_json_reports_the_rate_and_its_baseline():
+    result = json.loads(podpulse("bench", "simulate", "--devices", 1000, "--hours", 6,
+                                 "--json").stdout)
+    assert result["events"] > 1_000
+    assert result["events_per_s"] > 0 and result["encode_only_events_per_s"] > 0
+
+
+def test_broker_command_serves_kafka_until_terminated(tmp_path):
+    from podpulse.broker import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "broker", "--port", str(port), "--topic", "telemetry",
+                             "--partitions", "3"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "listening" in proc.stdout.readline()
+        topics = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=10).topics
+        assert len(topics["telemetry"].partitions) == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

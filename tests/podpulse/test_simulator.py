@@ -1,0 +1,179 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from podpulse import geo
+from podpulse.contract import decode_batch
+from podpulse.simulator import FAULTS, FIRMWARE, Fleet, FleetSpec, Summary, allocate, simulate
+
+
+def run(spec: FleetSpec):
+    fleet = Fleet.build(spec)
+    summary = Summary(fleet)
+    chunks = []
+    for chunk in simulate(spec, fleet):
+        summary.add(chunk)
+        chunks.append(chunk)
+    return fleet, summary, chunks
+
+
+@pytest.fixture(scope="module")
+def day():
+    """2,000 devices over two weekdays, decoded once for all the checks below."""
+    spec = FleetSpec(devices=2000, hours=48, seed=11)
+    fleet, summary, chunks = run(spec)
+    values = [v for c in chunks for v in c.values]
+    decoded = decode_batch(values)
+    return fleet, summary, chunks, decoded
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes():
+    a = [v for c in run(FleetSpec(devices=300, hours=6, seed=1))[2] for v in c.values]
+    b = [v for c in run(FleetSpec(devices=300, hours=6, seed=1))[2] for v in c.values]
+    c = [v for c in run(FleetSpec(devices=300, hours=6, seed=2))[2] for v in c.values]
+    assert a == b and a != c and len(a) > 1000
+
+
+def test_state_shares_follow_population_within_two_points():
+    fleet = Fleet.build(FleetSpec(devices=10_000))
+    total = sum(s.population for s in geo.STATES)
+    counts = np.bincount(fleet.state, minlength=len(geo.STATES))
+    for s, n in zip(geo.STATES, counts):
+        assert abs(n / 10_000 - s.population / total) < 0.02, s.code
+    urban_share = fleet.urban.mean()
+    assert 0.7 < urban_share < 0.8
+
+
+def test_allocate_is_exact():
+    counts = allocate(7, [1, 1, 1])
+    assert counts.sum() == 7 and sorted(counts.tolist()) == [2, 2, 3]
+
+
+def test_every_simulated_event_is_valid_and_postcodes_match_the_fleet(day):
+    fleet, summary, chunks, decoded = day
+    assert decoded.rejected == []
+    assert decoded.table.num_rows == summary.events > 50_000
+    device_index = np.concatenate([c.device for c in chunks])
+    ids = decoded.table["device_id"].to_numpy(zero_copy_only=False)
+    assert (ids == fleet.device_id[device_index]).all()
+    states = np.array(geo.STATE_CODES)[fleet.state[device_index]]
+    assert (decoded.table["state"].to_numpy(zero_copy_only=False) == states).all()
+    assert (decoded.table["urban"].to_numpy(zero_copy_only=False) == fleet.urban[device_index]).all()
+
+
+def test_sequence_numbers_and_time_increase_per_device(day):
+    _, _, _, decoded = day
+    t = decoded.table.select(["device_id", "seq", "event_time"]).sort_by(
+        [("device_id", "ascending"), ("seq", "ascending")])
+    dev = t["device_id"].to_numpy(zero_copy_only=False)
+    seq = t["seq"].to_numpy()
+    ts = t["event_time"].cast(pa.int64()).to_numpy()
+    same = dev[1:] == dev[:-1]
+    assert (seq[1:][same] == seq[:-1][same] + 1).all()
+    assert (ts[1:][same] > ts[:-1][same]).all()
+    first = np.concatenate([[True], ~same])
+    assert (seq[first] == 1).all()
+
+
+def test_both_schema_versions_and_both_classes_appear(day):
+    _, summary, _, decoded = day
+    versions = pc.value_counts(decoded.table["schema_version"]).to_pylist()
+    assert {v["values"] for v in versions} == {1, 2}
+    assert set(summary.events_by_class) == {"urban", "rural"}
+
+
+def in_ear(decoded):
+    t = decoded.table
+    return t.filter(pc.and_(t["in_ear_left"], pc.greater(t["playback_s"], 0)))
+
+
+def test_noise_cancellation_is_chosen_more_where_it_is_loud(day):
+    t = in_ear(day[3])
+    amb = t["ambient_dba"].to_numpy()
+    cancelling = pc.is_in(t["noise_mode"], pa.array(["anc", "adaptive"])).to_numpy(zero_copy_only=False)
+    loud, quiet = amb >= 65, amb < 50
+    assert cancelling[loud].mean() > cancelling[quiet].mean() + 0.3
+    urban = t["urban"].to_numpy(zero_copy_only=False)
+    assert amb[urban].mean() > amb[~urban].mean() + 5
+
+
+def test_listening_peaks_at_commute_and_evening_not_at_night(day):
+    t = in_ear(day[3])
+    local_hour = ((t["event_time"].cast(pa.int64()).to_numpy() / 3_600_000 + 10) % 24).astype(int)
+    per_hour = np.bincount(local_hour, minlength=24)
+    assert per_hour[7:9].mean() > 5 * per_hour[2:5].mean()
+    assert per_hour[19:22].mean() > 5 * per_hour[2:5].mean()
+
+
+def drain_per_hour(decoded, fleet):
+    """Mean drop of the left bud between consecutive in-ear samples, % per hour, by device."""
+    t = decoded.table.select(["device_id", "seq", "battery_left", "in_ear_left"]).sort_by(
+        [("device_id", "ascending"), ("seq", "ascending")])
+    dev = t["device_id"].to_numpy(zero_copy_only=False)
+    level = t["battery_left"].to_numpy().astype(float)
+    ear = t["in_ear_left"].to_numpy(zero_copy_only=False)
+    ok = (dev[1:] == dev[:-1]) & ear[1:] & ear[:-1]
+    drop = (level[:-1] - level[1:])[ok] * 12
+    owners = dev[1:][ok]
+    order = {d: i for i, d in enumerate(fleet.device_id)}
+    idx = np.array([order[d] for d in owners])
+    sums = np.bincount(idx, weights=drop, minlength=len(fleet))
+    counts = np.bincount(idx, minlength=len(fleet))
+    return np.where(counts > 5, sums / np.maximum(counts, 1), np.nan)
+
+
+def test_fast_drain_faults_drain_faster_and_are_in_the_truth(day):
+    fleet, _, _, decoded = day
+    truth = fleet.truth()
+    assert len(truth) == 40 and {t["fault"] for t in truth} == set(FAULTS)
+    rate = drain_per_hour(decoded, fleet)
+    fast = fleet.fault == 0
+    healthy = fleet.fault == -1
+    assert np.nanmean(rate[fast]) > 1.5 * np.nanmean(rate[healthy])
+
+
+def test_noise_cancellation_and_volume_drain_faster(day):
+    t = day[3].table.select(["device_id", "seq", "battery_left", "in_ear_left", "noise_mode",
+                             "output_dba", "playback_s"]).sort_by(
+        [("device_id", "ascending"), ("seq", "ascending")])
+    dev = t["device_id"].to_numpy(zero_copy_only=False)
+    level = t["battery_left"].to_numpy().astype(float)
+    ear = t["in_ear_left"].to_numpy(zero_copy_only=False)
+    mode = t["noise_mode"].to_numpy(zero_copy_only=False)
+    out = t["output_dba"].to_numpy()
+    pairs = (dev[1:] == dev[:-1]) & ear[1:] & ear[:-1] & (level[1:] > 0)
+    drop = (level[:-1] - level[1:])
+    mode2, out2 = mode[1:], out[1:]
+    anc = pairs & (mode2 == "anc")
+    off = pairs & (mode2 == "off")
+    assert drop[anc].mean() > drop[off].mean()
+    loud, soft = pairs & (out2 > 75), pairs & (out2 > 0) & (out2 < 60)
+    assert drop[loud].mean() > drop[soft].mean()
+
+
+def test_firmware_rolls_out_during_the_window(day):
+    t = day[3].table
+    newest = pc.equal(t["firmware"], FIRMWARE[-1]).to_numpy(zero_copy_only=False)
+    ts = t["event_time"].cast(pa.int64()).to_numpy()
+    assert not newest[ts < np.median(ts) - 6 * 3_600_000].any()
+    late = ts > ts.max() - 6 * 3_600_000
+    assert newest[late].mean() > 0.1
+
+
+def test_malformed_records_are_injected_at_the_rate_and_all_rejected():
+    spec = FleetSpec(devices=1000, hours=12, seed=5, malformed_rate=0.02)
+    _, summary, chunks = run(spec)
+    values = [v for c in chunks for v in c.values]
+    malformed = np.concatenate([c.malformed for c in chunks])
+    decoded = decode_batch(values)
+    assert abs(malformed.mean() - 0.02) < 0.005
+    assert sorted(r.index for r in decoded.rejected) == np.flatnonzero(malformed).tolist()
+    assert summary.malformed == int(malformed.sum())
+
+
+def test_spec_rejects_nonsense():
+    with pytest.raises(ValueError, match="devices"):
+        FleetSpec(devices=0)
+    with pytest.raises(ValueError, match="malformed_rate"):
+        FleetSpec(malformed_rate=2)

@@ -1,0 +1,27 @@
+"""Static checks of the Kubernetes manifests that need no cluster."""
+
+from pathlib import Path
+
+import ray
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def containers(spec: dict):
+    yield from spec["headGroupSpec"]["template"]["spec"]["containers"]
+    for group in spec["workerGroupSpecs"]:
+        yield from group["template"]["spec"]["containers"]
+
+
+def test_ray_cluster_matches_the_pinned_ray_and_sets_resources():
+    doc = yaml.safe_load((ROOT / "ray-cluster.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
+    spec = doc["spec"]
+    assert spec["rayVersion"] == ray.__version__
+    for c in containers(spec):
+        assert c["image"].split(":")[1].startswith(spec["rayVersion"]), c["image"]
+        assert set(c["resources"]) == {"requests", "limits"}, c["name"]
+        assert "metrics" in {p["name"] for p in c["ports"]}, c["name"]
+    for group in spec["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
