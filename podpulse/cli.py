@@ -163,6 +163,135 @@ def print_summary(summary, result: dict) -> None:
               + (f" (ground truth: {result['truth']})" if result["truth"] else ""))
 
 
+def _ingest_config(bootstrap: str, topic: str, consumers: int, batch_size: int, linger_ms: int,
+                   max_in_flight: int, db: Path, dlq_topic: str, settings: dict):
+    from podpulse.config import IngestConfig
+    from storage.router import StorageConfig
+
+    return IngestConfig(bootstrap=bootstrap, topic=topic, kafka=settings, consumers=consumers,
+                        batch_size=batch_size, linger_ms=linger_ms, max_in_flight=max_in_flight,
+                        dlq_topic=dlq_topic, storage=StorageConfig(duckdb_path=str(db)))
+
+
+def _ingest_with_progress(config, until_caught_up: bool, quiet: bool) -> dict:
+    from podpulse.ingest import run_ingest
+
+    columns = (TextColumn("[bold]ingesting"), BarColumn(), TextColumn("lag {task.fields[lag]:,}"),
+               TextColumn("· {task.fields[restarts]} restarts"))
+    with Progress(*columns, console=err, disable=quiet, transient=True) as progress:
+        task = progress.add_task("", total=None, lag=0, restarts=0)
+        peak = [0]
+
+        def show(status: dict) -> None:
+            lag = status.get("total_lag", 0)
+            peak[0] = max(peak[0], lag)
+            progress.update(task, total=peak[0] or None, completed=peak[0] - lag, lag=lag,
+                            restarts=status.get("restarts", 0))
+
+        return run_ingest(config, until_caught_up=until_caught_up, on_status=show)
+
+
+DEFAULT_DB = Path("podpulse-data/podpulse.duckdb")
+Db = Annotated[Path, typer.Option("--db", help="The embedded DuckDB store (both storage roles).")]
+
+
+@app.command()
+def ingest(
+    bootstrap: Annotated[str, typer.Option(help="Kafka bootstrap servers, HOST:PORT[,...].")],
+    topic: Annotated[str, typer.Option(help="Topic of telemetry events.")],
+    consumers: Annotated[int, typer.Option(min=0, help="PartitionConsumer actors (0: one per CPU).")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Most messages per batch.")] = 20_000,
+    linger_ms: Annotated[int, typer.Option(min=0, help="Longest wait to fill a batch.")] = 200,
+    max_in_flight: Annotated[int, typer.Option(min=1, help="Batches in flight per consumer.")] = 2,
+    until_caught_up: Annotated[bool, typer.Option(
+        "--until-caught-up", help="Stop when every partition's lag is 0.")] = False,
+    db: Db = DEFAULT_DB,
+    dlq_topic: Annotated[str, typer.Option(help="Dead-letter topic (default TOPIC.dlq).")] = "",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
+    kafka_setting: KafkaSettings = [],
+    kafka_config: KafkaConfigFile = None,
+) -> None:
+    """Ingest a topic into storage with Ray actors, effectively exactly-once.
+
+    Runs until Ctrl-C, or with --until-caught-up until the lag is 0. Under
+    `ray job submit` it joins that cluster; otherwise it starts Ray locally.
+    """
+    config = _ingest_config(bootstrap, topic, consumers, batch_size, linger_ms, max_in_flight,
+                            db.resolve(), dlq_topic, kafka_settings(kafka_setting, kafka_config))
+    result = _ingest_with_progress(config, until_caught_up, quiet=json_out)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        w = result["writer"]
+        out.print(f"stored {w['applied']:,} events ({w['replayed']:,} redelivered and skipped) from "
+                  f"{result['partitions']} partitions with {result['consumers']} consumers; "
+                  f"dead-lettered {result['dead_lettered']:,}; lag {sum(result['lag'].values()):,}")
+
+
+@app.command()
+def demo(
+    devices: Annotated[int, typer.Option(min=1, help="Devices in the simulated fleet.")] = 2000,
+    hours: Annotated[float, typer.Option(min=0.1, help="Hours of telemetry.")] = 24.0,
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions of the demo topic.")] = 8,
+    malformed: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of corrupted records.")] = 0.002,
+    db: Db = Path("podpulse-data/demo.duckdb"),
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """The main job on one machine: embedded broker, local Ray, DuckDB.
+
+    Simulates a fleet into the embedded broker (MEMORY-ONLY), ingests it all
+    with the Ray pipeline and prints what was stored. The demo database is
+    recreated on every run, because the embedded broker starts empty.
+    """
+    from podpulse.broker import EmbeddedBroker
+    from podpulse.ingest import dead_letters
+    from podpulse.simulator import Fleet, FleetSpec, Summary
+    from podpulse.sink import open_sink
+    from podpulse.summary import store_summary
+
+    db = db.resolve()
+    for stale in (db, db.with_name(db.name + ".wal")):
+        stale.unlink(missing_ok=True)
+    topic = "podpulse.telemetry"
+    with EmbeddedBroker() as broker:
+        if not json_out:
+            out.print(f"embedded broker on {broker.bootstrap} [yellow](memory-only)[/]")
+        broker.create_topic(topic, partitions)
+        spec = FleetSpec(devices=devices, hours=hours, malformed_rate=malformed)
+        fleet = Fleet.build(spec)
+        simulated = Summary(fleet)
+        with open_sink(f"kafka://{broker.bootstrap}/{topic}") as sink:
+            run_simulation(spec, fleet, simulated, sink.write, quiet=json_out)
+        config = _ingest_config(broker.bootstrap, topic, 0, 20_000, 200, 2, db, "", {})
+        result = _ingest_with_progress(config, until_caught_up=True, quiet=json_out)
+        letters = dead_letters(broker.bootstrap, config.dead_letter_topic)
+    summary = store_summary(str(db)) | {
+        "events_produced": simulated.events, "malformed_injected": simulated.malformed,
+        "dead_lettered": len({(d["partition"], d["offset"]) for d in letters}),
+        "consumers": result["consumers"], "partitions": result["partitions"], "db": str(db)}
+    if json_out:
+        print(json.dumps(summary))
+        return
+    print_demo_summary(summary, letters)
+
+
+def print_demo_summary(s: dict, letters: list[dict]) -> None:
+    out.print(f"\n[bold]{s['events_stored']:,}[/] events stored from {s['devices']:,} devices "
+              f"({s['events_produced']:,} produced, [bold]{s['dead_lettered']:,}[/] dead-lettered, "
+              f"{s['partitions']} partitions, {s['consumers']} consumer actors) → {s['db']}")
+    table = Table(title="devices by state")
+    table.add_column("state")
+    table.add_column("devices", justify="right")
+    for state, n in s["devices_by_state"].items():
+        table.add_row(state, f"{n:,}")
+    out.print(table)
+    for cls, v in s["listening"].items():
+        out.print(f"{cls}: {v['listening_hours']:,} listening hours over {v['devices']:,} devices "
+                  f"({v['hours_per_device']} h per device)")
+    if letters:
+        out.print(f"first dead letter: {letters[0]['reason']}")
+
+
 @bench_app.command("simulate")
 def bench_simulate(
     devices: Annotated[int, typer.Option(min=1)] = 10_000,
@@ -179,6 +308,30 @@ def bench_simulate(
         out.print(f"simulator: [bold]{result['events_per_s']:,.0f}[/] events/s "
                   f"({result['events']:,} events); JSON encoding alone: "
                   f"{result['encode_only_events_per_s']:,.0f} events/s")
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    events: Annotated[int, typer.Option(min=1, help="Events to preload and ingest.")] = 1_000_000,
+    partitions: Annotated[int, typer.Option(min=1)] = 8,
+    consumers: Annotated[int, typer.Option(min=0, help="0: one per CPU.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 20_000,
+    bootstrap: Annotated[Optional[str], typer.Option(
+        help="A Kafka to use instead of the embedded broker.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Ingest throughput into the durable store, beside the raw consume rate of the same topic."""
+    from bench.ingest import run
+
+    result = run(events=events, partitions=partitions, consumers=consumers,
+                 batch_size=batch_size, bootstrap=bootstrap)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        out.print(f"pipeline: [bold]{result['events_per_s']:,}[/] events/s durable · raw consume: "
+                  f"{result['raw_consume_events_per_s']:,} events/s · ratio {result['ratio']} · "
+                  f"lost {result['lost']} · duplicated {result['duplicated']} · "
+                  f"peak RSS {result['peak_rss_mb']:,} MB")
 
 
 def main(argv: list[str] | None = None) -> int:

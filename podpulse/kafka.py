@@ -24,7 +24,10 @@ __all__ = ["KafkaTarget", "parse_kafka_url", "parse_settings", "load_properties"
 PRODUCER_DEFAULTS = {
     "linger.ms": 20,
     "batch.size": 1_000_000,
-    "compression.type": "lz4",
+    # Kafka's default. On a real cluster, -X compression.type=lz4 trades producer and
+    # consumer CPU for network and disk (measured here: lz4 cut the raw consume rate
+    # of the embedded broker from 311k to 203k events/s).
+    "compression.type": "none",
     "acks": "all",
     # Java's default partitioner: a device lands on the same partition whichever
     # client (gateway, HTTP ingest, simulator) produced its events.

@@ -29,3 +29,69 @@ def new_topic(broker, request):
         return name
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance for the session (two CPUs, no dashboard)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def produce_fleet(broker):
+    """``produce_fleet(topic, spec) -> {"valid": [...], "malformed": [...]}``: the values produced."""
+    from podpulse.simulator import Fleet, simulate
+    from podpulse.sink import open_sink
+
+    def produce(topic: str, spec) -> dict:
+        valid, malformed = [], []
+        with open_sink(f"kafka://{broker.bootstrap}/{topic}") as sink:
+            for chunk in simulate(spec, Fleet.build(spec)):
+                sink.write(chunk)
+                for value, bad in zip(chunk.values, chunk.malformed.tolist()):
+                    (malformed if bad else valid).append(value)
+        return {"valid": valid, "malformed": malformed}
+
+    return produce
+
+
+ROLLUP_RECOMPUTED = """
+SELECT device_id, epoch_ms(date_trunc('hour', event_time)) AS hour, count(*) AS events,
+       sum(playback_s) AS listening_s,
+       sum(CASE WHEN in_ear_left OR in_ear_right THEN interval_s ELSE 0 END) AS in_ear_s,
+       sum(CASE WHEN (in_ear_left OR in_ear_right) AND noise_mode = 'anc' THEN interval_s ELSE 0 END),
+       sum(CASE WHEN (in_ear_left OR in_ear_right) AND noise_mode = 'off' THEN interval_s ELSE 0 END),
+       sum(CASE WHEN playback_s > 0 THEN output_dba ELSE 0 END),
+       count(*) FILTER (WHERE playback_s > 0),
+       max(CASE WHEN playback_s > 0 THEN output_dba END),
+       sum(CASE WHEN in_ear_left OR in_ear_right THEN ambient_dba ELSE 0 END),
+       min(battery_left), min(battery_right), min(battery_case)
+FROM events GROUP BY ALL ORDER BY device_id, hour
+"""
+ROLLUP_STORED = """
+SELECT device_id, epoch_ms(hour), events, listening_s, in_ear_s, anc_s, off_s, output_dba_sum,
+       output_samples, output_dba_max, ambient_dba_sum, battery_left_min, battery_right_min,
+       battery_case_min
+FROM device_hourly ORDER BY device_id, hour
+"""
+
+
+def _assert_rollups_match_raw(con) -> None:
+    import numpy as np
+
+    stored, recomputed = con.execute(ROLLUP_STORED).fetchall(), con.execute(ROLLUP_RECOMPUTED).fetchall()
+    assert len(stored) == len(recomputed) > 0
+    for a, b in zip(stored, recomputed):
+        assert a[:3] == b[:3]
+        nums = [[np.nan if v is None else float(v) for v in row[3:]] for row in (a, b)]
+        assert np.allclose(nums[0], nums[1], equal_nan=True), (a, b)
+
+
+@pytest.fixture
+def assert_rollups_match_raw():
+    """Every hourly rollup row equals a GROUP BY over the raw events (and no row is missing)."""
+    return _assert_rollups_match_raw

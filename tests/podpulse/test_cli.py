@@ -90,3 +90,40 @@ def test_broker_command_serves_kafka_until_terminated(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_demo_runs_the_main_job_and_prints_the_summary(tmp_path):
+    db = tmp_path / "demo.duckdb"
+    proc = subprocess.run([*CLI, "demo", "--devices", "400", "--hours", "12", "--db", str(db)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for words in ("events stored from 400 devices", "dead-lettered", "urban:", "rural:", "NSW"):
+        assert words in proc.stdout, proc.stdout
+    summary = json.loads(podpulse("demo", "--devices", 400, "--hours", 12, "--db", db, "--json",
+                                  timeout=600).stdout)
+    assert summary["events_stored"] + summary["dead_lettered"] == summary["events_produced"]
+    assert summary["dead_lettered"] == summary["malformed_injected"] > 0
+    assert summary["distinct_events"] == summary["events_stored"]
+    assert summary["devices"] == 400 and set(summary["listening"]) == {"urban", "rural"}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["ingest", "--topic", "t"], ["--bootstrap"]),
+    (["ingest", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--consumers", "-1"], ["--consumers"]),
+    (["demo", "--devices", "0"], ["--devices"]),
+])
+def test_bad_pipeline_arguments_get_one_line(args, words):
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr
+
+
+def test_bench_ingest_reports_the_pipeline_beside_the_raw_ceiling_and_loses_nothing():
+    result = json.loads(podpulse("bench", "ingest", "--events", 20_000, "--partitions", 4, "--json",
+                                 timeout=600).stdout)
+    assert set(result) >= {"events", "events_per_s", "raw_consume_events_per_s", "ratio", "lost",
+                           "duplicated", "peak_rss_mb"}
+    assert result["events"] == 20_000 and result["lost"] == 0 and result["duplicated"] == 0
+    assert result["events_per_s"] > 0 and result["raw_consume_events_per_s"] > 0
+    assert result["peak_rss_mb"] > 100  # the driver and every Ray process were counted

@@ -1,0 +1,207 @@
+"""PartitionConsumer: reads a shard of a topic's partitions into the storage writer.
+
+The commit path, in order, for every batch:
+
+1. consume up to ``batch_size`` messages (or what arrives within ``linger_ms``);
+2. decode, validate, upcast and enrich them as one batch (the event contract);
+3. produce the rejects to the dead-letter topic and flush: durable before step 5;
+4. hand the columnar batch and the next offsets to the StorageWriter, which
+   stores both in one transaction;
+5. only when the writer has returned, commit the offsets to Kafka (for lag
+   monitors; the offsets stored with the data stay the source of truth).
+
+At most ``max_in_flight`` batches wait at the writer; the consumer blocks on the
+oldest before reading more, so memory stays bounded however large the backlog.
+If the writer dies, the consumer drops what was in flight, waits for the writer
+to come back, and rewinds to the offsets stored with the data.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import numpy as np
+import pyarrow as pa
+import ray
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
+from ray.exceptions import RayActorError
+
+from podpulse.config import IngestConfig
+from podpulse.contract import decode_batch
+from podpulse.kafka import client_config, producer_config
+
+__all__ = ["PartitionConsumer", "ShardConsumer"]
+
+log = logging.getLogger("podpulse.consumer")
+WRITER_RETURN_TIMEOUT_S = 120.0
+
+
+class ShardConsumer:
+    def __init__(self, config: IngestConfig, partitions: list[int], writer):
+        self.config = config
+        self.topic = config.topic
+        self.partitions = sorted(partitions)
+        self.writer = writer
+        self.consumer = Consumer({
+            **client_config(config.bootstrap, config.kafka),
+            "group.id": config.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,  # how --until-caught-up knows the end was reached
+            "auto.offset.reset": "earliest",
+            # Bounds the prefetch queue (librdkafka's default is 64 MB per consumer).
+            "queued.max.messages.kbytes": 32 * 1024,
+        })
+        self.dlq = Producer(producer_config(config.bootstrap, config.kafka))
+        self.positions: dict[int, int] = {}  # next offset expected per partition
+        self.inflight: deque = deque()
+        self.at_end: set[int] = set()  # partitions whose end was reached, nothing newer seen
+        self._stop = threading.Event()
+        self._busy = threading.Lock()  # held while a consumed batch is on its way to the writer
+        self.stats = {"consumed": 0, "acked": 0, "dead_lettered": 0, "batches": 0, "rewinds": 0}
+
+    # -- control ---------------------------------------------------------------
+    def run(self) -> dict:
+        """Consume until :meth:`stop`; returns the final stats."""
+        self._rewind()
+        try:
+            while not self._stop.is_set():
+                with self._busy:
+                    messages = self.consumer.consume(self.config.batch_size, self.config.linger_ms / 1000)
+                    if messages:
+                        self._handle(messages)
+                    self._settle(block=False)
+            self._settle(block=True, limit=0)
+        finally:
+            self.consumer.close()
+            self.dlq.flush(10)
+        return self.get_stats()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def caught_up(self) -> bool:
+        """Every partition read to its end and every batch durable."""
+        with self._busy:
+            return not self.inflight and self.at_end.issuperset(self.partitions)
+
+    def get_stats(self) -> dict:
+        return {**self.stats, "partitions": self.partitions, "positions": dict(self.positions)}
+
+    # -- the commit path ----------------------------------------------------------
+    def _handle(self, messages: list[Message]) -> None:
+        ended = self._track_ends(messages)
+        if any(m.error() is not None for m in messages):
+            for m in messages:
+                e = m.error()
+                if e is not None and e.fatal():
+                    raise RuntimeError(f"fatal Kafka error: {e}")
+                if e is not None and e.code() != KafkaError._PARTITION_EOF:
+                    log.warning("Kafka: %s", e)
+            messages = [m for m in messages if m.error() is None]
+        partitions = np.fromiter(map(Message.partition, messages), np.int32, len(messages))
+        offsets = np.fromiter(map(Message.offset, messages), np.int64, len(messages))
+        fresh = self._not_seen(partitions, offsets)  # after a rewind, the fetch queue may lag
+        if not fresh.all():
+            messages = [m for m, ok in zip(messages, fresh) if ok]
+            partitions, offsets = partitions[fresh], offsets[fresh]
+        if not messages:
+            self.at_end = ended
+            return
+        values = list(map(Message.value, messages))
+        decoded = decode_batch(values)  # 2.
+        if decoded.rejected:  # 3.
+            self._dead_letter(messages, decoded.rejected)
+        table = decoded.table.append_column(
+            "kafka_partition", pa.array(partitions[decoded.rows], pa.int32())).append_column(
+            "kafka_offset", pa.array(offsets[decoded.rows], pa.int64()))
+        next_offsets = {}
+        for p in np.unique(partitions).tolist():
+            next_offsets[p] = int(offsets[partitions == p].max()) + 1
+        self.positions.update(next_offsets)
+        self.stats["consumed"] += len(messages)
+        ref = self.writer.commit.remote(self.topic, table, next_offsets)  # 4.
+        self.inflight.append((ref, next_offsets))
+        self.at_end = ended
+        self._settle(block=True, limit=self.config.max_in_flight - 1)
+
+    def _track_ends(self, messages: list[Message]) -> set[int]:
+        """Partitions at their end after this batch: an end event with no message after it."""
+        ended = set(self.at_end)
+        eof = KafkaError._PARTITION_EOF
+        for m in messages:
+            e = m.error()
+            if e is None:
+                ended.discard(m.partition())
+            elif e.code() == eof:
+                ended.add(m.partition())
+        return ended
+
+    def _not_seen(self, partitions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        floor = np.array([self.positions.get(p, 0) for p in range(max(self.partitions) + 1)])
+        return offsets >= floor[partitions]
+
+    def _dead_letter(self, messages: list[Message], rejected) -> None:
+        dlq = self.config.dead_letter_topic
+        for r in rejected:
+            m = messages[r.index]
+            headers = [("podpulse.reason", r.reason.encode()),
+                       ("podpulse.source.topic", self.topic.encode()),
+                       ("podpulse.source.partition", str(m.partition()).encode()),
+                       ("podpulse.source.offset", str(m.offset()).encode())]
+            while True:
+                try:
+                    self.dlq.produce(dlq, m.value(), m.key(), headers=headers)
+                    break
+                except BufferError:
+                    self.dlq.poll(0.5)
+        left = self.dlq.flush(30)
+        if left:
+            raise RuntimeError(f"{left} dead letters not delivered to {dlq}")
+        self.stats["dead_lettered"] += len(rejected)
+
+    def _settle(self, block: bool, limit: int = 0) -> None:
+        """Collect finished writes (5.); with ``block``, wait until at most ``limit`` remain."""
+        while self.inflight:
+            ref, next_offsets = self.inflight[0]
+            if not block or len(self.inflight) <= limit:
+                ready, _ = ray.wait([ref], timeout=0)
+                if not ready:
+                    return
+            try:
+                result = ray.get(ref, timeout=WRITER_RETURN_TIMEOUT_S)
+            except RayActorError:
+                log.warning("storage writer died; rewinding to the offsets stored with the data")
+                self._rewind()
+                return
+            self.inflight.popleft()
+            self.stats["acked"] += result["rows"]
+            self.stats["batches"] += 1
+            self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()],
+                                 asynchronous=True)
+
+    def _rewind(self) -> None:
+        """Start (again) from the offsets stored with the data, waiting for the writer."""
+        self.inflight.clear()
+        deadline = time.monotonic() + WRITER_RETURN_TIMEOUT_S
+        while True:
+            try:
+                stored = ray.get(self.writer.committed_offsets.remote(self.topic), timeout=30)
+                break
+            except RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        self.positions = {p: stored[p] for p in self.partitions if p in stored}
+        self.at_end = set()
+        self.consumer.assign([TopicPartition(self.topic, p, stored.get(p, OFFSET_BEGINNING))
+                              for p in self.partitions])
+        self.stats["rewinds"] += 1
+
+
+# The actor wraps the plain class, so Ray pickles the class by reference (its Kafka
+# client types are C types that cannot be pickled by value) and the logic stays testable.
+PartitionConsumer = ray.remote(num_cpus=0.5, max_concurrency=2)(ShardConsumer)

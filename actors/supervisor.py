@@ -1,0 +1,171 @@
+"""IngestSupervisor: assigns a topic's partitions to PartitionConsumer actors and keeps them running.
+
+- Assignment is stable: partition ``p`` goes to shard ``p % K``, so the same
+  partitions always meet the same consumer slot, with no consumer-group join
+  (explicit ``assign()`` starts at once).
+- It watches every consumer's ``run`` call; when a consumer dies it starts a new
+  one for the same shard, which resumes from the offsets stored with the data.
+- The StorageWriter is restarted by Ray itself (``max_restarts=-1``);
+  consumers rewind when a write fails.
+- Lag per partition = high watermark − next offset stored with the data.
+  "Caught up" is not read from the lag: the embedded broker (Tansu) reports the
+  high watermark as the base offset of the last record batch + 1 (seen here: 26
+  after 50 records in two batches), so the consumers' end-of-partition events
+  decide it instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import ray
+from confluent_kafka import Consumer, TopicPartition
+from ray.exceptions import RayActorError, RayTaskError
+
+from actors.partition_consumer import PartitionConsumer
+from actors.storage_writer import StorageWriter
+from podpulse.config import IngestConfig
+from podpulse.errors import BrokerError
+from podpulse.kafka import client_config, ensure_topic
+
+__all__ = ["IngestSupervisor", "Supervisor", "shards"]
+
+log = logging.getLogger("podpulse.supervisor")
+RESTART_BACKOFF_S = 1.0
+
+
+def shards(partitions: int, consumers: int) -> list[list[int]]:
+    """Partition ``p`` → shard ``p % K``: stable for a given partition count and K."""
+    k = max(1, min(consumers, partitions))
+    return [[p for p in range(partitions) if p % k == i] for i in range(k)]
+
+
+class Supervisor:
+    def __init__(self, config: IngestConfig):
+        self.config = config
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.writer = None
+        self.consumers: list = []
+        self.runs: list = []
+        self.restarts = 0
+        self.partitions = 0
+        self.last_lag: dict[int, int] = {}
+        self._watermarks = Consumer({**client_config(config.bootstrap, config.kafka),
+                                     "group.id": f"{config.group_id}-lag"})
+
+    def run(self, until_caught_up: bool = False) -> dict:
+        """Ingest until :meth:`stop` (or, with ``until_caught_up``, until every lag is 0)."""
+        self._start()
+        caught_up_at = None
+        try:
+            while not self._stop.is_set():
+                self._watch(timeout=0.5)
+                if until_caught_up and self._caught_up():
+                    caught_up_at = time.time()
+                    break
+        finally:
+            final = self._shutdown()
+        return final | {"caught_up_at": caught_up_at}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- what tests and the CLI look at ------------------------------------------
+    def handles(self) -> dict:
+        with self._lock:
+            return {"writer": self.writer, "consumers": list(self.consumers)}
+
+    def status(self) -> dict:
+        lag = self.lag() if self.writer is not None else {}
+        return {"partitions": self.partitions, "consumers": len(self.consumers),
+                "restarts": self.restarts, "lag": lag, "total_lag": sum(lag.values())}
+
+    def lag(self) -> dict[int, int]:
+        try:
+            stored = ray.get(self.writer.committed_offsets.remote(self.config.topic), timeout=30)
+        except ray.exceptions.RayError:
+            return dict(self.last_lag)  # the writer is restarting or closing: the last we knew
+        lag = {}
+        for p in range(self.partitions):
+            low, high = self._watermarks.get_watermark_offsets(
+                TopicPartition(self.config.topic, p), timeout=10)
+            lag[p] = max(0, high - max(stored.get(p, low), low))
+        self.last_lag = lag
+        return lag
+
+    # -- internals ------------------------------------------------------------------
+    def _start(self) -> None:
+        cfg = self.config
+        topic = self._watermarks.list_topics(cfg.topic, timeout=15).topics.get(cfg.topic)
+        if topic is None or topic.error is not None or not topic.partitions:
+            raise BrokerError(f"topic {cfg.topic!r} not found on {cfg.bootstrap}")
+        self.partitions = len(topic.partitions)
+        ensure_topic(client_config(cfg.bootstrap, cfg.kafka), cfg.dead_letter_topic, self.partitions)
+        self.writer = StorageWriter.options(max_restarts=-1, max_task_retries=0).remote(cfg.storage)
+        k = cfg.consumers or int(ray.cluster_resources().get("CPU", 1))
+        with self._lock:
+            for shard in shards(self.partitions, k):
+                self.consumers.append(self._spawn(shard))
+                self.runs.append(self.consumers[-1].run.remote())
+
+    def _spawn(self, shard: list[int]):
+        return PartitionConsumer.options(scheduling_strategy="SPREAD").remote(
+            self.config, shard, self.writer)
+
+    def _watch(self, timeout: float) -> None:
+        done, _ = ray.wait(list(self.runs), num_returns=1, timeout=timeout)
+        for ref in done:
+            i = self.runs.index(ref)
+            try:
+                ray.get(ref)
+                if not self._stop.is_set():
+                    log.warning("consumer %d returned without being stopped; restarting it", i)
+            except (RayActorError, RayTaskError) as e:
+                log.warning("consumer %d failed (%s); restarting it", i, type(e).__name__)
+            if self._stop.is_set():
+                continue
+            time.sleep(RESTART_BACKOFF_S)
+            shard = shards(self.partitions, len(self.consumers))[i]
+            with self._lock:
+                ray.kill(self.consumers[i])
+                self.consumers[i] = self._spawn(shard)
+                self.runs[i] = self.consumers[i].run.remote()
+                self.restarts += 1
+
+    def _caught_up(self) -> bool:
+        try:
+            return all(ray.get([c.caught_up.remote() for c in self.consumers], timeout=60))
+        except ray.exceptions.RayError:
+            return False  # a consumer is restarting
+
+    def _shutdown(self) -> dict:
+        for c in self.consumers:
+            c.stop.remote()
+        stats = []
+        for ref in self.runs:
+            try:
+                stats.append(ray.get(ref, timeout=120))
+            except (RayActorError, RayTaskError) as e:
+                log.warning("consumer ended with %s", type(e).__name__)
+        lag = self.lag()
+        writer_stats = ray.get(self.writer.get_stats.remote())
+        ray.get(self.writer.close.remote())
+        for c in self.consumers:
+            ray.kill(c)
+        ray.kill(self.writer, no_restart=True)
+        self._watermarks.close()
+        return {
+            "partitions": self.partitions, "consumers": len(self.consumers), "restarts": self.restarts,
+            "consumed": sum(s["consumed"] for s in stats),
+            "dead_lettered": sum(s["dead_lettered"] for s in stats),
+            "rewinds": sum(s["rewinds"] - 1 for s in stats),  # after a writer failure
+            "writer": writer_stats, "lag": lag,
+        }
+
+
+# The actor wraps the plain class, so Ray pickles the class by reference (its Kafka
+# client types are C types that cannot be pickled by value) and the logic stays testable.
+IngestSupervisor = ray.remote(num_cpus=0, max_concurrency=4)(Supervisor)

@@ -1,0 +1,155 @@
+"""Ingest throughput: Kafka → durable store with offsets stored, beside the raw consume ceiling.
+
+In one run:
+
+1. preload a topic (default 1,000,000 simulated events, 8 partitions) on the
+   embedded broker (or ``--bootstrap``);
+2. baseline: confluent-kafka reads the same topic with no processing at all;
+3. the whole pipeline (Ray supervisor, partition consumers, storage writer)
+   into a fresh embedded store, until every event is durable and its offset
+   stored;
+4. lost and duplicated events: distinct (device_id, seq) in the store against
+   what was produced; peak RSS of the driver plus every Ray process.
+
+    podpulse bench ingest --events 1000000 --json
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import duckdb
+import psutil
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from podpulse.broker import EmbeddedBroker
+from podpulse.config import IngestConfig
+from podpulse.ingest import init_ray, run_ingest
+from podpulse.kafka import client_config, ensure_topic, flush, produce, producer_config
+from podpulse.simulator import Fleet, FleetSpec, simulate
+from storage.router import StorageConfig
+
+EVENTS_PER_DEVICE_DAY = 40  # about what the simulator emits
+
+
+def preload(bootstrap: str, topic: str, events: int, partitions: int, seed: int = 7) -> None:
+    """Produce exactly ``events`` simulated events, each a distinct (device_id, seq)."""
+    ensure_topic(client_config(bootstrap), topic, partitions)
+    producer = Producer(producer_config(bootstrap))
+    devices = max(100, events // EVENTS_PER_DEVICE_DAY)
+    spec = FleetSpec(devices=devices, hours=24 * 7, seed=seed, fault_share=0.0)
+    left = events
+    for chunk in simulate(spec, Fleet.build(spec)):
+        produce(producer, topic, chunk.keys[:left], chunk.values[:left])
+        left -= min(left, len(chunk.values))
+        if left == 0:
+            break
+    flush(producer)
+    if left:
+        raise RuntimeError(f"the simulator produced {events - left} events, fewer than {events}")
+
+
+def raw_consume(bootstrap: str, topic: str, partitions: int, events: int) -> float:
+    """Events/s of confluent-kafka reading the topic with no processing."""
+    consumer = Consumer({**client_config(bootstrap), "group.id": "bench-raw",
+                         "enable.auto.commit": False, "fetch.max.bytes": 64 * 1024 * 1024})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    seen, started = 0, time.perf_counter()
+    while seen < events:
+        seen += len(consumer.consume(20_000, 1.0))
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return events / elapsed
+
+
+class PeakRss:
+    """Samples the RSS of this process and all its descendants (Ray's included), minus excluded pids."""
+
+    def __init__(self, exclude: set[int], period_s: float = 0.2):
+        self.exclude, self.period_s, self.peak = exclude, period_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            if p.pid in self.exclude:
+                continue
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.peak = max(self.peak, self._sample())
+
+    def __enter__(self) -> "PeakRss":
+        self.peak = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_size: int = 20_000,
+        bootstrap: str | None = None) -> dict:
+    broker = None if bootstrap else EmbeddedBroker().start()
+    try:
+        bootstrap = bootstrap or broker.bootstrap
+        topic = f"bench-ingest-{int(time.time())}"
+        # in a child process that exits before measuring: the driver's RSS is then the pipeline's
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool.submit(preload, bootstrap, topic, events, partitions).result()
+        raw = raw_consume(bootstrap, topic, partitions, events)
+        init_ray()
+        with tempfile.TemporaryDirectory(prefix="podpulse-bench-") as tmp:
+            db = str(Path(tmp) / "bench.duckdb")
+            config = IngestConfig(bootstrap=bootstrap, topic=topic, consumers=consumers,
+                                  batch_size=batch_size, storage=StorageConfig(duckdb_path=db))
+            exclude = {broker._proc.pid} if broker else set()
+            first_progress = []
+
+            def watch(status: dict) -> None:
+                if not first_progress and 0 < status["total_lag"] < events:
+                    first_progress.append(time.perf_counter())
+
+            with PeakRss(exclude) as rss:
+                started, wall_started = time.perf_counter(), time.time()
+                result = run_ingest(config, until_caught_up=True, poll_s=0.5, on_status=watch)
+                total = time.perf_counter() - started
+            # until every event was durable with its offsets (the shutdown after it is not ingest)
+            elapsed = result["caught_up_at"] - wall_started
+            startup = (first_progress[0] if first_progress else started) - started
+            con = duckdb.connect(db, read_only=True)
+            rows, distinct = con.execute(
+                "SELECT count(*), count(DISTINCT (device_id, seq)) FROM events").fetchone()
+            con.close()
+        return {
+            "events": events,
+            "events_per_s": round(events / elapsed),
+            "raw_consume_events_per_s": round(raw),
+            "ratio": round(events / elapsed / raw, 3),
+            "lost": events - distinct,
+            "duplicated": rows - distinct,
+            "peak_rss_mb": round(rss.peak / 2**20),
+            "seconds": round(elapsed, 2),
+            "seconds_with_shutdown": round(total, 2),
+            "startup_s": round(startup, 2),  # until the first batch was durable (Ray actors starting)
+            "partitions": partitions,
+            "consumers": result["consumers"],
+            "batch_size": batch_size,
+            "write_seconds": result["writer"]["write_seconds"],
+        }
+    finally:
+        if broker:
+            broker.stop()

@@ -1,0 +1,77 @@
+"""The storage roles, as small abstract classes, and the batch they receive.
+
+A batch is a pyarrow table of decoded events (``podpulse.contract.ARROW_SCHEMA``
+plus ``kafka_partition`` and ``kafka_offset``) with the next offset to consume
+per partition (covering rejected records too).
+
+Delivery contract (see ``shared/DESIGN.md``):
+
+- :class:`TimeSeriesStore` keeps raw events. It may have no transactions, so
+  ``write_events`` must be an idempotent upsert by ``(device_id, seq)``:
+  writing the same events twice leaves one copy.
+- :class:`RelationalStore` keeps the device registry, the hourly rollups and the
+  consumed offsets. ``commit`` runs in ONE transaction: read the stored offsets,
+  drop rows already applied, apply the rest (rollups are additive), store the
+  new offsets. The stored offsets are the source of truth on restart, so a
+  redelivered batch is never counted twice.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from podpulse.errors import PodPulseError
+
+__all__ = ["StorageError", "TimeSeriesStore", "RelationalStore", "CommitResult"]
+
+
+class StorageError(PodPulseError):
+    """A store could not be set up, read or written."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    applied: int  # rows newly stored
+    replayed: int  # rows dropped because their offsets were already stored
+
+
+class TimeSeriesStore(ABC):
+    """Raw events by device and time."""
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Create what is missing (idempotent)."""
+
+    @abstractmethod
+    def write_events(self, events: pa.Table) -> None:
+        """Upsert raw events by (device_id, seq); durable when it returns."""
+
+    def close(self) -> None:
+        """Release connections. Not guaranteed to be called (a process may die)."""
+
+
+class RelationalStore(ABC):
+    """Devices, rollups and consumed offsets, written transactionally."""
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Create what is missing (idempotent)."""
+
+    @abstractmethod
+    def committed_offsets(self, topic: str) -> dict[int, int]:
+        """Next offset to consume per partition, as stored with the data."""
+
+    @abstractmethod
+    def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
+               *, with_raw_events: bool = False) -> CommitResult:
+        """One transaction: skip stored offsets, apply the rest, store the new offsets.
+
+        ``with_raw_events`` asks the store to insert the raw events in the same
+        transaction (when it also plays the time-series role).
+        """
+
+    def close(self) -> None:
+        """Release connections. Not guaranteed to be called (a process may die)."""
