@@ -5,12 +5,15 @@ Versions
 v1  the fields every version carries (see :class:`Event`, "v1" block).
 v2  adds ``interval_s`` (sample interval length), ``temp_left_c`` /
     ``temp_right_c`` (bud temperature, °C) and ``conversation_awareness``.
+v3  adds ``spatial_audio`` (spatial audio with head tracking was on).
 
 Upcasting v1 → v2 uses these documented defaults (:data:`V1_DEFAULTS`):
 
 - ``interval_s = 300``: v1 firmware sampled on a fixed five-minute interval;
 - ``conversation_awareness = False``: v1 firmware did not have the feature;
 - ``temp_left_c = temp_right_c = null``: not measured, so unknown, never invented.
+
+and v1/v2 → v3: ``spatial_audio = null`` (not reported, so unknown).
 
 A record with a ``schema_version`` newer than :data:`CURRENT_VERSION` is
 accepted when its known fields are valid; every field this reader does not
@@ -39,16 +42,17 @@ import pyarrow as pa
 from podpulse import geo
 
 __all__ = [
-    "CURRENT_VERSION", "V1_DEFAULTS", "NOISE_MODES", "CHARGING_STATES", "Event",
+    "CURRENT_VERSION", "V1_DEFAULTS", "V3_DEFAULTS", "NOISE_MODES", "CHARGING_STATES", "Event",
     "ARROW_SCHEMA", "Rejected", "DecodedBatch", "decode_batch", "encode", "encoder",
 ]
 
-CURRENT_VERSION = 2
+CURRENT_VERSION = 3
 NOISE_MODES = ("off", "anc", "transparency", "adaptive")
 CHARGING_STATES = ("none", "buds", "case", "both")  # what is on charge right now
 V1_DEFAULTS = {"interval_s": 300, "conversation_awareness": False,
                "temp_left_c": None, "temp_right_c": None}
-V2_REQUIRED = ("interval_s", "conversation_awareness")
+REQUIRED_SINCE = {"interval_s": 2, "conversation_awareness": 2, "spatial_audio": 3}
+V3_DEFAULTS = {"spatial_audio": None}
 
 # AirPods Pro launched on 2019-10-30; nothing earlier can be a real reading.
 MIN_EVENT_TIME_MS = 1_572_393_600_000
@@ -87,6 +91,8 @@ class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=F
     temp_left_c: Celsius | None = None
     temp_right_c: Celsius | None = None
     conversation_awareness: bool | None = None
+    # --- v3 ------------------------------------------------------------------
+    spatial_audio: bool | None = None
 
 
 class _EventAllowingExtras(Event, forbid_unknown_fields=False):
@@ -119,6 +125,7 @@ ARROW_SCHEMA = pa.schema([
     ("temp_left_c", pa.float64()),
     ("temp_right_c", pa.float64()),
     ("conversation_awareness", pa.bool_()),
+    ("spatial_audio", pa.bool_()),
     ("extras", pa.string()),  # JSON object of fields unknown to this reader, or null
     ("state", pa.string()),  # enrichment: from the postcode
     ("urban", pa.bool_()),  # enrichment: from the postcode
@@ -212,8 +219,8 @@ def decode_batch(values: Sequence[bytes | None]) -> DecodedBatch:
         for i in np.flatnonzero(mask & (bad == 0)):
             bad[i] = why(i)
 
-    for name in V2_REQUIRED:  # v2 and newer must carry the v2 fields
-        missing = cols[name].is_null().to_numpy(zero_copy_only=False) & (version >= 2)
+    for name, since in REQUIRED_SINCE.items():  # a version carries the fields it introduced
+        missing = cols[name].is_null().to_numpy(zero_copy_only=False) & (version >= since)
         reject(missing, lambda i, name=name: (
             f"Object missing required field `{name}` (schema_version {version[i]}) - at `$`"))
 

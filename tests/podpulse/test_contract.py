@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from podpulse import geo
 from podpulse.contract import (ARROW_SCHEMA, CHARGING_STATES, MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS,
-                               NOISE_MODES, V1_DEFAULTS, Event, decode_batch, encode)
+                               NOISE_MODES, V1_DEFAULTS, V3_DEFAULTS, Event, decode_batch, encode)
 
 known_postcodes = st.sampled_from([f"{p:04d}" for s in geo.STATES
                                    for lo, hi in s.urban + s.rural for p in (lo, hi)])
@@ -17,7 +17,7 @@ celsius = st.floats(-20, 80, allow_nan=False)
 
 
 @st.composite
-def events(draw, version=st.sampled_from([1, 2])):
+def events(draw, version=st.sampled_from([1, 2, 3])):
     v = draw(version)
     v1 = dict(
         schema_version=v,
@@ -36,15 +36,18 @@ def events(draw, version=st.sampled_from([1, 2])):
     )
     if v == 1:
         return Event(**v1)
+    v3 = {"spatial_audio": draw(st.booleans())} if v >= 3 else {}
     return Event(**v1, interval_s=draw(st.integers(300, 3600)),
                  temp_left_c=draw(st.none() | celsius), temp_right_c=draw(st.none() | celsius),
-                 conversation_awareness=draw(st.booleans()))
+                 conversation_awareness=draw(st.booleans()), **v3)
 
 
 def expected_row(e: Event) -> dict:
     row = msgspec.structs.asdict(e)
     if e.schema_version == 1:
         row.update(V1_DEFAULTS)
+    if e.schema_version < 3:
+        row.update(V3_DEFAULTS)
     state, urban = geo.lookup([int(e.postcode)])
     row["event_time"] = datetime.fromtimestamp(row.pop("event_time_ms") / 1000, timezone.utc)
     row.update(extras=None, state=geo.STATE_CODES[state[0]], urban=bool(urban[0]))
@@ -111,6 +114,7 @@ def good(**change) -> bytes:
     (good(postcode="0001"), ["postcode", "0001"]),
     (good(postcode=2000), ["postcode", "str"]),
     (good(interval_s=...), ["interval_s", "schema_version 2"]),
+    (good(schema_version=3), ["spatial_audio", "schema_version 3"]),
     (good(playback_s=301.0), ["playback_s", "interval_s"]),
     (good(event_time_ms=1000), ["event_time_ms"]),
     (good()[:-5], ["truncated"]),
@@ -133,4 +137,10 @@ def test_v1_record_gets_documented_defaults():
               conversation_awareness=...)
     row = decode_batch([v1]).table.to_pylist()[0]
     assert {k: row[k] for k in V1_DEFAULTS} == V1_DEFAULTS
+    assert row["spatial_audio"] is None
     assert row["schema_version"] == 1 and row["state"] == "NSW" and row["urban"] is True
+
+
+def test_v3_record_keeps_its_new_field():
+    row = decode_batch([good(schema_version=3, spatial_audio=True)]).table.to_pylist()[0]
+    assert row["spatial_audio"] is True and row["extras"] is None
