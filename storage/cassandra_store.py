@@ -1,0 +1,242 @@
+"""The fleet-scale time-series backend: raw events in Cassandra, by (device, UTC day).
+
+A partition holds one device's events of one day, newest first (288 a day at the
+five-minute interval); time-window compaction plus a default TTL lets whole
+SSTables expire. Cassandra has no transactions, so exactly-once rests on
+idempotence: a write is an upsert by primary key ``((device_id, day), event_time,
+seq)``, so a redelivered batch overwrites itself and never duplicates a row (the
+consumed offsets live in the relational store). The CQL comes from pure functions;
+the driver (``pip install cassandra-driver``) is imported only to connect.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Iterable
+
+import pyarrow as pa
+
+from podpulse.contract import ARROW_SCHEMA
+from storage.base import StorageError, TimeSeriesStore
+from storage.rollups import KAFKA_COLUMNS
+
+__all__ = ["CassandraSettings", "CassandraStore", "CONSISTENCY_LEVELS", "EVENT_COLUMNS",
+           "keyspace_cql", "table_cql", "add_columns_cql", "insert_cql", "recent_cql"]
+
+CONSISTENCY_LEVELS = ("ANY", "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM",  # = the driver's
+                      "EACH_QUORUM", "SERIAL", "LOCAL_SERIAL", "LOCAL_ONE")
+MAX_TTL_DAYS = 7300  # Cassandra caps a TTL at 20 years
+_CQL_TYPES = {pa.int8(): "tinyint", pa.int16(): "smallint", pa.int32(): "int", pa.int64(): "bigint",
+              pa.float64(): "double", pa.bool_(): "boolean", pa.string(): "text"}
+_KEYSPACE = re.compile(r"[a-z][a-z0-9_]{0,47}")
+
+
+def _cql_type(t: pa.DataType) -> str:
+    return "timestamp" if pa.types.is_timestamp(t) else _CQL_TYPES[t]
+
+
+EVENT_COLUMNS = [(f.name, _cql_type(f.type)) for f in [*ARROW_SCHEMA, *(pa.field(*c) for c in KAFKA_COLUMNS)]]
+"""Name and CQL type of each stored event field; the table adds the ``day date`` bucket."""
+_NAMES = [name for name, _ in EVENT_COLUMNS]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CassandraSettings:
+    """Where and how raw events are kept. ``hosts`` also takes "h1,h2". Credentials
+    are never stored here: ``username_env`` / ``password_env`` name the environment
+    variables holding them (e.g. ``PODPULSE_CASSANDRA_PASSWORD``); unset, no auth."""
+
+    hosts: tuple[str, ...]
+    port: int = 9042
+    keyspace: str = "podpulse"
+    local_dc: str | None = None  # None: the DC of the first contact point
+    replication: dict = field(default_factory=lambda: {"class": "SimpleStrategy", "replication_factor": 1})
+    consistency: str = "LOCAL_QUORUM"  # of writes and reads
+    ttl_days: int = 0  # 0: keep forever
+    compaction_window_days: int = 1
+    concurrency: int = 64  # writes in flight
+    username_env: str | None = None
+    password_env: str | None = None
+
+    def __post_init__(self) -> None:
+        hosts = self.hosts.split(",") if isinstance(self.hosts, str) else self.hosts
+        object.__setattr__(self, "hosts", tuple(str(h).strip() for h in hosts))
+        object.__setattr__(self, "replication", dict(self.replication))
+        object.__setattr__(self, "consistency", str(self.consistency).upper())
+        rep = self.replication
+        for ok, message in [
+            (self.hosts and all(self.hosts), "hosts must name at least one host"),
+            (1 <= self.port <= 65535, "port must be between 1 and 65535"),
+            (_KEYSPACE.fullmatch(self.keyspace), "keyspace must be 1-48 of a-z, 0-9, _ (a letter first)"),
+            (self.local_dc is None or self.local_dc, "local_dc must be a data-centre name or None"),
+            (isinstance(rep.get("class"), str) and all(isinstance(v, str) or type(v) is int and v >= 0
+                                                        for v in rep.values()),
+             "replication needs a 'class' and string or non-negative integer values"),
+            (self.consistency in CONSISTENCY_LEVELS,
+             f"consistency {self.consistency!r} is not one of {', '.join(CONSISTENCY_LEVELS)}"),
+            (0 <= self.ttl_days <= MAX_TTL_DAYS, f"ttl_days must be between 0 (no TTL) and {MAX_TTL_DAYS}"),
+            (self.compaction_window_days >= 1, "compaction_window_days must be at least 1"),
+            (self.concurrency >= 1, "concurrency must be at least 1"),
+            ((self.username_env is None) == (self.password_env is None),
+             "username_env and password_env must be given together"),
+        ]:
+            if not ok:
+                raise StorageError(f"Cassandra settings: {message}")
+
+
+def _cql_map(options: dict) -> str:
+    def literal(v) -> str:
+        return str(v) if type(v) is int else "'" + str(v).replace("'", "''") + "'"
+    return "{" + ", ".join(f"{literal(k)}: {literal(v)}" for k, v in options.items()) + "}"
+
+
+def keyspace_cql(s: CassandraSettings) -> str:
+    """Create the keyspace (an existing one keeps its replication)."""
+    return f"CREATE KEYSPACE IF NOT EXISTS {s.keyspace} WITH replication = {_cql_map(s.replication)}"
+
+
+def table_cql(s: CassandraSettings) -> str:
+    """Create the raw events table (an existing one keeps its options; see :func:`add_columns_cql`)."""
+    compaction = {"class": "TimeWindowCompactionStrategy", "compaction_window_unit": "DAYS",
+                  "compaction_window_size": s.compaction_window_days}
+    return (f"CREATE TABLE IF NOT EXISTS {s.keyspace}.events ("
+            + ", ".join(f"{name} {cql}" for name, cql in EVENT_COLUMNS) + ", day date, "
+            "PRIMARY KEY ((device_id, day), event_time, seq)) "
+            "WITH CLUSTERING ORDER BY (event_time DESC, seq DESC) "
+            f"AND compaction = {_cql_map(compaction)} AND default_time_to_live = {s.ttl_days * 86400}")
+
+
+def add_columns_cql(s: CassandraSettings, existing: Iterable[str]) -> list[str]:
+    """``ALTER TABLE`` adding the event fields a newer contract brought (cheap: metadata only)."""
+    have = set(existing)
+    return [f"ALTER TABLE {s.keyspace}.events ADD {name} {cql}" for name, cql in EVENT_COLUMNS
+            if name not in have]
+
+
+def insert_cql(s: CassandraSettings) -> str:
+    """Upsert one event: the columns of :data:`EVENT_COLUMNS`, then ``day``."""
+    return (f"INSERT INTO {s.keyspace}.events ({', '.join([*_NAMES, 'day'])}) "
+            f"VALUES ({', '.join('?' * (len(_NAMES) + 1))})")
+
+
+def recent_cql(s: CassandraSettings) -> str:
+    """One device's events of one day bucket, newest first."""
+    return (f"SELECT {', '.join(_NAMES)} FROM {s.keyspace}.events WHERE device_id = ? AND day = ? "
+            "ORDER BY event_time DESC, seq DESC LIMIT ?")
+
+
+def _driver():
+    """The driver package and its error types, imported on first use (the CQL builders need neither)."""
+    try:
+        import cassandra
+        import cassandra.auth, cassandra.cluster, cassandra.concurrent  # noqa: E401
+        import cassandra.connection, cassandra.policies, cassandra.query  # noqa: E401
+    except ImportError as e:
+        raise StorageError("the Cassandra backend needs its driver: pip install cassandra-driver") from e
+    return cassandra, (cassandra.DriverException, cassandra.cluster.NoHostAvailable,
+                       cassandra.connection.ConnectionException)
+
+
+class CassandraStore(TimeSeriesStore):
+    """Raw events in Cassandra; connects in :meth:`setup`.
+
+    :meth:`write_events` is an idempotent upsert by primary key: a redelivered
+    event overwrites itself, so redelivery is harmless, and the statement is
+    marked idempotent so the driver may retry it. Null fields are left unset
+    instead of written as null, so they leave no tombstones.
+    """
+
+    def __init__(self, settings: CassandraSettings):
+        self.settings = settings
+        self._cluster = self._session = self._insert = self._recent = None
+
+    def _auth(self, c):
+        s = self.settings
+        user, password = (os.environ.get(n) if n else None for n in (s.username_env, s.password_env))
+        if (user is None) != (password is None):
+            raise StorageError(f"Cassandra credentials: set both {s.username_env} and {s.password_env}")
+        return None if user is None else c.auth.PlainTextAuthProvider(username=user, password=password)
+
+    def setup(self) -> None:
+        """Connect (once), create the keyspace and table, add new columns, prepare statements."""
+        (c, errors), s = _driver(), self.settings
+        level = c.ConsistencyLevel.name_to_value[s.consistency]
+        try:
+            if self._session is None:
+                policy = c.policies.TokenAwarePolicy(c.policies.DCAwareRoundRobinPolicy(local_dc=s.local_dc or ""))
+                profile = c.cluster.ExecutionProfile(load_balancing_policy=policy, consistency_level=level,
+                                                     row_factory=c.query.dict_factory)
+                cluster = c.cluster.Cluster(contact_points=list(s.hosts), port=s.port, auth_provider=self._auth(c),
+                                            execution_profiles={c.cluster.EXEC_PROFILE_DEFAULT: profile})
+                try:
+                    self._session = cluster.connect()
+                except BaseException:
+                    cluster.shutdown()
+                    raise
+                self._cluster = cluster
+            session = self._session
+            for statement in (keyspace_cql(s), table_cql(s)):
+                session.execute(statement)
+            existing = session.execute("SELECT column_name FROM system_schema.columns "
+                                       "WHERE keyspace_name = %s AND table_name = 'events'", (s.keyspace,))
+            for statement in add_columns_cql(s, (row["column_name"] for row in existing)):
+                session.execute(statement)
+            self._insert, self._recent = (session.prepare(q) for q in (insert_cql(s), recent_cql(s)))
+            for prepared in (self._insert, self._recent):
+                prepared.is_idempotent, prepared.consistency_level = True, level
+        except errors as e:
+            raise StorageError(f"Cassandra setup on {', '.join(s.hosts)} failed: {e}") from e
+
+    def _ready(self):
+        if self._insert is None:
+            raise StorageError("CassandraStore: call setup() first")
+        return _driver()
+
+    def write_events(self, events: pa.Table) -> None:
+        """Upsert the events (ARROW_SCHEMA plus the Kafka columns); durable at the consistency level."""
+        c, errors = self._ready()
+        missing = [name for name in _NAMES if name not in events.column_names]
+        if missing:
+            raise StorageError(f"events batch lacks columns: {', '.join(missing)}")
+        if events.num_rows == 0:
+            return
+        times = events["event_time"].cast(pa.timestamp("ms", tz="UTC"))
+        columns = []
+        for name in _NAMES:
+            column = times.cast(pa.int64()) if name == "event_time" else events[name]  # epoch ms
+            values = column.to_pylist()
+            columns.append([c.query.UNSET_VALUE if v is None else v for v in values]
+                           if column.null_count else values)
+        columns.append(times.cast(pa.date32()).to_pylist())  # day: the UTC date
+        try:
+            c.concurrent.execute_concurrent_with_args(self._session, self._insert, zip(*columns),
+                                                      concurrency=self.settings.concurrency,
+                                                      raise_on_first_error=True)
+        except errors as e:
+            raise StorageError(f"Cassandra write of {events.num_rows} events failed: {e}") from e
+
+    def recent(self, device_id: str, days: int = 1, limit: int = 100) -> list[dict]:
+        """A device's newest events over the last ``days`` UTC day buckets (today first), newest first."""
+        _, errors = self._ready()
+        if days < 1 or limit < 1:
+            raise StorageError("recent: days and limit must be at least 1")
+        today, rows = datetime.now(timezone.utc).date(), []
+        try:
+            for back in range(days):
+                if len(rows) >= limit:
+                    break
+                day = today - timedelta(days=back)
+                rows.extend(self._session.execute(self._recent, (device_id, day, limit - len(rows))))
+        except errors as e:
+            raise StorageError(f"Cassandra read of device {device_id} failed: {e}") from e
+        for row in rows:  # the driver returns naive UTC datetimes
+            row["event_time"] = row["event_time"].replace(tzinfo=timezone.utc)
+        return rows
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            self._cluster.shutdown()
+        self._cluster = self._session = self._insert = self._recent = None
