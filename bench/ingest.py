@@ -21,18 +21,21 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
-import duckdb
 import psutil
 from confluent_kafka import Consumer, Producer, TopicPartition
+from sqlalchemy.engine import make_url
 
 from podpulse.broker import EmbeddedBroker
 from podpulse.config import IngestConfig
 from podpulse.ingest import init_ray, run_ingest
 from podpulse.kafka import client_config, ensure_topic, flush, produce, producer_config
 from podpulse.simulator import Fleet, FleetSpec, simulate
-from storage.router import StorageConfig
+from podpulse.summary import relational_query
+from storage.base import StorageError
+from storage.router import StorageConfig, password
 
 EVENTS_PER_DEVICE_DAY = 40  # about what the simulator emits
 
@@ -101,8 +104,39 @@ class PeakRss:
         self._thread.join()
 
 
+@contextmanager
+def bench_storage(storage_file, tmp: str):
+    """The store to measure, empty: a temporary DuckDB file, or a throwaway PostgreSQL schema."""
+    if storage_file is None:
+        yield StorageConfig.embedded(Path(tmp) / "bench.duckdb")
+        return
+    config = StorageConfig.load(storage_file)
+    names = {config.routes[k] for k in ("raw_events", "rollups")}
+    specs = [config.backends[n] for n in names]
+    if len(names) != 1 or specs[0]["type"] != "postgresql":
+        raise StorageError("bench ingest measures the embedded store or one PostgreSQL backend "
+                           "holding every kind of record")
+    from sqlalchemy import create_engine
+
+    from storage.postgres_store import engine_url
+
+    schema = f"podpulse_bench_{int(time.time())}"
+    admin = create_engine(engine_url(specs[0]["url"], password(specs[0])))
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    url = str(make_url(specs[0]["url"]).update_query_dict({"options": f"-csearch_path={schema}"}))
+    name = next(iter(names))
+    try:
+        yield StorageConfig(backends={name: {**specs[0], "url": url}},
+                            routes={k: name for k in config.routes})
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+
 def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_size: int = 20_000,
-        bootstrap: str | None = None) -> dict:
+        bootstrap: str | None = None, storage_file: str | None = None) -> dict:
     broker = None if bootstrap else EmbeddedBroker().start()
     try:
         bootstrap = bootstrap or broker.bootstrap
@@ -112,10 +146,10 @@ def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_
             pool.submit(preload, bootstrap, topic, events, partitions).result()
         raw = raw_consume(bootstrap, topic, partitions, events)
         init_ray()
-        with tempfile.TemporaryDirectory(prefix="podpulse-bench-") as tmp:
-            db = str(Path(tmp) / "bench.duckdb")
+        with tempfile.TemporaryDirectory(prefix="podpulse-bench-") as tmp, \
+                bench_storage(storage_file, tmp) as storage:
             config = IngestConfig(bootstrap=bootstrap, topic=topic, consumers=consumers,
-                                  batch_size=batch_size, storage=StorageConfig(duckdb_path=db))
+                                  batch_size=batch_size, storage=storage)
             exclude = {broker._proc.pid} if broker else set()
             first_progress = []
 
@@ -130,10 +164,8 @@ def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_
             # until every event was durable with its offsets (the shutdown after it is not ingest)
             elapsed = result["caught_up_at"] - wall_started
             startup = (first_progress[0] if first_progress else started) - started
-            con = duckdb.connect(db, read_only=True)
-            rows, distinct = con.execute(
-                "SELECT count(*), count(DISTINCT (device_id, seq)) FROM events").fetchone()
-            con.close()
+            rows, distinct = relational_query(storage, {"n": (
+                "SELECT count(*), count(DISTINCT (device_id, seq)) FROM events")})["n"][0]
         return {
             "events": events,
             "events_per_s": round(events / elapsed),
@@ -149,6 +181,7 @@ def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_
             "consumers": result["consumers"],
             "batch_size": batch_size,
             "write_seconds": result["writer"]["write_seconds"],
+            "store": "embedded DuckDB" if storage_file is None else str(storage_file),
         }
     finally:
         if broker:

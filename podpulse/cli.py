@@ -29,6 +29,9 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks: each prints its figure beside a baseline from the same run.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+db_app = typer.Typer(help="Schema migrations of a relational store (PostgreSQL, Oracle, DuckDB).",
+                     no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 out = Console()
 err = Console(stderr=True)
@@ -163,14 +166,20 @@ def print_summary(summary, result: dict) -> None:
               + (f" (ground truth: {result['truth']})" if result["truth"] else ""))
 
 
-def _ingest_config(bootstrap: str, topic: str, consumers: int, batch_size: int, linger_ms: int,
-                   max_in_flight: int, db: Path, dlq_topic: str, settings: dict):
-    from podpulse.config import IngestConfig
+def storage_config(storage_file: Path | None, db: Path):
+    """--storage-config FILE if given, else the embedded DuckDB at --db."""
     from storage.router import StorageConfig
+
+    return StorageConfig.load(storage_file) if storage_file else StorageConfig.embedded(db.resolve())
+
+
+def _ingest_config(bootstrap: str, topic: str, consumers: int, batch_size: int, linger_ms: int,
+                   max_in_flight: int, storage, dlq_topic: str, settings: dict):
+    from podpulse.config import IngestConfig
 
     return IngestConfig(bootstrap=bootstrap, topic=topic, kafka=settings, consumers=consumers,
                         batch_size=batch_size, linger_ms=linger_ms, max_in_flight=max_in_flight,
-                        dlq_topic=dlq_topic, storage=StorageConfig(duckdb_path=str(db)))
+                        dlq_topic=dlq_topic, storage=storage)
 
 
 def _ingest_with_progress(config, until_caught_up: bool, quiet: bool) -> dict:
@@ -193,6 +202,8 @@ def _ingest_with_progress(config, until_caught_up: bool, quiet: bool) -> dict:
 
 DEFAULT_DB = Path("podpulse-data/podpulse.duckdb")
 Db = Annotated[Path, typer.Option("--db", help="The embedded DuckDB store (both storage roles).")]
+StorageFile = Annotated[Optional[Path], typer.Option(
+    "--storage-config", metavar="FILE", help="YAML routing of record kinds to backends (see examples/).")]
 
 
 @app.command()
@@ -206,6 +217,7 @@ def ingest(
     until_caught_up: Annotated[bool, typer.Option(
         "--until-caught-up", help="Stop when every partition's lag is 0.")] = False,
     db: Db = DEFAULT_DB,
+    storage_file: StorageFile = None,
     dlq_topic: Annotated[str, typer.Option(help="Dead-letter topic (default TOPIC.dlq).")] = "",
     json_out: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
     kafka_setting: KafkaSettings = [],
@@ -217,7 +229,8 @@ def ingest(
     `ray job submit` it joins that cluster; otherwise it starts Ray locally.
     """
     config = _ingest_config(bootstrap, topic, consumers, batch_size, linger_ms, max_in_flight,
-                            db.resolve(), dlq_topic, kafka_settings(kafka_setting, kafka_config))
+                            storage_config(storage_file, db), dlq_topic,
+                            kafka_settings(kafka_setting, kafka_config))
     result = _ingest_with_progress(config, until_caught_up, quiet=json_out)
     if json_out:
         print(json.dumps(result))
@@ -235,13 +248,18 @@ def demo(
     partitions: Annotated[int, typer.Option(min=1, help="Partitions of the demo topic.")] = 8,
     malformed: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of corrupted records.")] = 0.002,
     db: Db = Path("podpulse-data/demo.duckdb"),
+    storage_file: StorageFile = None,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Simulator seed (default 7; with --storage-config, a new one per run).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """The main job on one machine: embedded broker, local Ray, DuckDB.
 
     Simulates a fleet into the embedded broker (MEMORY-ONLY), ingests it all
-    with the Ray pipeline and prints what was stored. The demo database is
-    recreated on every run, because the embedded broker starts empty.
+    with the Ray pipeline and prints what was stored. The demo DuckDB file is
+    recreated on every run, because the embedded broker starts empty. With
+    --storage-config the store is kept: each run then simulates new devices
+    (a new seed) into a new topic, so runs add up instead of colliding.
     """
     from podpulse.broker import EmbeddedBroker
     from podpulse.ingest import dead_letters
@@ -249,26 +267,32 @@ def demo(
     from podpulse.sink import open_sink
     from podpulse.summary import store_summary
 
-    db = db.resolve()
-    for stale in (db, db.with_name(db.name + ".wal")):
-        stale.unlink(missing_ok=True)
-    topic = "podpulse.telemetry"
+    import time
+
+    storage = storage_config(storage_file, db)
+    if storage_file is None:
+        for stale in (db.resolve(), db.resolve().with_name(db.name + ".wal")):
+            stale.unlink(missing_ok=True)
+    seed = seed if seed is not None else (7 if storage_file is None else int(time.time()))
+    topic = "podpulse.telemetry" if storage_file is None else f"podpulse.telemetry.{seed}"
     with EmbeddedBroker() as broker:
         if not json_out:
             out.print(f"embedded broker on {broker.bootstrap} [yellow](memory-only)[/]")
         broker.create_topic(topic, partitions)
-        spec = FleetSpec(devices=devices, hours=hours, malformed_rate=malformed)
+        spec = FleetSpec(devices=devices, hours=hours, malformed_rate=malformed, seed=seed)
         fleet = Fleet.build(spec)
         simulated = Summary(fleet)
         with open_sink(f"kafka://{broker.bootstrap}/{topic}") as sink:
             run_simulation(spec, fleet, simulated, sink.write, quiet=json_out)
-        config = _ingest_config(broker.bootstrap, topic, 0, 20_000, 200, 2, db, "", {})
+        config = _ingest_config(broker.bootstrap, topic, 0, 20_000, 200, 2, storage, "", {})
         result = _ingest_with_progress(config, until_caught_up=True, quiet=json_out)
         letters = dead_letters(broker.bootstrap, config.dead_letter_topic)
-    summary = store_summary(str(db)) | {
+    summary = store_summary(storage) | {
         "events_produced": simulated.events, "malformed_injected": simulated.malformed,
         "dead_lettered": len({(d["partition"], d["offset"]) for d in letters}),
-        "consumers": result["consumers"], "partitions": result["partitions"], "db": str(db)}
+        "ingested": result["writer"]["applied"], "seed": seed,
+        "consumers": result["consumers"], "partitions": result["partitions"],
+        "store": str(storage_file) if storage_file else str(db.resolve())}
     if json_out:
         print(json.dumps(summary))
         return
@@ -276,9 +300,10 @@ def demo(
 
 
 def print_demo_summary(s: dict, letters: list[dict]) -> None:
-    out.print(f"\n[bold]{s['events_stored']:,}[/] events stored from {s['devices']:,} devices "
-              f"({s['events_produced']:,} produced, [bold]{s['dead_lettered']:,}[/] dead-lettered, "
-              f"{s['partitions']} partitions, {s['consumers']} consumer actors) → {s['db']}")
+    out.print(f"\n[bold]{s['ingested']:,}[/] events stored ({s['events_produced']:,} produced, "
+              f"[bold]{s['dead_lettered']:,}[/] dead-lettered; {s['partitions']} partitions, "
+              f"{s['consumers']} consumer actors) → {s['store']}")
+    out.print(f"the store now holds {s['events_stored']:,} events from {s['devices']:,} devices")
     table = Table(title="devices by state")
     table.add_column("state")
     table.add_column("devices", justify="right")
@@ -314,6 +339,7 @@ def bench_simulate(
 def bench_ingest(
     events: Annotated[int, typer.Option(min=1, help="Events to preload and ingest.")] = 1_000_000,
     partitions: Annotated[int, typer.Option(min=1)] = 8,
+    storage_file: StorageFile = None,
     consumers: Annotated[int, typer.Option(min=0, help="0: one per CPU.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 20_000,
     bootstrap: Annotated[Optional[str], typer.Option(
@@ -324,7 +350,7 @@ def bench_ingest(
     from bench.ingest import run
 
     result = run(events=events, partitions=partitions, consumers=consumers,
-                 batch_size=batch_size, bootstrap=bootstrap)
+                 batch_size=batch_size, bootstrap=bootstrap, storage_file=storage_file)
     if json_out:
         print(json.dumps(result))
     else:
@@ -332,6 +358,54 @@ def bench_ingest(
                   f"{result['raw_consume_events_per_s']:,} events/s · ratio {result['ratio']} · "
                   f"lost {result['lost']} · duplicated {result['duplicated']} · "
                   f"peak RSS {result['peak_rss_mb']:,} MB")
+
+
+DbUrl = Annotated[str, typer.Option(
+    help="postgresql://USER@HOST/DB, oracle://USER@HOST:1521/?service_name=X or duckdb:///FILE; "
+         "password from $PODPULSE_DB_PASSWORD or --password-file.")]
+PasswordFile = Annotated[Optional[Path], typer.Option(help="A file holding the database password.")]
+
+
+def _db_password(password_file: Path | None) -> str | None:
+    import os
+
+    if password_file:
+        try:
+            return password_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read {password_file}: {e.strerror}") from e
+    return os.environ.get("PODPULSE_DB_PASSWORD")
+
+
+@db_app.command("migrate")
+def db_migrate(
+    url: DbUrl,
+    target: Annotated[Optional[int], typer.Option(min=0, help="Stop at this version.")] = None,
+    password_file: PasswordFile = None,
+) -> None:
+    """Apply pending migrations. Safe to rerun, and safe to run twice at once."""
+    from podpulse.db import migrate
+
+    applied = migrate(url, target, _db_password(password_file))
+    out.print(f"applied {', '.join(map(str, applied))}" if applied else "nothing to apply")
+
+
+@db_app.command("status")
+def db_status(
+    url: DbUrl,
+    password_file: PasswordFile = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Print the current and the latest schema version."""
+    from podpulse.db import status
+
+    result = status(url, _db_password(password_file))
+    if json_out:
+        print(json.dumps(result))
+        return
+    out.print(f"current version {result['current']}, latest {result['latest']}")
+    for m in result["pending"]:
+        out.print(f"  pending {m['version']}: {m['description']}")
 
 
 def main(argv: list[str] | None = None) -> int:

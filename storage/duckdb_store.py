@@ -19,56 +19,22 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from podpulse.contract import ARROW_SCHEMA
 from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
-from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, HOURLY_KEY, HOURLY_MERGE, KAFKA_COLUMNS,
-                             device_updates, drop_replayed, hourly_rollup)
+from storage.migrations import migrate_duckdb
+from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, HOURLY_KEY, HOURLY_MERGE, device_updates,
+                             drop_replayed, hourly_rollup)
+from storage.schema import EVENT_COLUMNS
+from storage.sql import upsert_sql
 
 __all__ = ["DuckDBStore"]
 
-_TYPES = {
-    pa.int8(): "TINYINT", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
-    pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN", pa.string(): "VARCHAR",
-    pa.timestamp("ms", tz="UTC"): "TIMESTAMPTZ",
-}
-EVENT_COLUMNS = [(f.name, f.type) for f in ARROW_SCHEMA] + KAFKA_COLUMNS
-HOURLY_TYPES = {"state": "VARCHAR", "urban": "BOOLEAN", "events": "BIGINT", "output_samples": "BIGINT",
-                "ambient_samples": "BIGINT", "battery_left_min": "TINYINT",
-                "battery_right_min": "TINYINT", "battery_case_min": "TINYINT"}
-DEVICE_TYPES = {"model": "VARCHAR", "firmware": "VARCHAR", "postcode": "VARCHAR", "state": "VARCHAR",
-                "urban": "BOOLEAN", "host_device": "VARCHAR", "schema_version": "SMALLINT",
-                "first_seen": "TIMESTAMPTZ", "last_seen": "TIMESTAMPTZ", "events": "BIGINT"}
-
-DDL = [
-    "CREATE TABLE IF NOT EXISTS events ("
-    + ", ".join(f"{name} {_TYPES[t]}" for name, t in EVENT_COLUMNS) + ")",
-    "CREATE TABLE IF NOT EXISTS device_hourly (device_id VARCHAR, hour TIMESTAMPTZ, "
-    + ", ".join(f"{c} {HOURLY_TYPES.get(c, 'DOUBLE')}" for c in HOURLY_MERGE)
-    + ", PRIMARY KEY (device_id, hour))",
-    "CREATE TABLE IF NOT EXISTS devices (device_id VARCHAR PRIMARY KEY, "
-    + ", ".join(f"{c} {DEVICE_TYPES[c]}" for c in DEVICE_MERGE) + ")",
-    "CREATE TABLE IF NOT EXISTS kafka_offsets (topic VARCHAR, kafka_partition INTEGER, "
-    "next_offset BIGINT, updated_at TIMESTAMPTZ DEFAULT now(), PRIMARY KEY (topic, kafka_partition))",
-]
-
-
-def merge_sql(table: str, key: tuple[str, ...], merge: dict[str, str], source: str) -> str:
-    """``INSERT ... ON CONFLICT DO UPDATE`` merging each column by its rule."""
-    rules = {
-        "sum": "{t}.{c} + excluded.{c}",
-        "max": "greatest({t}.{c}, excluded.{c})",
-        "min": "least({t}.{c}, excluded.{c})",
-        "latest": "CASE WHEN excluded.last_seen >= {t}.last_seen THEN excluded.{c} ELSE {t}.{c} END",
-    }
-    sets = [f"{c} = " + rules[how].format(t=table, c=c) for c, how in merge.items() if how in rules]
-    columns = ", ".join([*key, *merge])
-    return (f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {source} "
-            f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {', '.join(sets)}")
-
-
-HOURLY_UPSERT = merge_sql("device_hourly", HOURLY_KEY, HOURLY_MERGE, "_hourly")
-DEVICE_UPSERT = merge_sql("devices", DEVICE_KEY, DEVICE_MERGE, "_devices")
-EVENT_NAMES = ", ".join(name for name, _ in EVENT_COLUMNS)
+HOURLY_UPSERT = upsert_sql("device_hourly", HOURLY_KEY, HOURLY_MERGE, "_hourly")
+DEVICE_UPSERT = upsert_sql("devices", DEVICE_KEY, DEVICE_MERGE, "_devices")
+OFFSETS_UPSERT = ("INSERT INTO kafka_offsets (topic, kafka_partition, next_offset, updated_at) "
+                  "VALUES (?, ?, ?, now()) ON CONFLICT (topic, kafka_partition) DO UPDATE SET "
+                  "next_offset = greatest(kafka_offsets.next_offset, excluded.next_offset), "
+                  "updated_at = excluded.updated_at")
+EVENT_NAMES = ", ".join(EVENT_COLUMNS)
 
 
 class DuckDBStore(TimeSeriesStore, RelationalStore):
@@ -92,8 +58,8 @@ class DuckDBStore(TimeSeriesStore, RelationalStore):
             raise StorageError(f"cannot open DuckDB at {self.path}: {e}") from e
 
     def setup(self) -> None:
-        for statement in DDL:
-            self.con.execute(statement)
+        """Apply pending schema migrations (``storage.migrations``)."""
+        migrate_duckdb(self.con)
 
     def committed_offsets(self, topic: str) -> dict[int, int]:
         rows = self.con.execute(
@@ -105,7 +71,7 @@ class DuckDBStore(TimeSeriesStore, RelationalStore):
         con = self.con
         con.register("_events", events)
         try:
-            con.execute(f"INSERT INTO events SELECT {EVENT_NAMES} FROM (SELECT * FROM _events "
+            con.execute(f"INSERT INTO events ({EVENT_NAMES}) SELECT {EVENT_NAMES} FROM (SELECT * FROM _events "
                         "QUALIFY row_number() OVER (PARTITION BY device_id, seq) = 1) AS b "
                         "WHERE NOT EXISTS (SELECT 1 FROM events e "
                         "WHERE e.device_id = b.device_id AND e.seq = b.seq)")
@@ -121,17 +87,12 @@ class DuckDBStore(TimeSeriesStore, RelationalStore):
             if fresh.num_rows:
                 if with_raw_events:
                     con.register("_events", fresh)
-                    con.execute(f"INSERT INTO events SELECT {EVENT_NAMES} FROM _events")
+                    con.execute(f"INSERT INTO events ({EVENT_NAMES}) SELECT {EVENT_NAMES} FROM _events")
                 con.register("_hourly", hourly_rollup(fresh))
                 con.execute(HOURLY_UPSERT)
                 con.register("_devices", device_updates(fresh))
                 con.execute(DEVICE_UPSERT)
-            con.executemany(
-                "INSERT INTO kafka_offsets (topic, kafka_partition, next_offset) VALUES (?, ?, ?) "
-                "ON CONFLICT (topic, kafka_partition) DO UPDATE SET "
-                "next_offset = greatest(kafka_offsets.next_offset, excluded.next_offset), "
-                "updated_at = now()",
-                [(topic, int(p), int(o)) for p, o in sorted(next_offsets.items())])
+            con.executemany(OFFSETS_UPSERT, [(topic, int(p), int(o)) for p, o in sorted(next_offsets.items())])
             con.commit()
         except BaseException:
             con.rollback()

@@ -1,26 +1,157 @@
-"""The router: which backend plays which role, and the order a batch is written in.
+"""The router: which backend keeps which kind of record, and the order a batch is written in.
 
-Today the only backend is the embedded DuckDB, playing both roles in one file.
-The roles are separate so the Cassandra (time-series), PostgreSQL and Oracle
-(relational) backends plug in by configuration.
+Configuration is a small YAML file (the AirPodsDataStream custom resource will
+carry the same structure)::
+
+    backends:
+      core: {type: postgresql, url: "postgresql://podpulse@db:5432/podpulse", password_env: PG_PASSWORD}
+      raw:  {type: cassandra, hosts: [cass-1, cass-2], keyspace: podpulse, consistency: LOCAL_QUORUM}
+    routes:
+      raw_events: raw
+      devices: core
+      rollups: core
+      offsets: core
+      anomalies: core
+
+Backend types: ``duckdb`` (``path``), ``postgresql`` and ``oracle`` (``url`` without
+a password; ``password_env`` or ``password_file``; Oracle also ``inmemory``,
+``memcompress``, ``priority``, ``interval_days``) and ``cassandra`` (raw events
+only; see ``storage.cassandra_store.CassandraSettings``). Devices, rollups and
+offsets must share one relational backend: they are written in one transaction.
+Credentials never sit in the file itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
 import pyarrow as pa
 
-from storage.base import CommitResult, RelationalStore, TimeSeriesStore
+from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
 
-__all__ = ["StorageConfig", "Storage", "open_storage"]
+__all__ = ["StorageConfig", "Storage", "open_storage", "KINDS", "DEFAULT_DUCKDB_PATH"]
 
 DEFAULT_DUCKDB_PATH = "podpulse-data/podpulse.duckdb"
+KINDS = ("raw_events", "devices", "rollups", "offsets", "anomalies")
+TRANSACTIONAL = ("devices", "rollups", "offsets")
+RELATIONAL_TYPES = ("duckdb", "postgresql", "oracle")
+TYPES = (*RELATIONAL_TYPES, "cassandra")
+_SECRET_KEYS = {"password", "passwd", "secret", "token"}
+
+
+def _frozen(d: Mapping) -> Mapping:
+    return MappingProxyType({k: _frozen(v) if isinstance(v, Mapping) else v for k, v in d.items()})
+
+
+def _thawed(d: Mapping) -> dict:
+    return {k: _thawed(v) if isinstance(v, Mapping) else v for k, v in d.items()}
 
 
 @dataclass(frozen=True, kw_only=True)
 class StorageConfig:
-    duckdb_path: str = DEFAULT_DUCKDB_PATH  # the embedded default, both roles
+    backends: Mapping[str, Mapping] = field(default_factory=dict)
+    routes: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.backends:  # the embedded default
+            object.__setattr__(self, "backends", {"embedded": {"type": "duckdb", "path": DEFAULT_DUCKDB_PATH}})
+        if not self.routes:
+            only = next(iter(self.backends))
+            object.__setattr__(self, "routes", {kind: only for kind in KINDS})
+        for name, spec in self.backends.items():
+            kind = spec.get("type")
+            if kind not in TYPES:
+                raise StorageError(f"backend {name!r}: type must be one of {', '.join(TYPES)}, got {kind!r}")
+            if _SECRET_KEYS & set(spec):
+                raise StorageError(f"backend {name!r}: credentials come from password_env or "
+                                   "password_file, never from the configuration itself")
+        unknown = set(self.routes) - set(KINDS)
+        if unknown:
+            raise StorageError(f"unknown record kind(s) {sorted(unknown)}; kinds are {', '.join(KINDS)}")
+        missing = [k for k in KINDS if k not in self.routes]
+        if missing:
+            raise StorageError(f"routes: no backend for {', '.join(missing)}")
+        for kind, name in self.routes.items():
+            if name not in self.backends:
+                raise StorageError(f"routes.{kind}: no backend named {name!r}")
+            if kind != "raw_events" and self.backends[name]["type"] not in RELATIONAL_TYPES:
+                raise StorageError(f"routes.{kind}: {name!r} is not a relational backend")
+        if len({self.routes[k] for k in TRANSACTIONAL}) != 1:
+            raise StorageError("devices, rollups and offsets must route to the same backend "
+                               "(they are written in one transaction)")
+        object.__setattr__(self, "backends", _frozen(self.backends))
+        object.__setattr__(self, "routes", _frozen(self.routes))
+
+    @classmethod
+    def embedded(cls, path: str | Path = DEFAULT_DUCKDB_PATH) -> "StorageConfig":
+        return cls(backends={"embedded": {"type": "duckdb", "path": str(path)}})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StorageConfig":
+        import yaml
+
+        try:
+            doc = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise StorageError(f"cannot read storage config {path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise StorageError(f"storage config {path} is not valid YAML: {e}") from e
+        if not isinstance(doc, dict) or set(doc) - {"backends", "routes"}:
+            raise StorageError(f"storage config {path}: expected the keys 'backends' and 'routes'")
+        return cls(backends=doc.get("backends") or {}, routes=doc.get("routes") or {})
+
+    def as_dict(self) -> dict:
+        return {"backends": _thawed(self.backends), "routes": dict(self.routes)}
+
+    def __reduce__(self):  # MappingProxyType does not pickle; Ray ships this to every actor
+        return (_rebuild, (self.as_dict(),))
+
+
+def _rebuild(d: dict) -> StorageConfig:
+    return StorageConfig(**d)
+
+
+def password(spec: Mapping) -> str | None:
+    """The password of a backend, from its ``password_env`` variable or ``password_file``."""
+    if spec.get("password_env"):
+        value = os.environ.get(spec["password_env"])
+        if value is None:
+            raise StorageError(f"environment variable {spec['password_env']} is not set")
+        return value
+    if spec.get("password_file"):
+        try:
+            return Path(spec["password_file"]).read_text().strip()
+        except OSError as e:
+            raise StorageError(f"cannot read password file {spec['password_file']}: {e.strerror}") from e
+    return None
+
+
+def open_backend(spec: Mapping):
+    kind = spec["type"]
+    if kind == "duckdb":
+        from storage.duckdb_store import DuckDBStore
+
+        return DuckDBStore(spec.get("path", DEFAULT_DUCKDB_PATH))
+    if kind == "postgresql":
+        from storage.postgres_store import PostgresStore
+
+        return PostgresStore(spec["url"], password(spec))
+    if kind == "oracle":
+        from storage.oracle_store import OracleStore
+        from storage.schema import OracleOptions
+
+        opts = OracleOptions(**{k: spec[k] for k in ("interval_days", "inmemory", "memcompress", "priority")
+                                if k in spec})
+        return OracleStore(spec["url"], password(spec), opts)
+    from storage.cassandra_store import CassandraSettings, CassandraStore
+
+    settings = {k: (tuple(v) if k == "hosts" else dict(v) if isinstance(v, Mapping) else v)
+                for k, v in spec.items() if k != "type"}
+    return CassandraStore(CassandraSettings(**settings))
 
 
 class Storage:
@@ -60,7 +191,9 @@ class Storage:
 
 
 def open_storage(config: StorageConfig) -> Storage:
-    from storage.duckdb_store import DuckDBStore
-
-    store = DuckDBStore(config.duckdb_path)
-    return Storage(store, store)
+    opened = {}
+    for kind in ("offsets", "raw_events"):
+        name = config.routes[kind]
+        if name not in opened:
+            opened[name] = open_backend(config.backends[name])
+    return Storage(opened[config.routes["raw_events"]], opened[config.routes["offsets"]])

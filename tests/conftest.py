@@ -60,7 +60,7 @@ def produce_fleet(broker):
 
 
 ROLLUP_RECOMPUTED = """
-SELECT device_id, epoch_ms(date_trunc('hour', event_time)) AS hour, count(*) AS events,
+SELECT device_id, date_trunc('hour', event_time) AS hour, count(*) AS events,
        sum(playback_s) AS listening_s,
        sum(CASE WHEN in_ear_left OR in_ear_right THEN interval_s ELSE 0 END) AS in_ear_s,
        sum(CASE WHEN (in_ear_left OR in_ear_right) AND noise_mode = 'anc' THEN interval_s ELSE 0 END),
@@ -70,20 +70,28 @@ SELECT device_id, epoch_ms(date_trunc('hour', event_time)) AS hour, count(*) AS 
        max(CASE WHEN playback_s > 0 THEN output_dba END),
        sum(CASE WHEN in_ear_left OR in_ear_right THEN ambient_dba ELSE 0 END),
        min(battery_left), min(battery_right), min(battery_case)
-FROM events GROUP BY ALL ORDER BY device_id, hour
+FROM events GROUP BY 1, 2 ORDER BY 1, 2
 """
 ROLLUP_STORED = """
-SELECT device_id, epoch_ms(hour), events, listening_s, in_ear_s, anc_s, off_s, output_dba_sum,
+SELECT device_id, hour, events, listening_s, in_ear_s, anc_s, off_s, output_dba_sum,
        output_samples, output_dba_max, ambient_dba_sum, battery_left_min, battery_right_min,
        battery_case_min
-FROM device_hourly ORDER BY device_id, hour
+FROM device_hourly ORDER BY 1, 2
 """
 
 
-def _assert_rollups_match_raw(con) -> None:
+def _assert_rollups_match_raw(store) -> None:
+    """``store``: a StorageConfig, or an open DuckDB connection."""
     import numpy as np
 
-    stored, recomputed = con.execute(ROLLUP_STORED).fetchall(), con.execute(ROLLUP_RECOMPUTED).fetchall()
+    if hasattr(store, "execute"):
+        store.execute("SET TimeZone = 'UTC'")
+        stored, recomputed = store.execute(ROLLUP_STORED).fetchall(), store.execute(ROLLUP_RECOMPUTED).fetchall()
+    else:
+        from podpulse.summary import relational_query
+
+        r = relational_query(store, {"s": ROLLUP_STORED, "r": ROLLUP_RECOMPUTED})
+        stored, recomputed = r["s"], r["r"]
     assert len(stored) == len(recomputed) > 0
     for a, b in zip(stored, recomputed):
         assert a[:3] == b[:3]
@@ -95,3 +103,36 @@ def _assert_rollups_match_raw(con) -> None:
 def assert_rollups_match_raw():
     """Every hourly rollup row equals a GROUP BY over the raw events (and no row is missing)."""
     return _assert_rollups_match_raw
+
+
+PG_URL = os.environ.get("PODPULSE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL schema on the machine's server; the URL selects it by search_path."""
+    import uuid
+
+    from sqlalchemy import create_engine
+
+    from storage.postgres_store import engine_url
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(engine_url(PG_URL))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    engine.dispose()
+
+
+@pytest.fixture(params=["duckdb", "postgresql"])
+def store_config(request, tmp_path):
+    """The store the pipeline writes to: the embedded DuckDB, then real PostgreSQL."""
+    from storage.router import StorageConfig
+
+    if request.param == "duckdb":
+        return StorageConfig.embedded(tmp_path / "store.duckdb")
+    url = request.getfixturevalue("pg_url")
+    return StorageConfig(backends={"pg": {"type": "postgresql", "url": url}})

@@ -3,7 +3,6 @@
 import time
 from collections import Counter
 
-import duckdb
 import pytest
 import ray
 from confluent_kafka import Consumer, TopicPartition
@@ -12,13 +11,13 @@ from actors.supervisor import IngestSupervisor, shards
 from podpulse.config import IngestConfig
 from podpulse.contract import decode_batch
 from podpulse.ingest import dead_letters, run_ingest
+from podpulse.summary import relational_query
 from podpulse.simulator import FleetSpec
 from storage.router import StorageConfig
 
 
-def config(broker, topic, db, **kw) -> IngestConfig:
-    return IngestConfig(bootstrap=broker.bootstrap, topic=topic, consumers=2,
-                        storage=StorageConfig(duckdb_path=str(db)), **kw)
+def config(broker, topic, storage: StorageConfig, **kw) -> IngestConfig:
+    return IngestConfig(bootstrap=broker.bootstrap, topic=topic, consumers=2, storage=storage, **kw)
 
 
 def end_offsets(broker, topic, partitions):
@@ -36,20 +35,18 @@ def end_offsets(broker, topic, partitions):
     return ends
 
 
-def assert_exactly_once(db, valid_values, assert_rollups_match_raw):
+def assert_exactly_once(storage, valid_values, assert_rollups_match_raw):
     expected = decode_batch(valid_values).table.select(["device_id", "seq"]).to_pylist()
     expected = Counter((r["device_id"], r["seq"]) for r in expected)
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        stored = Counter(con.execute("SELECT device_id, seq FROM events").fetchall())
-        assert max(stored.values()) == 1, "duplicated rows"
-        assert stored == expected, f"lost {len(expected - stored)}, unexpected {len(stored - expected)}"
-        assert_rollups_match_raw(con)
-        devices = con.execute("SELECT sum(events) FROM devices").fetchone()[0]
-        assert devices == sum(expected.values())
-        return dict(con.execute("SELECT kafka_partition, next_offset FROM kafka_offsets").fetchall())
-    finally:
-        con.close()
+    r = relational_query(storage, {"events": "SELECT device_id, seq FROM events",
+                                   "devices": "SELECT sum(events) FROM devices",
+                                   "offsets": "SELECT kafka_partition, next_offset FROM kafka_offsets"})
+    stored = Counter(r["events"])
+    assert max(stored.values()) == 1, "duplicated rows"
+    assert stored == expected, f"lost {len(expected - stored)}, unexpected {len(stored - expected)}"
+    assert_rollups_match_raw(storage)
+    assert int(r["devices"][0][0]) == sum(expected.values())
+    return dict(r["offsets"])
 
 
 def test_shards_are_stable_and_cover_every_partition_once():
@@ -59,26 +56,26 @@ def test_shards_are_stable_and_cover_every_partition_once():
 
 
 def test_every_event_is_stored_exactly_once_with_offsets_at_the_end(
-        ray_local, broker, new_topic, produce_fleet, tmp_path, assert_rollups_match_raw):
+        ray_local, broker, new_topic, produce_fleet, store_config, assert_rollups_match_raw):
     topic = new_topic(4)
     produced = produce_fleet(topic, FleetSpec(devices=800, hours=12, seed=21))
-    result = run_ingest(config(broker, topic, tmp_path / "s.duckdb", batch_size=3000), until_caught_up=True)
+    result = run_ingest(config(broker, topic, store_config, batch_size=3000), until_caught_up=True)
     assert result["restarts"] == 0 and result["dead_lettered"] == 0
-    offsets = assert_exactly_once(tmp_path / "s.duckdb", produced["valid"], assert_rollups_match_raw)
+    offsets = assert_exactly_once(store_config, produced["valid"], assert_rollups_match_raw)
     assert offsets == end_offsets(broker, topic, 4)
 
     # A second run over the same topic and store finds nothing new to store.
-    again = run_ingest(config(broker, topic, tmp_path / "s.duckdb"), until_caught_up=True)
+    again = run_ingest(config(broker, topic, store_config), until_caught_up=True)
     assert again["writer"]["applied"] == 0
-    assert_exactly_once(tmp_path / "s.duckdb", produced["valid"], assert_rollups_match_raw)
+    assert_exactly_once(store_config, produced["valid"], assert_rollups_match_raw)
 
 
 def test_malformed_records_go_to_the_dead_letter_topic_with_reason_bytes_and_source(
-        ray_local, broker, new_topic, produce_fleet, tmp_path, assert_rollups_match_raw):
+        ray_local, broker, new_topic, produce_fleet, store_config, assert_rollups_match_raw):
     topic = new_topic(4)
     produced = produce_fleet(topic, FleetSpec(devices=800, hours=12, seed=22, malformed_rate=0.01))
     assert len(produced["malformed"]) > 50
-    cfg = config(broker, topic, tmp_path / "m.duckdb", batch_size=2000)
+    cfg = config(broker, topic, store_config, batch_size=2000)
     result = run_ingest(cfg, until_caught_up=True)
     letters = dead_letters(broker.bootstrap, cfg.dead_letter_topic)
     assert Counter(d["value"] for d in letters) == Counter(produced["malformed"])
@@ -92,12 +89,12 @@ def test_malformed_records_go_to_the_dead_letter_topic_with_reason_bytes_and_sou
         assert (msg.partition(), msg.offset(), msg.value()) == (d["partition"], d["offset"], d["value"])
     c.close()
     assert result["dead_lettered"] == len(letters)
-    assert_exactly_once(tmp_path / "m.duckdb", produced["valid"], assert_rollups_match_raw)
+    assert_exactly_once(store_config, produced["valid"], assert_rollups_match_raw)
 
 
-def run_and_kill(broker, topic, db, victim: str, total: int):
+def run_and_kill(broker, topic, storage, victim: str, total: int):
     """Start the pipeline, kill one actor once about a fifth is stored, let it finish."""
-    supervisor = IngestSupervisor.remote(config(broker, topic, db, batch_size=300, linger_ms=50,
+    supervisor = IngestSupervisor.remote(config(broker, topic, storage, batch_size=300, linger_ms=50,
                                                 max_in_flight=1))
     done = supervisor.run.remote(until_caught_up=True)
     deadline = time.monotonic() + 120
@@ -118,24 +115,24 @@ def run_and_kill(broker, topic, db, victim: str, total: int):
 
 
 def test_killing_a_partition_consumer_mid_stream_loses_and_duplicates_nothing(
-        ray_local, broker, new_topic, produce_fleet, tmp_path, assert_rollups_match_raw):
+        ray_local, broker, new_topic, produce_fleet, store_config, assert_rollups_match_raw):
     topic = new_topic(4)
     produced = produce_fleet(topic, FleetSpec(devices=1500, hours=12, seed=23))
-    lag_at_kill, summary = run_and_kill(broker, topic, tmp_path / "k.duckdb", "consumer",
+    lag_at_kill, summary = run_and_kill(broker, topic, store_config, "consumer",
                                         len(produced["valid"]))
     assert lag_at_kill > 0 and summary["restarts"] >= 1
-    offsets = assert_exactly_once(tmp_path / "k.duckdb", produced["valid"], assert_rollups_match_raw)
+    offsets = assert_exactly_once(store_config, produced["valid"], assert_rollups_match_raw)
     assert offsets == end_offsets(broker, topic, 4)
 
 
 def test_killing_the_storage_writer_mid_stream_loses_and_duplicates_nothing(
-        ray_local, broker, new_topic, produce_fleet, tmp_path, assert_rollups_match_raw):
+        ray_local, broker, new_topic, produce_fleet, store_config, assert_rollups_match_raw):
     topic = new_topic(4)
     produced = produce_fleet(topic, FleetSpec(devices=1500, hours=12, seed=24))
-    lag_at_kill, summary = run_and_kill(broker, topic, tmp_path / "w.duckdb", "writer",
+    lag_at_kill, summary = run_and_kill(broker, topic, store_config, "writer",
                                         len(produced["valid"]))
     assert lag_at_kill > 0 and summary["rewinds"] >= 1
-    offsets = assert_exactly_once(tmp_path / "w.duckdb", produced["valid"], assert_rollups_match_raw)
+    offsets = assert_exactly_once(store_config, produced["valid"], assert_rollups_match_raw)
     assert offsets == end_offsets(broker, topic, 4)
 
 
@@ -143,5 +140,6 @@ def test_a_missing_topic_is_a_clear_error(ray_local, broker, tmp_path):
     from podpulse.errors import BrokerError
 
     with pytest.raises(Exception, match="not found") as info:
-        run_ingest(config(broker, "no-such-topic", tmp_path / "x.duckdb"), until_caught_up=True)
+        run_ingest(config(broker, "no-such-topic", StorageConfig.embedded(tmp_path / "x.duckdb")),
+                   until_caught_up=True)
     assert isinstance(info.value, BrokerError) or "BrokerError" in str(info.value)

@@ -1,0 +1,96 @@
+"""``podpulse db``: schema migrations of a relational store, addressed by URL.
+
+URLs: ``postgresql://user@host:5432/db``, ``oracle://user@host:1521/?service_name=X``,
+``duckdb:///path/to/file.duckdb``. Passwords come from ``PODPULSE_DB_PASSWORD``
+or a file, never from the URL.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+from storage.base import StorageError
+from storage.migrations import LATEST, MIGRATIONS, applied_versions, migrate_duckdb, migrate_engine
+
+__all__ = ["migrate", "status"]
+
+DUCKDB_LOCK_WAIT_S = 120.0
+
+
+@contextmanager
+def _duckdb(path: str):
+    """Open the file for writing, waiting while another process holds its lock."""
+    import duckdb
+
+    deadline = time.monotonic() + DUCKDB_LOCK_WAIT_S
+    while True:
+        try:
+            con = duckdb.connect(path)
+            break
+        except duckdb.IOException as e:
+            if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                raise StorageError(f"cannot open {path}: {e}") from e
+            time.sleep(0.2)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def _engine(url: str, password: str | None):
+    from sqlalchemy import create_engine
+
+    if url.startswith("oracle"):
+        from storage.oracle_store import oracle_url
+
+        return create_engine(oracle_url(url, password))
+    if url.startswith("postgres"):
+        from storage.postgres_store import engine_url
+
+        return create_engine(engine_url(url, password))
+    raise StorageError(f"unsupported database URL {url!r}: use postgresql://, oracle:// or duckdb:///PATH")
+
+
+def _duckdb_path(url: str) -> str | None:
+    return url[len("duckdb:///"):] if url.startswith("duckdb:///") else None
+
+
+def migrate(url: str, target: int | None = None, password: str | None = None) -> list[int]:
+    """Apply pending migrations; returns the versions applied by this call."""
+    path = _duckdb_path(url)
+    if path is not None:
+        with _duckdb(path) as con:
+            return migrate_duckdb(con, target)
+    engine = _engine(url, password)
+    try:
+        return migrate_engine(engine, target)
+    except StorageError:
+        raise
+    except Exception as e:
+        raise StorageError(f"migration failed on {engine.url.render_as_string(hide_password=True)}: "
+                           f"{str(e).splitlines()[0]}") from e
+    finally:
+        engine.dispose()
+
+
+def status(url: str, password: str | None = None) -> dict:
+    path = _duckdb_path(url)
+    if path is not None:
+        with _duckdb(path) as con:
+            found = con.execute("SELECT count(*) FROM information_schema.tables "
+                                "WHERE table_name = 'podpulse_schema_version'").fetchone()[0]
+            applied = {v for (v,) in con.execute(
+                "SELECT version FROM podpulse_schema_version").fetchall()} if found else set()
+    else:
+        engine = _engine(url, password)
+        try:
+            with engine.connect() as conn:
+                applied = applied_versions(conn)
+        except Exception as e:
+            raise StorageError(f"cannot read the schema version: {str(e).splitlines()[0]}") from e
+        finally:
+            engine.dispose()
+    return {"current": max(applied, default=0), "latest": LATEST,
+            "pending": [{"version": m.version, "description": m.description}
+                        for m in MIGRATIONS if m.version not in applied]}

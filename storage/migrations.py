@@ -1,0 +1,166 @@
+"""Versioned, forward-only schema migrations for the relational backends.
+
+A migration is a version, a description and the statements it runs for a
+dialect. Applied versions are recorded in ``podpulse_schema_version``. Running
+``migrate`` again applies nothing; two processes running it at once are
+serialised by a lock, so one applies and the other finds nothing left to do:
+
+- PostgreSQL: ``pg_advisory_xact_lock`` and one transaction (PostgreSQL DDL is
+  transactional: a failed migration leaves nothing behind);
+- DuckDB: the database file's own lock (one writer process at a time; others
+  retry opening it) and one transaction;
+- Oracle: a ``DBMS_LOCK`` session lock (DDL commits implicitly, so a
+  transaction cannot hold it); each migration is recorded right after its
+  statements. The user needs ``EXECUTE`` on ``DBMS_LOCK``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+from sqlalchemy import select
+from sqlalchemy.dialects import oracle, postgresql
+from sqlalchemy.schema import CreateTable
+
+from storage import schema
+from storage.schema import OracleOptions, create_table_ddl, table_as_of
+
+__all__ = ["Migration", "MIGRATIONS", "LATEST", "statements", "migrate_duckdb", "migrate_engine",
+           "applied_versions"]
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    render: Callable[[str, OracleOptions], list[str]]
+
+
+def _core(dialect: str, opts: OracleOptions) -> list[str]:
+    tables = (schema.events, schema.device_hourly, schema.devices, schema.kafka_offsets)
+    return [create_table_ddl(table_as_of(t, 1), dialect, opts) for t in tables]
+
+
+def _anomalies(dialect: str, opts: OracleOptions) -> list[str]:
+    return [create_table_ddl(schema.anomalies, dialect, opts)]
+
+
+def _contract_v3(dialect: str, opts: OracleOptions) -> list[str]:
+    if dialect == "oracle":
+        return ["ALTER TABLE events ADD (spatial_audio BOOLEAN)"]
+    return ["ALTER TABLE events ADD COLUMN spatial_audio BOOLEAN"]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "core tables: events, device_hourly, devices, kafka_offsets", _core),
+    Migration(2, "anomalies", _anomalies),
+    Migration(3, "event contract v3: events.spatial_audio", _contract_v3),
+)
+LATEST = MIGRATIONS[-1].version
+
+
+def statements(migration: Migration, dialect: str, opts: OracleOptions | None = None) -> list[str]:
+    return migration.render(dialect, opts or OracleOptions())
+
+
+def _pending(applied: set[int], target: int | None) -> list[Migration]:
+    target = LATEST if target is None else target
+    if not 0 <= target <= LATEST:
+        from storage.base import StorageError
+
+        raise StorageError(f"target version {target} does not exist (latest is {LATEST})")
+    return [m for m in MIGRATIONS if m.version not in applied and m.version <= target]
+
+
+def _record(m: Migration) -> dict:
+    return {"version": m.version, "description": m.description, "applied_at": datetime.now(timezone.utc)}
+
+
+# -- DuckDB ----------------------------------------------------------------------------
+def migrate_duckdb(con, target: int | None = None) -> list[int]:
+    """Apply pending migrations in one transaction on an open DuckDB connection."""
+    con.begin()
+    try:
+        con.execute(create_table_ddl(schema.schema_version, "duckdb").replace(
+            "CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
+        applied = {v for (v,) in con.execute("SELECT version FROM podpulse_schema_version").fetchall()}
+        done = []
+        for m in _pending(applied, target):
+            for sql in statements(m, "duckdb"):
+                con.execute(sql)
+            r = _record(m)
+            con.execute("INSERT INTO podpulse_schema_version VALUES (?, ?, ?)",
+                        [r["version"], r["description"], r["applied_at"]])
+            done.append(m.version)
+        con.commit()
+        return done
+    except BaseException:
+        con.rollback()
+        raise
+
+
+# -- SQLAlchemy engines: PostgreSQL, Oracle -------------------------------------------
+_LOCK_KEY = 0x706F64707573  # "podpus": the advisory lock id of PodPulse migrations
+
+
+def applied_versions(conn) -> set[int]:
+    if not conn.dialect.has_table(conn, "podpulse_schema_version"):
+        return set()
+    return set(conn.execute(select(schema.schema_version.c.version)).scalars())
+
+
+def migrate_engine(engine, target: int | None = None, opts: OracleOptions | None = None,
+                   lock_timeout_s: int = 600) -> list[int]:
+    dialect = engine.dialect.name
+    if dialect == "postgresql":
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
+            conn.exec_driver_sql(str(CreateTable(schema.schema_version, if_not_exists=True).compile(
+                dialect=postgresql.dialect())))
+            return _apply(conn, "postgresql", target, opts, commit_each=False)
+    if dialect == "oracle":
+        with engine.connect() as conn:
+            handle = _oracle_lock(conn, lock_timeout_s)
+            try:
+                if not conn.dialect.has_table(conn, "podpulse_schema_version"):
+                    conn.exec_driver_sql(str(CreateTable(schema.schema_version).compile(
+                        dialect=oracle.dialect())))
+                return _apply(conn, "oracle", target, opts, commit_each=True)
+            finally:
+                conn.exec_driver_sql(
+                    "DECLARE r INTEGER; BEGIN r := DBMS_LOCK.RELEASE(:h); END;", {"h": handle})
+    from storage.base import StorageError
+
+    raise StorageError(f"no migrations for {dialect!r}")
+
+
+def _apply(conn, dialect: str, target, opts, commit_each: bool) -> list[int]:
+    done = []
+    for m in _pending(applied_versions(conn), target):
+        for sql in statements(m, dialect, opts):
+            conn.exec_driver_sql(sql)
+        conn.execute(schema.schema_version.insert().values(**_record(m)))
+        if commit_each:
+            conn.commit()
+        done.append(m.version)
+    return done
+
+
+def _oracle_lock(conn, timeout_s: int) -> str:
+    """Take the PodPulse migration lock (a DBMS_LOCK session lock); return its handle."""
+    raw = conn.connection.driver_connection
+    cur = raw.cursor()
+    handle = cur.var(str)
+    status = cur.var(int)
+    cur.execute("""
+        BEGIN
+          DBMS_LOCK.ALLOCATE_UNIQUE('PODPULSE_MIGRATIONS', :handle);
+          :status := DBMS_LOCK.REQUEST(:handle, DBMS_LOCK.X_MODE, :timeout, FALSE);
+        END;""", handle=handle, status=status, timeout=timeout_s)
+    if status.getvalue() not in (0, 4):  # 0 granted, 4 already held by this session
+        from storage.base import StorageError
+
+        raise StorageError(f"could not take the migration lock (DBMS_LOCK status {status.getvalue()})")
+    return handle.getvalue()

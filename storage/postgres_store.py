@@ -1,0 +1,125 @@
+"""PostgreSQL backend (psycopg 3 through SQLAlchemy): both roles, or the relational one.
+
+A batch goes in with ``COPY`` (pyarrow writes the CSV in C++) into temporary
+staging tables, then one ``INSERT ... ON CONFLICT`` per table merges it, all in
+one transaction with the offsets. ``events`` and ``device_hourly`` are
+range-partitioned by month; a month's partition is created the first time a
+batch reaches it.
+"""
+
+from __future__ import annotations
+
+import io
+from contextlib import contextmanager
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
+from storage.migrations import migrate_engine
+from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, HOURLY_KEY, HOURLY_MERGE, device_updates,
+                             drop_replayed, hourly_rollup)
+from storage.schema import EVENT_COLUMNS, postgres_month_partition_ddl
+from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, upsert_sql
+
+__all__ = ["PostgresStore", "engine_url"]
+
+EVENT_KEY = ("device_id", "seq", "event_time")
+_CSV = pacsv.WriteOptions(include_header=False)
+
+
+def engine_url(url: str, password: str | None = None):
+    """``postgresql://user@host/db`` → a SQLAlchemy URL on psycopg 3, password added from outside."""
+    u = make_url(url)
+    if u.password:
+        raise StorageError("put no password in a database URL: use an environment variable or a file")
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u.set(password=password) if password else u
+
+
+class PostgresStore(TimeSeriesStore, RelationalStore):
+    def __init__(self, url: str, password: str | None = None):
+        self.url = engine_url(url, password)
+        self.engine = create_engine(self.url, pool_size=2, pool_pre_ping=True)
+        self._partitions: set[tuple[str, int, int]] = set()  # created and committed
+        self._new_partitions: set[tuple[str, int, int]] = set()  # created in the open transaction
+
+    def setup(self) -> None:
+        migrate_engine(self.engine)
+
+    def committed_offsets(self, topic: str) -> dict[int, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(text("SELECT kafka_partition, next_offset FROM kafka_offsets "
+                                     "WHERE topic = :t"), {"t": topic}).all()
+        return {p: o for p, o in rows}
+
+    def write_events(self, events: pa.Table) -> None:
+        with self._transaction() as conn:
+            self._insert_events(conn.connection.driver_connection.cursor(), events)
+
+    def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
+               *, with_raw_events: bool = False) -> CommitResult:
+        with self._transaction() as conn:
+            cur = conn.connection.driver_connection.cursor()
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [topic])  # one writer per topic
+            cur.execute("SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = %s", [topic])
+            fresh, replayed = drop_replayed(events, dict(cur.fetchall()))
+            if fresh.num_rows:
+                if with_raw_events:
+                    self._insert_events(cur, fresh)
+                hourly = hourly_rollup(fresh)
+                self._ensure_partitions(cur, "device_hourly", hourly["hour"])
+                self._merge(cur, "device_hourly", HOURLY_KEY, HOURLY_MERGE, hourly)
+                self._merge(cur, "devices", DEVICE_KEY, DEVICE_MERGE, device_updates(fresh))
+            cur.executemany(
+                upsert_sql("kafka_offsets", OFFSETS_KEY, OFFSETS_MERGE,
+                           "(SELECT %s AS topic, %s AS kafka_partition, %s AS next_offset, "
+                           "now() AS updated_at) AS o"),
+                [(topic, int(p), int(o)) for p, o in sorted(next_offsets.items())])
+        return CommitResult(applied=fresh.num_rows, replayed=replayed)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- internals ---------------------------------------------------------------------
+    @contextmanager
+    def _transaction(self):
+        """engine.begin(), remembering the partitions it created only once it committed."""
+        self._new_partitions = set()
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except Exception as e:
+            if isinstance(e, StorageError):
+                raise
+            raise StorageError(f"PostgreSQL write failed: {e}") from e
+        finally:
+            pending, self._new_partitions = self._new_partitions, set()
+        self._partitions |= pending
+
+    def _insert_events(self, cur, events: pa.Table) -> None:
+        self._ensure_partitions(cur, "events", events["event_time"])
+        self._merge(cur, "events", EVENT_KEY, {c: "keep" for c in EVENT_COLUMNS if c not in EVENT_KEY},
+                    events.select(EVENT_COLUMNS))
+
+    def _merge(self, cur, table: str, key: tuple[str, ...], merge: dict[str, str], rows: pa.Table) -> None:
+        """COPY ``rows`` into a temporary twin of ``table``, then upsert them by the merge rules."""
+        stage = f"_stage_{table}"
+        cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table}) ON COMMIT DELETE ROWS")
+        columns = [*key, *merge]
+        buffer = io.BytesIO()
+        pacsv.write_csv(rows.select(columns), buffer, _CSV)
+        with cur.copy(f"COPY {stage} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)") as copy:
+            copy.write(buffer.getbuffer())
+        cur.execute(upsert_sql(table, key, merge, stage))
+
+    def _ensure_partitions(self, cur, table: str, times: pa.ChunkedArray) -> None:
+        months = pa.table({"y": pc.year(times), "m": pc.month(times)}).group_by(["y", "m"]).aggregate([])
+        for y, m in zip(months["y"].to_pylist(), months["m"].to_pylist()):
+            if (table, y, m) not in self._partitions | self._new_partitions:
+                cur.execute(postgres_month_partition_ddl(table, y, m))
+                self._new_partitions.add((table, y, m))

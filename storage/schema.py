@@ -1,0 +1,169 @@
+"""One definition of the relational tables (SQLAlchemy Core), rendered per dialect.
+
+The same :data:`metadata` gives the DDL for PostgreSQL, Oracle and the embedded
+DuckDB (which takes PostgreSQL's rendering, minus partitioning). Dialect
+extras are applied by :func:`create_table_ddl`:
+
+- PostgreSQL: ``events`` and ``device_hourly`` are range-partitioned by time
+  (``PARTITION BY RANGE``), one partition per month, created on demand by the
+  store (:func:`postgres_month_partition_ddl`).
+- Oracle: the same two tables use INTERVAL range partitioning (one partition
+  per ``interval_days``) and, when enabled, the In-Memory column store
+  (``INMEMORY MEMCOMPRESS ... PRIORITY ...``). Oracle keeps times as UTC
+  ``TIMESTAMP``: interval partitioning cannot key on TIMESTAMP WITH TIME ZONE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+from sqlalchemy import (BigInteger, Boolean, Column, DateTime, Double, Integer, MetaData,
+                        PrimaryKeyConstraint, SmallInteger, String, Table)
+from sqlalchemy.dialects import oracle, postgresql
+from sqlalchemy.schema import CreateTable
+
+from podpulse.contract import ARROW_SCHEMA
+from storage.rollups import DEVICE_MERGE, HOURLY_MERGE, KAFKA_COLUMNS
+
+__all__ = ["metadata", "events", "device_hourly", "devices", "kafka_offsets", "anomalies",
+           "schema_version", "OracleOptions", "create_table_ddl", "table_as_of", "postgres_month_partition_ddl",
+           "EVENT_COLUMNS"]
+
+metadata = MetaData()
+
+# UTC instants: WITH TIME ZONE where the engine handles it well, plain UTC TIMESTAMP on Oracle.
+UtcTime = DateTime(timezone=True).with_variant(oracle.TIMESTAMP(), "oracle")
+
+_LENGTH = {"device_id": 64, "model": 64, "firmware": 64, "host_device": 64, "postcode": 4,
+           "charging": 8, "noise_mode": 16, "state": 3, "extras": 4000, "topic": 249}
+
+
+def _sql_type(name: str, arrow_type: pa.DataType):
+    if pa.types.is_string(arrow_type):
+        return String(_LENGTH[name])
+    if pa.types.is_timestamp(arrow_type):
+        return UtcTime
+    return {pa.int8(): SmallInteger(), pa.int16(): SmallInteger(), pa.int32(): Integer(),
+            pa.int64(): BigInteger(), pa.float64(): Double(), pa.bool_(): Boolean()}[arrow_type]
+
+
+EVENT_COLUMNS: list[str] = [f.name for f in ARROW_SCHEMA] + [n for n, _ in KAFKA_COLUMNS]
+_NOT_NULL = {"device_id", "seq", "event_time"}
+
+events = Table(
+    "events", metadata,
+    *(Column(f.name, _sql_type(f.name, f.type), nullable=f.name not in _NOT_NULL)
+      for f in [*ARROW_SCHEMA, *(pa.field(n, t) for n, t in KAFKA_COLUMNS)]),
+    PrimaryKeyConstraint("device_id", "seq", "event_time"),
+    info={"partition_by": "event_time"},
+)
+events.c.spatial_audio.info["since_migration"] = 3  # event contract v3
+
+
+def table_as_of(table: Table, migration: int) -> Table:
+    """``table`` as the migration ``migration`` created it: without columns added later."""
+    cols = [c._copy() for c in table.columns if c.info.get("since_migration", 1) <= migration]
+    pk = [c.name for c in table.primary_key.columns]
+    return Table(table.name, MetaData(), *cols, PrimaryKeyConstraint(*pk), info=dict(table.info))
+
+_HOURLY_TYPES = {"state": String(3), "urban": Boolean(), "events": BigInteger(),
+                 "output_samples": BigInteger(), "ambient_samples": BigInteger(),
+                 "battery_left_min": SmallInteger(), "battery_right_min": SmallInteger(),
+                 "battery_case_min": SmallInteger()}
+device_hourly = Table(
+    "device_hourly", metadata,
+    Column("device_id", String(64), nullable=False),
+    Column("hour", UtcTime, nullable=False),
+    *(Column(c, _HOURLY_TYPES.get(c, Double())) for c in HOURLY_MERGE),
+    PrimaryKeyConstraint("device_id", "hour"),
+    info={"partition_by": "hour"},
+)
+
+_DEVICE_TYPES = {"model": String(64), "firmware": String(64), "postcode": String(4), "state": String(3),
+                 "urban": Boolean(), "host_device": String(64), "schema_version": SmallInteger(),
+                 "first_seen": UtcTime, "last_seen": UtcTime, "events": BigInteger()}
+devices = Table(
+    "devices", metadata,
+    Column("device_id", String(64), primary_key=True),
+    *(Column(c, _DEVICE_TYPES[c]) for c in DEVICE_MERGE),
+)
+
+kafka_offsets = Table(
+    "kafka_offsets", metadata,
+    Column("topic", String(249), nullable=False),  # Kafka's longest topic name
+    Column("kafka_partition", Integer, nullable=False),
+    Column("next_offset", BigInteger, nullable=False),
+    Column("updated_at", UtcTime),
+    PrimaryKeyConstraint("topic", "kafka_partition"),
+)
+
+anomalies = Table(
+    "anomalies", metadata,
+    Column("device_id", String(64), nullable=False),
+    Column("day", UtcTime, nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("score", Double),
+    Column("flagged", Boolean),
+    Column("reason", String(200)),
+    PrimaryKeyConstraint("device_id", "day", "model_version"),
+)
+
+schema_version = Table(
+    "podpulse_schema_version", metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("description", String(200), nullable=False),
+    Column("applied_at", UtcTime, nullable=False),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OracleOptions:
+    """Physical options of the Oracle analytics core."""
+
+    interval_days: int = 1  # one partition per this many days
+    inmemory: bool = True
+    memcompress: str = "FOR QUERY LOW"  # NO MEMCOMPRESS | FOR DML | FOR QUERY LOW|HIGH | FOR CAPACITY LOW|HIGH
+    priority: str = "HIGH"  # NONE | LOW | MEDIUM | HIGH | CRITICAL
+
+    def __post_init__(self) -> None:
+        from storage.base import StorageError
+
+        if self.interval_days < 1:
+            raise StorageError("oracle interval_days must be at least 1")
+        if self.memcompress not in {"NO MEMCOMPRESS", "FOR DML", "FOR QUERY LOW", "FOR QUERY HIGH",
+                                    "FOR CAPACITY LOW", "FOR CAPACITY HIGH"}:
+            raise StorageError(f"oracle memcompress {self.memcompress!r} is not an Oracle MEMCOMPRESS level")
+        if self.priority not in {"NONE", "LOW", "MEDIUM", "HIGH", "CRITICAL"}:
+            raise StorageError(f"oracle priority {self.priority!r} is not an INMEMORY PRIORITY")
+
+
+def create_table_ddl(table: Table, dialect: str, oracle_options: OracleOptions | None = None) -> str:
+    """CREATE TABLE for ``dialect`` ("postgresql", "oracle" or "duckdb"), with its partitioning."""
+    partition_by = table.info.get("partition_by")
+    if dialect == "duckdb":  # PostgreSQL's rendering, no partitioning
+        return str(CreateTable(table).compile(dialect=postgresql.dialect())).strip()
+    if dialect == "postgresql":
+        ddl = str(CreateTable(table).compile(dialect=postgresql.dialect())).strip()
+        return f"{ddl} PARTITION BY RANGE ({partition_by})" if partition_by else ddl
+    if dialect == "oracle":
+        opts = oracle_options or OracleOptions()
+        ddl = str(CreateTable(table).compile(dialect=oracle.dialect())).strip()
+        if partition_by:
+            ddl += (f" PARTITION BY RANGE ({partition_by})"
+                    f" INTERVAL (NUMTODSINTERVAL({opts.interval_days}, 'DAY'))"
+                    f" (PARTITION p_first VALUES LESS THAN (TIMESTAMP '2019-10-01 00:00:00'))")
+            if opts.inmemory:
+                ddl += f" INMEMORY MEMCOMPRESS {opts.memcompress} PRIORITY {opts.priority}"
+                if opts.memcompress == "NO MEMCOMPRESS":
+                    ddl = ddl.replace("MEMCOMPRESS NO MEMCOMPRESS", "NO MEMCOMPRESS")
+        return ddl
+    raise ValueError(f"no DDL for dialect {dialect!r}")
+
+
+def postgres_month_partition_ddl(table: str, year: int, month: int) -> str:
+    """The monthly partition of a partitioned PostgreSQL table (idempotent)."""
+    ny, nm = (year + 1, 1) if month == 12 else (year, month + 1)
+    return (f"CREATE TABLE IF NOT EXISTS {table}_{year:04d}_{month:02d} PARTITION OF {table} "
+            f"FOR VALUES FROM ('{year:04d}-{month:02d}-01 00:00:00+00') "
+            f"TO ('{ny:04d}-{nm:02d}-01 00:00:00+00')")

@@ -1,0 +1,98 @@
+"""Oracle: the DDL and DML PodPulse generates, compiled and checked without a server;
+and a real round trip when PODPULSE_ORACLE_DSN points at one."""
+
+import os
+import re
+
+import pytest
+import sqlglot
+from sqlglot import exp
+
+from storage.migrations import MIGRATIONS, statements
+from storage.oracle_store import DEVICES_MERGE_SQL, EVENTS_MERGE, HOURLY_MERGE_SQL, OFFSETS_MERGE_SQL
+from storage.schema import OracleOptions
+
+SUFFIX = re.compile(r"\) PARTITION BY RANGE \((\w+)\) INTERVAL \(NUMTODSINTERVAL\((\d+), 'DAY'\)\) "
+                    r"\(PARTITION p_first VALUES LESS THAN \(TIMESTAMP '2019-10-01 00:00:00'\)\)"
+                    r"(?: (INMEMORY .*|NO INMEMORY))?$")
+
+
+def oracle_ddl(opts=None):
+    return [s for m in MIGRATIONS for s in statements(m, "oracle", opts)]
+
+
+def test_time_tables_are_interval_partitioned_and_in_memory():
+    ddl = {re.match(r"(CREATE|ALTER) TABLE (\w+)", s).group(2): s for s in oracle_ddl() if s.startswith("CREATE")}
+    for table, key in (("events", "event_time"), ("device_hourly", "hour")):
+        m = SUFFIX.search(ddl[table])
+        assert m and m.group(1) == key and m.group(2) == "1", ddl[table][-300:]
+        assert m.group(3) == "INMEMORY MEMCOMPRESS FOR QUERY LOW PRIORITY HIGH"
+        assert f"{key} TIMESTAMP NOT NULL" in ddl[table]  # no time zone: interval partitioning needs it
+    for table in ("devices", "kafka_offsets", "anomalies"):
+        assert "PARTITION" not in ddl[table] and "INMEMORY" not in ddl[table]
+
+
+def test_in_memory_options_follow_the_configuration():
+    ddl = " ".join(oracle_ddl(OracleOptions(interval_days=7, memcompress="FOR CAPACITY HIGH",
+                                            priority="CRITICAL")))
+    assert "NUMTODSINTERVAL(7, 'DAY')" in ddl
+    assert ddl.count("INMEMORY MEMCOMPRESS FOR CAPACITY HIGH PRIORITY CRITICAL") == 2
+    assert "INMEMORY" not in " ".join(oracle_ddl(OracleOptions(inmemory=False)))
+    with pytest.raises(Exception, match="MEMCOMPRESS"):
+        OracleOptions(memcompress="SQUEEZE")
+
+
+def test_table_bodies_parse_as_oracle_sql():
+    for sql in oracle_ddl():
+        body = SUFFIX.sub(")", sql)
+        tree = sqlglot.parse_one(body, read="oracle")
+        assert isinstance(tree, (exp.Create, exp.Alter)), body[:80]
+
+
+@pytest.mark.parametrize("sql, table, key", [
+    (HOURLY_MERGE_SQL, "device_hourly", {"device_id", "hour"}),
+    (DEVICES_MERGE_SQL, "devices", {"device_id"}),
+    (OFFSETS_MERGE_SQL, "kafka_offsets", {"topic", "kafka_partition"}),
+    (EVENTS_MERGE, "events", {"device_id", "seq", "event_time"}),
+])
+def test_merges_parse_and_join_on_the_primary_key(sql, table, key):
+    tree = sqlglot.parse_one(sql, read="oracle")
+    assert isinstance(tree, exp.Merge) and tree.this.name == table
+    on = {c.name for c in tree.args["on"].find_all(exp.Column)}
+    assert on == key
+
+
+def test_merge_rules_are_null_safe_and_additive():
+    assert "t.events = t.events + s.events" in HOURLY_MERGE_SQL
+    assert "t.output_dba_max = GREATEST(NVL(t.output_dba_max, s.output_dba_max), " \
+           "NVL(s.output_dba_max, t.output_dba_max))" in HOURLY_MERGE_SQL
+    assert "t.battery_left_min = LEAST(" in HOURLY_MERGE_SQL
+    assert "CASE WHEN s.last_seen >= t.last_seen THEN s.firmware ELSE t.firmware END" in DEVICES_MERGE_SQL
+    assert "WHEN MATCHED" not in EVENTS_MERGE  # raw events: insert-only, idempotent by key
+
+
+@pytest.mark.skipif(not os.environ.get("PODPULSE_ORACLE_DSN"),
+                    reason="PODPULSE_ORACLE_DSN is not set: no Oracle to test against")
+def test_oracle_round_trip(tmp_path):
+    """Migrate, commit a batch twice, read it back (PODPULSE_ORACLE_DSN=oracle://user@host:port/?service_name=X,
+    password in PODPULSE_ORACLE_PASSWORD)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from podpulse.contract import decode_batch
+    from podpulse.simulator import FleetSpec, simulate
+    from storage.oracle_store import OracleStore
+
+    store = OracleStore(os.environ["PODPULSE_ORACLE_DSN"], os.environ.get("PODPULSE_ORACLE_PASSWORD"))
+    store.setup()
+    store.setup()
+    values = [v for c in simulate(FleetSpec(devices=50, hours=6, seed=9)) for v in c.values]
+    t = decode_batch(values).table
+    t = t.append_column("kafka_partition", pa.array(np.zeros(t.num_rows, np.int32))).append_column(
+        "kafka_offset", pa.array(np.arange(t.num_rows), pa.int64()))
+    topic = f"test-{os.getpid()}"
+    first = store.commit(topic, t, {0: t.num_rows}, with_raw_events=True)
+    again = store.commit(topic, t, {0: t.num_rows}, with_raw_events=True)
+    assert (first.applied, again.applied, again.replayed) == (t.num_rows, 0, t.num_rows)
+    assert store.committed_offsets(topic) == {0: t.num_rows}
+    store.close()
