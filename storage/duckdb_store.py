@@ -18,11 +18,12 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
 from storage.migrations import migrate_duckdb
-from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, HOURLY_KEY, HOURLY_MERGE, device_updates,
-                             drop_replayed, hourly_rollup)
+from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, HOURLY_KEY, HOURLY_MERGE, LAST_SAMPLE_QUERY,
+                             device_updates, drop_replayed, hourly_rollup)
 from storage.schema import EVENT_COLUMNS
 from storage.sql import upsert_sql
 
@@ -88,7 +89,9 @@ class DuckDBStore(TimeSeriesStore, RelationalStore):
                 if with_raw_events:
                     con.register("_events", fresh)
                     con.execute(f"INSERT INTO events ({EVENT_NAMES}) SELECT {EVENT_NAMES} FROM _events")
-                con.register("_hourly", hourly_rollup(fresh))
+                con.register("_ids", pa.table({"device_id": pc.unique(fresh["device_id"])}))
+                last = con.sql(f"{LAST_SAMPLE_QUERY} JOIN _ids USING (device_id)").to_arrow_table()
+                con.register("_hourly", hourly_rollup(fresh, last))
                 con.execute(HOURLY_UPSERT)
                 con.register("_devices", device_updates(fresh))
                 con.execute(DEVICE_UPSERT)
@@ -98,7 +101,7 @@ class DuckDBStore(TimeSeriesStore, RelationalStore):
             con.rollback()
             raise
         finally:
-            for name in ("_events", "_hourly", "_devices"):
+            for name in ("_events", "_ids", "_hourly", "_devices"):
                 con.unregister(name)
         return CommitResult(applied=fresh.num_rows, replayed=replayed)
 

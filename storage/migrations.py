@@ -25,7 +25,7 @@ from sqlalchemy.dialects import oracle, postgresql
 from sqlalchemy.schema import CreateTable
 
 from storage import schema
-from storage.schema import OracleOptions, create_table_ddl, table_as_of
+from storage.schema import OracleOptions, add_columns_ddl, create_table_ddl, table_as_of
 
 __all__ = ["Migration", "MIGRATIONS", "LATEST", "statements", "migrate_duckdb", "migrate_engine",
            "applied_versions"]
@@ -48,15 +48,18 @@ def _anomalies(dialect: str, opts: OracleOptions) -> list[str]:
 
 
 def _contract_v3(dialect: str, opts: OracleOptions) -> list[str]:
-    if dialect == "oracle":
-        return ["ALTER TABLE events ADD (spatial_audio BOOLEAN)"]
-    return ["ALTER TABLE events ADD COLUMN spatial_audio BOOLEAN"]
+    return add_columns_ddl(schema.events, 3, dialect)
+
+
+def _exposure_and_drain(dialect: str, opts: OracleOptions) -> list[str]:
+    return add_columns_ddl(schema.device_hourly, 4, dialect) + add_columns_ddl(schema.devices, 4, dialect)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "core tables: events, device_hourly, devices, kafka_offsets", _core),
     Migration(2, "anomalies", _anomalies),
     Migration(3, "event contract v3: events.spatial_audio", _contract_v3),
+    Migration(4, "sound exposure and battery drain rollups; last sample per device", _exposure_and_drain),
 )
 LATEST = MIGRATIONS[-1].version
 

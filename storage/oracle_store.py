@@ -14,13 +14,14 @@ from __future__ import annotations
 from typing import Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from sqlalchemy import Boolean, DateTime, String, create_engine, text
 from sqlalchemy.engine import make_url
 
 from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
 from storage.migrations import migrate_engine
-from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, HOURLY_KEY, HOURLY_MERGE, device_updates,
-                             drop_replayed, hourly_rollup)
+from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, HOURLY_KEY, HOURLY_MERGE, LAST_SAMPLE_QUERY,
+                             device_updates, drop_replayed, hourly_rollup, last_sample_table)
 from storage.schema import EVENT_COLUMNS, OracleOptions, metadata
 from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, oracle_merge_sql
 
@@ -107,7 +108,7 @@ class OracleStore(TimeSeriesStore, RelationalStore):
                 if with_raw_events:
                     self._merge(cur, "events", EVENTS_MERGE, EVENT_COLUMNS, fresh)
                 self._merge(cur, "device_hourly", HOURLY_MERGE_SQL, [*HOURLY_KEY, *HOURLY_MERGE],
-                            hourly_rollup(fresh))
+                            hourly_rollup(fresh, self._last_samples(cur, fresh)))
                 self._merge(cur, "devices", DEVICES_MERGE_SQL, [*DEVICE_KEY, *DEVICE_MERGE],
                             device_updates(fresh))
             offsets = pa.table({"topic": [topic] * len(next_offsets),
@@ -117,6 +118,17 @@ class OracleStore(TimeSeriesStore, RelationalStore):
             self._merge(cur, "kafka_offsets", OFFSETS_MERGE_SQL.replace(":updated_at", "SYSTIMESTAMP"),
                         ["topic", "kafka_partition", "next_offset"], offsets)
         return CommitResult(applied=fresh.num_rows, replayed=replayed)
+
+    @staticmethod
+    def _last_samples(cur, fresh: pa.Table, chunk: int = 500) -> pa.Table:
+        ids = pc.unique(fresh["device_id"]).to_pylist()
+        rows = []
+        for i in range(0, len(ids), chunk):
+            part = ids[i:i + chunk]
+            binds = ", ".join(f":{j + 1}" for j in range(len(part)))
+            cur.execute(f"{LAST_SAMPLE_QUERY} WHERE device_id IN ({binds})", part)
+            rows.extend(cur.fetchall())
+        return last_sample_table(rows)
 
     def _merge(self, cur, table_name: str, sql: str, columns: list[str], rows: pa.Table) -> None:
         _input_sizes(cur, table_name, columns)

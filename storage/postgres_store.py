@@ -20,8 +20,8 @@ from sqlalchemy.engine import make_url
 
 from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
 from storage.migrations import migrate_engine
-from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, HOURLY_KEY, HOURLY_MERGE, device_updates,
-                             drop_replayed, hourly_rollup)
+from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, HOURLY_KEY, HOURLY_MERGE, LAST_SAMPLE_QUERY,
+                             device_updates, drop_replayed, hourly_rollup, last_sample_table)
 from storage.schema import EVENT_COLUMNS, postgres_month_partition_ddl
 from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, upsert_sql
 
@@ -71,7 +71,9 @@ class PostgresStore(TimeSeriesStore, RelationalStore):
             if fresh.num_rows:
                 if with_raw_events:
                     self._insert_events(cur, fresh)
-                hourly = hourly_rollup(fresh)
+                cur.execute(f"{LAST_SAMPLE_QUERY} WHERE device_id = ANY(%s)",
+                            [pc.unique(fresh["device_id"]).to_pylist()])
+                hourly = hourly_rollup(fresh, last_sample_table(cur.fetchall()))
                 self._ensure_partitions(cur, "device_hourly", hourly["hour"])
                 self._merge(cur, "device_hourly", HOURLY_KEY, HOURLY_MERGE, hourly)
                 self._merge(cur, "devices", DEVICE_KEY, DEVICE_MERGE, device_updates(fresh))

@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["KAFKA_COLUMNS", "HOURLY_KEY", "HOURLY_MERGE", "DEVICE_KEY", "DEVICE_MERGE",
+__all__ = ["KAFKA_COLUMNS", "HOURLY_KEY", "HOURLY_MERGE", "DEVICE_KEY", "DEVICE_MERGE", "LAST_SAMPLE",
+           "SINCE_MIGRATION_4", "LAST_SAMPLE_QUERY", "last_sample_table",
            "drop_replayed", "hourly_rollup", "device_updates"]
 
 KAFKA_COLUMNS = [("kafka_partition", pa.int32()), ("kafka_offset", pa.int64())]
@@ -28,14 +29,39 @@ HOURLY_MERGE = {
     "output_dba_sum": "sum", "output_samples": "sum", "output_dba_max": "max",  # while playing
     "ambient_dba_sum": "sum", "ambient_samples": "sum",  # while in an ear
     "battery_left_min": "min", "battery_right_min": "min", "battery_case_min": "min",
+    # since migration 4:
+    "dose_s": "sum",  # seconds at 80 dBA equivalent: playback_s * 2 ** ((output_dba - 80) / 3)
+    "drain_left_pct": "sum", "drain_right_pct": "sum",  # % dropped between consecutive samples,
+    "drain_playback_s": "sum",  # both buds in, nothing charging; and the playback over those pairs
+    "drain_case_pct": "sum",  # % the case dropped between consecutive samples while not on charge
 }
+SINCE_MIGRATION_4 = ("dose_s", "drain_left_pct", "drain_right_pct", "drain_playback_s", "drain_case_pct",
+                     "last_seq", "last_battery_left", "last_battery_right", "last_battery_case",
+                     "last_in_ear_left", "last_in_ear_right", "last_charging")
 
 DEVICE_KEY = ("device_id",)
 DEVICE_MERGE = {
     "model": "latest", "firmware": "latest", "postcode": "latest", "state": "latest",
     "urban": "latest", "host_device": "latest", "schema_version": "latest",
     "first_seen": "min", "last_seen": "max", "events": "sum",
+    # the latest sample, so the next batch can measure battery drain from it (migration 4)
+    "last_seq": "latest", "last_battery_left": "latest", "last_battery_right": "latest",
+    "last_battery_case": "latest", "last_in_ear_left": "latest", "last_in_ear_right": "latest",
+    "last_charging": "latest",
 }
+LAST_SAMPLE = {"last_seq": "seq", "last_battery_left": "battery_left", "last_battery_right": "battery_right",
+               "last_battery_case": "battery_case", "last_in_ear_left": "in_ear_left",
+               "last_in_ear_right": "in_ear_right", "last_charging": "charging"}
+
+
+LAST_SAMPLE_QUERY = f"SELECT device_id, {', '.join(LAST_SAMPLE)} FROM devices"
+
+
+def last_sample_table(rows: list[tuple]) -> pa.Table:
+    """Rows of :data:`LAST_SAMPLE_QUERY` (any driver) → the ``last`` table of :func:`hourly_rollup`."""
+    names = ["device_id", *LAST_SAMPLE]
+    columns = list(zip(*rows)) if rows else [[] for _ in names]
+    return pa.table({n: pa.array(list(c)) if rows else pa.array([], pa.string()) for n, c in zip(names, columns)})
 
 
 def drop_replayed(events: pa.Table, stored: dict[int, int]) -> tuple[pa.Table, int]:
@@ -57,8 +83,57 @@ def _seconds_if(mask: pa.Array, seconds: pa.Array) -> pa.Array:
     return pc.if_else(mask, seconds, 0).cast(pa.float64())
 
 
-def hourly_rollup(events: pa.Table) -> pa.Table:
-    """One row per (device, hour) of the batch, with the columns of :data:`HOURLY_MERGE`."""
+def _drain(events: pa.Table, last: pa.Table | None) -> dict[str, np.ndarray]:
+    """Battery drops between consecutive samples of a device, on the later sample's row.
+
+    A pair counts when its seq numbers follow each other; the previous sample of
+    a device's first row in the batch is ``last`` (the registry's latest sample).
+    Bud drain: both buds in an ear in both samples and nothing on charge. Case
+    drain: the case not plugged in.
+    """
+    n = events.num_rows
+    order = np.lexsort((events["seq"].to_numpy(), events["device_id"].to_numpy(zero_copy_only=False)))
+    col = {c: events[c].to_numpy(zero_copy_only=False)[order] for c in (
+        "device_id", "seq", "battery_left", "battery_right", "battery_case", "in_ear_left",
+        "in_ear_right", "charging", "playback_s")}
+    prev = {c: np.empty(n, dtype=col[c].dtype if c != "seq" else np.int64) for c in col}
+    has_prev = np.zeros(n, dtype=bool)
+    if n:
+        for c in col:
+            prev[c][1:] = col[c][:-1]
+        has_prev[1:] = col["device_id"][1:] == col["device_id"][:-1]
+    if last is not None and last.num_rows and n:
+        firsts = np.flatnonzero(~has_prev)
+        index = {d: i for i, d in enumerate(last["device_id"].to_pylist())}
+        rows = np.array([index.get(d, -1) for d in col["device_id"][firsts].tolist()], dtype=np.int64)
+        found = rows >= 0
+        for reg, c in LAST_SAMPLE.items():
+            values = last[reg].to_numpy(zero_copy_only=False)
+            prev[c][firsts[found]] = values[rows[found]]
+        has_prev[firsts[found]] = True
+    follows = has_prev & (col["seq"] == prev["seq"] + 1)
+    worn = follows & col["in_ear_left"] & col["in_ear_right"] & prev["in_ear_left"].astype(bool) \
+        & prev["in_ear_right"].astype(bool) & (col["charging"] == "none") & (prev["charging"] == "none")
+    case_off = follows & ~np.isin(col["charging"], ("case", "both")) & ~np.isin(prev["charging"], ("case", "both"))
+
+    def drop(c: str, mask: np.ndarray) -> np.ndarray:
+        d = np.where(mask, prev[c].astype(np.float64) - col[c].astype(np.float64), 0.0)
+        return np.maximum(d, 0.0)
+
+    out = {"drain_left_pct": drop("battery_left", worn), "drain_right_pct": drop("battery_right", worn),
+           "drain_playback_s": np.where(worn, col["playback_s"], 0.0),
+           "drain_case_pct": drop("battery_case", case_off)}
+    back = np.empty(n, dtype=np.int64)
+    back[order] = np.arange(n)  # to the batch's own row order
+    return {k: v[back] for k, v in out.items()}
+
+
+def hourly_rollup(events: pa.Table, last: pa.Table | None = None) -> pa.Table:
+    """One row per (device, hour) of the batch, with the columns of :data:`HOURLY_MERGE`.
+
+    ``last``: the registry's latest sample of the batch's devices (columns of
+    :data:`LAST_SAMPLE`), to measure drain across batch boundaries.
+    """
     interval = events["interval_s"].cast(pa.float64())
     in_ear = pc.or_(events["in_ear_left"], events["in_ear_right"])
     playing = pc.greater(events["playback_s"], 0)
@@ -79,6 +154,9 @@ def hourly_rollup(events: pa.Table) -> pa.Table:
         "battery_left_min": events["battery_left"],
         "battery_right_min": events["battery_right"],
         "battery_case_min": events["battery_case"],
+        "dose_s": pc.multiply(events["playback_s"], pc.power(
+            2.0, pc.divide(pc.subtract(events["output_dba"], 80.0), 3.0))),
+        **_drain(events, last),
     })
     rule = {"sum": "sum", "max": "max", "min": "min"}
     aggs = [(name, rule[how]) for name, how in HOURLY_MERGE.items() if how in rule and name != "events"]
@@ -92,7 +170,10 @@ def hourly_rollup(events: pa.Table) -> pa.Table:
 def device_updates(events: pa.Table) -> pa.Table:
     """One row per device of the batch: its latest attributes and its time span."""
     latest = [c for c, how in DEVICE_MERGE.items() if how == "latest"]
-    ordered = events.select(["device_id", "event_time", *latest]).sort_by("event_time")
+    renamed = events.select(["device_id", "event_time", *(c for c in latest if c not in LAST_SAMPLE),
+                             *LAST_SAMPLE.values()])
+    renamed = renamed.rename_columns([*renamed.column_names[:-len(LAST_SAMPLE)], *LAST_SAMPLE])
+    ordered = renamed.sort_by([("event_time", "ascending"), ("last_seq", "ascending")])
     grouped = ordered.group_by("device_id", use_threads=False).aggregate(
         [*((c, "last") for c in latest), ("event_time", "min"), ("event_time", "max"),
          ("device_id", "count")])

@@ -24,10 +24,10 @@ from sqlalchemy.dialects import oracle, postgresql
 from sqlalchemy.schema import CreateTable
 
 from podpulse.contract import ARROW_SCHEMA
-from storage.rollups import DEVICE_MERGE, HOURLY_MERGE, KAFKA_COLUMNS
+from storage.rollups import DEVICE_MERGE, HOURLY_MERGE, KAFKA_COLUMNS, SINCE_MIGRATION_4
 
 __all__ = ["metadata", "events", "device_hourly", "devices", "kafka_offsets", "anomalies",
-           "schema_version", "OracleOptions", "create_table_ddl", "table_as_of", "postgres_month_partition_ddl",
+           "schema_version", "OracleOptions", "create_table_ddl", "table_as_of", "add_columns_ddl", "postgres_month_partition_ddl",
            "EVENT_COLUMNS"]
 
 metadata = MetaData()
@@ -82,12 +82,35 @@ device_hourly = Table(
 
 _DEVICE_TYPES = {"model": String(64), "firmware": String(64), "postcode": String(4), "state": String(3),
                  "urban": Boolean(), "host_device": String(64), "schema_version": SmallInteger(),
-                 "first_seen": UtcTime, "last_seen": UtcTime, "events": BigInteger()}
+                 "first_seen": UtcTime, "last_seen": UtcTime, "events": BigInteger(),
+                 "last_seq": BigInteger(), "last_battery_left": SmallInteger(),
+                 "last_battery_right": SmallInteger(), "last_battery_case": SmallInteger(),
+                 "last_in_ear_left": Boolean(), "last_in_ear_right": Boolean(), "last_charging": String(8)}
 devices = Table(
     "devices", metadata,
     Column("device_id", String(64), primary_key=True),
     *(Column(c, _DEVICE_TYPES[c]) for c in DEVICE_MERGE),
 )
+
+for _table in (device_hourly, devices):
+    for _name in SINCE_MIGRATION_4:
+        if _name in _table.c:
+            _table.c[_name].info["since_migration"] = 4
+
+
+def add_columns_ddl(table: Table, migration: int, dialect: str) -> list[str]:
+    """ALTER TABLE ... ADD for the columns ``migration`` introduced."""
+    from sqlalchemy.schema import CreateColumn
+
+    d = {"oracle": oracle.dialect()}.get(dialect, postgresql.dialect())
+    cols = [str(CreateColumn(c).compile(dialect=d)) for c in table.columns
+            if c.info.get("since_migration") == migration]
+    if not cols:
+        return []
+    if dialect == "oracle":
+        return [f"ALTER TABLE {table.name} ADD ({', '.join(cols)})"]
+    return [f"ALTER TABLE {table.name} ADD COLUMN {c}" for c in cols]
+
 
 kafka_offsets = Table(
     "kafka_offsets", metadata,
