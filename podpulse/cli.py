@@ -293,6 +293,13 @@ def demo(
         "ingested": result["writer"]["applied"], "seed": seed,
         "consumers": result["consumers"], "partitions": result["partitions"],
         "store": str(storage_file) if storage_file else str(db.resolve())}
+    from podpulse.analytics import Reader, data_range, full_report
+
+    with Reader(storage) as reader:
+        start, end = data_range(reader)
+        analytics = full_report(reader, start, end)
+    report_dir = db.resolve().parent / "report" if storage_file is None else Path("podpulse-data/report")
+    summary["report"] = str(write_report(analytics, "html", report_dir, quiet=True).resolve())
     if json_out:
         print(json.dumps(summary))
         return
@@ -315,6 +322,7 @@ def print_demo_summary(s: dict, letters: list[dict]) -> None:
                   f"({v['hours_per_device']} h per device)")
     if letters:
         out.print(f"first dead letter: {letters[0]['reason']}")
+    out.print(f"fleet report: {s['report']}")
 
 
 @bench_app.command("simulate")
@@ -358,6 +366,116 @@ def bench_ingest(
                   f"{result['raw_consume_events_per_s']:,} events/s · ratio {result['ratio']} · "
                   f"lost {result['lost']} · duplicated {result['duplicated']} · "
                   f"peak RSS {result['peak_rss_mb']:,} MB")
+
+
+def _parse_day(value: str | None, option: str):
+    from datetime import date
+
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError as e:
+        raise ConfigError(f"{option} must be a date like 2026-11-02, got {value!r}") from e
+
+
+@app.command()
+def report(
+    from_: Annotated[Optional[str], typer.Option("--from", help="First day, AEST (default: the data's first).")] = None,
+    to: Annotated[Optional[str], typer.Option(help="Last day, inclusive (default: the data's last).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, json or html.")] = "table",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory to write report.json / report.html.")] = None,
+    k: Annotated[int, typer.Option(min=1, help="Suppress regional cells with fewer devices.")] = 10,
+    db: Db = DEFAULT_DB,
+    storage_file: StorageFile = None,
+) -> None:
+    """Fleet analytics over a date range: usage, noise habits, exposure, battery health, firmware."""
+    from datetime import timedelta
+
+    from podpulse.analytics import Reader, data_range, full_report
+
+    if fmt not in ("table", "json", "html"):
+        raise ConfigError(f"--format must be table, json or html, got {fmt!r}")
+    config = storage_config(storage_file, db)
+    if storage_file is None and not db.exists():
+        raise ConfigError(f"no store at {db}: run `podpulse demo` or `podpulse ingest` first, or pass --db")
+    with Reader(config) as reader:
+        covered = data_range(reader)
+        if covered is None:
+            raise ConfigError("the store holds no rollups yet")
+        start = _parse_day(from_, "--from") or covered[0]
+        last = _parse_day(to, "--to")
+        end = last + timedelta(days=1) if last else covered[1]
+        if end <= start:
+            raise ConfigError("--to is before --from")
+        result = full_report(reader, start, end, k)
+    write_report(result, fmt, out_dir)
+
+
+def write_report(result: dict, fmt: str, out_dir: Path | None, quiet: bool = False) -> Path | None:
+    """Print or write a full report; returns the file written, if any."""
+    path = None
+    if fmt == "json":
+        text = json.dumps(result, default=str)
+        if out_dir:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / "report.json"
+            path.write_text(text)
+        print(text)
+    elif fmt == "html":
+        from podpulse.report_html import render_html
+
+        out_dir = out_dir or Path("podpulse-data/report")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "report.html"
+        path.write_text(render_html(result))
+        if not quiet:
+            out.print(f"report written to {path.resolve()}")
+    else:
+        print_report_tables(result)
+    return path
+
+
+def print_report_tables(result: dict, max_rows: int = 25) -> None:
+    out.print(f"[bold]PodPulse fleet report[/] {result['range']['from']} → {result['range']['to']} "
+              f"(days {result['range']['days']}), k = {result['k']}, "
+              f"{result['events_covered']:,} events covered")
+    for name, q in result.items():
+        if not isinstance(q, dict) or "rows" not in q:
+            continue
+        table = Table(title=name.replace("_", " "), title_justify="left")
+        for column in q["columns"]:
+            table.add_column(column, justify="left" if column in ("day", "state", "model", "firmware",
+                                                                  "ambient_band") else "right")
+        for row in q["rows"][:max_rows]:
+            table.add_row(*(f"{v:,.3f}" if isinstance(v, float) else str(v) for v in row))
+        out.print(table)
+        extra = [f"{len(q['rows']) - max_rows} more rows in --format json"] if len(q["rows"]) > max_rows else []
+        if q["k"]:
+            extra.append(f"{q['suppressed']} cells with fewer than {q['k']} devices suppressed")
+        for line in [*extra, *q["notes"]]:
+            out.print(f"  [dim]{line}[/]")
+    outliers = result["battery_health"]["extra"].get("outliers", [])
+    if outliers:
+        out.print("battery outliers (furthest from their model/firmware cohort): " + ", ".join(
+            f"{o['device_id']} (z {o['z']:.1f})" for o in outliers[:5]))
+
+
+@bench_app.command("report")
+def bench_report(
+    devices: Annotated[int, typer.Option(min=100)] = 20_000,
+    days: Annotated[int, typer.Option(min=1)] = 7,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Full JSON report latency over a simulated fleet, beside one raw scan of its events."""
+    from bench.report import run
+
+    result = run(devices=devices, days=days)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        out.print(f"report: [bold]{result['seconds']}[/] s over {result['events_scanned']:,} events · "
+                  f"one raw scan: {result['raw_scan_seconds']} s")
 
 
 DbUrl = Annotated[str, typer.Option(

@@ -1,6 +1,7 @@
 """The podpulse command line, run as a user runs it: in a subprocess."""
 
 import json
+from pathlib import Path
 import signal
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def test_demo_runs_the_main_job_and_prints_the_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for words in ("events stored", "from 400 devices", "dead-lettered", "urban:", "rural:", "NSW"):
         assert words in proc.stdout, proc.stdout
-    summary = json.loads(podpulse("demo", "--devices", 400, "--hours", 12, "--db", db, "--json",
+    summary = json.loads(podpulse("demo", "--devices", 400, "--hours", 36, "--db", db, "--json",
                                   timeout=600).stdout)
     assert summary["events_stored"] + summary["dead_lettered"] == summary["events_produced"]
     assert summary["dead_lettered"] == summary["malformed_injected"] > 0
@@ -109,6 +110,18 @@ def test_demo_runs_the_main_job_and_prints_the_summary(tmp_path):
     rows, distinct = con.execute("SELECT count(*), count(DISTINCT (device_id, seq)) FROM events").fetchone()
     con.close()
     assert rows == distinct == summary["events_stored"]
+    assert Path(summary["report"]).read_text().count("<svg") == 5
+
+    from podpulse.analytics import QUERIES
+
+    report = json.loads(podpulse("report", "--format", "json", "--db", db).stdout)
+    assert set(QUERIES) <= set(report) and report["k"] == 10
+    assert report["events_covered"] == summary["events_stored"]
+    narrow = json.loads(podpulse("report", "--format", "json", "--db", db, "--from", report["range"]["from"],
+                                 "--to", report["range"]["from"]).stdout)
+    assert 0 < narrow["events_covered"] < report["events_covered"]
+    html = podpulse("report", "--format", "html", "--db", db, "--out", tmp_path / "r")
+    assert (tmp_path / "r" / "report.html").exists() and "report written to" in html.stdout
     assert summary["devices"] == 400 and set(summary["listening"]) == {"urban", "rural"}
 
 
@@ -116,6 +129,8 @@ def test_demo_runs_the_main_job_and_prints_the_summary(tmp_path):
     (["ingest", "--topic", "t"], ["--bootstrap"]),
     (["ingest", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--consumers", "-1"], ["--consumers"]),
     (["demo", "--devices", "0"], ["--devices"]),
+    (["report", "--format", "pdf"], ["--format"]),
+    (["report", "--db", "/nonexistent/x.duckdb"], ["no store"]),
 ])
 def test_bad_pipeline_arguments_get_one_line(args, words):
     proc = subprocess.run([*CLI, *args], capture_output=True, text=True)

@@ -1,0 +1,78 @@
+"""Report latency: the full JSON report over a 20,000-device × 7-day fleet in the embedded store.
+
+Setup (not timed): simulate the fleet, decode it and commit it straight into a
+fresh DuckDB store in 100k-event transactions (the pipeline's own write path,
+without Kafka and Ray). Then, in the same run:
+
+- baseline: one scan of every raw event (``SELECT sum(playback_s) FROM events``);
+- figure: every analytics query, serialised to JSON, as ``podpulse report --format json``.
+
+    podpulse bench report --json
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from podpulse.analytics import Reader, data_range, full_report
+from podpulse.contract import decode_batch
+from podpulse.simulator import Fleet, FleetSpec, simulate
+from storage.router import StorageConfig, open_storage
+
+
+def build_store(path: Path, devices: int, days: int, seed: int = 7) -> int:
+    spec = FleetSpec(devices=devices, hours=24 * days, seed=seed)
+    storage = open_storage(StorageConfig.embedded(path))
+    storage.setup()
+    offset, pending, total = 0, [], 0
+    for chunk in simulate(spec, Fleet.build(spec)):
+        pending.extend(chunk.values)
+        if len(pending) >= 100_000:
+            offset = _commit(storage, pending, offset)
+            total += len(pending)
+            pending = []
+    if pending:
+        offset = _commit(storage, pending, offset)
+        total += len(pending)
+    storage.close()
+    return total
+
+
+def _commit(storage, values: list[bytes], offset: int) -> int:
+    table = decode_batch(values).table
+    n = table.num_rows
+    table = table.append_column("kafka_partition", pa.array(np.zeros(n, np.int32))).append_column(
+        "kafka_offset", pa.array(np.arange(offset, offset + n), pa.int64()))
+    storage.commit("bench-report", table, {0: offset + n})
+    return offset + n
+
+
+def run(devices: int = 20_000, days: int = 7, repeat: int = 3) -> dict:
+    with tempfile.TemporaryDirectory(prefix="podpulse-bench-report-") as tmp:
+        path = Path(tmp) / "report.duckdb"
+        started = time.perf_counter()
+        events = build_store(path, devices, days)
+        setup = time.perf_counter() - started
+        with Reader(StorageConfig.embedded(path)) as reader:
+            start, end = data_range(reader)
+            scans, reports = [], []
+            for _ in range(repeat):
+                t = time.perf_counter()
+                reader.rows("SELECT sum(playback_s) FROM events")
+                scans.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                report = json.dumps(full_report(reader, start, end), default=str)
+                reports.append(time.perf_counter() - t)
+            covered = json.loads(report)["events_covered"]
+    return {
+        "devices": devices, "days": days, "events_scanned": covered,
+        "seconds": round(float(np.median(reports)), 3),  # median of `repeat` runs
+        "raw_scan_seconds": round(float(np.median(scans)), 3),
+        "setup_seconds": round(setup, 1), "events_stored": events, "report_bytes": len(report),
+    }

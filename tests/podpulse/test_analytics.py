@@ -1,0 +1,197 @@
+"""Every analytics query against a brute-force recomputation in plain Python from the raw events."""
+
+from collections import defaultdict
+from datetime import date, datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+
+from bench.report import build_store
+from podpulse import analytics, geo
+from podpulse.analytics import Reader
+from podpulse.contract import decode_batch
+from podpulse.simulator import Fleet, FleetSpec, simulate
+from storage.router import StorageConfig
+
+SPEC = FleetSpec(devices=1500, hours=72, seed=41)
+START, END = date(2026, 11, 2), date(2026, 11, 5)
+AEST = timedelta(hours=10)
+TZ = {s.code: s.utc_offset_h for s in geo.STATES}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("analytics") / "a.duckdb"
+    build_store(path, SPEC.devices, 3, seed=SPEC.seed)
+    values = [v for c in simulate(SPEC, Fleet.build(SPEC)) for v in c.values]
+    events = decode_batch(values).table.to_pylist()
+    for e in events:
+        e["t"] = e["event_time"].astimezone(timezone.utc)
+    with Reader(StorageConfig.embedded(path)) as reader:
+        yield reader, events
+
+
+def day_of(t: datetime) -> date:
+    return (t + AEST).date()
+
+
+def close(a, b, tol=1e-6):
+    return abs(float(a) - float(b)) <= tol * max(1.0, abs(float(b)))
+
+
+def compare(result, expected: dict, key_cols, value_cols, k):
+    """Rows of a result against {key: (devices, *values)}; cells under k must be suppressed."""
+    got = {tuple(r[c] for c in key_cols): r for r in result.records()}
+    visible = {key: v for key, v in expected.items() if v[0] >= k}
+    assert set(got) == {tuple(str(x) if isinstance(x, date) else x for x in key) for key in visible}
+    assert result.suppressed == len(expected) - len(visible)
+    for key, v in visible.items():
+        row = got[tuple(str(x) if isinstance(x, date) else x for x in key)]
+        assert row["devices"] == v[0], key
+        for col, value in zip(value_cols, v[1:]):
+            assert close(row[col], value), (key, col, row[col], value)
+
+
+@pytest.mark.parametrize("k", [1, 10])
+def test_usage_trend(store, k):
+    reader, events = store
+    cells = defaultdict(lambda: [set(), 0.0])
+    for e in events:
+        c = cells[(day_of(e["t"]), e["state"], e["urban"])]
+        c[0].add(e["device_id"])
+        c[1] += e["playback_s"]
+    expected = {key: (len(d), s / 3600) for key, (d, s) in cells.items()}
+    result = analytics.usage_trend(reader, START, END, k)
+    compare(result, expected, ["day", "state", "urban"], ["listening_h"], k)
+    if k == 10:
+        assert result.suppressed > 0  # NT and ACT rural cells are that small in a 1,500-device fleet
+
+
+def device_hours(events):
+    hours = defaultdict(list)
+    for e in events:
+        hours[(e["device_id"], e["t"].replace(minute=0, second=0, microsecond=0))].append(e)
+    return hours
+
+
+def test_noise_habits(store):
+    reader, events = store
+    cells = defaultdict(lambda: [set(), defaultdict(float)])
+    for (device, _), rows in device_hours(events).items():
+        worn = [e for e in rows if e["in_ear_left"] or e["in_ear_right"]]
+        if not worn:
+            continue
+        mean = sum(e["ambient_dba"] for e in worn) / len(worn)
+        band = next((f"{lo}-{hi}" for lo, hi in analytics.AMBIENT_BANDS[:-1] if mean < hi), "75+")
+        c = cells[(band, rows[0]["urban"])]
+        c[0].add(device)
+        for e in worn:
+            c[1][e["noise_mode"]] += e["interval_s"]
+            c[1]["all"] += e["interval_s"]
+    expected = {key: (len(d), s["anc"] / s["all"], s["off"] / s["all"], s["transparency"] / s["all"])
+                for key, (d, s) in cells.items()}
+    compare(analytics.noise_habits(reader, START, END, 10), expected, ["ambient_band", "urban"],
+            ["anc", "off", "transparency"], 10)
+
+
+def test_exposure_against_the_who_guide(store):
+    reader, events = store
+    weeks = defaultdict(float)
+    where = {}
+    for e in events:
+        d = day_of(e["t"])
+        week = d - timedelta(days=d.weekday())
+        weeks[(e["device_id"], week)] += e["playback_s"] * 2 ** ((e["output_dba"] - 80) / 3)
+        where[e["device_id"]] = (e["state"], e["urban"])
+    cells = defaultdict(list)
+    for (device, _), dose in weeks.items():
+        cells[where[device]].append((device, dose / (40 * 3600) * 100))
+    expected = {key: (len({d for d, _ in v}), float(np.mean([x >= 100 for _, x in v])),
+                      float(np.median([x for _, x in v]))) for key, v in cells.items()}
+    result = analytics.exposure(reader, START, END, 10)
+    compare(result, expected, ["state", "urban"], ["share_over_guide", "median_dose_pct"], 10)
+    dist = result.extra["distribution"]
+    over = sum(1 for v in cells.values() for _, x in v if x >= 100)
+    assert dist["over_guide"] == over > 0 and dist["total"] == len(weeks)
+
+
+def test_battery_health_cohorts_and_outliers(store):
+    reader, events = store
+    by_device = defaultdict(list)
+    for e in events:
+        by_device[e["device_id"]].append(e)
+    drains = {}
+    for device, rows in by_device.items():
+        rows.sort(key=lambda e: e["seq"])
+        left = right = playback = 0.0
+        for p, c in zip(rows, rows[1:]):
+            if (c["seq"] == p["seq"] + 1 and c["in_ear_left"] and c["in_ear_right"] and p["in_ear_left"]
+                    and p["in_ear_right"] and c["charging"] == "none" and p["charging"] == "none"):
+                left += max(p["battery_left"] - c["battery_left"], 0)
+                right += max(p["battery_right"] - c["battery_right"], 0)
+                playback += c["playback_s"]
+        if playback >= analytics.MIN_DRAIN_PLAYBACK_S:
+            last = max(rows, key=lambda e: e["t"])
+            drains[device] = (last["model"], last["firmware"], left / (playback / 3600), right / (playback / 3600))
+    cohorts = defaultdict(list)
+    for device, (model, fw, l, r) in drains.items():
+        cohorts[(model, fw)].append((l + r) / 2)
+    expected = {key: (len(v), *(float(np.percentile(v, q)) for q in (10, 50, 90))) for key, v in cohorts.items()}
+    result = analytics.battery_health(reader, START, END, 10)
+    compare(result, expected, ["model", "firmware"], ["p10_pct_per_h", "p50_pct_per_h", "p90_pct_per_h"], 10)
+    top = result.extra["outliers"][0]
+    assert close(top["left_pct_per_h"], drains[top["device_id"]][2])
+    # the injected fast-drain devices are the ones the cohort comparison puts first
+    fleet = Fleet.build(SPEC)
+    faulty = {d for d, f in zip(fleet.device_id, fleet.fault) if f in (0, 1)}
+    assert sum(o["device_id"] in faulty for o in result.extra["outliers"][:5]) >= 4
+
+
+def test_firmware_adoption(store):
+    reader, events = store
+    cells = defaultdict(set)
+    for e in events:
+        cells[(day_of(e["t"]), e["firmware"])].add(e["device_id"])
+    totals = defaultdict(int)
+    for (d, _), devs in cells.items():
+        totals[d] += len(devs)
+    expected = {key: (len(v), len(v) / totals[key[0]]) for key, v in cells.items()}
+    compare(analytics.firmware_adoption(reader, START, END, 1), expected, ["day", "firmware"], ["share"], 1)
+
+
+def test_listening_by_local_hour(store):
+    reader, events = store
+    cells = defaultdict(lambda: [set(), 0.0])
+    for (device, hour), rows in device_hours(events).items():
+        local = int(((hour + timedelta(minutes=int(TZ[rows[0]["state"]] * 60))).hour))
+        c = cells[(local, rows[0]["urban"])]
+        c[0].add(device)
+        c[1] += sum(e["playback_s"] for e in rows)
+    expected = {key: (len(d), s / 60 / len(d)) for key, (d, s) in cells.items()}
+    compare(analytics.listening_by_hour(reader, START, END, 10), expected, ["local_hour", "urban"],
+            ["minutes_per_device"], 10)
+
+
+def test_state_overview(store):
+    reader, events = store
+    cells = defaultdict(lambda: [set(), 0.0, 0.0, 0.0])
+    for e in events:
+        c = cells[e["state"]]
+        c[0].add(e["device_id"])
+        c[1] += e["playback_s"]
+        if e["in_ear_left"] or e["in_ear_right"]:
+            c[2] += e["interval_s"]
+            c[3] += e["interval_s"] if e["noise_mode"] in ("anc", "adaptive") else 0
+    days = (END - START).days
+    expected = {(s,): (len(d), p / 3600 / len(d) / days, anc / worn) for s, (d, p, worn, anc) in cells.items()}
+    compare(analytics.state_overview(reader, START, END, 10), expected, ["state"],
+            ["listening_h_per_day", "cancelling_share"], 10)
+
+
+def test_full_report_has_a_key_per_query_and_says_what_it_suppressed(store):
+    reader, _ = store
+    report = analytics.full_report(reader, START, END)
+    assert set(analytics.QUERIES) <= set(report)
+    for name in analytics.QUERIES:
+        assert report[name]["k"] == 10 and report[name]["suppressed"] >= 0
+    assert report["events_covered"] > 100_000
