@@ -12,8 +12,10 @@ The commit path, in order, for every batch:
 
 At most ``max_in_flight`` batches wait at the writer; the consumer blocks on the
 oldest before reading more, so memory stays bounded however large the backlog.
-If the writer dies, the consumer drops what was in flight, waits for the writer
-to come back, and rewinds to the offsets stored with the data.
+If a write fails for any reason (the writer died or timed out, a store error,
+or the writer refused a batch that does not follow the stored offsets because
+an earlier one failed), the consumer drops what was in flight, waits for the
+writer, and rewinds to the offsets stored with the data.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
-from ray.exceptions import RayActorError
+from ray.exceptions import RayError
 
 from podpulse.config import IngestConfig
 from podpulse.contract import decode_batch
@@ -37,6 +39,7 @@ __all__ = ["PartitionConsumer", "ShardConsumer"]
 
 log = logging.getLogger("podpulse.consumer")
 WRITER_RETURN_TIMEOUT_S = 120.0
+REWIND_BACKOFF_S = 0.5
 
 
 class ShardConsumer:
@@ -121,9 +124,10 @@ class ShardConsumer:
         next_offsets = {}
         for p in np.unique(partitions).tolist():
             next_offsets[p] = int(offsets[partitions == p].max()) + 1
+        start_offsets = {p: self.positions.get(p) for p in next_offsets}  # None: the beginning
         self.positions.update(next_offsets)
         self.stats["consumed"] += len(messages)
-        ref = self.writer.commit.remote(self.topic, table, next_offsets)  # 4.
+        ref = self.writer.commit.remote(self.topic, table, next_offsets, start_offsets)  # 4.
         self.inflight.append((ref, next_offsets))
         self.at_end = ended
         self._settle(block=True, limit=self.config.max_in_flight - 1)
@@ -173,8 +177,10 @@ class ShardConsumer:
                     return
             try:
                 result = ray.get(ref, timeout=WRITER_RETURN_TIMEOUT_S)
-            except RayActorError:
-                log.warning("storage writer died; rewinding to the offsets stored with the data")
+            except RayError as e:  # died, timed out, refused (OffsetGap) or failed: not stored
+                log.warning("a write failed (%s); rewinding to the offsets stored with the data",
+                            str(e).splitlines()[0][:200])
+                time.sleep(REWIND_BACKOFF_S)
                 self._rewind()
                 return
             self.inflight.popleft()
@@ -191,7 +197,7 @@ class ShardConsumer:
             try:
                 stored = ray.get(self.writer.committed_offsets.remote(self.topic), timeout=30)
                 break
-            except RayActorError:
+            except RayError:  # the writer is restarting (and maybe replaying its log)
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)

@@ -19,27 +19,37 @@ import time
 import pyarrow as pa
 import ray
 
-from storage.rollups import drop_replayed
+from storage.rollups import check_follows, drop_replayed
 from storage.router import StorageConfig, open_storage
 
 __all__ = ["StorageWriter", "Writer", "coalesce"]
 
 
-def coalesce(batches: list[tuple[pa.Table, dict[int, int]]]) -> tuple[pa.Table, dict[int, int]]:
+Batch = tuple[pa.Table, dict[int, int], "dict[int, int | None] | None"]  # rows, next and start offsets
+
+
+def coalesce(batches: list[Batch]) -> Batch:
     """Concatenate batches in arrival order, keeping each (partition, offset) once.
 
     After a consumer restart, an old consumer's in-flight batch and the new
     consumer's first batch can cover the same offsets; each batch is filtered
-    against the offsets the batches before it reached.
+    against the offsets the batches before it reached. A batch that starts past
+    what the batches before it reached means one in between is missing: the
+    whole group is refused (``OffsetGap``) and its consumers rewind.
     """
     reached: dict[int, int] = {}
+    starts: dict[int, int | None] = {}
     tables = []
-    for table, next_offsets in batches:
+    for table, next_offsets, start_offsets in batches:
+        for p, start in (start_offsets or {}).items():
+            if p not in reached:
+                starts.setdefault(p, start)
+        check_follows(reached, {p: s for p, s in (start_offsets or {}).items() if p in reached})
         fresh, _ = drop_replayed(table, reached)
         tables.append(fresh)
         for p, o in next_offsets.items():
             reached[p] = max(reached.get(p, 0), o)
-    return pa.concat_tables(tables), reached
+    return pa.concat_tables(tables), reached, starts if any(b[2] is not None for b in batches) else None
 
 
 class Writer:
@@ -47,15 +57,20 @@ class Writer:
         self.storage = open_storage(config)
         self.storage.setup()
         self.max_rows = max_rows
-        self.pending: list[tuple[str, pa.Table, dict[int, int], asyncio.Future]] = []
+        self.pending: list[tuple[str, Batch, asyncio.Future]] = []
         self.flushing: asyncio.Task | None = None
         self.db_lock = asyncio.Lock()  # one store call at a time, off the event loop
         self.stats = {"batches": 0, "transactions": 0, "applied": 0, "replayed": 0, "write_seconds": 0.0}
 
-    async def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int]) -> dict:
-        """Durable when it returns: the batch and its offsets, in one transaction."""
+    async def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
+                     start_offsets: dict[int, int | None] | None = None) -> dict:
+        """Durable when it returns: the batch and its offsets, in one transaction.
+
+        ``start_offsets``: the consumer's position before the batch, per partition
+        (None: the beginning); a batch that does not follow the stored offsets is refused.
+        """
         done = asyncio.get_running_loop().create_future()
-        self.pending.append((topic, events, next_offsets, done))
+        self.pending.append((topic, (events, next_offsets, start_offsets), done))
         if self.flushing is None or self.flushing.done():
             self.flushing = asyncio.create_task(self._flush())
         return await done
@@ -67,36 +82,36 @@ class Writer:
             try:
                 async with self.db_lock:
                     result = await asyncio.get_running_loop().run_in_executor(
-                        None, self._write, topic, [(t, o) for _, t, o, _ in group])
+                        None, self._write, topic, [batch for _, batch, _ in group])
             except Exception as e:  # every batch of the group shares the outcome
-                for *_, done in group:
+                for _, _, done in group:
                     if not done.done():
                         done.set_exception(e)
                 continue
-            for _, table, _, done in group:
+            for _, batch, done in group:
                 if not done.done():
-                    done.set_result({"rows": table.num_rows, **result})
+                    done.set_result({"rows": batch[0].num_rows, **result})
 
     def _take_group(self) -> list:
         topic, rows, n = self.pending[0][0], 0, 0
-        for t, table, _, _ in self.pending:
-            if t != topic or (n and rows + table.num_rows > self.max_rows):
+        for t, batch, _ in self.pending:
+            if t != topic or (n and rows + batch[0].num_rows > self.max_rows):
                 break
-            rows += table.num_rows
+            rows += batch[0].num_rows
             n += 1
         group, self.pending = self.pending[:n], self.pending[n:]
         return group
 
-    def _write(self, topic: str, batches: list[tuple[pa.Table, dict[int, int]]]) -> dict:
+    def _write(self, topic: str, batches: list[Batch]) -> dict:
         started = time.perf_counter()
-        events, next_offsets = coalesce(batches)
-        result = self.storage.commit(topic, events, next_offsets)
+        events, next_offsets, start_offsets = coalesce(batches)
+        result = self.storage.commit(topic, events, next_offsets, start_offsets)
         s = self.stats
         s["write_seconds"] += time.perf_counter() - started
         s["batches"] += len(batches)
         s["transactions"] += 1
         s["applied"] += result.applied
-        s["replayed"] += result.replayed + sum(t.num_rows for t, _ in batches) - events.num_rows
+        s["replayed"] += result.replayed + sum(b[0].num_rows for b in batches) - events.num_rows
         return {"transaction_rows": events.num_rows, "applied": result.applied}
 
     async def committed_offsets(self, topic: str) -> dict[int, int]:

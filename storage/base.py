@@ -25,11 +25,15 @@ import pyarrow as pa
 
 from podpulse.errors import PodPulseError
 
-__all__ = ["StorageError", "TimeSeriesStore", "RelationalStore", "CommitResult"]
+__all__ = ["StorageError", "OffsetGap", "TimeSeriesStore", "RelationalStore", "CommitResult"]
 
 
 class StorageError(PodPulseError):
     """A store could not be set up, read or written."""
+
+
+class OffsetGap(StorageError):
+    """A batch starts past the stored offset: an earlier batch never arrived. Rewind and resend."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +70,14 @@ class RelationalStore(ABC):
 
     @abstractmethod
     def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
-               *, with_raw_events: bool = False) -> CommitResult:
-        """One transaction: skip stored offsets, apply the rest, store the new offsets.
+               *, with_raw_events: bool = False,
+               start_offsets: dict[int, int | None] | None = None) -> CommitResult:
+        """One transaction: check the batch follows the stored offsets, skip stored offsets,
+        apply the rest, store the new offsets.
 
+        ``start_offsets``: where the batch starts per partition (the consumer's
+        position before it; None: the partition's beginning). A start past the
+        stored offset raises :class:`OffsetGap` (see ``storage.rollups.check_follows``).
         ``with_raw_events`` asks the store to insert the raw events in the same
         transaction (when it also plays the time-series role).
         """

@@ -60,6 +60,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "anomalies", _anomalies),
     Migration(3, "event contract v3: events.spatial_audio", _contract_v3),
     Migration(4, "sound exposure and battery drain rollups; last sample per device", _exposure_and_drain),
+    Migration(5, "model registry index", lambda dialect, opts: [
+        create_table_ddl(schema.model_versions, dialect, opts)]),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
 from storage.migrations import migrate_engine
 from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, HOURLY_KEY, HOURLY_MERGE, LAST_SAMPLE_QUERY,
-                             device_updates, drop_replayed, hourly_rollup, last_sample_table)
+                             check_follows, device_updates, drop_replayed, hourly_rollup, last_sample_table)
 from storage.schema import EVENT_COLUMNS, OracleOptions, metadata
 from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, oracle_merge_sql
 
@@ -98,12 +98,15 @@ class OracleStore(TimeSeriesStore, RelationalStore):
                         EVENT_COLUMNS, events)
 
     def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
-               *, with_raw_events: bool = False) -> CommitResult:
+               *, with_raw_events: bool = False,
+               start_offsets: dict[int, int | None] | None = None) -> CommitResult:
         with self.engine.begin() as conn:
             cur = conn.connection.driver_connection.cursor()
             cur.execute("SELECT kafka_partition, next_offset FROM kafka_offsets "
                         "WHERE topic = :t FOR UPDATE", t=topic)
-            fresh, replayed = drop_replayed(events, {int(p): int(o) for p, o in cur.fetchall()})
+            stored = {int(p): int(o) for p, o in cur.fetchall()}
+            check_follows(stored, start_offsets)
+            fresh, replayed = drop_replayed(events, stored)
             if fresh.num_rows:
                 if with_raw_events:
                     self._merge(cur, "events", EVENTS_MERGE, EVENT_COLUMNS, fresh)
@@ -115,7 +118,7 @@ class OracleStore(TimeSeriesStore, RelationalStore):
                                 "kafka_partition": pa.array(list(next_offsets), pa.int32()),
                                 "next_offset": pa.array(list(next_offsets.values()), pa.int64()),
                                 "updated_at": pa.array([None] * len(next_offsets), pa.timestamp("us"))})
-            self._merge(cur, "kafka_offsets", OFFSETS_MERGE_SQL.replace(":updated_at", "SYSTIMESTAMP"),
+            self._merge(cur, "kafka_offsets", OFFSETS_MERGE_SQL.replace(":updated_at", "SYS_EXTRACT_UTC(SYSTIMESTAMP)"),
                         ["topic", "kafka_partition", "next_offset"], offsets)
         return CommitResult(applied=fresh.num_rows, replayed=replayed)
 

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
 from storage.migrations import migrate_engine
 from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, HOURLY_KEY, HOURLY_MERGE, LAST_SAMPLE_QUERY,
-                             device_updates, drop_replayed, hourly_rollup, last_sample_table)
+                             check_follows, device_updates, drop_replayed, hourly_rollup, last_sample_table)
 from storage.schema import EVENT_COLUMNS, postgres_month_partition_ddl
 from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, upsert_sql
 
@@ -62,12 +62,15 @@ class PostgresStore(TimeSeriesStore, RelationalStore):
             self._insert_events(conn.connection.driver_connection.cursor(), events)
 
     def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
-               *, with_raw_events: bool = False) -> CommitResult:
+               *, with_raw_events: bool = False,
+               start_offsets: dict[int, int | None] | None = None) -> CommitResult:
         with self._transaction() as conn:
             cur = conn.connection.driver_connection.cursor()
             cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [topic])  # one writer per topic
             cur.execute("SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = %s", [topic])
-            fresh, replayed = drop_replayed(events, dict(cur.fetchall()))
+            stored = dict(cur.fetchall())
+            check_follows(stored, start_offsets)
+            fresh, replayed = drop_replayed(events, stored)
             if fresh.num_rows:
                 if with_raw_events:
                     self._insert_events(cur, fresh)

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 __all__ = ["KAFKA_COLUMNS", "HOURLY_KEY", "HOURLY_MERGE", "DEVICE_KEY", "DEVICE_MERGE", "LAST_SAMPLE",
            "SINCE_MIGRATION_4", "LAST_SAMPLE_QUERY", "last_sample_table",
-           "drop_replayed", "hourly_rollup", "device_updates"]
+           "drop_replayed", "check_follows", "hourly_rollup", "device_updates"]
 
 KAFKA_COLUMNS = [("kafka_partition", pa.int32()), ("kafka_offset", pa.int64())]
 
@@ -57,11 +57,39 @@ LAST_SAMPLE = {"last_seq": "seq", "last_battery_left": "battery_left", "last_bat
 LAST_SAMPLE_QUERY = f"SELECT device_id, {', '.join(LAST_SAMPLE)} FROM devices"
 
 
+LAST_SAMPLE_SCHEMA = pa.schema([
+    ("device_id", pa.string()), ("last_seq", pa.int64()), ("last_battery_left", pa.int16()),
+    ("last_battery_right", pa.int16()), ("last_battery_case", pa.int16()), ("last_in_ear_left", pa.bool_()),
+    ("last_in_ear_right", pa.bool_()), ("last_charging", pa.string())])
+
+
 def last_sample_table(rows: list[tuple]) -> pa.Table:
-    """Rows of :data:`LAST_SAMPLE_QUERY` (any driver) → the ``last`` table of :func:`hourly_rollup`."""
-    names = ["device_id", *LAST_SAMPLE]
-    columns = list(zip(*rows)) if rows else [[] for _ in names]
-    return pa.table({n: pa.array(list(c)) if rows else pa.array([], pa.string()) for n, c in zip(names, columns)})
+    """Rows of :data:`LAST_SAMPLE_QUERY` (any driver) → the ``last`` table of :func:`hourly_rollup`.
+
+    Devices registered before migration 4 have no last sample (nulls): they are left out.
+    """
+    columns = list(zip(*rows)) if rows else [[] for _ in LAST_SAMPLE_SCHEMA]
+    table = pa.table([pa.array(list(c), f.type) for c, f in zip(columns, LAST_SAMPLE_SCHEMA)],
+                     schema=LAST_SAMPLE_SCHEMA)
+    return table.filter(table["last_seq"].is_valid())
+
+
+def check_follows(stored: dict[int, int], start_offsets: dict[int, int | None] | None) -> None:
+    """Refuse a batch that starts past the stored offset of a partition.
+
+    Batches of a partition reach the writer in order, but one can fail while the
+    next succeeds (a lost connection, a writer restart): storing the later one
+    would move the offset past events never stored. Its consumer rewinds instead.
+    """
+    for p, start in (start_offsets or {}).items():
+        if start is None:  # the consumer began at the partition's beginning
+            continue
+        have = stored.get(p)
+        if have is None or start > have:
+            from storage.base import OffsetGap
+
+            raise OffsetGap(f"partition {p}: the batch starts at offset {start} but the store holds "
+                            f"{'nothing' if have is None else have}: an earlier batch is missing")
 
 
 def drop_replayed(events: pa.Table, stored: dict[int, int]) -> tuple[pa.Table, int]:
@@ -83,45 +111,63 @@ def _seconds_if(mask: pa.Array, seconds: pa.Array) -> pa.Array:
     return pc.if_else(mask, seconds, 0).cast(pa.float64())
 
 
+def _pair_columns(table: pa.Table, names: dict[str, str]) -> dict[str, np.ndarray]:
+    """Numeric numpy columns for pairing: batteries, in-ear flags, and the charging state as two flags."""
+    charging = table[names["charging"]]
+    return {
+        "seq": table[names["seq"]].to_numpy().astype(np.int64),
+        "battery_left": table[names["battery_left"]].to_numpy().astype(np.float64),
+        "battery_right": table[names["battery_right"]].to_numpy().astype(np.float64),
+        "battery_case": table[names["battery_case"]].to_numpy().astype(np.float64),
+        "in_ear": pc.and_(table[names["in_ear_left"]], table[names["in_ear_right"]]).to_numpy(
+            zero_copy_only=False).astype(bool),
+        "idle": pc.equal(charging, "none").to_numpy(zero_copy_only=False).astype(bool),
+        "case_off": pc.invert(pc.is_in(charging, pa.array(["case", "both"]))).to_numpy(
+            zero_copy_only=False).astype(bool),
+    }
+
+
 def _drain(events: pa.Table, last: pa.Table | None) -> dict[str, np.ndarray]:
     """Battery drops between consecutive samples of a device, on the later sample's row.
 
-    A pair counts when its seq numbers follow each other; the previous sample of
-    a device's first row in the batch is ``last`` (the registry's latest sample).
-    Bud drain: both buds in an ear in both samples and nothing on charge. Case
-    drain: the case not plugged in.
+    A pair counts when its seq numbers follow each other. A row whose predecessor
+    is not in the batch pairs with ``last`` (the registry's latest sample of the
+    device) when that is its predecessor. Bud drain: both buds in an ear in both
+    samples and nothing on charge. Case drain: the case not plugged in.
     """
     n = events.num_rows
-    order = np.lexsort((events["seq"].to_numpy(), events["device_id"].to_numpy(zero_copy_only=False)))
-    col = {c: events[c].to_numpy(zero_copy_only=False)[order] for c in (
-        "device_id", "seq", "battery_left", "battery_right", "battery_case", "in_ear_left",
-        "in_ear_right", "charging", "playback_s")}
-    prev = {c: np.empty(n, dtype=col[c].dtype if c != "seq" else np.int64) for c in col}
+    codes = pc.dictionary_encode(events["device_id"]).combine_chunks().indices.to_numpy()
+    cur = _pair_columns(events, {c: c for c in LAST_SAMPLE.values()})
+    order = np.lexsort((cur["seq"], codes))
+    cur = {c: v[order] for c, v in cur.items()}
+    device = codes[order]
+    prev = {c: np.zeros_like(v) for c, v in cur.items()}
     has_prev = np.zeros(n, dtype=bool)
     if n:
-        for c in col:
-            prev[c][1:] = col[c][:-1]
-        has_prev[1:] = col["device_id"][1:] == col["device_id"][:-1]
+        for c in cur:
+            prev[c][1:] = cur[c][:-1]
+        has_prev[1:] = device[1:] == device[:-1]
+    follows = has_prev & (cur["seq"] == prev["seq"] + 1)
     if last is not None and last.num_rows and n:
-        firsts = np.flatnonzero(~has_prev)
-        index = {d: i for i, d in enumerate(last["device_id"].to_pylist())}
-        rows = np.array([index.get(d, -1) for d in col["device_id"][firsts].tolist()], dtype=np.int64)
-        found = rows >= 0
-        for reg, c in LAST_SAMPLE.items():
-            values = last[reg].to_numpy(zero_copy_only=False)
-            prev[c][firsts[found]] = values[rows[found]]
-        has_prev[firsts[found]] = True
-    follows = has_prev & (col["seq"] == prev["seq"] + 1)
-    worn = follows & col["in_ear_left"] & col["in_ear_right"] & prev["in_ear_left"].astype(bool) \
-        & prev["in_ear_right"].astype(bool) & (col["charging"] == "none") & (prev["charging"] == "none")
-    case_off = follows & ~np.isin(col["charging"], ("case", "both")) & ~np.isin(prev["charging"], ("case", "both"))
+        last = last.filter(last["last_seq"].is_valid())
+        where = pc.index_in(events["device_id"], value_set=last["device_id"]).fill_null(-1).to_numpy()[order]
+        reg = _pair_columns(last, {v: k for k, v in LAST_SAMPLE.items()})
+        loose = np.flatnonzero(~follows & (where >= 0))  # no predecessor in the batch, but registered
+        rows = where[loose]
+        successor = reg["seq"][rows] + 1 == cur["seq"][loose]
+        loose, rows = loose[successor], rows[successor]
+        for c in cur:
+            prev[c][loose] = reg[c][rows]
+        has_prev[loose] = True
+        follows = has_prev & (cur["seq"] == prev["seq"] + 1)
+    worn = follows & cur["in_ear"] & prev["in_ear"] & cur["idle"] & prev["idle"]
+    case_off = follows & cur["case_off"] & prev["case_off"]
 
     def drop(c: str, mask: np.ndarray) -> np.ndarray:
-        d = np.where(mask, prev[c].astype(np.float64) - col[c].astype(np.float64), 0.0)
-        return np.maximum(d, 0.0)
+        return np.where(mask, np.maximum(prev[c] - cur[c], 0.0), 0.0)
 
     out = {"drain_left_pct": drop("battery_left", worn), "drain_right_pct": drop("battery_right", worn),
-           "drain_playback_s": np.where(worn, col["playback_s"], 0.0),
+           "drain_playback_s": np.where(worn, events["playback_s"].to_numpy()[order], 0.0),
            "drain_case_pct": drop("battery_case", case_off)}
     back = np.empty(n, dtype=np.int64)
     back[order] = np.arange(n)  # to the batch's own row order
@@ -160,9 +206,11 @@ def hourly_rollup(events: pa.Table, last: pa.Table | None = None) -> pa.Table:
     })
     rule = {"sum": "sum", "max": "max", "min": "min"}
     aggs = [(name, rule[how]) for name, how in HOURLY_MERGE.items() if how in rule and name != "events"]
-    grouped = work.group_by(["device_id", "hour", "state", "urban"], use_threads=False).aggregate(
-        [*aggs, ("device_id", "count")])
-    names = {f"{name}_{how}": name for name, how in aggs} | {"device_id_count": "events"}
+    # state and urban come from the postcode: the hour's first one, if a device moved mid-hour
+    grouped = work.group_by(["device_id", "hour"], use_threads=False).aggregate(
+        [*aggs, ("device_id", "count"), ("state", "first"), ("urban", "first")])
+    names = {f"{name}_{how}": name for name, how in aggs} | {
+        "device_id_count": "events", "state_first": "state", "urban_first": "urban"}
     grouped = grouped.rename_columns([names.get(c, c) for c in grouped.column_names])
     return grouped.select(["device_id", "hour", *HOURLY_MERGE])
 

@@ -179,10 +179,12 @@ class Storage:
     def committed_offsets(self, topic: str) -> dict[int, int]:
         return self.relational.committed_offsets(topic)
 
-    def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int]) -> CommitResult:
+    def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
+               start_offsets: dict[int, int | None] | None = None) -> CommitResult:
         if not self._shared and events.num_rows:
             self.timeseries.write_events(events)
-        return self.relational.commit(topic, events, next_offsets, with_raw_events=self._shared)
+        return self.relational.commit(topic, events, next_offsets, with_raw_events=self._shared,
+                                      start_offsets=start_offsets)
 
     def close(self) -> None:
         self.relational.close()

@@ -17,7 +17,7 @@ OFFSETS_KEY = ("topic", "kafka_partition")
 OFFSETS_MERGE = {"next_offset": "max", "updated_at": "newer"}
 
 _ON_CONFLICT_RULES = {
-    "sum": "{t}.{c} + excluded.{c}",
+    "sum": "coalesce({t}.{c}, 0) + excluded.{c}",  # columns added by a migration start as NULL
     "max": "greatest({t}.{c}, excluded.{c})",
     "min": "least({t}.{c}, excluded.{c})",
     "newer": "excluded.{c}",
@@ -25,7 +25,7 @@ _ON_CONFLICT_RULES = {
 }
 
 _MERGE_RULES = {
-    "sum": "t.{c} + s.{c}",
+    "sum": "NVL(t.{c}, 0) + s.{c}",
     "max": "GREATEST(NVL(t.{c}, s.{c}), NVL(s.{c}, t.{c}))",
     "min": "LEAST(NVL(t.{c}, s.{c}), NVL(s.{c}, t.{c}))",
     "newer": "s.{c}",

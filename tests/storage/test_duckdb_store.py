@@ -103,3 +103,51 @@ def test_time_series_role_alone_is_idempotent_by_device_and_seq(tmp_path, batch)
     s.write_events(batch.slice(1000, 3000))
     assert s.con.execute("SELECT count(*), count(DISTINCT (device_id, seq)) FROM events").fetchone() == (4000, 4000)
     s.close()
+
+
+def test_a_batch_that_skips_past_the_stored_offset_is_refused(store, batch):
+    from storage.base import OffsetGap
+
+    first, second, third = batch.slice(0, 3000), batch.slice(3000, 3000), batch.slice(6000, 3000)
+    store.commit("t", first, next_offsets(first), start_offsets={p: None for p in next_offsets(first)})
+    stored = store.committed_offsets("t")
+    with pytest.raises(OffsetGap, match="an earlier batch is missing"):  # `second` never arrived
+        store.commit("t", third, next_offsets(third), start_offsets=next_offsets(second))
+    assert store.committed_offsets("t") == stored
+    store.commit("t", second, next_offsets(second), start_offsets=stored)
+    assert store.commit("t", third, next_offsets(third), start_offsets=next_offsets(second)).applied == 3000
+
+
+def test_a_device_that_moves_within_an_hour_gets_one_rollup_row(store, batch, assert_rollups_match_raw):
+    import pyarrow.compute as pc
+
+    piece = batch.slice(0, 4000)
+    flipped = pc.invert(piece["urban"])  # every other event of a device claims the other class
+    mixed = pc.if_else(pa.array(np.arange(piece.num_rows) % 2 == 0), piece["urban"], flipped)
+    piece = piece.set_column(piece.schema.get_field_index("urban"), "urban", mixed)
+    store.commit("t", piece, next_offsets(piece))
+    con = store.relational.con
+    assert con.execute("SELECT count(*) FROM device_hourly").fetchone()[0] == con.execute(
+        "SELECT count(DISTINCT (device_id, date_trunc('hour', event_time))) FROM events").fetchone()[0]
+    assert_rollups_match_raw(con)
+
+
+def test_drain_pairs_with_the_registrys_last_sample_even_after_a_late_event():
+    from storage.rollups import hourly_rollup, last_sample_table
+
+    base = dict(schema_version=2, device_id="ap-x", model="m", firmware="f", battery_case=50,
+                charging="none", in_ear_left=True, in_ear_right=True, noise_mode="anc", playback_s=200.0,
+                output_dba=70.0, ambient_dba=60.0, postcode="2000", host_device="iphone", interval_s=300,
+                temp_left_c=None, temp_right_c=None, conversation_awareness=False, spatial_audio=None,
+                extras=None, state="NSW", urban=True)
+    import datetime as dt
+
+    t0 = dt.datetime(2026, 11, 2, tzinfo=dt.timezone.utc)
+    rows = [dict(base, seq=8, event_time=t0, battery_left=95, battery_right=95),  # late
+            dict(base, seq=11, event_time=t0 + dt.timedelta(minutes=15), battery_left=80, battery_right=81)]
+    events = pa.Table.from_pylist(rows)
+    last = last_sample_table([("ap-x", 10, 84, 84, 50, True, True, "none"),
+                              ("ap-old", None, None, None, None, None, None, None)])  # pre-migration row
+    assert last.num_rows == 1
+    hourly = hourly_rollup(events, last).to_pylist()
+    assert [(h["drain_left_pct"], h["drain_right_pct"]) for h in hourly] == [(4.0, 3.0)]  # 10 → 11 only

@@ -63,7 +63,7 @@ def test_merges_parse_and_join_on_the_primary_key(sql, table, key):
 
 
 def test_merge_rules_are_null_safe_and_additive():
-    assert "t.events = t.events + s.events" in HOURLY_MERGE_SQL
+    assert "t.events = NVL(t.events, 0) + s.events" in HOURLY_MERGE_SQL
     assert "t.output_dba_max = GREATEST(NVL(t.output_dba_max, s.output_dba_max), " \
            "NVL(s.output_dba_max, t.output_dba_max))" in HOURLY_MERGE_SQL
     assert "t.battery_left_min = LEAST(" in HOURLY_MERGE_SQL
