@@ -384,7 +384,8 @@ def report(
     from_: Annotated[Optional[str], typer.Option("--from", help="First day, AEST (default: the data's first).")] = None,
     to: Annotated[Optional[str], typer.Option(help="Last day, inclusive (default: the data's last).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, json or html.")] = "table",
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory to write report.json / report.html.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", help="Directory to write report.json / report.html.")] = None,
     k: Annotated[int, typer.Option(min=1, help="Suppress regional cells with fewer devices.")] = 10,
     db: Db = DEFAULT_DB,
     storage_file: StorageFile = None,
@@ -476,6 +477,67 @@ def bench_report(
     else:
         out.print(f"report: [bold]{result['seconds']}[/] s over {result['events_scanned']:,} events · "
                   f"one raw scan: {result['raw_scan_seconds']} s")
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help="battery-anomaly or usage-forecast.")],
+    truth: Annotated[Optional[Path], typer.Option(
+        help="battery-anomaly: ground truth of injected faults (from `podpulse simulate`) for AUC, "
+             "precision and recall.")] = None,
+    registry: Annotated[Path, typer.Option(help="Model registry directory.")] = Path("podpulse-data/models"),
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs (default per model).")] = None,
+    db: Db = DEFAULT_DB,
+    storage_file: StorageFile = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Train a model on the stored rollups (read by Ray Data), evaluate it and register a version.
+
+    Runs locally, or on a cluster as `ray job submit --working-dir . -- podpulse train ...`.
+    """
+    from podpulse.train import MODELS, train_battery_anomaly, train_usage_forecast
+
+    if model not in MODELS:
+        raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+    config = storage_config(storage_file, db)
+    extra = {"epochs": epochs} if epochs else {}
+    if model == "battery-anomaly":
+        result = train_battery_anomaly(config, truth_path=truth, registry=registry, **extra)
+    else:
+        result = train_usage_forecast(config, registry=registry, **extra)
+    if json_out:
+        print(json.dumps(result, default=str))
+    elif model == "battery-anomaly":
+        auc = "n/a" if result["auc"] is None else f"{result['auc']:.3f} (IsolationForest {result['baseline_auc']:.3f})"
+        out.print(f"battery-anomaly {result['version']}: AUC {auc}, {result['flagged_device_days']:,} of "
+                  f"{result['device_days']:,} device-days flagged → {result['path']}")
+    else:
+        out.print(f"usage-forecast {result['version']}: MAPE {result['mape']:.1f}% (seasonal naive "
+                  f"{result['baseline_mape']:.1f}%) → {result['path']}")
+
+
+@app.command()
+def drift(
+    model_dir: Annotated[Path, typer.Argument(help="A registered battery-anomaly version directory.")],
+    recent_days: Annotated[int, typer.Option(min=1, help="Days of recent data to compare.")] = 7,
+    db: Db = DEFAULT_DB,
+    storage_file: StorageFile = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Compare recent feature distributions with the training window (PSI); say whether to retrain."""
+    from podpulse.drift import drift_report
+
+    if not (model_dir / "metadata.json").exists():
+        raise ConfigError(f"{model_dir} is not a registered model version (no metadata.json)")
+    result = drift_report(storage_config(storage_file, db), model_dir, recent_days=recent_days)
+    if json_out:
+        print(json.dumps(result, default=str))
+        return
+    for name, value in result["features"].items():
+        out.print(f"{name:>14}: PSI {value:.3f}")
+    out.print(("[bold red]retrain[/]" if result["retrain"] else "[green]no retraining needed[/]")
+              + f" (max PSI {result['max_psi']:.3f}, threshold {result['threshold']})"
+              + (f" — {result['note']}" if result.get("note") else ""))
 
 
 DbUrl = Annotated[str, typer.Option(

@@ -160,3 +160,14 @@ def test_demo_fills_postgresql_through_a_storage_config(tmp_path, pg_url):
     assert summary["devices"] == 300
     status = json.loads(podpulse("db", "status", "--url", pg_url, "--json").stdout)
     assert status["current"] == status["latest"]
+
+
+def test_train_and_drift_from_the_command_line(tmp_path):
+    from bench.report import build_store
+
+    build_store(tmp_path / "s.duckdb", 300, 3, seed=61)
+    trained = json.loads(podpulse("train", "--model", "battery-anomaly", "--epochs", 2, "--db",
+                                  tmp_path / "s.duckdb", "--registry", tmp_path / "models", "--json").stdout)
+    assert trained["auc"] is None and Path(trained["path"], "model.keras").exists()
+    report = json.loads(podpulse("drift", trained["path"], "--db", tmp_path / "s.duckdb", "--json").stdout)
+    assert set(report["features"]) >= {"playback_h", "output_dba"} and isinstance(report["retrain"], bool)

@@ -1,0 +1,132 @@
+"""Battery anomaly model: expected bud drain from context (TensorFlow/Keras), scored per device-day.
+
+Features, per device-hour with paired drain samples (``device_hourly`` joined
+with ``devices``): hours of playback over the paired samples, the shares of
+in-ear time in each noise-control mode, the mean output level while playing,
+model and firmware (one-hot). Bud temperature and charge-cycle age are not in
+the rollups yet, so the model does not use them.
+
+The network predicts the % each bud drains in that hour. A device-day is scored
+by how far the observed drain departs from the expected one (|log ratio| of the
+worse bud) and by left/right imbalance, each as a robust z-score over the
+fleet's device-days; the score is the larger of the two. A device-day is flagged
+above ``threshold`` (default 3.5 robust standard deviations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["FEATURE_SQL", "Features", "BatteryModel", "features_from_rows", "robust_z"]
+
+FEATURE_SQL = """
+SELECT h.device_id, CAST(h.hour + INTERVAL '10 hours' AS DATE) AS day, d.model, d.firmware,
+       h.drain_playback_s / 3600.0 AS playback_h,
+       h.anc_s / nullif(h.in_ear_s, 0) AS anc, h.adaptive_s / nullif(h.in_ear_s, 0) AS adaptive,
+       h.transparency_s / nullif(h.in_ear_s, 0) AS transparency,
+       h.output_dba_sum / nullif(h.output_samples, 0) AS output_dba,
+       h.drain_left_pct, h.drain_right_pct
+FROM device_hourly h JOIN devices d USING (device_id)
+WHERE h.drain_playback_s > 0
+"""
+NUMERIC = ("playback_h", "anc", "adaptive", "transparency", "output_dba")
+
+
+@dataclass
+class Features:
+    device_id: np.ndarray
+    day: np.ndarray
+    x_numeric: np.ndarray  # (n, len(NUMERIC)), raw
+    model: np.ndarray
+    firmware: np.ndarray
+    y: np.ndarray  # (n, 2): % drained, left and right
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def features_from_rows(rows: dict[str, np.ndarray]) -> Features:
+    """Columns of :data:`FEATURE_SQL` (as numpy arrays, e.g. from Ray Data) → Features."""
+    numeric = np.column_stack([np.nan_to_num(np.asarray(rows[c], dtype=np.float64)) for c in NUMERIC])
+    return Features(np.asarray(rows["device_id"]), np.asarray(rows["day"]), numeric,
+                    np.asarray(rows["model"]), np.asarray(rows["firmware"]),
+                    np.column_stack([rows["drain_left_pct"], rows["drain_right_pct"]]).astype(np.float64))
+
+
+def robust_z(x: np.ndarray) -> np.ndarray:
+    median = np.median(x)
+    mad = 1.4826 * np.median(np.abs(x - median))
+    return (x - median) / (mad if mad > 0 else 1.0)
+
+
+class BatteryModel:
+    def __init__(self, models: list[str], firmwares: list[str], mean: np.ndarray, scale: np.ndarray,
+                 network=None, threshold: float = 3.5):
+        self.models, self.firmwares = list(models), list(firmwares)
+        self.mean, self.scale = mean, scale
+        self.network = network
+        self.threshold = threshold
+
+    # -- features to the network's input --------------------------------------------------
+    def encode(self, f: Features) -> np.ndarray:
+        numeric = (f.x_numeric - self.mean) / self.scale
+
+        def one_hot(values, vocab):
+            index = {v: i for i, v in enumerate(vocab)}
+            out = np.zeros((len(values), len(vocab) + 1), dtype=np.float32)  # last: unseen
+            out[np.arange(len(values)), [index.get(v, len(vocab)) for v in values]] = 1
+            return out
+
+        return np.hstack([numeric, one_hot(f.model, self.models), one_hot(f.firmware, self.firmwares)]).astype(
+            np.float32)
+
+    @classmethod
+    def train(cls, f: Features, epochs: int = 8, seed: int = 0) -> "BatteryModel":
+        import tensorflow as tf
+
+        tf.keras.utils.set_random_seed(seed)
+        mean, scale = f.x_numeric.mean(axis=0), f.x_numeric.std(axis=0) + 1e-6
+        model = cls(sorted(set(f.model.tolist())), sorted(set(f.firmware.tolist())), mean, scale)
+        x = model.encode(f)
+        net = tf.keras.Sequential([
+            tf.keras.Input(shape=(x.shape[1],)),
+            tf.keras.layers.Dense(32, activation="relu"),
+            tf.keras.layers.Dense(16, activation="relu"),
+            tf.keras.layers.Dense(2, activation="softplus"),  # drain is never negative
+        ])
+        net.compile(optimizer=tf.keras.optimizers.Adam(0.005), loss=tf.keras.losses.Huber(delta=2.0))
+        net.fit(x, f.y, epochs=epochs, batch_size=1024, verbose=0, shuffle=True)
+        model.network = net
+        return model
+
+    def expected(self, f: Features) -> np.ndarray:
+        return np.asarray(self.network.predict(self.encode(f), batch_size=8192, verbose=0), dtype=np.float64)
+
+    # -- scoring ---------------------------------------------------------------------
+    def score_days(self, f: Features) -> dict[str, np.ndarray]:
+        """One score per device-day: drain departure and imbalance, as robust z-scores."""
+        expected = self.expected(f)
+        keys = np.char.add(np.char.add(f.device_id.astype(str), "|"), f.day.astype(str))
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        sums = {name: np.zeros((len(uniq), 2)) for name in ("obs", "exp")}
+        np.add.at(sums["obs"], inverse, f.y)
+        np.add.at(sums["exp"], inverse, expected)
+        ratio = np.clip(sums["obs"], 0.5, None) / np.clip(sums["exp"], 0.5, None)
+        departure = np.abs(np.log(ratio)).max(axis=1)
+        imbalance = np.abs(sums["obs"][:, 0] - sums["obs"][:, 1]) / (sums["obs"].sum(axis=1) + 1.0)
+        score = np.maximum(robust_z(departure), robust_z(imbalance))
+        devices = np.array([k.split("|", 1)[0] for k in uniq.tolist()])
+        days = np.array([k.split("|", 1)[1] for k in uniq.tolist()])
+        return {"device_id": devices, "day": days, "score": score, "departure": departure,
+                "imbalance": imbalance, "flagged": score >= self.threshold}
+
+    @staticmethod
+    def by_device(days: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Device ids and their mean device-day score."""
+        devices, inverse = np.unique(days["device_id"], return_inverse=True)
+        total = np.zeros(len(devices))
+        np.add.at(total, inverse, days["score"])
+        count = np.bincount(inverse, minlength=len(devices))
+        return devices, total / count

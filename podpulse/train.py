@@ -1,0 +1,190 @@
+"""Training jobs: read features from the store with Ray Data, train, evaluate, register.
+
+``podpulse train --model battery-anomaly`` (or ``usage-forecast``) runs here, locally or as
+``ray job submit --working-dir . -- podpulse train ...`` on a cluster. The battery
+model's evaluation needs the simulator's ground truth of injected faults
+(``--truth FILE``, written by ``podpulse simulate``); without it the metrics are
+null and say why. The usage forecast is scored on the store's own final week.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from podpulse.battery_model import FEATURE_SQL, NUMERIC, BatteryModel, features_from_rows
+from podpulse.errors import ConfigError
+from podpulse.forecast_model import HORIZON, USAGE_SQL, holdout, series_from_rows
+from podpulse.registry import new_version, register
+from storage.router import StorageConfig, password
+
+__all__ = ["read_sql", "read_features", "read_usage", "train_battery_anomaly", "train_usage_forecast", "MODELS"]
+
+MODELS = ("battery-anomaly", "usage-forecast")
+
+
+def _connection_factory(config: StorageConfig):
+    """Connections for Ray Data's readers, in session time zone UTC (the SQL adds 10 h for AEST days)."""
+    spec = config.backends[config.routes["rollups"]]
+    if spec["type"] == "duckdb":
+        import duckdb
+
+        path = spec["path"]
+
+        def connect_duckdb():
+            con = duckdb.connect(path, read_only=True)
+            con.execute("SET TimeZone = 'UTC'")
+            return con
+
+        return connect_duckdb
+    if spec["type"] == "postgresql":
+        import psycopg
+
+        from storage.postgres_store import engine_url
+
+        url = engine_url(spec["url"], password(spec))
+        dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+        def connect_postgres():
+            con = psycopg.connect(dsn, autocommit=True)
+            con.execute("SET TIME ZONE 'UTC'")
+            return con
+
+        return connect_postgres
+    raise ConfigError(f"training reads from DuckDB or PostgreSQL, not {spec['type']}")
+
+
+def read_sql(config: StorageConfig, sql: str) -> dict[str, np.ndarray]:
+    """Rows of a query on the relational store, read by Ray Data, as one numpy array per column."""
+    import pyarrow as pa
+    import ray
+
+    from podpulse.ingest import init_ray
+
+    init_ray()
+    ds = ray.data.read_sql(sql, _connection_factory(config))
+    tables = ray.get(ds.to_arrow_refs())
+    if not tables:
+        return {}
+    table = pa.concat_tables(tables)
+    return {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+def _non_empty(rows: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+    if not rows or len(next(iter(rows.values()))) == 0:
+        raise ConfigError(f"no {what} in the store: ingest some telemetry first")
+    return rows
+
+
+def read_features(config: StorageConfig) -> dict[str, np.ndarray]:
+    """The battery model's feature rows (:data:`FEATURE_SQL`)."""
+    return _non_empty(read_sql(config, FEATURE_SQL), "device-hours with battery drain")
+
+
+def read_usage(config: StorageConfig) -> dict[str, np.ndarray]:
+    """Listening hours per region-day (:data:`USAGE_SQL`)."""
+    return _non_empty(read_sql(config, USAGE_SQL), "device-hours")
+
+
+def _truth(path: Path | None) -> dict[str, str] | None:
+    if path is None:
+        return None
+    try:
+        return {t["device_id"]: t["fault"] for t in json.loads(Path(path).read_text())}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot read ground truth {path}: {e}") from e
+
+
+def _isolation_forest_scores(f, devices: np.ndarray) -> np.ndarray:
+    """Baseline: scikit-learn IsolationForest on per-device aggregates of the same features."""
+    from sklearn.ensemble import IsolationForest
+
+    index = {d: i for i, d in enumerate(devices.tolist())}
+    rows = np.array([index[d] for d in f.device_id.tolist()])
+    n = len(devices)
+    sums = np.zeros((n, f.x_numeric.shape[1] + 2))
+    np.add.at(sums, rows, np.hstack([f.x_numeric, f.y]))
+    counts = np.bincount(rows, minlength=n)[:, None]
+    playback = np.maximum(sums[:, [0]], 1e-6)
+    per_hour = sums[:, -2:] / playback  # drain per playback hour, left and right
+    imbalance = np.abs(per_hour[:, [0]] - per_hour[:, [1]])
+    x = np.hstack([per_hour, imbalance, sums[:, 1:-2] / counts])
+    forest = IsolationForest(n_estimators=200, random_state=0).fit(x)
+    return -forest.score_samples(x)  # higher: more anomalous
+
+
+def train_battery_anomaly(config: StorageConfig, *, truth_path: Path | None = None,
+                          registry: Path = Path("podpulse-data/models"), epochs: int = 8) -> dict:
+    from sklearn.metrics import precision_score, recall_score, roc_auc_score
+
+    started = time.perf_counter()
+    f = features_from_rows(read_features(config))
+    model = BatteryModel.train(f, epochs=epochs)
+    days = model.score_days(f)
+    devices, score = model.by_device(days)
+    truth = _truth(truth_path)
+    metrics: dict = {"auc": None, "baseline_auc": None, "precision": None, "recall": None,
+                     "device_days": int(len(days["score"])), "flagged_device_days": int(days["flagged"].sum())}
+    if truth is not None:
+        y = np.array([d in truth for d in devices.tolist()])
+        if 0 < y.sum() < len(y):
+            flagged = score >= model.threshold
+            metrics.update(auc=float(roc_auc_score(y, score)),
+                           baseline_auc=float(roc_auc_score(y, _isolation_forest_scores(f, devices))),
+                           precision=float(precision_score(y, flagged, zero_division=0)),
+                           recall=float(recall_score(y, flagged, zero_division=0)))
+    else:
+        metrics["note"] = "no --truth given: AUC, precision and recall need the injected faults"
+    version = new_version()
+    path = Path(registry).resolve() / "battery-anomaly" / version
+    path.mkdir(parents=True)
+    model.network.save(path / "model.keras")
+    metadata = {
+        "name": "battery-anomaly", "version": version, "metrics": metrics,
+        "data_window": {"from": str(min(f.day)), "to": str(max(f.day)), "device_hours": len(f)},
+        "feature_schema": {"numeric": list(NUMERIC), "models": model.models, "firmwares": model.firmwares,
+                           "mean": model.mean.tolist(), "scale": model.scale.tolist()},
+        "threshold": model.threshold, "epochs": epochs,
+    }
+    (path / "metadata.json").write_text(json.dumps(metadata, indent=1))
+    register(config, "battery-anomaly", version, path, metrics, metadata)
+    return {**metrics, "version": version, "path": str(path), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def train_usage_forecast(config: StorageConfig, *, registry: Path = Path("podpulse-data/models"),
+                         epochs: int = 100, lookback: int = 14, k: int | None = None) -> dict:
+    """Train the 7-day usage forecast, score it on the held-out final week, register it.
+
+    The registered network is the one evaluated (trained without the held-out
+    week). ``metadata.json`` also carries its forecast of the week after the
+    data, for regions with at least ``k`` devices (the reports' k-anonymity).
+    """
+    from podpulse.analytics import DEFAULT_K
+
+    k = DEFAULT_K if k is None else k
+    started = time.perf_counter()
+    series = series_from_rows(read_usage(config))
+    model, metrics = holdout(series, lookback=lookback, epochs=epochs)
+    next_week = model.predict(series, series.days)
+    shown = [i for i in range(len(series.regions)) if series.devices[i] >= k]
+    version = new_version()
+    path = Path(registry).resolve() / "usage-forecast" / version
+    path.mkdir(parents=True)
+    model.save(path / "model.keras")
+    metadata = {
+        "name": "usage-forecast", "version": version, "metrics": metrics,
+        "data_window": {"from": series.day(0), "to": series.day(series.days - 1), "days": series.days,
+                        "regions": [[state, urban] for state, urban in series.regions]},
+        "parameters": {"lookback": lookback, "horizon": HORIZON, "epochs": epochs,
+                       "input": "last `lookback` days / their mean, weekday one-hot of each target day, urban"},
+        "next_week": {"from": series.day(series.days), "to": series.day(series.days + HORIZON - 1), "k": k,
+                      "suppressed": len(series.regions) - len(shown),
+                      "regions": [{"state": series.regions[i][0], "urban": series.regions[i][1],
+                                 "hours": [round(float(h), 2) for h in next_week[i]]} for i in shown]},
+    }
+    (path / "metadata.json").write_text(json.dumps(metadata, indent=1))
+    register(config, "usage-forecast", version, path, metrics, metadata)
+    return {**metrics, "version": version, "path": str(path), "seconds": round(time.perf_counter() - started, 1)}
