@@ -27,7 +27,7 @@ import numpy as np
 from podpulse import geo
 from storage.router import StorageConfig, password
 
-__all__ = ["Reader", "Result", "usage_trend", "noise_habits", "exposure", "battery_health",
+__all__ = ["Reader", "Result", "usage_trend", "noise_habits", "mode_shares", "exposure", "battery_health",
            "firmware_adoption", "listening_by_hour", "state_overview", "full_report", "data_range", "QUERIES"]
 
 DEFAULT_K = 10
@@ -147,6 +147,18 @@ def noise_habits(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Resul
         GROUP BY 1, 2 ORDER BY min(ambient_dba_sum / ambient_samples), 2 DESC""")
     return _suppress("noise_habits", ["ambient_band", "urban", "devices", "in_ear_h", "anc", "adaptive",
                                       "transparency", "off"], rows, k)
+
+
+def mode_shares(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Result:
+    """Noise-control mode shares of in-ear time by state and urban/rural."""
+    rows = r.rows(f"""
+        SELECT state, urban, count(DISTINCT device_id) AS devices, sum(in_ear_s) / 3600.0 AS in_ear_h,
+               sum(anc_s) / sum(in_ear_s) AS anc, sum(adaptive_s) / sum(in_ear_s) AS adaptive,
+               sum(transparency_s) / sum(in_ear_s) AS transparency, sum(off_s) / sum(in_ear_s) AS off
+        FROM device_hourly WHERE {_window(start, end)} AND in_ear_s > 0
+        GROUP BY 1, 2 ORDER BY 1, 2 DESC""")
+    return _suppress("mode_shares", ["state", "urban", "devices", "in_ear_h", "anc", "adaptive", "transparency",
+                                     "off"], rows, k)
 
 
 def _device_weeks(r: Reader, start: date, end: date) -> list[tuple]:
@@ -275,7 +287,7 @@ def state_overview(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Res
                      notes=["listening per device per day of the range; urban_share is of device-hours"])
 
 
-QUERIES = {q.__name__: q for q in (usage_trend, noise_habits, exposure, battery_health, firmware_adoption,
+QUERIES = {q.__name__: q for q in (usage_trend, noise_habits, mode_shares, exposure, battery_health, firmware_adoption,
                                    listening_by_hour, state_overview)}
 
 

@@ -24,7 +24,7 @@ __all__ = ["render_html", "CHART_TITLES"]
 
 CHART_TITLES = {
     "listening_by_hour": "Listening by local hour of day, urban vs rural",
-    "noise_habits": "Noise-control mode shares by ambient noise level, urban vs rural",
+    "mode_shares": "Noise-control mode shares by state, urban vs rural",
     "exposure": "Weekly sound exposure: device-weeks per dose band",
     "battery_health": "Battery drain by model and firmware",
     "firmware_adoption": "Firmware adoption over time",
@@ -108,18 +108,19 @@ def _listening(q: dict) -> Figure | None:
     return fig
 
 
-def _noise(q: dict) -> Figure | None:
+def _noise(q: dict, group: str = "state", unit: str = "", xlabel: str = "state") -> Figure | None:
+    """Stacked mode shares per group (state, or ambient band), urban and rural side by side."""
     recs = _records(q)
     if not recs:
         return None
-    bands = list(dict.fromkeys(r["ambient_band"] for r in recs))
+    bands = list(dict.fromkeys(r[group] for r in recs))
     fig, ax = _axes(3.8)
     ticks, labels = [], []
     for i, band in enumerate(bands):
         for offset, urban, label in ((-0.21, True, "urban"), (0.21, False, "rural")):
             ticks.append(i + offset)
             labels.append(label)
-            rec = next((r for r in recs if r["ambient_band"] == band and bool(r["urban"]) == urban), None)
+            rec = next((r for r in recs if r[group] == band and bool(r["urban"]) == urban), None)
             if rec is None:
                 ax.text(i + offset, 0.03, "suppressed", rotation=90, ha="center", fontsize=8, color="#777")
             bottom = 0.0
@@ -130,10 +131,10 @@ def _noise(q: dict) -> Figure | None:
     ax.set_xticks(ticks, labels, fontsize=8)
     ax.set_xlim(-0.5, len(bands) - 0.5)
     bands_axis = ax.secondary_xaxis(-0.1)
-    bands_axis.set_xticks(range(len(bands)), [_m(b) + " dBA" for b in bands])
+    bands_axis.set_xticks(range(len(bands)), [_m(b) + unit for b in bands])
     bands_axis.tick_params(length=0)
     bands_axis.spines["bottom"].set_visible(False)
-    bands_axis.set_xlabel("mean ambient level of the device-hour")
+    bands_axis.set_xlabel(xlabel)
     ax.set_ylabel("share of in-ear time")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     handles, names = ax.get_legend_handles_labels()
@@ -202,7 +203,7 @@ def _firmware(q: dict) -> Figure | None:
 
 
 CHARTS = (("listening_by_hour", "Listening through the day", _listening),
-          ("noise_habits", "Noise control", _noise), ("exposure", "Sound exposure", _exposure),
+          ("mode_shares", "Noise control", _noise), ("exposure", "Sound exposure", _exposure),
           ("battery_health", "Battery drain", _battery), ("firmware_adoption", "Firmware", _firmware))
 
 
@@ -239,6 +240,9 @@ def render_html(report: dict) -> str:
     out += ["<h2>States</h2>", _table(queries.get("state_overview", {}).get("columns", []),
                                       queries.get("state_overview", {}).get("rows") or []),
             "<h2>Total listening per state over the range</h2>", _usage_summary(queries.get("usage_trend", {})),
+            "<h2>Noise control against ambient noise</h2>",
+            _table(queries.get("noise_habits", {}).get("columns", []),
+                   queries.get("noise_habits", {}).get("rows") or []),
             "<h2>Battery outliers</h2>"]
     outliers = (queries.get("battery_health", {}).get("extra") or {}).get("outliers") or []
     out.append(_table(list(outliers[0]), [list(o.values()) for o in outliers]) if outliers else NO_DATA)

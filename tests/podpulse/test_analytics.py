@@ -195,3 +195,18 @@ def test_full_report_has_a_key_per_query_and_says_what_it_suppressed(store):
     for name in analytics.QUERIES:
         assert report[name]["k"] == 10 and report[name]["suppressed"] >= 0
     assert report["events_covered"] > 100_000
+
+
+def test_mode_shares_by_state(store):
+    reader, events = store
+    cells = defaultdict(lambda: [set(), defaultdict(float)])
+    for e in events:
+        if e["in_ear_left"] or e["in_ear_right"]:
+            c = cells[(e["state"], e["urban"])]
+            c[0].add(e["device_id"])
+            c[1][e["noise_mode"]] += e["interval_s"]
+            c[1]["all"] += e["interval_s"]
+    expected = {key: (len(d), *(s[m] / s["all"] for m in ("anc", "adaptive", "transparency", "off")))
+                for key, (d, s) in cells.items()}
+    compare(analytics.mode_shares(reader, START, END, 10), expected, ["state", "urban"],
+            ["anc", "adaptive", "transparency", "off"], 10)
