@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FEATURE_SQL", "Features", "BatteryModel", "features_from_rows", "robust_z"]
+__all__ = ["FEATURE_SQL", "Features", "BatteryModel", "features_from_rows", "robust_z", "load", "score_rows"]
 
 FEATURE_SQL = """
 SELECT h.device_id, CAST(h.hour + INTERVAL '10 hours' AS DATE) AS day, d.model, d.firmware,
@@ -130,3 +130,32 @@ class BatteryModel:
         np.add.at(total, inverse, days["score"])
         count = np.bincount(inverse, minlength=len(devices))
         return devices, total / count
+
+
+def load(path) -> BatteryModel:
+    """A registered battery-anomaly version (``model.keras`` and ``metadata.json``)."""
+    import json
+    from pathlib import Path
+
+    import tensorflow as tf
+
+    meta = json.loads((Path(path) / "metadata.json").read_text())
+    schema = meta["feature_schema"]
+    model = BatteryModel(schema["models"], schema["firmwares"], np.array(schema["mean"]),
+                         np.array(schema["scale"]), tf.keras.models.load_model(Path(path) / "model.keras"),
+                         meta.get("threshold", 3.5))
+    model.version = meta["version"]
+    return model
+
+
+def score_rows(model: BatteryModel, rows: list[dict]) -> list[dict]:
+    """Device-hour rows (the columns of FEATURE_SQL) → expected drain and departure per row."""
+    columns = {c: np.array([r[c] for r in rows]) for c in ("device_id", "day", "model", "firmware",
+                                                             *NUMERIC, "drain_left_pct", "drain_right_pct")}
+    f = features_from_rows(columns)
+    expected = model.expected(f)
+    ratio = np.clip(f.y, 0.5, None) / np.clip(expected, 0.5, None)
+    departure = np.abs(np.log(ratio)).max(axis=1)
+    imbalance = np.abs(f.y[:, 0] - f.y[:, 1]) / (f.y.sum(axis=1) + 1.0)
+    return [{"expected_left_pct": float(e[0]), "expected_right_pct": float(e[1]), "departure": float(d),
+             "imbalance": float(i)} for e, d, i in zip(expected, departure, imbalance)]

@@ -540,6 +540,41 @@ def drift(
               + (f" — {result['note']}" if result.get("note") else ""))
 
 
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
+    host: Annotated[str, typer.Option(help="HTTP address.")] = "127.0.0.1",
+    bootstrap: Annotated[Optional[str], typer.Option(help="Kafka for POST /v1/telemetry.")] = None,
+    topic: Annotated[str, typer.Option(help="Topic for POST /v1/telemetry.")] = "podpulse.telemetry",
+    registry: Annotated[Path, typer.Option(help="Model registry directory.")] = Path("podpulse-data/models"),
+    db: Db = DEFAULT_DB,
+    storage_file: StorageFile = None,
+) -> None:
+    """Run the Ray Serve application locally until Ctrl-C (token: $PODPULSE_API_TOKEN)."""
+    import os
+    import time
+
+    from ray import serve as ray_serve
+
+    from deployments.app import build
+    from podpulse.ingest import init_ray
+
+    token = os.environ.get("PODPULSE_API_TOKEN")
+    if not token:
+        raise ConfigError("set PODPULSE_API_TOKEN: every endpoint but /healthz requires it as a bearer token")
+    init_ray()
+    ray_serve.start(http_options={"host": host, "port": port})
+    ray_serve.run(build(storage_config(storage_file, db).as_dict(), bootstrap, topic if bootstrap else None,
+                        str(registry.resolve()), env={"PODPULSE_API_TOKEN": token}),
+                  name="podpulse", route_prefix="/")
+    out.print(f"PodPulse API on http://{host}:{port}  (OpenAPI docs: http://{host}:{port}/docs). Ctrl-C stops it.")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        ray_serve.shutdown()
+
+
 DbUrl = Annotated[str, typer.Option(
     help="postgresql://USER@HOST/DB, oracle://USER@HOST:1521/?service_name=X or duckdb:///FILE; "
          "password from $PODPULSE_DB_PASSWORD or --password-file.")]

@@ -1,0 +1,228 @@
+"""The PodPulse Ray Serve application: FastAPI ingress, battery scoring, forecasts, analytics.
+
+    serve run deployments.serve-config.yaml        # or: podpulse serve
+
+Every endpoint but ``/healthz`` needs ``Authorization: Bearer $PODPULSE_API_TOKEN``
+(read from the replicas' environment; with no token set, every call is refused).
+Bodies are bounded; a malformed body gets 422 naming the field (FastAPI).
+Models load from the registry; a new version is picked up without downtime by
+changing the scorer's ``user_config`` (``model_path``), which Serve applies with
+``reconfigure`` on the running replicas.
+
+The deployments are thin: the logic is ``podpulse.battery_model``,
+``podpulse.analytics``, ``podpulse.contract`` and ``podpulse.kafka``.
+"""
+
+
+# No `from __future__ import annotations` here: FastAPI reads the annotations of the
+# class-based routes at runtime to tell bodies from query parameters.
+import json
+import os
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query
+from pydantic import BaseModel, Field
+from ray import serve
+
+__all__ = ["app", "api", "build", "BatteryScorer", "PodPulseAPI", "latest_version"]
+
+MAX_ROWS = 1000
+MAX_EVENTS = 5000
+
+app = FastAPI(title="PodPulse", description="AirPods Pro fleet telemetry: ingest, scoring, forecasts, analytics.",
+              version="0.1.0")
+
+
+def latest_version(registry: str | Path, name: str) -> Path | None:
+    root = Path(registry) / name
+    versions = sorted(p for p in root.iterdir() if (p / "metadata.json").exists()) if root.exists() else []
+    return versions[-1] if versions else None
+
+
+def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
+    token = os.environ.get("PODPULSE_API_TOKEN")
+    if not token or authorization != f"Bearer {token}":
+        raise HTTPException(status_code=401, detail="missing or wrong bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+Auth = Depends(require_token)
+
+
+class ScoreRow(BaseModel):
+    """One device-hour: its context and the drain observed over its paired samples."""
+
+    model: str = Field(min_length=1, max_length=64)
+    firmware: str = Field(min_length=1, max_length=64)
+    playback_h: float = Field(ge=0, le=1)
+    anc: float = Field(ge=0, le=1)
+    adaptive: float = Field(ge=0, le=1)
+    transparency: float = Field(ge=0, le=1)
+    output_dba: float = Field(ge=0, le=140)
+    drain_left_pct: float = Field(ge=0, le=100)
+    drain_right_pct: float = Field(ge=0, le=100)
+
+
+class ScoreRequest(BaseModel):
+    rows: list[ScoreRow] = Field(min_length=1, max_length=MAX_ROWS)
+
+
+class TelemetryRequest(BaseModel):
+    events: list[dict] = Field(min_length=1, max_length=MAX_EVENTS)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, health_check_period_s=10)
+class BatteryScorer:
+    """The battery-anomaly model; ``user_config = {"model_path": DIR}`` swaps it live."""
+
+    def __init__(self, registry: str = "podpulse-data/models"):
+        self.registry = registry
+        self.model = None
+        self.reconfigure({})
+
+    def reconfigure(self, config: dict) -> None:
+        from podpulse.battery_model import load
+
+        path = config.get("model_path") or latest_version(self.registry, "battery-anomaly")
+        if path is not None:
+            self.model = load(path)  # loaded first, then swapped in: requests never see half a model
+
+    def check_health(self) -> None:
+        if self.model is None:
+            raise RuntimeError("no battery-anomaly model in the registry")
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def score(self, requests: list[list[dict]]) -> list[dict]:
+        from podpulse.battery_model import score_rows
+
+        model = self.model
+        flat = [dict(r, device_id="", day="") for rows in requests for r in rows]
+        scored = score_rows(model, flat)
+        out, i = [], 0
+        for rows in requests:
+            out.append({"version": model.version, "scores": scored[i:i + len(rows)]})
+            i += len(rows)
+        return out
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(app)
+class PodPulseAPI:
+    def __init__(self, scorer, storage: dict | None = None, bootstrap: str | None = None,
+                 topic: str | None = None, registry: str = "podpulse-data/models"):
+        from storage.router import StorageConfig
+
+        self.scorer = scorer
+        self.storage = StorageConfig(**storage) if storage else StorageConfig()
+        self.registry = registry
+        self.topic = topic
+        self.producer = None
+        if bootstrap and topic:
+            from confluent_kafka import Producer
+
+            from podpulse.kafka import producer_config
+
+            self.producer = Producer(producer_config(bootstrap))
+
+    @app.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.post("/v1/telemetry", status_code=202, dependencies=[Auth])
+    def telemetry(self, body: TelemetryRequest) -> dict:
+        """Validate with the event contract, produce the valid events to Kafka."""
+        import msgspec
+
+        from podpulse.contract import decode_batch
+        from podpulse.kafka import produce
+
+        if self.producer is None:
+            raise HTTPException(status_code=503, detail="HTTP ingest is not configured (no Kafka topic)")
+        values = [msgspec.json.encode(e) for e in body.events]
+        decoded = decode_batch(values)
+        keys = decoded.table["device_id"].to_pylist()
+        produce(self.producer, self.topic, [k.encode() for k in keys], [values[i] for i in decoded.rows])
+        self.producer.flush(10)
+        return {"accepted": decoded.table.num_rows, "rejected": len(decoded.rejected),
+                "reasons": [{"index": r.index, "reason": r.reason} for r in decoded.rejected]}
+
+    @app.post("/v1/battery/score", dependencies=[Auth])
+    async def battery_score(self, body: ScoreRequest) -> dict:
+        return await self.scorer.score.remote([r.model_dump() for r in body.rows])
+
+    @app.get("/v1/devices/{device_id}/battery-health", dependencies=[Auth])
+    async def battery_health(self, device_id: str, days: Annotated[int, Query(ge=1, le=90)] = 7) -> dict:
+        from podpulse.analytics import Reader
+        from podpulse.battery_model import FEATURE_SQL
+
+        safe = device_id.replace("'", "")
+        with Reader(self.storage) as r:
+            columns = ["device_id", "day", "model", "firmware", "playback_h", "anc", "adaptive",
+                       "transparency", "output_dba", "drain_left_pct", "drain_right_pct"]
+            rows = [dict(zip(columns, row)) for row in r.rows(
+                f"SELECT * FROM ({FEATURE_SQL}) f WHERE device_id = '{safe}' "
+                f"AND day >= (SELECT max(day) FROM ({FEATURE_SQL}) g) - {days} ORDER BY day")]
+        if not rows:
+            raise HTTPException(status_code=404, detail=f"no battery data for device {device_id!r}")
+        keep = ("model", "firmware", "playback_h", "anc", "adaptive", "transparency", "output_dba",
+                "drain_left_pct", "drain_right_pct")
+        scored = await self.scorer.score.remote([{k: (row[k] or 0.0) for k in keep} for row in rows])
+        per_day: dict[str, list] = {}
+        for row, s in zip(rows, scored["scores"]):
+            per_day.setdefault(str(row["day"]), []).append(s)
+        return {"device_id": device_id, "model_version": scored["version"], "days": [
+            {"day": d, "departure": max(x["departure"] for x in v), "imbalance": max(x["imbalance"] for x in v)}
+            for d, v in per_day.items()]}
+
+    @app.get("/v1/forecast/usage", dependencies=[Auth])
+    def forecast(self, region: Annotated[str, Query(pattern=r"^[A-Z]{2,3}-(urban|rural)$",
+                                                    description="STATE-urban or STATE-rural, e.g. NSW-urban")]):
+        version = latest_version(self.registry, "usage-forecast")
+        if version is None:
+            raise HTTPException(status_code=503, detail="no usage-forecast model in the registry")
+        meta = json.loads((version / "metadata.json").read_text())
+        state, cls = region.split("-")
+        week = meta["next_week"]
+        match = [r for r in week["regions"] if r["state"] == state and bool(r["urban"]) == (cls == "urban")]
+        if not match:
+            raise HTTPException(status_code=404, detail=f"no forecast for {region} (unknown, or fewer than "
+                                                        f"{week['k']} devices)")
+        start = date.fromisoformat(week["from"])
+        return {"region": region, "model_version": meta["version"], "days": [
+            {"day": (start + timedelta(days=i)).isoformat(), "listening_hours": h}
+            for i, h in enumerate(match[0]["hours"])]}
+
+    @app.get("/v1/analytics/{query}", dependencies=[Auth])
+    def analytics(self, query: str, start: Annotated[date | None, Query(alias="from")] = None,
+                  end: Annotated[date | None, Query(alias="to")] = None,
+                  k: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict:
+        from podpulse import analytics
+
+        if query not in analytics.QUERIES:
+            raise HTTPException(status_code=404, detail=f"no query {query!r}; try {', '.join(analytics.QUERIES)}")
+        with analytics.Reader(self.storage) as r:
+            covered = analytics.data_range(r)
+            if covered is None:
+                raise HTTPException(status_code=404, detail="the store holds no rollups yet")
+            first = start or covered[0]
+            stop = end + timedelta(days=1) if end else covered[1]
+            return analytics.QUERIES[query](r, first, stop, k).as_dict()
+
+
+def build(storage: dict | None = None, bootstrap: str | None = None, topic: str | None = None,
+          registry: str = "podpulse-data/models", model_path: str | None = None, env: dict | None = None):
+    """The application graph, for ``serve.run`` and ``podpulse serve``.
+
+    ``env``: environment variables for the API replicas (``PODPULSE_API_TOKEN``),
+    when they should not come from the nodes' own environment.
+    """
+    scorer = BatteryScorer.options(user_config={"model_path": model_path} if model_path else {}).bind(registry)
+    options = {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": env}}} if env else {}
+    return PodPulseAPI.options(**options).bind(scorer, storage, bootstrap, topic, registry)
+
+
+def api(args: dict):
+    """Application builder for ``serve run`` / ``serve deploy`` / a RayService (``import_path: deployments.app:api``)."""
+    return build(**args)

@@ -1,0 +1,124 @@
+"""The Serve application started for real (Ray Serve, TensorFlow models, DuckDB), over HTTP."""
+
+import threading
+import time
+
+import pytest
+import requests
+
+from bench.report import build_store
+from podpulse.broker import free_port
+from podpulse.train import train_battery_anomaly, train_usage_forecast
+from storage.router import StorageConfig
+
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, broker, tmp_path_factory):
+    from ray import serve
+
+    from deployments.app import build
+
+    root = tmp_path_factory.mktemp("serve")
+    build_store(root / "s.duckdb", 250, 29, seed=71)
+    storage = StorageConfig.embedded(root / "s.duckdb")
+    first = train_battery_anomaly(storage, registry=root / "models", epochs=1)
+    train_usage_forecast(storage, registry=root / "models", epochs=5)
+    broker.create_topic("serve-telemetry", 2)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = dict(storage=storage.as_dict(), bootstrap=broker.bootstrap, topic="serve-telemetry",
+                    registry=str(root / "models"), env={"PODPULSE_API_TOKEN": TOKEN})
+    serve.run(build(**settings), name="podpulse", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", root, storage, settings, first
+    serve.shutdown()
+
+
+ROW = {"model": "AirPods Pro 2", "firmware": "7A294", "playback_h": 0.8, "anc": 0.5, "adaptive": 0.1,
+       "transparency": 0.1, "output_dba": 70.0, "drain_left_pct": 18.0, "drain_right_pct": 17.0}
+
+
+def test_every_endpoint_answers(served, broker):
+    url, *_ = served
+    assert requests.get(f"{url}/healthz").json() == {"status": "ok"}
+    answer = requests.post(f"{url}/v1/battery/score", json={"rows": [ROW, dict(ROW, drain_left_pct=60.0)]},
+                           headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    scored = answer.json()
+    assert len(scored["scores"]) == 2
+    assert scored["scores"][1]["departure"] > scored["scores"][0]["departure"]
+    trend = requests.get(f"{url}/v1/analytics/usage_trend", headers=AUTH).json()
+    assert trend["name"] == "usage_trend" and trend["rows"]
+    device = trend and requests.get(f"{url}/v1/analytics/battery_health", headers=AUTH).json()
+    some = device["extra"]["outliers"][0]["device_id"]
+    health = requests.get(f"{url}/v1/devices/{some}/battery-health", headers=AUTH).json()
+    assert health["device_id"] == some and health["days"]
+    forecast = requests.get(f"{url}/v1/forecast/usage", params={"region": "NSW-urban"}, headers=AUTH).json()
+    assert len(forecast["days"]) == 7 and all(d["listening_hours"] >= 0 for d in forecast["days"])
+    good = {"schema_version": 1, "device_id": "ap-0011223344556677", "seq": 1,
+            "event_time_ms": 1_793_541_806_253, "model": "AirPods Pro", "firmware": "6F29",
+            "battery_left": 80, "battery_right": 79, "battery_case": 50, "charging": "none",
+            "in_ear_left": True, "in_ear_right": True, "noise_mode": "anc", "playback_s": 250.0,
+            "output_dba": 70.5, "ambient_dba": 62.0, "postcode": "2000", "host_device": "iphone"}
+    answer = requests.post(f"{url}/v1/telemetry", json={"events": [good, dict(good, battery_left=300)]},
+                           headers=AUTH)
+    assert answer.status_code == 202
+    body = answer.json()
+    assert body["accepted"] == 1 and body["rejected"] == 1 and "battery_left" in body["reasons"][0]["reason"]
+
+
+def test_a_missing_token_gets_401_and_a_malformed_body_422_naming_the_field(served):
+    url, *_ = served
+    assert requests.post(f"{url}/v1/battery/score", json={"rows": [ROW]}).status_code == 401
+    assert requests.get(f"{url}/v1/analytics/usage_trend", headers={"Authorization": "Bearer nope"}).status_code == 401
+    bad = requests.post(f"{url}/v1/battery/score", json={"rows": [dict(ROW, anc="lots")]}, headers=AUTH)
+    assert bad.status_code == 422
+    assert bad.json()["detail"][0]["loc"][-1] == "anc"
+    too_many = requests.post(f"{url}/v1/battery/score", json={"rows": [ROW] * 1001}, headers=AUTH)
+    assert too_many.status_code == 422
+
+
+def test_a_new_model_version_is_swapped_in_without_a_failed_request(served):
+    from ray import serve
+
+    from deployments.app import build
+
+    url, root, storage, settings, first = served
+    second = train_battery_anomaly(storage, registry=root / "models", epochs=1)
+    results, stop = [], threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            r = requests.post(f"{url}/v1/battery/score", json={"rows": [ROW]}, headers=AUTH, timeout=30)
+            results.append((r.status_code, r.json().get("version") if r.status_code == 200 else r.text))
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    time.sleep(1.0)
+    serve.run(build(**settings, model_path=second["path"]), name="podpulse", route_prefix="/")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not results or results[-1][1] != second["version"]):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    stop.set()
+    thread.join()
+    assert all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:3]
+    versions = [v for _, v in results]
+    assert first["version"] in versions and versions[-1] == second["version"]
+
+
+def test_the_serve_config_builds_the_application():
+    from pathlib import Path
+
+    import yaml
+
+    from deployments.app import api
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "deployments" / "serve-config.yaml").read_text())
+    [application] = config["applications"]
+    assert application["import_path"] == "deployments.app:api"
+    assert {d["name"] for d in application["deployments"]} == {"BatteryScorer", "PodPulseAPI"}
+    StorageConfig(**application["args"]["storage"])  # the same structure as a --storage-config file
+    assert api(application["args"]) is not None
