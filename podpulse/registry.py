@@ -50,6 +50,8 @@ def register(config: StorageConfig, name: str, version: str, path: Path, metrics
 def versions(config: StorageConfig, name: str) -> list[dict]:
     from podpulse.summary import relational_query
 
+    if not name.replace("-", "").isalpha():
+        raise ValueError(f"not a model name: {name!r}")
     rows = relational_query(config, {"v": "SELECT version, path, metrics FROM model_versions "
                                           f"WHERE name = '{name}' ORDER BY version"})["v"]
     return [{"version": v, "path": p, "metrics": json.loads(m)} for v, p, m in rows]

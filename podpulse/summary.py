@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from storage.router import StorageConfig, password
+from storage.router import StorageConfig
 
 __all__ = ["store_summary", "relational_query"]
 
@@ -16,28 +16,10 @@ QUERIES = {
 
 def relational_query(config: StorageConfig, queries: dict[str, str]) -> dict[str, list[tuple]]:
     """Run read-only SQL on the backend that holds devices and rollups (session time zone UTC)."""
-    spec = config.backends[config.routes["rollups"]]
-    if spec["type"] == "duckdb":
-        import duckdb
+    from podpulse.analytics import Reader
 
-        con = duckdb.connect(spec["path"], read_only=True)
-        try:
-            con.execute("SET TimeZone = 'UTC'")
-            return {k: con.execute(sql).fetchall() for k, sql in queries.items()}
-        finally:
-            con.close()
-    from sqlalchemy import create_engine
-
-    from storage.postgres_store import engine_url
-
-    engine = create_engine(engine_url(spec["url"], password(spec)))
-    try:
-        with engine.connect() as conn:
-            if engine.dialect.name == "postgresql":
-                conn.exec_driver_sql("SET TIME ZONE 'UTC'")
-            return {k: [tuple(r) for r in conn.exec_driver_sql(sql).all()] for k, sql in queries.items()}
-    finally:
-        engine.dispose()
+    with Reader(config) as reader:
+        return {k: reader.rows(sql) for k, sql in queries.items()}
 
 
 def store_summary(config: StorageConfig) -> dict:
