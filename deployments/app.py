@@ -98,7 +98,7 @@ class BatteryScorer:
         from podpulse.battery_model import score_rows
 
         model = self.model
-        flat = [dict(r, device_id="", day="") for rows in requests for r in rows]
+        flat = [r for rows in requests for r in rows]
         scored = score_rows(model, flat)
         out, i = [], 0
         for rows in requests:

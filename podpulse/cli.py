@@ -479,6 +479,23 @@ def bench_report(
                   f"one raw scan: {result['raw_scan_seconds']} s")
 
 
+@bench_app.command("serve")
+def bench_serve(
+    rate: Annotated[int, typer.Option(min=1, help="Requests per second.")] = 200,
+    seconds: Annotated[float, typer.Option(min=1.0, help="How long to send them.")] = 10.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """/v1/battery/score latency through Ray Serve at a fixed rate, beside in-process scoring."""
+    from bench.serve import run
+
+    result = run(rate=rate, seconds=seconds)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        out.print(f"Serve: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms at {result['rps']} req/s "
+                  f"({result['errors']} errors) · in-process: p50 {result['direct_p50_ms']} ms")
+
+
 @app.command()
 def train(
     model: Annotated[str, typer.Option(help="battery-anomaly or usage-forecast.")],
