@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 from confluent_kafka import Producer
 
 from podpulse.errors import ConfigError
-from podpulse.kafka import ensure_topic, flush, parse_kafka_url, produce, producer_config
+from podpulse.kafka import client_config, ensure_topic, flush, parse_kafka_url, produce, producer_config
 from podpulse.simulator import Chunk
 
 __all__ = ["Sink", "open_sink"]
@@ -26,9 +26,8 @@ def open_sink(to: str, partitions: int = 8, settings: dict | None = None) -> Ite
     """``kafka://HOST:PORT/TOPIC`` → produce (creating the topic if missing); else a file."""
     if to.startswith("kafka://"):
         target = parse_kafka_url(to)
-        config = producer_config(target.bootstrap, settings)
-        ensure_topic({k: v for k, v in config.items() if k not in _PRODUCER_ONLY}, target.topic, partitions)
-        producer = Producer(config)
+        ensure_topic(client_config(target.bootstrap, settings), target.topic, partitions)
+        producer = Producer(producer_config(target.bootstrap, settings))
         yield Sink(lambda chunk: produce(producer, target.topic, chunk.keys, chunk.values))
         flush(producer)
         return
@@ -40,6 +39,3 @@ def open_sink(to: str, partitions: int = 8, settings: dict | None = None) -> Ite
     with open(path, "wb") as f:
         yield Sink(lambda chunk: f.write(b"".join(v + b"\n" for v in chunk.values)), path)
 
-
-_PRODUCER_ONLY = {"linger.ms", "batch.size", "compression.type", "acks", "partitioner",
-                  "queue.buffering.max.messages"}
