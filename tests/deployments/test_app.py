@@ -119,6 +119,6 @@ def test_the_serve_config_builds_the_application():
     config = yaml.safe_load((Path(__file__).resolve().parents[2] / "deployments" / "serve-config.yaml").read_text())
     [application] = config["applications"]
     assert application["import_path"] == "deployments.app:api"
-    assert {d["name"] for d in application["deployments"]} == {"BatteryScorer", "PodPulseAPI"}
+    assert {d["name"] for d in application["deployments"]} == {"PodPulseAPI"}
     StorageConfig(**application["args"]["storage"])  # the same structure as a --storage-config file
     assert api(application["args"]) is not None
