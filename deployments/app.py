@@ -26,7 +26,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query
 from pydantic import BaseModel, Field
 from ray import serve
 
-__all__ = ["app", "api", "build", "PodPulseAPI", "latest_version"]
+__all__ = ["app", "api", "build", "run_local", "PodPulseAPI", "latest_version"]
 
 MAX_ROWS = 1000
 MAX_EVENTS = 5000
@@ -243,3 +243,14 @@ def build(storage: dict | None = None, bootstrap: str | None = None, topic: str 
 def api(args: dict):
     """Application builder for ``serve run`` / ``serve deploy`` / a RayService (``import_path: deployments.app:api``)."""
     return build(**args)
+
+
+def run_local(storage: dict, registry: str, token: str, *, host: str = "127.0.0.1", port: int = 8000,
+              bootstrap: str | None = None, topic: str | None = None, model_path: str | None = None,
+              name: str = "podpulse") -> str:
+    """Start the application on the connected Ray (``podpulse serve``, the demo, the benchmark);
+    returns its base URL."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build(storage, bootstrap, topic, registry, model_path, env={"PODPULSE_API_TOKEN": token}),
+              name=name, route_prefix="/")
+    return f"http://{host}:{port}"

@@ -244,19 +244,26 @@ def ingest(
 @app.command()
 def demo(
     devices: Annotated[int, typer.Option(min=1, help="Devices in the simulated fleet.")] = 2000,
-    hours: Annotated[float, typer.Option(min=0.1, help="Hours of telemetry.")] = 24.0,
+    hours: Annotated[float, typer.Option(
+        min=0.1, help="Hours of telemetry (29 days: the usage forecast needs 28 complete days).")] = 24.0 * 29,
     partitions: Annotated[int, typer.Option(min=1, help="Partitions of the demo topic.")] = 8,
     malformed: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of corrupted records.")] = 0.002,
     db: Db = Path("podpulse-data/demo.duckdb"),
     storage_file: StorageFile = None,
     seed: Annotated[Optional[int], typer.Option(
         help="Simulator seed (default 7; with --storage-config, a new one per run).")] = None,
+    models: Annotated[bool, typer.Option(help="Train both models and start Ray Serve on the result.")] = True,
+    keep_serving: Annotated[bool, typer.Option("--serve", help="Keep Ray Serve running until Ctrl-C.")] = False,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of Ray Serve.")] = 8000,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """The main job on one machine: embedded broker, local Ray, DuckDB.
 
     Simulates a fleet into the embedded broker (MEMORY-ONLY), ingests it all
-    with the Ray pipeline and prints what was stored. The demo DuckDB file is
+    with the Ray pipeline and prints what was stored; then trains the battery
+    anomaly model (scored against the faults the simulator injected) and the
+    usage forecast, starts the Ray Serve API on them, prints its URLs and the
+    most anomalous devices, and exits (--serve keeps serving). The demo DuckDB file is
     recreated on every run, because the embedded broker starts empty. With
     --storage-config the store is kept: each run then simulates new devices
     (a new seed) into a new topic, so runs add up instead of colliding.
@@ -300,10 +307,63 @@ def demo(
         analytics = full_report(reader, start, end)
     report_dir = db.resolve().parent / "report" if storage_file is None else Path("podpulse-data/report")
     summary["report"] = str(write_report(analytics, "html", report_dir, quiet=True).resolve())
+    if not json_out:
+        print_demo_summary(summary, letters)
+    if models:
+        registry = db.resolve().parent / "models" if storage_file is None else Path("podpulse-data/models")
+        truth = {t["device_id"]: t["fault"] for t in fleet.truth()}
+        summary |= demo_models(storage, registry, truth, port, quiet=json_out)
     if json_out:
-        print(json.dumps(summary))
-        return
-    print_demo_summary(summary, letters)
+        print(json.dumps(summary, default=str))
+    if models and keep_serving:
+        out.print("Ray Serve keeps running; Ctrl-C stops it.")
+        _serve_forever()
+
+
+def demo_models(storage, registry: Path, truth: dict[str, str], port: int, quiet: bool) -> dict:
+    """Train both models on the demo store, serve them, ask the API about the worst device."""
+    import os
+    import secrets
+
+    import requests
+
+    from deployments.app import run_local
+    from podpulse.train import train_battery_anomaly, train_usage_forecast
+
+    say = (lambda *a: None) if quiet else out.print
+    say("\n[bold]training[/] the battery anomaly model (Ray Data reads the rollups) ...")
+    battery = train_battery_anomaly(storage, registry=registry, truth=truth)
+    say(f"battery-anomaly {battery['version']}: ROC AUC {battery['auc']:.3f} against the injected faults "
+        f"(IsolationForest {battery['baseline_auc']:.3f})" if battery["auc"] is not None else
+        f"battery-anomaly {battery['version']}: no injected faults to score against")
+    try:
+        forecast = train_usage_forecast(storage, registry=registry)
+        say(f"usage-forecast {forecast['version']}: MAPE {forecast['mape']:.1f}% on the held-out week "
+            f"(seasonal naive {forecast['baseline_mape']:.1f}%)")
+    except ConfigError as e:  # a short demo fleet: say why, keep going
+        forecast = {"skipped": str(e)}
+        say(f"usage-forecast skipped: {e}")
+    token = os.environ.get("PODPULSE_API_TOKEN") or secrets.token_urlsafe(16)
+    shown = "$PODPULSE_API_TOKEN" if "PODPULSE_API_TOKEN" in os.environ else token  # never echo a real secret
+    url = run_local(storage.as_dict(), str(registry), token, port=port)
+    worst = battery["most_anomalous"][0]["device_id"]
+    health = requests.get(f"{url}/v1/devices/{worst}/battery-health",
+                          headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    health.raise_for_status()
+    if not quiet:
+        table = Table(title="most anomalous devices (battery drain against the model's expectation)")
+        for column in ("device", "score", "flagged", "injected fault"):
+            table.add_column(column)
+        for d in battery["most_anomalous"]:
+            table.add_row(d["device_id"], f"{d['score']:.1f}", "yes" if d["flagged"] else "",
+                          d.get("injected_fault") or "none")
+        out.print(table)
+        out.print(f"Ray Serve: {url}  ·  OpenAPI docs {url}/docs  ·  token {shown}")
+        for path in (f"/v1/devices/{worst}/battery-health", "/v1/forecast/usage?region=NSW-urban",
+                     "/v1/analytics/usage_trend"):
+            out.print(f"  curl -H \"Authorization: Bearer {shown}\" '{url}{path}'")
+    return {"battery_anomaly": battery, "usage_forecast": forecast,
+            "serve": {"url": url, "docs": f"{url}/docs", "checked": health.json()}}
 
 
 def print_demo_summary(s: dict, letters: list[dict]) -> None:
@@ -569,22 +629,25 @@ def serve(
 ) -> None:
     """Run the Ray Serve application locally until Ctrl-C (token: $PODPULSE_API_TOKEN)."""
     import os
-    import time
 
-    from ray import serve as ray_serve
-
-    from deployments.app import build
+    from deployments.app import run_local
     from podpulse.ingest import init_ray
 
     token = os.environ.get("PODPULSE_API_TOKEN")
     if not token:
         raise ConfigError("set PODPULSE_API_TOKEN: every endpoint but /healthz requires it as a bearer token")
     init_ray()
-    ray_serve.start(http_options={"host": host, "port": port})
-    ray_serve.run(build(storage_config(storage_file, db).as_dict(), bootstrap, topic if bootstrap else None,
-                        str(registry.resolve()), env={"PODPULSE_API_TOKEN": token}),
-                  name="podpulse", route_prefix="/")
-    out.print(f"PodPulse API on http://{host}:{port}  (OpenAPI docs: http://{host}:{port}/docs). Ctrl-C stops it.")
+    url = run_local(storage_config(storage_file, db).as_dict(), str(registry.resolve()), token, host=host, port=port,
+                    bootstrap=bootstrap, topic=topic if bootstrap else None)
+    out.print(f"PodPulse API on {url}  (OpenAPI docs: {url}/docs). Ctrl-C stops it.")
+    _serve_forever()
+
+
+def _serve_forever() -> None:
+    import time
+
+    from ray import serve as ray_serve
+
     try:
         while True:
             time.sleep(1)

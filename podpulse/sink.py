@@ -21,6 +21,10 @@ class Sink:
         self.path = path  # the file written, for a file sink
 
 
+def _closed(chunk: Chunk) -> None:
+    raise RuntimeError("the sink is closed")
+
+
 @contextmanager
 def open_sink(to: str, partitions: int = 8, settings: dict | None = None) -> Iterator[Sink]:
     """``kafka://HOST:PORT/TOPIC`` → produce (creating the topic if missing); else a file."""
@@ -28,8 +32,12 @@ def open_sink(to: str, partitions: int = 8, settings: dict | None = None) -> Ite
         target = parse_kafka_url(to)
         ensure_topic(client_config(target.bootstrap, settings), target.topic, partitions)
         producer = Producer(producer_config(target.bootstrap, settings))
-        yield Sink(lambda chunk: produce(producer, target.topic, chunk.keys, chunk.values))
+        sink = Sink(lambda chunk: produce(producer, target.topic, chunk.keys, chunk.values))
+        yield sink
         flush(producer)
+        # Let go of the producer: while one is alive, librdkafka keeps reconnecting (and logging)
+        # to a broker that may be gone, such as the demo's embedded one.
+        sink.write = _closed
         return
     if "://" in to:
         raise ConfigError(f"--to must be kafka://HOST:PORT/TOPIC or a file path, got {to!r}")

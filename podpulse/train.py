@@ -117,7 +117,10 @@ def _isolation_forest_scores(f, devices: np.ndarray) -> np.ndarray:
 
 
 def train_battery_anomaly(config: StorageConfig, *, truth_path: Path | None = None,
-                          registry: Path = Path("podpulse-data/models"), epochs: int = 8) -> dict:
+                          registry: Path = Path("podpulse-data/models"), epochs: int = 8,
+                          truth: dict[str, str] | None = None, top: int = 10) -> dict:
+    """Train, evaluate against the injected faults (``truth_path`` or ``truth``: device → fault)
+    when given, register a version. The result names the ``top`` most anomalous devices."""
     from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
     started = time.perf_counter()
@@ -125,7 +128,7 @@ def train_battery_anomaly(config: StorageConfig, *, truth_path: Path | None = No
     model = BatteryModel.train(f, epochs=epochs)
     days = model.score_days(f)
     devices, score = model.by_device(days)
-    truth = _truth(truth_path)
+    truth = truth if truth is not None else _truth(truth_path)
     metrics: dict = {"auc": None, "baseline_auc": None, "precision": None, "recall": None,
                      "device_days": int(len(days["score"])), "flagged_device_days": int(days["flagged"].sum())}
     if truth is not None:
@@ -151,7 +154,13 @@ def train_battery_anomaly(config: StorageConfig, *, truth_path: Path | None = No
     }
     (path / "metadata.json").write_text(json.dumps(metadata, indent=1))
     register(config, "battery-anomaly", version, path, metrics, metadata)
-    return {**metrics, "version": version, "path": str(path), "seconds": round(time.perf_counter() - started, 1)}
+    worst = np.argsort(-score)[:top]
+    most_anomalous = [{"device_id": str(devices[i]), "score": round(float(score[i]), 2),
+                       "flagged": bool(score[i] >= model.threshold)}
+                      | ({"injected_fault": truth.get(str(devices[i]))} if truth is not None else {})
+                      for i in worst]
+    return {**metrics, "version": version, "path": str(path), "most_anomalous": most_anomalous,
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def train_usage_forecast(config: StorageConfig, *, registry: Path = Path("podpulse-data/models"),

@@ -95,14 +95,17 @@ def test_broker_command_serves_kafka_until_terminated(tmp_path):
 
 
 def test_demo_runs_the_main_job_and_prints_the_summary(tmp_path):
+    from podpulse.broker import free_port
+
     db = tmp_path / "demo.duckdb"
-    proc = subprocess.run([*CLI, "demo", "--devices", "400", "--hours", "12", "--db", str(db)],
+    proc = subprocess.run([*CLI, "demo", "--devices", "400", "--hours", "12", "--db", str(db), "--no-models"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for words in ("events stored", "from 400 devices", "dead-lettered", "urban:", "rural:", "NSW"):
         assert words in proc.stdout, proc.stdout
+    assert "Ray Serve" not in proc.stdout
     summary = json.loads(podpulse("demo", "--devices", 400, "--hours", 36, "--db", db, "--json",
-                                  timeout=600).stdout)
+                                  "--port", free_port(), timeout=600).stdout)
     assert summary["events_stored"] + summary["dead_lettered"] == summary["events_produced"]
     assert summary["dead_lettered"] == summary["malformed_injected"] > 0
     assert summary["ingested"] == summary["events_stored"]
@@ -123,6 +126,16 @@ def test_demo_runs_the_main_job_and_prints_the_summary(tmp_path):
     html = podpulse("report", "--format", "html", "--db", db, "--out", tmp_path / "r")
     assert (tmp_path / "r" / "report.html").exists() and "report written to" in html.stdout
     assert summary["devices"] == 400 and set(summary["listening"]) == {"urban", "rural"}
+
+    # The models: trained on the demo store, scored against the faults the simulator injected,
+    # served by Ray Serve, which answered for the most anomalous device before the demo exited.
+    battery = summary["battery_anomaly"]
+    assert battery["auc"] >= 0.9 and Path(battery["path"], "model.keras").exists()
+    worst = battery["most_anomalous"][0]
+    assert worst["flagged"] and worst["injected_fault"] is not None
+    assert summary["serve"]["checked"]["device_id"] == worst["device_id"]
+    assert summary["serve"]["checked"]["model_version"] == battery["version"]
+    assert "28 complete days" in summary["usage_forecast"]["skipped"]  # 36 hours of data
 
 
 @pytest.mark.parametrize("args, words", [
@@ -154,7 +167,7 @@ def test_demo_fills_postgresql_through_a_storage_config(tmp_path, pg_url):
     config.write_text(f"backends:\n  pg: {{type: postgresql, url: '{pg_url}'}}\n"
                       "routes: {raw_events: pg, devices: pg, rollups: pg, offsets: pg, anomalies: pg}\n")
     summary = json.loads(podpulse("demo", "--devices", 300, "--hours", 12, "--storage-config", config,
-                                  "--json", timeout=600).stdout)
+                                  "--json", "--no-models", timeout=600).stdout)
     assert summary["events_stored"] == summary["ingested"] == \
         summary["events_produced"] - summary["dead_lettered"] > 0
     assert summary["devices"] == 300
