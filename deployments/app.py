@@ -18,6 +18,7 @@ The deployments are thin: the logic is ``podpulse.battery_model``,
 # class-based routes at runtime to tell bodies from query parameters.
 import json
 import os
+import random
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated
@@ -106,7 +107,8 @@ class PodPulseAPI:
         self.storage = StorageConfig(**storage) if storage else StorageConfig()
         self.registry = registry
         self.topic = topic
-        self.model = None
+        self.model = self.canary = None
+        self.canary_percent = 0.0
         self.producer = None
         if bootstrap and topic:
             from confluent_kafka import Producer
@@ -116,9 +118,17 @@ class PodPulseAPI:
             self.producer = Producer(producer_config(bootstrap))
 
     def reconfigure(self, config: dict) -> None:
-        path = (config or {}).get("model_path")
+        """``model_path``: the stable version (null: the registry's latest). ``canary_model_path``
+        and ``canary_percent``: a second version answering that share of scoring requests."""
+        config = config or {}
+        percent = float(config.get("canary_percent") or 0)
+        if not 0 <= percent <= 100:
+            raise ValueError(f"canary_percent must be within 0..100, got {percent}")
+        canary = config.get("canary_model_path")
         # Loaded first, then swapped in: a request never sees half a model.
-        self.model = load_battery_model(path) if path else None
+        stable = load_battery_model(config["model_path"]) if config.get("model_path") else None
+        canary_model = load_battery_model(canary) if canary and percent > 0 else None
+        self.model, self.canary, self.canary_percent = stable, canary_model, percent
 
     def battery_model(self):
         if self.model is None:
@@ -129,17 +139,28 @@ class PodPulseAPI:
             self.model = load_battery_model(path)
         return self.model
 
+    def pick(self) -> str:
+        """Which version answers this request: the canary for ``canary_percent`` of them."""
+        return "canary" if self.canary is not None and random.random() * 100 < self.canary_percent else "stable"
+
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001)
-    async def score(self, requests: list[list[dict]]) -> list[dict]:
-        """Concurrent requests' rows, scored in one model call."""
+    async def score(self, requests: list[tuple[str, list[dict]]]) -> list[dict]:
+        """Concurrent requests' rows, scored in one model call per version."""
         from podpulse.battery_model import score_rows
 
-        model = self.battery_model()
-        scored = score_rows(model, [r for rows in requests for r in rows])
-        out, i = [], 0
-        for rows in requests:
-            out.append({"version": model.version, "scores": scored[i:i + len(rows)]})
-            i += len(rows)
+        out: list[dict] = [{}] * len(requests)
+        stable = self.battery_model()
+        # A canary withdrawn between pick() and this batch: its requests go to the stable version.
+        for arm, model in (("stable", stable), ("canary", self.canary or stable)):
+            mine = [i for i, (a, _) in enumerate(requests) if a == arm]
+            if not mine:
+                continue
+            scored = score_rows(model, [r for i in mine for r in requests[i][1]])
+            at = 0
+            for i in mine:
+                n = len(requests[i][1])
+                out[i] = {"version": model.version, "scores": scored[at:at + n]}
+                at += n
         return out
 
     @app.get("/healthz")
@@ -166,7 +187,7 @@ class PodPulseAPI:
 
     @app.post("/v1/battery/score", dependencies=[Auth])
     async def battery_score(self, body: ScoreRequest) -> dict:
-        return await self.score([r.model_dump() for r in body.rows])
+        return await self.score((self.pick(), [r.model_dump() for r in body.rows]))
 
     @app.get("/v1/devices/{device_id}/battery-health", dependencies=[Auth])
     async def battery_health(self, device_id: str, days: Annotated[int, Query(ge=1, le=90)] = 7) -> dict:
@@ -184,7 +205,7 @@ class PodPulseAPI:
             raise HTTPException(status_code=404, detail=f"no battery data for device {device_id!r}")
         keep = ("model", "firmware", "playback_h", "anc", "adaptive", "transparency", "output_dba",
                 "drain_left_pct", "drain_right_pct")
-        scored = await self.score([{k: (row[k] or 0.0) for k in keep} for row in rows])
+        scored = await self.score((self.pick(), [{k: (row[k] or 0.0) for k in keep} for row in rows]))
         per_day: dict[str, list] = {}
         for row, s in zip(rows, scored["scores"]):
             per_day.setdefault(str(row["day"]), []).append(s)
@@ -228,13 +249,15 @@ class PodPulseAPI:
 
 
 def build(storage: dict | None = None, bootstrap: str | None = None, topic: str | None = None,
-          registry: str = "podpulse-data/models", model_path: str | None = None, env: dict | None = None):
+          registry: str = "podpulse-data/models", model_path: str | None = None, env: dict | None = None,
+          canary_model_path: str | None = None, canary_percent: float = 0):
     """The application graph, for ``serve.run`` and ``podpulse serve``.
 
     ``env``: environment variables for the API replicas (``PODPULSE_API_TOKEN``),
     when they should not come from the nodes' own environment.
     """
-    options = {"user_config": {"model_path": model_path}}
+    options = {"user_config": {"model_path": model_path, "canary_model_path": canary_model_path,
+                               "canary_percent": canary_percent}}
     if env:
         options["ray_actor_options"] = {"num_cpus": 0.5, "runtime_env": {"env_vars": env}}
     return PodPulseAPI.options(**options).bind(storage, bootstrap, topic, registry)

@@ -109,6 +109,26 @@ def test_a_new_model_version_is_swapped_in_without_a_failed_request(served):
     assert first["version"] in versions and versions[-1] == second["version"]
 
 
+def test_a_canary_version_answers_its_share_of_requests(served):
+    from ray import serve
+
+    from deployments.app import build
+
+    url, root, storage, settings, first = served
+    canary = train_battery_anomaly(storage, registry=root / "models", epochs=1)
+    serve.run(build(**settings, model_path=first["path"], canary_model_path=canary["path"], canary_percent=50),
+              name="podpulse", route_prefix="/")
+    versions = [requests.post(f"{url}/v1/battery/score", json={"rows": [ROW]}, headers=AUTH).json()["version"]
+                for _ in range(120)]
+    assert set(versions) == {first["version"], canary["version"]}
+    assert 30 <= versions.count(canary["version"]) <= 90  # 50% of 120: more than 5 standard deviations of slack
+    serve.run(build(**settings, model_path=first["path"], canary_model_path=canary["path"], canary_percent=0),
+              name="podpulse", route_prefix="/")
+    versions = {requests.post(f"{url}/v1/battery/score", json={"rows": [ROW]}, headers=AUTH).json()["version"]
+                for _ in range(30)}
+    assert versions == {first["version"]}
+
+
 def test_the_serve_config_builds_the_application():
     from pathlib import Path
 
