@@ -144,29 +144,29 @@ def _rayservice(cr: dict) -> dict | None:
 def reconcile_deployer(body, patch, **_) -> None:
     """Re-asserts the model every resync: a `kubectl apply` of the RayService undoes the patch."""
     cr = _plain(body)
+    service = _rayservice(cr)
     try:
-        service = _rayservice(cr)
         change = rc.deployer_patch(cr, service) if service else None
         if change:
             cluster().merge_patch("ray.io/v1", "RayService", cr["metadata"]["namespace"], service["metadata"]["name"],
                                   change)
             service = _rayservice(cr)
-        patch.status.update(rc.deployer_status(cr, service, _now()))
-    except rc.InvalidSpec as e:
-        patch.status.update(rc.invalid_status(cr, str(e), _now()))
+    except rc.InvalidSpec:
+        pass  # the RayService is left alone; deployer_status reports why (phase Invalid) and what it serves
     except ConflictError as e:  # the RayService changed under us: read it again
         raise kopf.TemporaryError(f"RayService changed while patching it: {e}", delay=5) from e
+    patch.status.update(rc.deployer_status(cr, service, _now()))
 
 
 @kopf.on.delete(rc.GROUP, rc.VERSION, DEPLOYERS)
 def withdraw_canary(body, **_) -> None:
-    """Removes the canary application; what the application itself serves stays as it is."""
+    """Withdraws the canary (canary_percent 0); the stable version (model_path) stays as it is."""
     cr = _plain(body)
     service = _rayservice(cr)
     try:
         change = rc.deployer_removal(cr, service) if service else None
     except rc.InvalidSpec:
-        return  # nothing of ours can be in a config we cannot read
+        return  # the application is gone: there is no canary to withdraw
     if change:
         cluster().merge_patch("ray.io/v1", "RayService", cr["metadata"]["namespace"], service["metadata"]["name"],
                               change)

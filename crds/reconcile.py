@@ -35,7 +35,6 @@ DEFAULT_IMAGE = f"podpulse:{RAY_VERSION}-py311"  # the Dockerfile's image; the o
 MANAGER = "podpulse-operator"
 OWNER_LABEL, KIND_LABEL, HASH_LABEL = "podpulse.io/owner", "podpulse.io/owner-kind", "podpulse.io/spec-hash"
 TARGET_LABEL = "podpulse.io/target-version"
-CANARY_PERCENT, CANARY_ROUTE = "podpulse.io/canary-percent", "podpulse.io/canary-route"
 # Ray resources of the ingest actors (actors/partition_consumer.py, actors/storage_writer.py), copied
 # because crds/ may not import actors/: they size the first workers; the autoscaler corrects the rest.
 CONSUMER_CPUS, WRITER_CPUS = 0.5, 0.25
@@ -345,115 +344,169 @@ def schema_status(cr: dict, desired: list[dict], jobs: list[dict], now: str) -> 
 
 
 # ---- AIModelDeployer → a patch of a RayService's serveConfigV2 -----------------------------------
+#
+# The scoring deployment (PodPulseAPI, deployments/app.py) takes user_config {model_path,
+# canary_model_path, canary_percent}: each scoring request is answered by the canary with
+# probability canary_percent / 100, else by model_path (null: the registry's latest version, looked
+# up by each replica). Serve applies a changed user_config with reconfigure() on the running replicas.
+
+SCORER_CONFIG = {"model_path": None, "canary_model_path": None, "canary_percent": 0}
+UNPINNED = "(latest)"  # status.stableVersion when model_path is null; no version is named so (CRD pattern)
+_FAILED = ("DEPLOY_FAILED", "UNHEALTHY")
+
 
 def deployer_spec(cr: dict) -> dict:
     return _merged(DEPLOYER_DEFAULTS, cr.get("spec") or {})
 
 
-def _with_model(app: dict, deployment: str, model_path: str) -> dict:
+def _serve_config(rayservice: dict) -> dict:
+    return yaml.safe_load((rayservice.get("spec") or {}).get("serveConfigV2") or "") or {}
+
+
+def _application(config: dict, ref: dict) -> dict:
+    app = next((a for a in config.get("applications") or [] if a.get("name") == ref["application"]), None)
+    _check(app is not None, f"RayService {ref['name']} has no application {ref['application']!r}")
+    return app
+
+
+def _scorer_config(app: dict, deployment: str) -> dict:
+    """The user_config the deployment runs with: its own in the serve config, else the one
+    ``build()`` makes from the application's arguments."""
+    entry = next((d for d in app.get("deployments") or [] if d.get("name") == deployment), None)
+    if entry is not None and isinstance(entry.get("user_config"), dict):
+        given = entry["user_config"]
+    else:
+        args = app.get("args") or {}
+        given = {k: args[k] for k in SCORER_CONFIG if k in args}
+    out = {**SCORER_CONFIG, **given}
+    out["canary_percent"] = out["canary_percent"] or 0
+    return out
+
+
+def _model_path(spec: dict, app: dict) -> str:
+    registry = spec.get("registry") or (app.get("args") or {}).get("registry") or ""
+    _check(registry.startswith("/"), f"the registry {registry!r} is not an absolute path in the Ray pods: "
+                                     "set spec.registry")
+    return f"{registry.rstrip('/')}/{spec['model']}/{spec['version']}"
+
+
+def _wanted(spec: dict, app: dict, served: dict, percent: int) -> dict:
+    """The scorer's user_config: 100 promotes the version, 1-99 makes it the canary, 0 withdraws the canary."""
+    if percent == 0:  # model_path stays as it is
+        return {**served, "canary_model_path": None, "canary_percent": 0}
+    path = _model_path(spec, app)
+    if percent == 100:
+        return {**served, "model_path": path, "canary_model_path": None, "canary_percent": 0}
+    stable = served["model_path"]
+    _check(stable, f"a canary needs a pinned stable version, and {spec['rayService']['deployment']}'s model_path "
+                   "is null (the registry's latest, which may be this very version): promote the serving "
+                   "version first (canaryPercent: 100)")
+    _check(stable.rstrip("/") != path, f"{spec['version']} is already the stable version: a canary of it "
+                                       "changes nothing (to roll back, promote the previous version)")
+    return {**served, "canary_model_path": path, "canary_percent": percent}
+
+
+def _with_scorer_config(app: dict, deployment: str, user_config: dict) -> dict:
     app = copy.deepcopy(app)
     deployments = app.setdefault("deployments", [])
     entry = next((d for d in deployments if d.get("name") == deployment), None)
     if entry is None:
         entry = {"name": deployment}
         deployments.append(entry)
-    entry["user_config"] = {**(entry.get("user_config") or {}), "model_path": model_path}
+    entry["user_config"] = user_config
     return app
 
 
-def _plan(cr: dict, rayservice: dict, withdraw: bool = False) -> tuple[dict, dict, str, str | None]:
-    """(serve config, annotations, model path, canary application or None) the RayService should have."""
+def _plan(cr: dict, rayservice: dict, withdraw: bool = False) -> dict:
+    """The serve config the RayService should have."""
     spec = deployer_spec(cr)
     ref = spec["rayService"]
-    config = yaml.safe_load((rayservice.get("spec") or {}).get("serveConfigV2") or "") or {}
-    apps = config.get("applications") or []
-    primary = next((a for a in apps if a.get("name") == ref["application"]), None)
-    _check(primary is not None, f"RayService {ref['name']} has no application {ref['application']!r}")
-    registry = spec.get("registry") or (primary.get("args") or {}).get("registry") or ""
-    _check(registry.startswith("/"), f"the registry {registry!r} is not an absolute path in the Ray pods: "
-                                     "set spec.registry")
-    model_path = f"{registry.rstrip('/')}/{spec['model']}/{spec['version']}"
-    canary_name = f"{ref['application']}-canary"
-    percent = 0 if withdraw else spec["canaryPercent"]
-    kept = [a for a in apps if a.get("name") != canary_name]
-    annotations = {CANARY_PERCENT: None, CANARY_ROUTE: None}
-    canary = None
-    if percent == 100:  # promote: the application itself serves the version
-        kept = [_with_model(a, ref["deployment"], model_path) if a is primary else a for a in kept]
-    elif percent > 0:  # a second application serves it, one replica of each deployment
-        canary = _with_model(primary, ref["deployment"], model_path)
-        canary["name"] = canary_name
-        canary["route_prefix"] = (primary.get("route_prefix") or "/").rstrip("/") + "/canary"
-        for d in canary["deployments"]:
-            d.pop("autoscaling_config", None)
-            d["num_replicas"] = 1
-        kept.append(canary)
-        annotations = {CANARY_PERCENT: str(percent), CANARY_ROUTE: canary["route_prefix"]}
-    return {**config, "applications": kept}, annotations, model_path, canary and canary_name
+    config = _serve_config(rayservice)
+    app = _application(config, ref)
+    served = _scorer_config(app, ref["deployment"])
+    wanted = _wanted(spec, app, served, 0 if withdraw else spec["canaryPercent"])
+    if wanted == served:
+        return config  # already so, however the user_config is written
+    return {**config, "applications": [_with_scorer_config(a, ref["deployment"], wanted) if a is app else a
+                                       for a in config["applications"]]}
 
 
-def _patch(rayservice: dict, config: dict, annotations: dict) -> dict | None:
-    current = yaml.safe_load((rayservice.get("spec") or {}).get("serveConfigV2") or "") or {}
-    have = (rayservice["metadata"].get("annotations") or {})
-    changed_annotations = {k: v for k, v in annotations.items() if have.get(k) != v}
-    if current == config and not changed_annotations:
+def _patch(rayservice: dict, config: dict) -> dict | None:
+    if _serve_config(rayservice) == config:
         return None  # compared parsed, so comments and layout in the applied YAML cause no churn
     # resourceVersion makes the write conditional: a concurrent change gets 409 and a retry.
-    meta = {"resourceVersion": rayservice["metadata"]["resourceVersion"]}
-    if changed_annotations:
-        meta["annotations"] = changed_annotations
-    out = {"metadata": meta}
-    if current != config:
-        out["spec"] = {"serveConfigV2": yaml.safe_dump(config, sort_keys=False)}
-    return out
+    return {"metadata": {"resourceVersion": rayservice["metadata"]["resourceVersion"]},
+            "spec": {"serveConfigV2": yaml.safe_dump(config, sort_keys=False)}}
 
 
 def deployer_patch(cr: dict, rayservice: dict) -> dict | None:
     """The JSON merge patch that makes ``rayservice`` serve the resource's version, or None."""
-    config, annotations, _, _ = _plan(cr, rayservice)
-    return _patch(rayservice, config, annotations)
+    return _patch(rayservice, _plan(cr, rayservice))
 
 
 def deployer_removal(cr: dict, rayservice: dict) -> dict | None:
-    """On deletion: remove the canary application; what the application serves stays."""
-    config, annotations, _, _ = _plan(cr, rayservice, withdraw=True)
-    return _patch(rayservice, config, annotations)
+    """On deletion: withdraw the canary; the stable version stays."""
+    return _patch(rayservice, _plan(cr, rayservice, withdraw=True))
+
+
+def _version(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _serving(rayservice: dict | None, ref: dict) -> dict:
+    """Status fields naming what the RayService's serve config serves now; None clears a field."""
+    try:
+        _check(rayservice is not None, "no RayService")
+        served = _scorer_config(_application(_serve_config(rayservice), ref), ref["deployment"])
+    except InvalidSpec:  # no RayService, or no such application: nothing to name
+        return dict.fromkeys(("stableModelPath", "stableVersion", "canaryModelPath", "canaryVersion",
+                              "canaryPercent"))
+    stable = served["model_path"]
+    canary = served["canary_model_path"] if served["canary_percent"] > 0 else None  # reconfigure() ignores it at 0
+    return {"stableModelPath": stable, "stableVersion": _version(stable) if stable else UNPINNED,
+            "canaryModelPath": canary, "canaryVersion": canary and _version(canary),
+            "canaryPercent": served["canary_percent"] if canary else None}
 
 
 def deployer_status(cr: dict, rayservice: dict | None, now: str) -> dict:
-    """Applied: the serve config holds the version. Ready: KubeRay reports those applications RUNNING."""
+    """Applied: the serve config holds the spec. Ready: KubeRay reports the application RUNNING.
+
+    The stable and canary fields name what the serve config holds, whether or not it is the spec:
+    an Invalid spec leaves the RayService alone, and the status still says what it serves.
+    """
     spec = deployer_spec(cr)
-    base = {"observedGeneration": cr["metadata"].get("generation", 0)}
+    ref = spec["rayService"]
+    base = {"observedGeneration": cr["metadata"].get("generation", 0), **_serving(rayservice, ref)}
     if rayservice is None:
-        message = f"RayService {spec['rayService']['name']} not found"
+        message = f"RayService {ref['name']} not found"
         return {**base, "phase": "Pending", "conditions": [
             _condition(cr, "Applied", False, "RayServiceNotFound", message, now),
             _condition(cr, "Ready", False, "RayServiceNotFound", message, now)]}
-    _, _, model_path, canary = _plan(cr, rayservice)
-    applied = deployer_patch(cr, rayservice) is None
-    statuses = ((rayservice.get("status") or {}).get("activeServiceStatus") or {}).get("applicationStatuses") or {}
-    apps = [spec["rayService"]["application"], *([canary] if canary else [])]
-    states = {a: (statuses.get(a) or {}).get("status", "") for a in apps}
+    try:
+        applied = deployer_patch(cr, rayservice) is None
+    except InvalidSpec as e:
+        return {**base, "phase": "Invalid", "conditions": [
+            _condition(cr, "Applied", False, "InvalidSpec", str(e), now),
+            _condition(cr, "Ready", False, "InvalidSpec", str(e), now)]}
+    serves = f"stable {base['stableVersion']}" + (
+        f", canary {base['canaryVersion']} answers {base['canaryPercent']}% of scoring requests"
+        if base["canaryVersion"] else ", no canary")
+    app = ref["application"]
+    st = (((rayservice.get("status") or {}).get("activeServiceStatus") or {}).get("applicationStatuses") or {}
+          ).get(app) or {}
+    state = st.get("status", "")
     observed = (rayservice.get("status") or {}).get("observedGeneration", 0) >= \
         rayservice["metadata"].get("generation", 0)
-    broken = {a: s for a, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}
     if not applied:
         phase, ok, reason, message = "Pending", False, "NotApplied", "the serve config is being patched"
-    elif broken:
-        phase, ok, reason = "Failed", False, "DeployFailed"
-        message = "; ".join(f"{a}: {s} {(statuses[a] or {}).get('message', '')}".strip() for a, s in broken.items())
-    elif observed and all(s == "RUNNING" for s in states.values()):
+    elif state in _FAILED:
+        phase, ok, reason, message = "Failed", False, "DeployFailed", f"{app}: {state} {st.get('message', '')}".strip()
+    elif observed and state == "RUNNING":
         phase = {100: "Serving", 0: "Withdrawn"}.get(spec["canaryPercent"], "Canary")
-        ok, reason, message = True, "Running", ", ".join(f"{a} RUNNING" for a in apps)
+        ok, reason, message = True, "Running", f"{app} RUNNING: {serves}"
     else:
-        phase, ok, reason = "Deploying", False, "Deploying"
-        message = ", ".join(f"{a} {s or 'not reported'}" for a, s in states.items())
-    where = {100: f"{apps[0]} serves {model_path}", 0: f"no application serves {model_path}"}.get(
-        spec["canaryPercent"], f"{canary} serves {model_path} at {spec['canaryPercent']}%")
-    status = {**base, "phase": phase, "modelPath": model_path, "conditions": [
+        phase, ok, reason, message = "Deploying", False, "Deploying", f"{app} {state or 'not reported'}"
+    return {**base, "phase": phase, "conditions": [
         _condition(cr, "Applied", applied, "ServeConfigPatched" if applied else "NotApplied",
-                   where if applied else "the serve config is being patched", now),
+                   serves if applied else "the serve config is being patched", now),
         _condition(cr, "Ready", ok, reason, message, now)]}
-    if canary:
-        status["canaryApplication"] = canary
-    return status

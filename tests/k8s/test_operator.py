@@ -140,21 +140,60 @@ def rayservice(cluster, root):
     return svc
 
 
-def served_apps(cluster):
+def scorer(cluster):
+    """PodPulseAPI's user_config in the RayService as the cluster holds it."""
     svc = cluster.objects[("RayService", "podpulse", "podpulse")]
-    return [a["name"] for a in yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]]
+    (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]  # never a second application
+    return next(d for d in app["deployments"] if d["name"] == "PodPulseAPI")["user_config"]
 
 
-def test_deployer_handler_patches_the_rayservice_and_withdraws_on_delete(cluster, rayservice, example):
-    cr = example("AIModelDeployer")  # a 10% canary
+def patches(cluster, since=0):
+    return [c for c in cluster.calls[since:] if c[0] == "merge_patch"]
+
+
+def test_deployer_handler_pins_runs_a_canary_and_withdraws_it_on_delete(cluster, rayservice, example):
+    old = example("AIModelDeployer", name="battery-stable", version="20261120T070000000000Z", canaryPercent=100)
+    status = run(op.reconcile_deployer, old)  # pin the serving version
+    assert scorer(cluster)["model_path"].endswith("/20261120T070000000000Z")
+    assert (status["phase"], status["stableVersion"]) == ("Deploying", "20261120T070000000000Z")
+    op.withdraw_canary(body=kopf.Body(copy.deepcopy(old)), logger=None)  # its deletion keeps the promotion
+    assert scorer(cluster)["model_path"].endswith("/20261120T070000000000Z")
+
+    cr = example("AIModelDeployer")  # a 10% canary of the example's version
     status = run(op.reconcile_deployer, cr)
-    assert served_apps(cluster) == ["podpulse", "podpulse-canary"]
+    assert scorer(cluster) == {"model_path": "/data/models/battery-anomaly/20261120T070000000000Z",
+                               "canary_model_path": "/data/models/battery-anomaly/20261128T070000000000Z",
+                               "canary_percent": 10}
     assert status["conditions"][0]["status"] == "True" and status["phase"] == "Deploying"
+    assert (status["stableVersion"], status["canaryVersion"], status["canaryPercent"]) == \
+        ("20261120T070000000000Z", "20261128T070000000000Z", 10)
     calls = len(cluster.calls)
-    run(op.reconcile_deployer, cr)  # resync: reads, does not patch again
-    assert [c for c in cluster.calls[calls:] if c[0] == "merge_patch"] == []
+    svc = cluster.objects[("RayService", "podpulse", "podpulse")]
+    svc["status"]["observedGeneration"] = svc["metadata"]["generation"]  # KubeRay caught up
+    assert run(op.reconcile_deployer, cr)["phase"] == "Canary"  # resync: reads, does not patch again
+    assert patches(cluster, calls) == []
     op.withdraw_canary(body=kopf.Body(copy.deepcopy(cr)), logger=None)
-    assert served_apps(cluster) == ["podpulse"]
+    assert scorer(cluster) == {"model_path": "/data/models/battery-anomaly/20261120T070000000000Z",
+                               "canary_model_path": None, "canary_percent": 0}
+
+
+def test_deployer_handler_promotion_clears_the_canary_from_the_status(cluster, rayservice, example):
+    run(op.reconcile_deployer, example("AIModelDeployer", name="pin", version="20261120T070000000000Z",
+                                       canaryPercent=100))
+    cr = example("AIModelDeployer")
+    assert run(op.reconcile_deployer, cr)["canaryVersion"] == "20261128T070000000000Z"
+    cr["spec"]["canaryPercent"], cr["metadata"]["generation"] = 100, 2
+    run(op.reconcile_deployer, cr)
+    assert cr["status"]["stableVersion"] == "20261128T070000000000Z"
+    assert {"canaryVersion", "canaryModelPath", "canaryPercent"}.isdisjoint(cr["status"])  # removed, not stale
+
+
+def test_deployer_handler_leaves_an_unpinned_rayservice_alone(cluster, rayservice, example):
+    cr = example("AIModelDeployer")  # a canary, while deployments/rayservice.yaml serves the registry's latest
+    status = run(op.reconcile_deployer, cr)
+    assert status["phase"] == "Invalid" and "pinned stable version" in status["conditions"][1]["message"]
+    assert status["stableVersion"] == rc.UNPINNED and patches(cluster) == []
+    assert scorer(cluster) == {"model_path": None, "canary_model_path": None, "canary_percent": 0}
 
 
 def test_deployer_handler_without_its_rayservice_waits(cluster, example):
@@ -176,7 +215,7 @@ def test_rbac_grants_exactly_what_the_operator_uses(cluster, rayservice, example
         run(handler, cr)
         cr["spec"].update(change)
         run(handler, cr)
-    run(op.reconcile_deployer, example("AIModelDeployer"))
+    run(op.reconcile_deployer, example("AIModelDeployer", canaryPercent=100))
     op.withdraw_canary(body=kopf.Body(example("AIModelDeployer")), logger=None)
     used = {(PLURAL[kind][0], PLURAL[kind][1], verb) for call, kind in cluster.calls for verb in VERBS[call]}
 

@@ -1,6 +1,7 @@
 """crds/reconcile.py per kind: create, update, idempotence, owner references, status."""
 
 import copy
+import re
 import shlex
 
 import pytest
@@ -203,8 +204,13 @@ def test_schema_status_keeps_the_applied_version_across_targets(example):
 
 # ---- AIModelDeployer -----------------------------------------------------------------------------
 
+REGISTRY = "/data/models/battery-anomaly"  # deployments/rayservice.yaml's args.registry + the model
+OLD, NEW = f"{REGISTRY}/20261120T070000000000Z", f"{REGISTRY}/20261128T070000000000Z"  # NEW: the example's
+
+
 @pytest.fixture
 def rayservice(root):
+    """deployments/rayservice.yaml as KubeRay runs it: model_path null, no canary."""
     svc = yaml.safe_load((root / "deployments" / "rayservice.yaml").read_text())
     svc["metadata"].update(namespace="podpulse", resourceVersion="41", generation=3)
     svc["status"] = {"observedGeneration": 3, "activeServiceStatus": {"applicationStatuses": {
@@ -236,50 +242,122 @@ def apps(svc):
     return {a["name"]: a for a in yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]}
 
 
-def scorer(app):
-    """The deployment that loads the model (deployments/app.py: PodPulseAPI)."""
-    return next(d for d in app["deployments"] if d["name"] == "PodPulseAPI")
+def scorer(svc):
+    """The user_config of the deployment that loads the models (deployments/app.py: PodPulseAPI)."""
+    return next(d for d in apps(svc)["podpulse"]["deployments"] if d["name"] == "PodPulseAPI")["user_config"]
 
 
-def test_promotion_sets_the_model_path_of_the_application(example, rayservice):
+def serving(svc, **user_config):
+    """``svc`` with PodPulseAPI's user_config set by hand (not by the code under test)."""
+    svc = copy.deepcopy(svc)
+    config = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    config["applications"][0]["deployments"][0]["user_config"] = user_config
+    svc["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    return svc
+
+
+def without_user_config(svc):
+    """Everything of the application but the scorer's user_config, to show nothing else moves."""
+    app = copy.deepcopy(apps(svc)["podpulse"])
+    for d in app["deployments"]:
+        d.pop("user_config", None)
+    return app
+
+
+@pytest.fixture
+def pinned(rayservice):
+    """The RayService with a stable version pinned and no canary."""
+    return serving(rayservice, model_path=OLD, canary_model_path=None, canary_percent=0)
+
+
+def test_promotion_makes_the_version_the_stable_one(example, rayservice):
     cr = example("AIModelDeployer", canaryPercent=100)
     patch = rc.deployer_patch(cr, rayservice)
-    assert patch["metadata"]["resourceVersion"] == "41"  # a conditional write
+    assert patch["metadata"] == {"resourceVersion": "41"}  # a conditional write, and no annotations
     svc = applied(rayservice, patch)
-    path = "/data/models/battery-anomaly/20261128T070000000000Z"
-    assert scorer(apps(svc)["podpulse"])["user_config"] == {"model_path": path}
-    assert set(apps(svc)) == {"podpulse"}
+    assert scorer(svc) == {"model_path": NEW, "canary_model_path": None, "canary_percent": 0}
+    assert list(apps(svc)) == ["podpulse"]  # one application, on its own route
+    assert without_user_config(svc) == without_user_config(rayservice)
+    assert {k: v for k, v in yaml.safe_load(svc["spec"]["serveConfigV2"]).items() if k != "applications"} == \
+        {k: v for k, v in yaml.safe_load(rayservice["spec"]["serveConfigV2"]).items() if k != "applications"}
     assert rc.deployer_patch(cr, svc) is None  # idempotent: once applied, nothing to do
-    # Nothing else of the application changed.
-    before, after = apps(rayservice)["podpulse"], apps(svc)["podpulse"]
-    assert {k: v for k, v in after.items() if k != "deployments"} == {k: v for k, v in before.items()
-                                                                      if k != "deployments"}
 
 
-def test_canary_adds_a_second_application_and_withdrawal_removes_it(example, rayservice):
+def test_a_canary_answers_its_share_beside_the_stable_version(example, pinned):
     cr = example("AIModelDeployer")  # canaryPercent 10
-    svc = applied(rayservice, rc.deployer_patch(cr, rayservice))
-    canary = apps(svc)["podpulse-canary"]
-    assert canary["route_prefix"] == "/canary" and canary["import_path"] == apps(svc)["podpulse"]["import_path"]
-    assert canary["args"] == apps(svc)["podpulse"]["args"]
-    assert scorer(canary)["user_config"]["model_path"].endswith("/battery-anomaly/20261128T070000000000Z")
-    assert all(d["num_replicas"] == 1 for d in canary["deployments"])
-    assert scorer(apps(svc)["podpulse"])["user_config"] == {"model_path": None}  # the primary keeps its model
-    assert svc["metadata"]["annotations"] == {"podpulse.io/canary-percent": "10", "podpulse.io/canary-route": "/canary"}
+    svc = applied(pinned, rc.deployer_patch(cr, pinned))
+    assert scorer(svc) == {"model_path": OLD, "canary_model_path": NEW, "canary_percent": 10}
+    assert list(apps(svc)) == ["podpulse"] and apps(svc)["podpulse"]["route_prefix"] == "/"
+    assert without_user_config(svc) == without_user_config(pinned)
+    assert not svc["metadata"].get("annotations")
     assert rc.deployer_patch(cr, svc) is None
-    # A new share changes only the annotation.
-    more = rc.deployer_patch(example("AIModelDeployer", canaryPercent=50), svc)
-    assert more["metadata"]["annotations"] == {"podpulse.io/canary-percent": "50"} and "spec" not in more
-    # 0 withdraws the canary, as does deleting the deployer.
+    # A new share changes only the share; a new version only the canary.
+    more = applied(svc, rc.deployer_patch(example("AIModelDeployer", canaryPercent=50), svc))
+    assert scorer(more) == {"model_path": OLD, "canary_model_path": NEW, "canary_percent": 50}
+    newer = applied(more, rc.deployer_patch(example("AIModelDeployer", canaryPercent=50, version="v3"), more))
+    assert scorer(newer) == {"model_path": OLD, "canary_model_path": f"{REGISTRY}/v3", "canary_percent": 50}
+
+
+def test_promoting_the_canary_ends_it(example, pinned):
+    canary = applied(pinned, rc.deployer_patch(example("AIModelDeployer"), pinned))
+    promoted = applied(canary, rc.deployer_patch(example("AIModelDeployer", canaryPercent=100), canary))
+    assert scorer(promoted) == {"model_path": NEW, "canary_model_path": None, "canary_percent": 0}
+    # Deleting the deployer now leaves the promotion in place.
+    assert rc.deployer_removal(example("AIModelDeployer", canaryPercent=100), promoted) is None
+
+
+def test_zero_or_deletion_withdraws_the_canary_and_keeps_the_stable_version(example, pinned):
+    cr = example("AIModelDeployer")
+    svc = applied(pinned, rc.deployer_patch(cr, pinned))
     for patch in (rc.deployer_patch(example("AIModelDeployer", canaryPercent=0), svc), rc.deployer_removal(cr, svc)):
         back = applied(svc, patch)
-        assert set(apps(back)) == {"podpulse"} and not back["metadata"].get("annotations")
-        assert apps(back)["podpulse"] == apps(rayservice)["podpulse"]
+        assert scorer(back) == {"model_path": OLD, "canary_model_path": None, "canary_percent": 0}
+        assert apps(back) == apps(pinned)
+        # Withdrawn stays withdrawn: nothing more to patch, on a resync or a deletion.
+        assert rc.deployer_patch(example("AIModelDeployer", canaryPercent=0), back) is None
+        assert rc.deployer_removal(cr, back) is None
 
 
-def test_comments_and_layout_of_the_applied_config_cause_no_patch(example, rayservice):
-    cr = example("AIModelDeployer", canaryPercent=100)
-    svc = applied(rayservice, rc.deployer_patch(cr, rayservice))
+def test_withdrawal_leaves_an_unpinned_stable_version_unpinned(example, rayservice):
+    assert rc.deployer_patch(example("AIModelDeployer", canaryPercent=0), rayservice) is None
+    # A user_config that already means "no canary", however written, is not rewritten.
+    assert rc.deployer_patch(example("AIModelDeployer", canaryPercent=0), serving(rayservice, model_path=OLD)) is None
+    canary = serving(rayservice, model_path=None, canary_model_path=NEW, canary_percent=30)  # set by hand
+    back = applied(canary, rc.deployer_removal(example("AIModelDeployer"), canary))
+    assert scorer(back) == {"model_path": None, "canary_model_path": None, "canary_percent": 0}
+
+
+def test_a_canary_needs_a_pinned_stable_version_other_than_itself(example, rayservice, pinned):
+    # model_path null is the registry's latest: most likely the version under test itself.
+    with pytest.raises(rc.InvalidSpec, match="pinned stable version"):
+        rc.deployer_patch(example("AIModelDeployer"), rayservice)
+    promoted = serving(rayservice, model_path=NEW + "/", canary_model_path=None, canary_percent=0)
+    with pytest.raises(rc.InvalidSpec, match="already the stable version"):
+        rc.deployer_patch(example("AIModelDeployer"), promoted)
+    rc.deployer_patch(example("AIModelDeployer"), pinned)  # the same spec, once a stable version is pinned
+
+
+def test_the_stable_version_is_read_as_the_deployment_runs_it(example, rayservice):
+    config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    # No user_config in the serve config: build() takes it from the application's arguments.
+    config["applications"][0]["args"]["model_path"] = OLD
+    del config["applications"][0]["deployments"][0]["user_config"]
+    svc = copy.deepcopy(rayservice)
+    svc["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    out = applied(svc, rc.deployer_patch(example("AIModelDeployer"), svc))
+    assert scorer(out) == {"model_path": OLD, "canary_model_path": NEW, "canary_percent": 10}
+    # Keys the operator does not know are kept; a missing deployment entry is added.
+    extra = applied(svc, rc.deployer_patch(example("AIModelDeployer"), serving(svc, model_path=OLD, note="x")))
+    assert scorer(extra) == {"model_path": OLD, "canary_model_path": NEW, "canary_percent": 10, "note": "x"}
+    config["applications"][0]["deployments"] = []
+    svc["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    out = applied(svc, rc.deployer_patch(example("AIModelDeployer", canaryPercent=100), svc))
+    assert scorer(out) == {"model_path": NEW, "canary_model_path": None, "canary_percent": 0}
+
+
+def test_comments_and_layout_of_the_applied_config_cause_no_patch(example, pinned):
+    cr = example("AIModelDeployer")
+    svc = applied(pinned, rc.deployer_patch(cr, pinned))
     reformatted = copy.deepcopy(svc)
     reformatted["spec"]["serveConfigV2"] = "# edited by hand\n" + yaml.safe_dump(
         yaml.safe_load(svc["spec"]["serveConfigV2"]), default_flow_style=True)
@@ -288,41 +366,93 @@ def test_comments_and_layout_of_the_applied_config_cause_no_patch(example, rayse
 
 @pytest.mark.parametrize("change, message", [
     ({"rayService": {"name": "podpulse", "application": "other"}}, "no application 'other'"),
+    ({"rayService": {"name": "podpulse", "application": "other"}, "canaryPercent": 0}, "no application 'other'"),
 ])
-def test_deployer_refuses_what_it_cannot_do(example, rayservice, change, message):
+def test_deployer_refuses_what_it_cannot_do(example, pinned, change, message):
     with pytest.raises(rc.InvalidSpec, match=message):
-        rc.deployer_patch(example("AIModelDeployer", **change), rayservice)
+        rc.deployer_patch(example("AIModelDeployer", **change), pinned)
 
 
 def test_deployer_needs_an_absolute_registry(example, rayservice, root):
     relative = copy.deepcopy(rayservice)
     relative["spec"]["serveConfigV2"] = (root / "deployments" / "serve-config.yaml").read_text()  # podpulse-data/models
     with pytest.raises(rc.InvalidSpec, match="absolute"):
-        rc.deployer_patch(example("AIModelDeployer"), relative)
+        rc.deployer_patch(example("AIModelDeployer", canaryPercent=100), relative)
     patch = rc.deployer_patch(example("AIModelDeployer", registry="/mnt/models", canaryPercent=100), relative)
-    assert scorer(apps(applied(relative, patch))["podpulse"])["user_config"]["model_path"].startswith("/mnt/models/")
+    assert scorer(applied(relative, patch))["model_path"] == "/mnt/models/battery-anomaly/20261128T070000000000Z"
 
 
-def test_deployer_status(example, rayservice):
+def kuberay_saw(svc, state="RUNNING", **extra):
+    """KubeRay has observed the current generation and reports the application ``state``."""
+    svc = copy.deepcopy(svc)
+    svc["status"] = {"observedGeneration": svc["metadata"]["generation"], "activeServiceStatus": {
+        "applicationStatuses": {"podpulse": {"status": state, **extra}}}}
+    return svc
+
+
+def present(status):
+    """The status as stored: a None in the merge patch removes the field."""
+    return {k: v for k, v in status.items() if v is not None}
+
+
+def test_deployer_status_names_the_stable_and_the_canary_version(example, pinned, validate_cr):
     cr = example("AIModelDeployer")
     missing = rc.deployer_status(cr, None, NOW)
     assert missing["phase"] == "Pending" and missing["conditions"][0]["reason"] == "RayServiceNotFound"
-    before = rc.deployer_status(cr, rayservice, NOW)
+    assert present(missing).keys() == {"observedGeneration", "phase", "conditions"}
+    before = rc.deployer_status(cr, pinned, NOW)
     assert before["phase"] == "Pending" and before["conditions"][0]["status"] == "False"
-    svc = applied(rayservice, rc.deployer_patch(cr, rayservice))  # generation 4, KubeRay still at 3
-    statuses = svc["status"]["activeServiceStatus"]["applicationStatuses"]
+    assert (before["stableVersion"], before["canaryVersion"]) == ("20261120T070000000000Z", None)  # as it is
+    svc = applied(pinned, rc.deployer_patch(cr, pinned))  # generation 4, KubeRay still at 3
     lagging = rc.deployer_status(cr, svc, NOW)
     assert lagging["conditions"][0]["status"] == "True" and lagging["phase"] == "Deploying"
-    svc["status"]["observedGeneration"] = 4
-    statuses["podpulse-canary"] = {"status": "DEPLOYING"}
-    assert rc.deployer_status(cr, svc, NOW)["phase"] == "Deploying"
-    statuses["podpulse-canary"] = {"status": "RUNNING"}
-    ready = rc.deployer_status(cr, svc, NOW)
-    assert ready["phase"] == "Canary" and ready["canaryApplication"] == "podpulse-canary"
-    assert [c["status"] for c in ready["conditions"]] == ["True", "True"]
-    statuses["podpulse-canary"] = {"status": "DEPLOY_FAILED", "message": "model.keras not found"}
-    failed = rc.deployer_status(cr, svc, NOW)
+    assert rc.deployer_status(cr, kuberay_saw(svc, "DEPLOYING"), NOW)["phase"] == "Deploying"
+    ready = rc.deployer_status(cr, kuberay_saw(svc), NOW)
+    assert ready["phase"] == "Canary" and [c["status"] for c in ready["conditions"]] == ["True", "True"]
+    assert ready.items() >= {"stableModelPath": OLD, "stableVersion": "20261120T070000000000Z",
+                             "canaryModelPath": NEW, "canaryVersion": "20261128T070000000000Z",
+                             "canaryPercent": 10}.items()
+    assert "canary 20261128T070000000000Z answers 10% of scoring requests" in ready["conditions"][0]["message"]
+    validate_cr({**cr, "status": present(ready)})
+    failed = rc.deployer_status(cr, kuberay_saw(svc, "DEPLOY_FAILED", message="model.keras not found"), NOW)
     assert failed["phase"] == "Failed" and "model.keras not found" in failed["conditions"][1]["message"]
+
+
+def test_deployer_status_after_promotion_and_withdrawal_clears_the_canary(example, pinned, validate_cr):
+    cr = example("AIModelDeployer")
+    canary = applied(pinned, rc.deployer_patch(cr, pinned))
+    cr["status"] = present(rc.deployer_status(cr, kuberay_saw(canary), NOW))
+    for percent, phase, stable in [(100, "Serving", NEW), (0, "Withdrawn", OLD)]:
+        changed = example("AIModelDeployer", canaryPercent=percent)
+        changed["status"] = cr["status"]
+        svc = kuberay_saw(applied(canary, rc.deployer_patch(changed, canary)))
+        status = rc.deployer_status(changed, svc, LATER)
+        assert status["phase"] == phase and status["stableModelPath"] == stable
+        # None, so that the merge patch of the status removes the canary it named before.
+        assert status["canaryVersion"] is status["canaryModelPath"] is status["canaryPercent"] is None
+        assert present(merge(cr["status"], status)).keys().isdisjoint({"canaryVersion", "canaryModelPath",
+                                                                        "canaryPercent"})
+        assert "no canary" in status["conditions"][0]["message"]
+        validate_cr({**changed, "status": present(merge(cr["status"], status))})
+
+
+def test_an_invalid_deployer_still_names_what_is_served(example, rayservice, validate_cr):
+    cr = example("AIModelDeployer")
+    svc = kuberay_saw(serving(rayservice, model_path=None, canary_model_path=OLD, canary_percent=5))
+    status = rc.deployer_status(cr, svc, NOW)
+    assert status["phase"] == "Invalid" and "pinned stable version" in status["conditions"][1]["message"]
+    assert [c["status"] for c in status["conditions"]] == ["False", "False"]
+    assert (status["stableVersion"], status["stableModelPath"]) == (rc.UNPINNED, None)  # (latest)
+    assert (status["canaryVersion"], status["canaryPercent"]) == ("20261120T070000000000Z", 5)
+    validate_cr({**cr, "status": present(status)})
+    # A canary share of 0 is no canary: reconfigure() does not load it.
+    idle = rc.deployer_status(cr, serving(rayservice, model_path=OLD, canary_model_path=NEW, canary_percent=0), NOW)
+    assert idle["canaryVersion"] is None
+
+
+def test_the_unpinned_marker_is_no_version_name(crd_schema):
+    pattern = crd_schema("AIModelDeployer")["properties"]["spec"]["properties"]["version"]["pattern"]
+    assert not re.match(pattern, rc.UNPINNED)
 
 
 def test_invalid_status_names_the_problem(example):
