@@ -5,32 +5,59 @@ model trained on it, the PodPulse Serve application on a free local port. Then,
 in the same run:
 
 - baseline: the same one-row scoring called in-process (``direct_p50_ms``);
-- figure: ``rate`` requests a second for ``seconds`` seconds, each sent on its
-  schedule from a thread pool; p50/p99 latency and the rate achieved.
+- figure: ``rate`` requests a second for ``seconds`` seconds, open loop: each request
+  is sent at its scheduled time whether or not earlier ones have answered, and its
+  latency runs from that scheduled time (a slow server cannot hide queueing by
+  slowing the client down). p50/p99 latency and the rate achieved.
+
+The client (one asyncio loop, keep-alive connections) runs on the same 2-core
+machine as Ray Serve, so its CPU is part of what is measured.
 
     podpulse bench serve --json
 """
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import requests
 
 ROW = {"model": "AirPods Pro 2", "firmware": "7A294", "playback_h": 0.8, "anc": 0.5, "adaptive": 0.1,
        "transparency": 0.1, "output_dba": 70.0, "drain_left_pct": 18.0, "drain_right_pct": 17.0}
 TOKEN = "bench-token"
 
 
+async def open_loop(url: str, body: dict, headers: dict, rate: float, seconds: float) -> tuple[np.ndarray, int, float]:
+    """Latencies (s, from each request's scheduled time), errors, and the wall time it took."""
+    import aiohttp
+
+    n = int(rate * seconds)
+    latencies, errors = np.zeros(n), 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512)) as session:
+        async def one(i: int, at: float) -> None:
+            nonlocal errors
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            try:
+                async with session.post(url, json=body, headers=headers) as r:
+                    await r.read()
+                    errors += r.status != 200
+            except aiohttp.ClientError:
+                errors += 1
+            latencies[i] = time.perf_counter() - at
+
+        start = time.perf_counter() + 0.1
+        await asyncio.gather(*(one(i, start + i / rate) for i in range(n)))
+        return latencies, errors, time.perf_counter() - start
+
+
 def run(rate: int = 200, seconds: float = 10.0, devices: int = 300, days: int = 3) -> dict:
     from ray import serve
 
     from bench.report import build_store
-    from deployments.app import build
+    from deployments.app import run_local
     from podpulse.battery_model import load, score_rows
     from podpulse.broker import free_port
     from podpulse.ingest import init_ray
@@ -49,34 +76,18 @@ def run(rate: int = 200, seconds: float = 10.0, devices: int = 300, days: int = 
             direct.append(time.perf_counter() - t)
 
         init_ray()
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build(storage.as_dict(), registry=str(Path(tmp) / "models"),
-                        env={"PODPULSE_API_TOKEN": TOKEN}), name="podpulse-bench", route_prefix="/")
-        url = f"http://127.0.0.1:{port}/v1/battery/score"
-        session = requests.Session()
-        headers = {"Authorization": f"Bearer {TOKEN}"}
-        for _ in range(20):  # warm up
-            session.post(url, json={"rows": [ROW]}, headers=headers).raise_for_status()
-
-        def one(at: float) -> tuple[float, bool]:
-            time.sleep(max(0.0, at - time.perf_counter()))
-            t = time.perf_counter()
-            ok = requests.post(url, json={"rows": [ROW]}, headers=headers, timeout=30).status_code == 200
-            return time.perf_counter() - t, ok
-
-        n = int(rate * seconds)
-        start = time.perf_counter() + 0.2
-        with ThreadPoolExecutor(max_workers=64) as pool:
-            results = list(pool.map(one, [start + i / rate for i in range(n)]))
-        elapsed = time.perf_counter() - start
+        base = run_local(storage.as_dict(), str(Path(tmp) / "models"), TOKEN, port=free_port(),
+                         name="podpulse-bench")
+        url, headers = f"{base}/v1/battery/score", {"Authorization": f"Bearer {TOKEN}"}
+        asyncio.run(open_loop(url, {"rows": [ROW]}, headers, 20, 2))  # warm up: connections, first batches
+        latencies, errors, elapsed = asyncio.run(open_loop(url, {"rows": [ROW]}, headers, rate, seconds))
         serve.delete("podpulse-bench")
-    latencies = np.array([r[0] for r in results]) * 1000
+    ms = latencies * 1000
     return {
-        "rate_requested": rate, "requests": n, "errors": int(sum(not r[1] for r in results)),
-        "p50_ms": round(float(np.percentile(latencies, 50)), 2),
-        "p99_ms": round(float(np.percentile(latencies, 99)), 2),
-        "rps": round(n / elapsed, 1),
+        "rate_requested": rate, "requests": len(ms), "errors": errors,
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "rps": round(len(ms) / elapsed, 1),
         "direct_p50_ms": round(float(np.percentile(np.array(direct) * 1000, 50)), 2),
         "model_version": trained["version"],
     }
