@@ -16,6 +16,7 @@ The deployments are thin: the logic is ``podpulse.battery_model``,
 
 # No `from __future__ import annotations` here: FastAPI reads the annotations of the
 # class-based routes at runtime to tell bodies from query parameters.
+import asyncio
 import json
 import os
 import random
@@ -24,12 +25,14 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query
+from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 from ray import serve
 
 __all__ = ["app", "api", "build", "run_local", "PodPulseAPI", "latest_version"]
 
 MAX_ROWS = 1000
+DEVICE_ID = r"^[A-Za-z0-9._:-]{1,64}$"  # pseudonymous ids; anything else is a 422, never SQL
 MAX_EVENTS = 5000
 
 app = FastAPI(title="PodPulse", description="AirPods Pro fleet telemetry: ingest, scoring, forecasts, analytics.",
@@ -190,17 +193,20 @@ class PodPulseAPI:
         return await self.score((self.pick(), [r.model_dump() for r in body.rows]))
 
     @app.get("/v1/devices/{device_id}/battery-health", dependencies=[Auth])
-    async def battery_health(self, device_id: str, days: Annotated[int, Query(ge=1, le=90)] = 7) -> dict:
+    async def battery_health(self, device_id: Annotated[str, PathParam(pattern=DEVICE_ID)],
+                             days: Annotated[int, Query(ge=1, le=90)] = 7) -> dict:
         from podpulse.analytics import Reader
         from podpulse.battery_model import FEATURE_SQL
 
-        safe = device_id.replace("'", "")
-        with Reader(self.storage) as r:
-            columns = ["device_id", "day", "model", "firmware", "playback_h", "anc", "adaptive",
-                       "transparency", "output_dba", "drain_left_pct", "drain_right_pct"]
-            rows = [dict(zip(columns, row)) for row in r.rows(
-                f"SELECT * FROM ({FEATURE_SQL}) f WHERE device_id = '{safe}' "
-                f"AND day >= (SELECT max(day) FROM ({FEATURE_SQL}) g) - {days} ORDER BY day")]
+        def read() -> list[dict]:  # in a thread: the query must not hold up the event loop
+            with Reader(self.storage) as r:
+                columns = ["device_id", "day", "model", "firmware", "playback_h", "anc", "adaptive",
+                           "transparency", "output_dba", "drain_left_pct", "drain_right_pct"]
+                return [dict(zip(columns, row)) for row in r.rows(  # device_id: checked by DEVICE_ID
+                    f"SELECT * FROM ({FEATURE_SQL}) f WHERE device_id = '{device_id}' "
+                    f"AND day >= (SELECT max(day) FROM ({FEATURE_SQL}) g) - {days} ORDER BY day")]
+
+        rows = await asyncio.to_thread(read)
         if not rows:
             raise HTTPException(status_code=404, detail=f"no battery data for device {device_id!r}")
         keep = ("model", "firmware", "playback_h", "anc", "adaptive", "transparency", "output_dba",

@@ -78,6 +78,8 @@ def test_a_missing_token_gets_401_and_a_malformed_body_422_naming_the_field(serv
     assert bad.json()["detail"][0]["loc"][-1] == "anc"
     too_many = requests.post(f"{url}/v1/battery/score", json={"rows": [ROW] * 1001}, headers=AUTH)
     assert too_many.status_code == 422
+    quoted = requests.get(f"{url}/v1/devices/x' OR '1'='1/battery-health", headers=AUTH)
+    assert quoted.status_code == 422 and quoted.json()["detail"][0]["loc"][-1] == "device_id"
 
 
 def test_a_new_model_version_is_swapped_in_without_a_failed_request(served):

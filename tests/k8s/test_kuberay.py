@@ -127,3 +127,16 @@ def test_the_longest_allowed_names_fit_kubernetes_and_kuberay(example, kind, lon
     for child in children:
         limit = 47 if child["kind"] == "RayJob" else 63  # KubeRay: RayJob ≤ 47; Job names ≤ 63
         assert len(child["metadata"]["name"]) == longest + suffix <= limit
+
+
+def test_rayservice_containers_run_serve_as_measured_locally(root):
+    """Every Ray container of the RayService carries the Serve settings the local runs use."""
+    from podpulse.ingest import SERVE_ENV
+
+    service = yaml.safe_load((root / "deployments" / "rayservice.yaml").read_text())
+    spec = cluster_spec(service)
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, container["name"]
