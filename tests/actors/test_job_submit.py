@@ -1,4 +1,4 @@
-"""`ray job submit -- podpulse ingest` against a real `ray start --head` cluster."""
+"""`ray job submit -- podpulse ingest|train` against a real `ray start --head` cluster."""
 
 import json
 import os
@@ -51,26 +51,39 @@ def ray_head():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ingest_runs_as_a_ray_job(ray_head, broker, new_topic, produce_fleet, tmp_path):
-    address, env = ray_head
-    topic = new_topic(4)
-    produced = produce_fleet(topic, FleetSpec(devices=300, hours=12, seed=31))
-    db = tmp_path / "job.duckdb"
-    submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-              "podpulse", "ingest", "--bootstrap", broker.bootstrap, "--topic", topic,
-              "--until-caught-up", "--db", str(db), "--json"]
+def submit(address: str, env: dict, *command) -> dict:
+    """``ray job submit --working-dir . -- COMMAND``; the JSON line the command printed."""
+    argv = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+            *map(str, command)]
     deadline = time.monotonic() + 90
     while True:  # the head's job agent comes up a little after its HTTP API
-        proc = subprocess.run(submit, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
+        proc = subprocess.run(argv, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
                               text=True, timeout=300, cwd=ROOT)
         if "No available agent" not in proc.stderr or time.monotonic() > deadline:
             break
         time.sleep(2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+
+
+def test_ingest_and_training_run_as_ray_jobs(ray_head, broker, new_topic, produce_fleet, tmp_path):
+    address, env = ray_head
+    topic = new_topic(4)
+    produced = produce_fleet(topic, FleetSpec(devices=300, hours=24, seed=31))
+    db = tmp_path / "job.duckdb"
+    summary = submit(address, env, "podpulse", "ingest", "--bootstrap", broker.bootstrap, "--topic", topic,
+                     "--until-caught-up", "--db", db, "--json")
     assert summary["writer"]["applied"] == len(produced["valid"])
     con = duckdb.connect(str(db), read_only=True)
     assert con.execute("SELECT count(DISTINCT (device_id, seq)) FROM events").fetchone()[0] == len(produced["valid"])
+    con.close()
+
+    trained = submit(address, env, "podpulse", "train", "--model", "battery-anomaly", "--epochs", 2,
+                     "--db", db, "--registry", tmp_path / "models", "--json")
+    assert trained["device_days"] > 0
+    assert (tmp_path / "models" / "battery-anomaly" / trained["version"] / "model.keras").exists()
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT version FROM model_versions").fetchall() == [(trained["version"],)]
     con.close()
 
 
