@@ -31,6 +31,7 @@ import ray
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 from ray.exceptions import RayError
 
+from podpulse import metrics
 from podpulse.config import IngestConfig
 from podpulse.contract import decode_batch
 from podpulse.kafka import client_config, producer_config
@@ -127,8 +128,9 @@ class ShardConsumer:
         start_offsets = {p: self.positions.get(p) for p in next_offsets}  # None: the beginning
         self.positions.update(next_offsets)
         self.stats["consumed"] += len(messages)
+        metrics.events_consumed(self.topic, metrics.partition_counts(partitions))
         ref = self.writer.commit.remote(self.topic, table, next_offsets, start_offsets)  # 4.
-        self.inflight.append((ref, next_offsets))
+        self.inflight.append((ref, next_offsets, metrics.partition_counts(partitions[decoded.rows])))
         self.at_end = ended
         self._settle(block=True, limit=self.config.max_in_flight - 1)
 
@@ -166,11 +168,12 @@ class ShardConsumer:
         if left:
             raise RuntimeError(f"{left} dead letters not delivered to {dlq}")
         self.stats["dead_lettered"] += len(rejected)
+        metrics.events_dead_lettered(self.topic, (messages[r.index].partition() for r in rejected))
 
     def _settle(self, block: bool, limit: int = 0) -> None:
         """Collect finished writes (5.); with ``block``, wait until at most ``limit`` remain."""
         while self.inflight:
-            ref, next_offsets = self.inflight[0]
+            ref, next_offsets, stored = self.inflight[0]
             if not block or len(self.inflight) <= limit:
                 ready, _ = ray.wait([ref], timeout=0)
                 if not ready:
@@ -186,6 +189,7 @@ class ShardConsumer:
             self.inflight.popleft()
             self.stats["acked"] += result["rows"]
             self.stats["batches"] += 1
+            metrics.events_stored(self.topic, stored)
             self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()],
                                  asynchronous=True)
 

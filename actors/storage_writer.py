@@ -19,6 +19,7 @@ import time
 import pyarrow as pa
 import ray
 
+from podpulse import metrics
 from storage.rollups import check_follows, drop_replayed
 from storage.router import StorageConfig, open_storage
 
@@ -55,6 +56,7 @@ def coalesce(batches: list[Batch]) -> Batch:
 class Writer:
     def __init__(self, config: StorageConfig, max_rows: int = 100_000):
         self.storage = open_storage(config)
+        self.backend = metrics.backend_label(config)  # the label of its metrics
         self.storage.setup()
         self.max_rows = max_rows
         self.pending: list[tuple[str, Batch, asyncio.Future]] = []
@@ -84,6 +86,7 @@ class Writer:
                     result = await asyncio.get_running_loop().run_in_executor(
                         None, self._write, topic, [batch for _, batch, _ in group])
             except Exception as e:  # every batch of the group shares the outcome
+                metrics.write_failed(self.backend)
                 for _, _, done in group:
                     if not done.done():
                         done.set_exception(e)
@@ -107,11 +110,14 @@ class Writer:
         events, next_offsets, start_offsets = coalesce(batches)
         result = self.storage.commit(topic, events, next_offsets, start_offsets)
         s = self.stats
-        s["write_seconds"] += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        replayed = result.replayed + sum(b[0].num_rows for b in batches) - events.num_rows
+        s["write_seconds"] += seconds
         s["batches"] += len(batches)
         s["transactions"] += 1
         s["applied"] += result.applied
-        s["replayed"] += result.replayed + sum(b[0].num_rows for b in batches) - events.num_rows
+        s["replayed"] += replayed
+        metrics.batch_written(self.backend, seconds, result.applied, replayed)
         return {"transaction_rows": events.num_rows, "applied": result.applied}
 
     async def committed_offsets(self, topic: str) -> dict[int, int]:

@@ -11,7 +11,8 @@
   "Caught up" is not read from the lag: the embedded broker (Tansu) reports the
   high watermark as the base offset of the last record batch + 1 (seen here: 26
   after 50 records in two batches), so the consumers' end-of-partition events
-  decide it instead.
+  decide it instead. The lag is exported as ``podpulse_consumer_lag`` (refreshed at
+  least every ``LAG_METRIC_PERIOD_S``), so it under-reads on Tansu too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from actors.partition_consumer import PartitionConsumer
 from actors.storage_writer import StorageWriter
+from podpulse import metrics
 from podpulse.config import IngestConfig
 from podpulse.errors import BrokerError
 from podpulse.kafka import client_config, ensure_topic
@@ -34,6 +36,7 @@ __all__ = ["IngestSupervisor", "Supervisor", "shards"]
 
 log = logging.getLogger("podpulse.supervisor")
 RESTART_BACKOFF_S = 1.0
+LAG_METRIC_PERIOD_S = 5.0  # the lag gauge is at most this old while running
 
 
 def shards(partitions: int, consumers: int) -> list[list[int]]:
@@ -53,6 +56,7 @@ class Supervisor:
         self.restarts = 0
         self.partitions = 0
         self.last_lag: dict[int, int] = {}
+        self.lag_at = 0.0  # time.monotonic() of the last lag measured
         self._watermarks = Consumer({**client_config(config.bootstrap, config.kafka),
                                      "group.id": f"{config.group_id}-lag"})
 
@@ -60,6 +64,9 @@ class Supervisor:
         """Ingest until :meth:`stop` (or, with ``until_caught_up``, until every lag is 0)."""
         self._start()
         caught_up_at = None
+        exporting = threading.Event()
+        exporter = threading.Thread(target=self._export_lag, args=(exporting,), daemon=True)
+        exporter.start()
         try:
             while not self._stop.is_set():
                 self._watch(timeout=0.5)
@@ -67,6 +74,8 @@ class Supervisor:
                     caught_up_at = time.time()
                     break
         finally:
+            exporting.set()
+            exporter.join()
             final = self._shutdown()
         return final | {"caught_up_at": caught_up_at}
 
@@ -93,10 +102,20 @@ class Supervisor:
             low, high = self._watermarks.get_watermark_offsets(
                 TopicPartition(self.config.topic, p), timeout=10)
             lag[p] = max(0, high - max(stored.get(p, low), low))
-        self.last_lag = lag
+        self.last_lag, self.lag_at = lag, time.monotonic()
+        metrics.consumer_lag(self.config.topic, lag)
         return lag
 
     # -- internals ------------------------------------------------------------------
+    def _export_lag(self, done: threading.Event) -> None:
+        """Keep the lag gauge fresh when no one polls :meth:`status` (which measures it too)."""
+        while not done.wait(LAG_METRIC_PERIOD_S / 2):
+            if time.monotonic() - self.lag_at >= LAG_METRIC_PERIOD_S:
+                try:
+                    self.lag()
+                except Exception as e:  # the broker is unreachable: try again next period
+                    log.warning("lag not measured: %s", e)
+
     def _start(self) -> None:
         cfg = self.config
         topic = self._watermarks.list_topics(cfg.topic, timeout=15).topics.get(cfg.topic)

@@ -33,10 +33,15 @@ def new_topic(broker, request):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray instance for the session (two CPUs, no dashboard)."""
+    """A real local Ray instance for the session (two CPUs, no dashboard).
+
+    Metrics are reported every second (Ray's default: 10 s), so that a test sees
+    them on the node's metrics port soon after they are recorded.
+    """
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning",
+             _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
 

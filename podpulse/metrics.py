@@ -1,0 +1,244 @@
+"""PodPulse's Prometheus metrics, pipeline and serving, in one place.
+
+They are ``ray.util.metrics`` metrics: each Ray process records into its core
+worker, and the node's metrics agent serves them all on the node's metrics
+export port (``ray.nodes()[i]["MetricsExportPort"]``; ``ray start
+--metrics-export-port=8080`` fixes it, and KubeRay exposes it as the container
+port named ``metrics``, 8080). One scrape of that port per node sees every
+actor and Serve replica on the node. Each metric object is created lazily, once
+per process, on first use; calls are made once per batch, never per record.
+
+Exported names (measured with Ray 2.60, OpenTelemetry exporter, the default):
+Ray prefixes every name with ``ray_``; a counter named ``x_total`` is exported
+as ``ray_x_total`` (no second suffix; also true with
+``RAY_enable_open_telemetry=0``); a histogram ``x_seconds`` as
+``ray_x_seconds_bucket`` (with ``le``), ``ray_x_seconds_sum`` and
+``ray_x_seconds_count``. Ray adds the labels ``Component``, ``NodeAddress``,
+``SessionName``, ``Version`` (Ray's), ``WorkerId`` and ``otel_scope_*``, so
+each process is its own series: aggregate with ``sum by (...)``. A live
+process re-reports its gauges every report interval (``metrics_report_interval_ms``,
+10 s by default), so a gauge set once stays exported; a dead process's gauges
+disappear about two intervals later, while its counters stay exported at
+their last value (seen for 40 s and more; a restarted actor starts new series
+from zero, which ``rate()`` copes with).
+
+===========================================  =========  ==========================
+exported name                                type       labels (besides Ray's)
+===========================================  =========  ==========================
+ray_podpulse_events_consumed_total           counter    topic, partition
+ray_podpulse_events_stored_total             counter    topic, partition
+ray_podpulse_events_dead_lettered_total      counter    topic, partition
+ray_podpulse_consumer_lag                    gauge      topic, partition
+ray_podpulse_batch_write_seconds_bucket      histogram  backend, le (+ _sum, _count)
+ray_podpulse_events_written_total            counter    backend, outcome
+ray_podpulse_write_errors_total              counter    backend
+ray_podpulse_scoring_latency_seconds_bucket  histogram  endpoint, le (+ _sum, _count)
+ray_podpulse_anomalies_flagged_total         counter    region
+ray_podpulse_model_info                      gauge      model, version
+ray_podpulse_feature_drift_psi               gauge      model, version, feature
+===========================================  =========  ==========================
+
+Consumer lag is measured by the IngestSupervisor: the partition's high
+watermark minus the next offset stored with the data. **On the embedded Tansu
+broker it under-reads**: Tansu reports the high watermark as the base offset of
+the last record batch + 1, not the last offset + 1, so the lag it yields is too
+small by the size of the partition's last record batch less one (1 while that
+whole batch is still unread). On Apache Kafka it is exact.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter as _Tally
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import numpy as np
+
+__all__ = [
+    "PREFIX", "METRICS", "MetricSpec", "exported_name", "exported_series",
+    "events_consumed", "events_stored", "events_dead_lettered", "consumer_lag", "partition_counts",
+    "backend_label", "batch_written", "write_failed",
+    "scoring_latency", "anomalies_flagged", "model_version", "feature_drift",
+]
+
+PREFIX = "ray_"  # added by Ray's exporter to every application metric
+WRITE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SCORING_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # as given to Ray; counters end in _total already
+    kind: str  # counter | gauge | histogram
+    description: str
+    tag_keys: tuple[str, ...]
+    boundaries: tuple[float, ...] = ()
+
+
+METRICS: dict[str, MetricSpec] = {s.name: s for s in (
+    # -- the ingest pipeline --------------------------------------------------------------
+    MetricSpec("podpulse_events_consumed_total", "counter",
+               "Kafka messages read by the partition consumers (valid and rejected; re-read after a rewind).",
+               ("topic", "partition")),
+    MetricSpec("podpulse_events_stored_total", "counter",
+               "Valid events in batches the storage writer acknowledged as durable with their offsets.",
+               ("topic", "partition")),
+    MetricSpec("podpulse_events_dead_lettered_total", "counter",
+               "Records sent to the dead-letter topic (undecodable or invalid).", ("topic", "partition")),
+    MetricSpec("podpulse_consumer_lag", "gauge",
+               "High watermark minus the next offset stored with the data. Under-reads on the embedded "
+               "Tansu broker (its high watermark is the last record batch's base offset + 1).",
+               ("topic", "partition")),
+    MetricSpec("podpulse_batch_write_seconds", "histogram",
+               "Time to write one coalesced batch and its offsets (one transaction) to the store.",
+               ("backend",), WRITE_BUCKETS_S),
+    MetricSpec("podpulse_events_written_total", "counter",
+               "Rows of written batches: outcome=applied (newly stored) or replayed (offsets already stored).",
+               ("backend", "outcome")),
+    MetricSpec("podpulse_write_errors_total", "counter",
+               "Batch writes that raised (store error, refused offset gap); their consumers rewind.",
+               ("backend",)),
+    # -- serving -----------------------------------------------------------------------------
+    MetricSpec("podpulse_scoring_latency_seconds", "histogram",
+               "Time to answer a scoring request, per endpoint.", ("endpoint",), SCORING_BUCKETS_S),
+    MetricSpec("podpulse_anomalies_flagged_total", "counter",
+               "Device-days flagged as battery anomalies, per region (STATE-urban|rural).", ("region",)),
+    MetricSpec("podpulse_model_info", "gauge",
+               "1 for the model version a serving replica uses, 0 for the one it replaced.",
+               ("model", "version")),
+    MetricSpec("podpulse_feature_drift_psi", "gauge",
+               "Population stability index of a model feature, recent days against the training window.",
+               ("model", "version", "feature")),
+)}
+
+
+def exported_name(name: str) -> str:
+    """The name Ray exports a metric under (histograms: the base of _bucket/_sum/_count)."""
+    return PREFIX + name
+
+
+def exported_series() -> set[str]:
+    """Every series name a Prometheus scraping Ray sees for PodPulse's metrics."""
+    names = set()
+    for s in METRICS.values():
+        base = exported_name(s.name)
+        names |= {base + x for x in ("_bucket", "_sum", "_count")} if s.kind == "histogram" else {base}
+    return names
+
+
+_lock = threading.Lock()
+_made: dict = {}
+
+
+def _metric(name: str):
+    """The process's one metric object for ``name``, created on first use."""
+    m = _made.get(name)
+    if m is None:
+        with _lock:
+            m = _made.get(name)
+            if m is None:
+                from ray.util import metrics as rm
+
+                s = METRICS[name]
+                if s.kind == "counter":
+                    m = rm.Counter(s.name, s.description, s.tag_keys)
+                elif s.kind == "gauge":
+                    m = rm.Gauge(s.name, s.description, s.tag_keys)
+                else:
+                    m = rm.Histogram(s.name, s.description, list(s.boundaries), s.tag_keys)
+                _made[name] = m
+    return m
+
+
+# -- the ingest pipeline (one call per batch) --------------------------------------------------
+
+def partition_counts(partitions: np.ndarray) -> dict[int, int]:
+    """How many of a batch's messages each partition holds."""
+    counts = np.bincount(partitions) if len(partitions) else np.zeros(0, np.int64)
+    return {p: n for p, n in enumerate(counts.tolist()) if n}
+
+
+def _per_partition(name: str, topic: str, counts: Mapping[int, int]) -> None:
+    m = _metric(name)
+    for p, n in counts.items():
+        if n > 0:
+            m.inc(n, {"topic": topic, "partition": str(p)})
+
+
+def events_consumed(topic: str, counts: Mapping[int, int]) -> None:
+    _per_partition("podpulse_events_consumed_total", topic, counts)
+
+
+def events_stored(topic: str, counts: Mapping[int, int]) -> None:
+    _per_partition("podpulse_events_stored_total", topic, counts)
+
+
+def events_dead_lettered(topic: str, partitions: Iterable[int]) -> None:
+    """``partitions``: the source partition of each dead letter."""
+    _per_partition("podpulse_events_dead_lettered_total", topic, _Tally(partitions))
+
+
+def consumer_lag(topic: str, lag: Mapping[int, int]) -> None:
+    m = _metric("podpulse_consumer_lag")
+    for p, n in lag.items():
+        m.set(n, {"topic": topic, "partition": str(p)})
+
+
+def backend_label(config) -> str:
+    """``backend`` label of a storage configuration: its backend types, time-series store first,
+    e.g. ``duckdb`` or ``cassandra+postgresql``."""
+    types = [config.backends[config.routes[k]]["type"] for k in ("raw_events", "offsets")]
+    return types[0] if types[0] == types[1] else "+".join(types)
+
+
+def batch_written(backend: str, seconds: float, applied: int, replayed: int) -> None:
+    _metric("podpulse_batch_write_seconds").observe(seconds, {"backend": backend})
+    written = _metric("podpulse_events_written_total")
+    for outcome, n in (("applied", applied), ("replayed", replayed)):
+        if n > 0:
+            written.inc(n, {"backend": backend, "outcome": outcome})
+
+
+def write_failed(backend: str) -> None:
+    _metric("podpulse_write_errors_total").inc(1, {"backend": backend})
+
+
+# -- serving -------------------------------------------------------------------------------------
+
+def scoring_latency(endpoint: str, seconds: float) -> None:
+    """``endpoint``: the route, e.g. ``/v1/battery/score``."""
+    _metric("podpulse_scoring_latency_seconds").observe(seconds, {"endpoint": endpoint})
+
+
+def anomalies_flagged(counts: Mapping[str, int]) -> None:
+    """``counts``: flagged device-days per region (``NSW-urban``, ...)."""
+    m = _metric("podpulse_anomalies_flagged_total")
+    for region, n in counts.items():
+        if n > 0:
+            m.inc(n, {"region": region})
+
+
+_current_version: dict[str, str] = {}
+
+
+def model_version(model: str, version: str) -> None:
+    """The version this process serves now: 1 for it, 0 for the one it replaces."""
+    m = _metric("podpulse_model_info")
+    with _lock:
+        old = _current_version.get(model)
+        _current_version[model] = version
+    if old is not None and old != version:
+        m.set(0, {"model": model, "version": old})
+    m.set(1, {"model": model, "version": version})
+
+
+def feature_drift(model: str, version: str, psi: Mapping[str, float]) -> None:
+    """PSI per feature of a model version (``drift_report(...)["features"]``).
+
+    Call it from a process that stays up (a Serve replica, a detached actor): a
+    process's gauges disappear about two report intervals after it ends, so a
+    short-lived CLI process (``podpulse drift``) is the wrong place to set them."""
+    m = _metric("podpulse_feature_drift_psi")
+    for feature, value in psi.items():
+        m.set(float(value), {"model": model, "version": version, "feature": feature})
