@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import random
+import time
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +29,8 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query
 from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 from ray import serve
+
+from podpulse import metrics
 
 __all__ = ["app", "api", "build", "run_local", "PodPulseAPI", "latest_version"]
 
@@ -84,6 +87,11 @@ def load_battery_model(path):
     return load(path)
 
 
+def serving(model) -> None:
+    """Export which battery-anomaly version this replica serves (the drift alert keys on it)."""
+    metrics.model_version("battery-anomaly", str(model.version))
+
+
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.5},
     # Serve's default (5) makes the proxy back off and retry (25 ms, 50 ms, ...) as soon as
@@ -132,6 +140,8 @@ class PodPulseAPI:
         stable = load_battery_model(config["model_path"]) if config.get("model_path") else None
         canary_model = load_battery_model(canary) if canary and percent > 0 else None
         self.model, self.canary, self.canary_percent = stable, canary_model, percent
+        if stable is not None:
+            serving(stable)
 
     def battery_model(self):
         if self.model is None:
@@ -140,6 +150,7 @@ class PodPulseAPI:
                 raise HTTPException(status_code=503, detail="no battery-anomaly model in the registry "
                                                             "(train one: podpulse train --model battery-anomaly)")
             self.model = load_battery_model(path)
+            serving(self.model)
         return self.model
 
     def pick(self) -> str:
@@ -190,7 +201,10 @@ class PodPulseAPI:
 
     @app.post("/v1/battery/score", dependencies=[Auth])
     async def battery_score(self, body: ScoreRequest) -> dict:
-        return await self.score((self.pick(), [r.model_dump() for r in body.rows]))
+        started = time.perf_counter()
+        scored = await self.score((self.pick(), [r.model_dump() for r in body.rows]))
+        metrics.scoring_latency("/v1/battery/score", time.perf_counter() - started)
+        return scored
 
     @app.get("/v1/devices/{device_id}/battery-health", dependencies=[Auth])
     async def battery_health(self, device_id: Annotated[str, PathParam(pattern=DEVICE_ID)],
@@ -211,7 +225,9 @@ class PodPulseAPI:
             raise HTTPException(status_code=404, detail=f"no battery data for device {device_id!r}")
         keep = ("model", "firmware", "playback_h", "anc", "adaptive", "transparency", "output_dba",
                 "drain_left_pct", "drain_right_pct")
+        started = time.perf_counter()
         scored = await self.score((self.pick(), [{k: (row[k] or 0.0) for k in keep} for row in rows]))
+        metrics.scoring_latency("/v1/devices/{device_id}/battery-health", time.perf_counter() - started)
         per_day: dict[str, list] = {}
         for row, s in zip(rows, scored["scores"]):
             per_day.setdefault(str(row["day"]), []).append(s)

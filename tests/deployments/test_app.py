@@ -69,6 +69,27 @@ def test_every_endpoint_answers(served, broker):
     assert body["accepted"] == 1 and body["rejected"] == 1 and "battery_left" in body["reasons"][0]["reason"]
 
 
+def test_replicas_export_scoring_latency_and_the_served_version(served):
+    """Through Ray's metrics endpoint of the node, as Prometheus scrapes it."""
+    import ray
+
+    url, *_, first = served
+    for _ in range(5):
+        requests.post(f"{url}/v1/battery/score", json={"rows": [ROW]}, headers=AUTH).raise_for_status()
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, text = time.monotonic() + 30, ""
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        count = [line for line in text.splitlines() if line.startswith("ray_podpulse_scoring_latency_seconds_count")
+                 and 'endpoint="/v1/battery/score"' in line]
+        if count and sum(float(line.rsplit(" ", 1)[1]) for line in count) >= 5 and "ray_podpulse_model_info" in text:
+            break
+        time.sleep(1)
+    assert count and sum(float(line.rsplit(" ", 1)[1]) for line in count) >= 5, text[-2000:]
+    assert any(line.startswith("ray_podpulse_model_info") and line.endswith(" 1.0") for line in text.splitlines()
+               if "version=" in line), [line for line in text.splitlines() if "model_info" in line]
+
+
 def test_a_missing_token_gets_401_and_a_malformed_body_422_naming_the_field(served):
     url, *_ = served
     assert requests.post(f"{url}/v1/battery/score", json={"rows": [ROW]}).status_code == 401
