@@ -7,8 +7,8 @@ from crds import reconcile as rc
 
 NAMESPACES = {"dev": "podpulse-dev", "prod": "podpulse"}
 CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}
-# Kinds kubernetes-validate has no schema for: the Prometheus Operator's, once monitoring/ joins
-# the base (tests/monitoring/ checks those manifests).
+# Kinds kubernetes-validate has no schema for: the Prometheus Operator's, which the prod overlay
+# includes from monitoring/ (tests/monitoring/ checks those manifests).
 OTHER_GROUPS = {"monitoring.coreos.com"}
 
 
@@ -102,3 +102,15 @@ def test_operator_runs_kopf_as_its_service_account(rendered, overlay):
         (subject,) = binding["subjects"]
         assert (subject["kind"], subject["name"], subject["namespace"]) == \
             ("ServiceAccount", account["metadata"]["name"], NAMESPACES[overlay])
+
+
+def test_only_prod_brings_the_prometheus_operator_kinds(rendered):
+    """Dev clusters often lack the Prometheus Operator's CRDs; prod is expected to have them."""
+    def kinds(overlay):
+        return {d["kind"] for d in rendered[overlay] if d["apiVersion"].startswith("monitoring.coreos.com/")}
+
+    assert kinds("prod") == {"PodMonitor", "PrometheusRule"}
+    assert kinds("dev") == set()
+    dashboards = [d for d in rendered["prod"] if d["kind"] == "ConfigMap"
+                  and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    assert len(dashboards) == 1
