@@ -18,6 +18,7 @@ The deployments are thin: the logic is ``podpulse.battery_model``,
 # class-based routes at runtime to tell bodies from query parameters.
 import asyncio
 import json
+import logging
 import os
 import random
 import time
@@ -37,6 +38,8 @@ __all__ = ["app", "api", "build", "run_local", "PodPulseAPI", "latest_version"]
 MAX_ROWS = 1000
 DEVICE_ID = r"^[A-Za-z0-9._:-]{1,64}$"  # pseudonymous ids; anything else is a 422, never SQL
 MAX_EVENTS = 5000
+
+log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica's log
 
 app = FastAPI(title="PodPulse", description="AirPods Pro fleet telemetry: ingest, scoring, forecasts, analytics.",
               version="0.1.0")
@@ -87,9 +90,21 @@ def load_battery_model(path):
     return load(path)
 
 
-def serving(model) -> None:
-    """Export which battery-anomaly version this replica serves (the drift alert keys on it)."""
-    metrics.model_version("battery-anomaly", str(model.version))
+def serving(model, storage) -> None:
+    """Export which battery-anomaly version this replica serves (the drift alert keys on it) and how
+    many devices that version flagged per region (one query on the store; the training job wrote the
+    flagged device-days). A store that cannot be read is logged: the replica serves on regardless."""
+    from podpulse.registry import flagged_devices_by_region
+
+    version = str(model.version)
+    metrics.model_version("battery-anomaly", version)
+    try:
+        counts = flagged_devices_by_region(storage, version)
+    except Exception:  # any driver's error: the gauge is worth less than serving
+        log.warning("cannot count the devices battery-anomaly %s flagged; "
+                    "ray_podpulse_anomalous_devices is not set for it", version, exc_info=True)
+        counts = {}  # still zero the replaced version's series: they no longer describe what is served
+    metrics.anomalous_devices("battery-anomaly", version, counts)
 
 
 @serve.deployment(
@@ -141,7 +156,7 @@ class PodPulseAPI:
         canary_model = load_battery_model(canary) if canary and percent > 0 else None
         self.model, self.canary, self.canary_percent = stable, canary_model, percent
         if stable is not None:
-            serving(stable)
+            serving(stable, self.storage)
 
     def battery_model(self):
         if self.model is None:
@@ -150,7 +165,7 @@ class PodPulseAPI:
                 raise HTTPException(status_code=503, detail="no battery-anomaly model in the registry "
                                                             "(train one: podpulse train --model battery-anomaly)")
             self.model = load_battery_model(path)
-            serving(self.model)
+            serving(self.model, self.storage)
         return self.model
 
     def pick(self) -> str:

@@ -33,7 +33,7 @@ ray_podpulse_batch_write_seconds_bucket      histogram  backend, le (+ _sum, _co
 ray_podpulse_events_written_total            counter    backend, outcome
 ray_podpulse_write_errors_total              counter    backend
 ray_podpulse_scoring_latency_seconds_bucket  histogram  endpoint, le (+ _sum, _count)
-ray_podpulse_anomalies_flagged_total         counter    region
+ray_podpulse_anomalous_devices               gauge      model, version, region
 ray_podpulse_model_info                      gauge      model, version
 ray_podpulse_feature_drift_psi               gauge      model, version, feature
 ===========================================  =========  ==========================
@@ -44,6 +44,14 @@ broker it under-reads**: Tansu reports the high watermark as the base offset of
 the last record batch + 1, not the last offset + 1, so the lag it yields is too
 small by the size of the partition's last record batch less one (1 while that
 whole batch is still unread). On Apache Kafka it is exact.
+
+Anomalous devices are counted where the version is served, not where it is
+trained: the training job writes its flagged device-days to the ``anomalies``
+table and ends (its metrics would vanish with it); each Serve replica, on
+loading a battery-anomaly version, counts that version's distinct flagged
+devices per region (``STATE-urban|rural``, from ``devices``) in one query and
+sets the gauge, zeroing the version it replaced. Counts only, no device ids,
+no k-anonymity suppression (an operational signal; a small count is the point).
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ __all__ = [
     "PREFIX", "METRICS", "MetricSpec", "exported_name", "exported_series",
     "events_consumed", "events_stored", "events_dead_lettered", "consumer_lag", "partition_counts",
     "backend_label", "batch_written", "write_failed",
-    "scoring_latency", "anomalies_flagged", "model_version", "feature_drift",
+    "scoring_latency", "anomalous_devices", "model_version", "feature_drift",
 ]
 
 PREFIX = "ray_"  # added by Ray's exporter to every application metric
@@ -102,8 +110,9 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in (
     # -- serving -----------------------------------------------------------------------------
     MetricSpec("podpulse_scoring_latency_seconds", "histogram",
                "Time to answer a scoring request, per endpoint.", ("endpoint",), SCORING_BUCKETS_S),
-    MetricSpec("podpulse_anomalies_flagged_total", "counter",
-               "Device-days flagged as battery anomalies, per region (STATE-urban|rural).", ("region",)),
+    MetricSpec("podpulse_anomalous_devices", "gauge",
+               "Distinct devices a served battery-anomaly version flagged in its training window, per region "
+               "(STATE-urban|rural); 0 for the version it replaced.", ("model", "version", "region")),
     MetricSpec("podpulse_model_info", "gauge",
                "1 for the model version a serving replica uses, 0 for the one it replaced.",
                ("model", "version")),
@@ -211,12 +220,22 @@ def scoring_latency(endpoint: str, seconds: float) -> None:
     _metric("podpulse_scoring_latency_seconds").observe(seconds, {"endpoint": endpoint})
 
 
-def anomalies_flagged(counts: Mapping[str, int]) -> None:
-    """``counts``: flagged device-days per region (``NSW-urban``, ...)."""
-    m = _metric("podpulse_anomalies_flagged_total")
+_anomalous: dict[str, tuple[str, set[str]]] = {}  # model -> (version, regions set)
+
+
+def anomalous_devices(model: str, version: str, counts: Mapping[str, int]) -> None:
+    """``counts``: distinct flagged devices of the version this process serves now, per region
+    (``NSW-urban``, ...). The series set for the version it served before go to 0."""
+    m = _metric("podpulse_anomalous_devices")
+    with _lock:
+        old = _anomalous.get(model)
+        _anomalous[model] = (version, set(counts))
+    if old is not None:
+        old_version, old_regions = old
+        for region in old_regions - (set(counts) if old_version == version else set()):
+            m.set(0, {"model": model, "version": old_version, "region": region})
     for region, n in counts.items():
-        if n > 0:
-            m.inc(n, {"region": region})
+        m.set(int(n), {"model": model, "version": version, "region": region})
 
 
 _current_version: dict[str, str] = {}

@@ -8,23 +8,29 @@ schema, parameters); the ``model_versions`` table indexes every version.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
+
+from podpulse.errors import ConfigError
 from storage.router import StorageConfig
-from storage.schema import model_versions
+from storage.schema import anomalies, model_versions
 
-__all__ = ["new_version", "register", "versions"]
+__all__ = ["new_version", "register", "versions", "record_anomalies", "flagged_devices_by_region"]
+
+_VERSION = re.compile(r"^[0-9A-Za-z._-]{1,32}$")  # new_version()'s, and anything safe to quote in SQL
 
 
 def new_version() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
 
 
-def register(config: StorageConfig, name: str, version: str, path: Path, metrics: dict, metadata: dict) -> None:
-    """Index a saved version in the relational store (migrated first if needed)."""
-    row = {"name": name, "version": version, "path": str(path), "created_at": datetime.now(timezone.utc),
-           "metrics": json.dumps(metrics), "metadata": json.dumps(metadata, default=str)}
+def _write(config: StorageConfig, duckdb_write: Callable, sqlalchemy_write: Callable) -> None:
+    """Run a write on the backend routed as ``anomalies`` (migrated first if needed): DuckDB
+    through its connection, PostgreSQL and Oracle through SQLAlchemy in one transaction."""
     spec = config.backends[config.routes["anomalies"]]
     if spec["type"] == "duckdb":
         from storage.duckdb_store import DuckDBStore
@@ -32,7 +38,7 @@ def register(config: StorageConfig, name: str, version: str, path: Path, metrics
         store = DuckDBStore(spec["path"])
         try:
             store.setup()
-            store.con.execute("INSERT INTO model_versions VALUES (?, ?, ?, ?, ?, ?)", list(row.values()))
+            duckdb_write(store.con)
         finally:
             store.close()
         return
@@ -42,9 +48,77 @@ def register(config: StorageConfig, name: str, version: str, path: Path, metrics
     try:
         store.setup()
         with store.engine.begin() as conn:
-            conn.execute(model_versions.insert().values(**row))
+            sqlalchemy_write(conn)
     finally:
         store.close()
+
+
+def register(config: StorageConfig, name: str, version: str, path: Path, metrics: dict, metadata: dict) -> None:
+    """Index a saved version in the relational store (migrated first if needed)."""
+    row = {"name": name, "version": version, "path": str(path), "created_at": datetime.now(timezone.utc),
+           "metrics": json.dumps(metrics), "metadata": json.dumps(metadata, default=str)}
+    _write(config, lambda con: con.execute("INSERT INTO model_versions VALUES (?, ?, ?, ?, ?, ?)",
+                                           list(row.values())),
+           lambda conn: conn.execute(model_versions.insert().values(**row)))
+
+
+def record_anomalies(config: StorageConfig, version: str, flagged: dict[str, np.ndarray]) -> int:
+    """Write a model version's flagged device-days to ``anomalies``; returns how many.
+
+    ``flagged``: equal-length arrays ``device_id``, ``day`` (the AEST day, a date or
+    ``YYYY-MM-DD``), ``score`` and ``reason``; every row is written with ``flagged`` true.
+    """
+    import pyarrow as pa
+
+    n = len(flagged["device_id"])
+    if n == 0:
+        return 0
+    starts = (np.asarray(flagged["day"]).astype("datetime64[D]").astype("datetime64[us]")
+              - np.timedelta64(10, "h"))  # the AEST day's first instant, in UTC
+    table = pa.table({
+        "device_id": pa.array(np.asarray(flagged["device_id"]).astype(str), pa.string()),
+        "day": pa.array(starts, pa.timestamp("us", tz="UTC")),
+        "model_version": pa.array([version] * n, pa.string()),
+        "score": pa.array(np.asarray(flagged["score"], dtype=np.float64), pa.float64()),
+        "flagged": pa.array([True] * n, pa.bool_()),
+        "reason": pa.array(np.asarray(flagged["reason"]).astype(str), pa.string()),
+    })
+    columns = ", ".join(table.column_names)
+
+    def duckdb_write(con) -> None:
+        con.register("podpulse_flagged", table)
+        try:
+            con.execute(f"INSERT INTO anomalies ({columns}) SELECT {columns} FROM podpulse_flagged")
+        finally:
+            con.unregister("podpulse_flagged")
+
+    _write(config, duckdb_write, lambda conn: conn.execute(anomalies.insert(), table.to_pylist()))
+    return n
+
+
+def flagged_devices_by_region(config: StorageConfig, version: str) -> dict[str, int]:
+    """Distinct devices a battery-anomaly version flagged, per region (``NSW-urban``, ``WA-rural``;
+    ``unknown-...`` for devices without a state): one query joining ``anomalies`` to ``devices``.
+
+    Counts only, no device ids, and no k-anonymity suppression: this is an
+    operational number (where faults cluster), and a small count is the point."""
+    from podpulse.summary import relational_query
+
+    if not _VERSION.fullmatch(version):
+        raise ValueError(f"not a model version: {version!r}")
+    if config.routes["anomalies"] != config.routes["devices"]:
+        raise ConfigError("anomalies and devices are routed to different backends: "
+                          "the flagged devices cannot be joined to their regions")
+    rows = relational_query(config, {"r": f"""
+        SELECT d.state, d.urban, count(DISTINCT a.device_id)
+        FROM anomalies a JOIN devices d ON d.device_id = a.device_id
+        WHERE a.model_version = '{version}' AND a.flagged
+        GROUP BY d.state, d.urban"""})["r"]
+    counts: dict[str, int] = {}
+    for state, urban, n in rows:
+        region = f"{state or 'unknown'}-{'urban' if urban else 'rural'}"
+        counts[region] = counts.get(region, 0) + int(n)
+    return counts
 
 
 def versions(config: StorageConfig, name: str) -> list[dict]:

@@ -5,6 +5,10 @@
 model's evaluation needs the simulator's ground truth of injected faults
 (``--truth FILE``, written by ``podpulse simulate``); without it the metrics are
 null and say why. The usage forecast is scored on the store's own final week.
+
+A battery-anomaly version's flagged device-days (score at or over its
+threshold) go to the ``anomalies`` table, with the version and the dominant
+reason (``departure`` or ``imbalance``), for the serving replicas to count.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from podpulse.battery_model import FEATURE_SQL, NUMERIC, BatteryModel, features_from_rows
+from podpulse.battery_model import FEATURE_SQL, NUMERIC, BatteryModel, features_from_rows, robust_z
 from podpulse.errors import ConfigError
 from podpulse.forecast_model import HORIZON, USAGE_SQL, holdout, series_from_rows
-from podpulse.registry import new_version, register
+from podpulse.registry import new_version, record_anomalies, register
 from storage.router import StorageConfig, password
 
-__all__ = ["read_sql", "read_features", "read_usage", "train_battery_anomaly", "train_usage_forecast", "MODELS"]
+__all__ = ["read_sql", "read_features", "read_usage", "flagged_days", "train_battery_anomaly",
+           "train_usage_forecast", "MODELS"]
 
 MODELS = ("battery-anomaly", "usage-forecast")
 
@@ -116,11 +121,23 @@ def _isolation_forest_scores(f, devices: np.ndarray) -> np.ndarray:
     return -forest.score_samples(x)  # higher: more anomalous
 
 
+def flagged_days(days: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The flagged device-days of :meth:`BatteryModel.score_days`, each with the reason that
+    dominates its score: ``departure`` (drain against the expected) or ``imbalance`` (left/right)."""
+    departure_wins = robust_z(days["departure"]) >= robust_z(days["imbalance"])  # score = the larger z
+    keep = days["flagged"]
+    return {"device_id": days["device_id"][keep], "day": days["day"][keep], "score": days["score"][keep],
+            "reason": np.where(departure_wins, "departure", "imbalance")[keep]}
+
+
 def train_battery_anomaly(config: StorageConfig, *, truth_path: Path | None = None,
                           registry: Path = Path("podpulse-data/models"), epochs: int = 8,
                           truth: dict[str, str] | None = None, top: int = 10) -> dict:
     """Train, evaluate against the injected faults (``truth_path`` or ``truth``: device → fault)
-    when given, register a version. The result names the ``top`` most anomalous devices."""
+    when given, register a version. The result names the ``top`` most anomalous devices.
+
+    The version's flagged device-days are written to ``anomalies`` before its
+    ``metadata.json``, so a replica that finds the version in the registry finds them too."""
     from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
     started = time.perf_counter()
@@ -145,6 +162,7 @@ def train_battery_anomaly(config: StorageConfig, *, truth_path: Path | None = No
     path = Path(registry).resolve() / "battery-anomaly" / version
     path.mkdir(parents=True)
     model.network.save(path / "model.keras")
+    record_anomalies(config, version, flagged_days(days))
     metadata = {
         "name": "battery-anomaly", "version": version, "metrics": metrics,
         "data_window": {"from": str(min(f.day)), "to": str(max(f.day)), "device_hours": len(f)},

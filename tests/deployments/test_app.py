@@ -1,5 +1,6 @@
 """The Serve application started for real (Ray Serve, TensorFlow models, DuckDB), over HTTP."""
 
+import re
 import threading
 import time
 
@@ -69,25 +70,61 @@ def test_every_endpoint_answers(served, broker):
     assert body["accepted"] == 1 and body["rejected"] == 1 and "battery_left" in body["reasons"][0]["reason"]
 
 
+def flagged_by_region_in_the_store(path, version: str) -> dict[str, int]:
+    """Distinct devices ``version`` flagged per region, read straight from ``anomalies`` and ``devices``."""
+    import duckdb
+
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        flagged = {d for (d,) in con.execute("SELECT device_id FROM anomalies WHERE model_version = ? AND flagged",
+                                             [version]).fetchall()}
+        region = {d: f"{s}-{'urban' if u else 'rural'}"
+                  for d, s, u in con.execute("SELECT device_id, state, urban FROM devices").fetchall()}
+    finally:
+        con.close()
+    counts: dict[str, int] = {}
+    for d in flagged:
+        counts[region[d]] = counts.get(region[d], 0) + 1
+    return counts
+
+
+def exported(text: str, name: str) -> list[dict]:
+    """The samples of ``name`` in a Prometheus text exposition: labels and value."""
+    out = []
+    for line in text.splitlines():
+        m = re.fullmatch(name + r"\{(.*)\} (\S+)", line)
+        if m:
+            out.append({**dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1))), "value": float(m.group(2))})
+    return out
+
+
 def test_replicas_export_scoring_latency_and_the_served_version(served):
     """Through Ray's metrics endpoint of the node, as Prometheus scrapes it."""
     import ray
 
-    url, *_, first = served
+    url, root, _, _, first = served
     for _ in range(5):
         requests.post(f"{url}/v1/battery/score", json={"rows": [ROW]}, headers=AUTH).raise_for_status()
+    # the served version's flagged devices per region, as training left them in the store
+    expected = flagged_by_region_in_the_store(root / "s.duckdb", first["version"])
+    assert expected and sum(expected.values()) <= first["flagged_device_days"], (expected, first)
+    assert all(re.fullmatch(r"[A-Z]{2,3}-(urban|rural)", r) for r in expected), expected
     port = ray.nodes()[0]["MetricsExportPort"]
-    deadline, text = time.monotonic() + 30, ""
+    deadline, text, anomalous = time.monotonic() + 30, "", {}
     while time.monotonic() < deadline:
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         count = [line for line in text.splitlines() if line.startswith("ray_podpulse_scoring_latency_seconds_count")
                  and 'endpoint="/v1/battery/score"' in line]
-        if count and sum(float(line.rsplit(" ", 1)[1]) for line in count) >= 5 and "ray_podpulse_model_info" in text:
+        anomalous = {s["region"]: s["value"] for s in exported(text, "ray_podpulse_anomalous_devices")
+                     if s["model"] == "battery-anomaly" and s["version"] == first["version"]}
+        if (count and sum(float(line.rsplit(" ", 1)[1]) for line in count) >= 5 and "ray_podpulse_model_info" in text
+                and anomalous):
             break
         time.sleep(1)
     assert count and sum(float(line.rsplit(" ", 1)[1]) for line in count) >= 5, text[-2000:]
     assert any(line.startswith("ray_podpulse_model_info") and line.endswith(" 1.0") for line in text.splitlines()
                if "version=" in line), [line for line in text.splitlines() if "model_info" in line]
+    assert anomalous == {region: float(n) for region, n in expected.items()}, (anomalous, expected)
 
 
 def test_a_missing_token_gets_401_and_a_malformed_body_422_naming_the_field(served):
@@ -130,6 +167,18 @@ def test_a_new_model_version_is_swapped_in_without_a_failed_request(served):
     assert all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:3]
     versions = [v for _, v in results]
     assert first["version"] in versions and versions[-1] == second["version"]
+    # reconfigure set the new version's gauge from the store, too
+    import ray
+
+    expected = {r: float(n) for r, n in flagged_by_region_in_the_store(root / "s.duckdb", second["version"]).items()}
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, anomalous = time.monotonic() + 30, {}
+    while time.monotonic() < deadline and anomalous != expected:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        anomalous = {s["region"]: s["value"] for s in exported(text, "ray_podpulse_anomalous_devices")
+                     if s["version"] == second["version"]}
+        time.sleep(0.5)
+    assert expected and anomalous == expected, (anomalous, expected)
 
 
 def test_a_canary_version_answers_its_share_of_requests(served):
@@ -165,3 +214,20 @@ def test_the_serve_config_builds_the_application():
     assert {d["name"] for d in application["deployments"]} == {"PodPulseAPI"}
     StorageConfig(**application["args"]["storage"])  # the same structure as a --storage-config file
     assert api(application["args"]) is not None
+
+
+def test_a_store_that_cannot_be_read_leaves_the_replica_serving(tmp_path, caplog):
+    """serving() on a version whose anomalies cannot be counted: logged, not raised."""
+    import logging
+    from types import SimpleNamespace
+
+    from deployments.app import log, serving
+
+    log.addHandler(caplog.handler)  # Serve's logger does not propagate to the root one
+    try:
+        serving(SimpleNamespace(version="20250101T000000000000Z"), StorageConfig.embedded(tmp_path / "none.duckdb"))
+    finally:
+        log.removeHandler(caplog.handler)
+    assert [r.levelno for r in caplog.records] == [logging.WARNING] and caplog.records[0].exc_info
+    assert not (tmp_path / "none.duckdb").exists()  # read only: nothing created
+    assert "cannot count the devices battery-anomaly 20250101T000000000000Z flagged" in caplog.text

@@ -67,7 +67,7 @@ def test_the_dashboard_selects_only_exported_metrics_and_shows_each_one_asked_fo
     p = metrics.PREFIX
     assert {p + "podpulse_events_consumed_total", p + "podpulse_events_stored_total",  # ingest rate
             p + "podpulse_consumer_lag", p + "podpulse_events_dead_lettered_total",
-            p + "podpulse_batch_write_seconds_bucket", p + "podpulse_anomalies_flagged_total",
+            p + "podpulse_batch_write_seconds_bucket", p + "podpulse_anomalous_devices",
             p + "podpulse_scoring_latency_seconds_bucket", p + "podpulse_model_info"} <= used
 
 

@@ -48,3 +48,5 @@ def test_recording_without_ray_running_is_harmless():
     metrics.batch_written("duckdb", 0.01, 10, 0)
     metrics.model_version("battery-anomaly", "v1")
     metrics.feature_drift("battery-anomaly", "v1", {"anc": 0.1})
+    metrics.anomalous_devices("battery-anomaly", "v1", {"NSW-urban": 3})
+    metrics.anomalous_devices("battery-anomaly", "v2", {})

@@ -166,9 +166,10 @@ def record_every_metric() -> None:
     metrics.batch_written("names-backend", 0.02, 4, 1)
     metrics.write_failed("names-backend")
     metrics.scoring_latency("/v1/battery/score", 0.004)
-    metrics.anomalies_flagged({"NSW-urban": 2, "WA-rural": 0})
     metrics.model_version("names-model", "v1")
+    metrics.anomalous_devices("names-model", "v1", {"NSW-urban": 2, "WA-rural": 1})
     metrics.model_version("names-model", "v2")  # a live swap: v1 goes to 0
+    metrics.anomalous_devices("names-model", "v2", {"NSW-urban": 3})
     metrics.feature_drift("names-model", "v2", {"playback_h": 0.3})
     time.sleep(3)  # outlive a report interval (1 s in the tests' Ray): gauges vanish with the process
 
@@ -180,8 +181,9 @@ def test_every_metric_is_exported_under_its_documented_name_and_the_rules_evalua
     assert metrics.exported_series() <= scraped, metrics.exported_series() - scraped
     info = prometheus.api("query", query='ray_podpulse_model_info{model="names-model"}')["result"]
     assert {r["metric"]["version"]: float(r["value"][1]) for r in info} == {"v1": 0.0, "v2": 1.0}
-    regions = prometheus.api("query", query="ray_podpulse_anomalies_flagged_total")["result"]
-    assert {r["metric"]["region"] for r in regions} == {"NSW-urban"}  # nothing counted, nothing exported
+    regions = prometheus.api("query", query='ray_podpulse_anomalous_devices{model="names-model"}')["result"]
+    assert {(r["metric"]["version"], r["metric"]["region"]): float(r["value"][1]) for r in regions} == {
+        ("v1", "NSW-urban"): 0.0, ("v1", "WA-rural"): 0.0, ("v2", "NSW-urban"): 3.0}  # the replaced version zeroed
     # the real rules loaded, and evaluate against the real series without error
     deadline = time.monotonic() + 30
     while True:

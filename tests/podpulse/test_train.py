@@ -34,9 +34,116 @@ def test_battery_anomaly_flags_the_injected_faults(ray_local, fleet_store):
     from podpulse.registry import versions
 
     assert [v["version"] for v in versions(config, "battery-anomaly")] == [result["version"]]
+    assert_flagged_device_days_are_in_the_anomalies_table(root, config, truth, result)
 
 
 def test_without_truth_the_metrics_say_why(ray_local, fleet_store):
     root, config, _ = fleet_store
     result = train_battery_anomaly(config, registry=root / "models", epochs=1)
     assert result["auc"] is None and "truth" in result["note"]
+
+
+def assert_flagged_device_days_are_in_the_anomalies_table(root, config, truth, result):
+    """What training wrote to ``anomalies`` for ``result``'s version (a trained battery-anomaly model)."""
+    import duckdb
+
+    from podpulse.registry import flagged_devices_by_region
+
+    con = duckdb.connect(str(root / "s.duckdb"), read_only=True)
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        rows = con.execute("SELECT device_id, CAST(day + INTERVAL '10 hours' AS DATE), hour(day), flagged, reason, "
+                           "score FROM anomalies WHERE model_version = ?", [result["version"]]).fetchall()
+        region = {d: f"{s}-{'urban' if u else 'rural'}"
+                  for d, s, u in con.execute("SELECT device_id, state, urban FROM devices").fetchall()}
+    finally:
+        con.close()
+    # only the flagged device-days, one row each, as the AEST day that begins at 14:00 UTC
+    assert 0 < len(rows) == result["flagged_device_days"] < result["device_days"]
+    assert len({(d, day) for d, day, *_ in rows}) == len(rows)
+    assert all(hour == 14 and flagged and reason in ("departure", "imbalance") and score >= 3.5
+               for _, _, hour, flagged, reason, score in rows)
+    metadata = json.loads((root / "models" / "battery-anomaly" / result["version"] / "metadata.json").read_text())
+    window = metadata["data_window"]
+    assert all(window["from"] <= str(day) <= window["to"] for _, day, *_ in rows)
+    # a fast drain departs from the expected drain (which reason wins is tested on its own below)
+    fault = {t["device_id"]: t["fault"] for t in json.loads(truth.read_text())}
+    fast = [r for d, _, _, _, r, _ in rows if fault.get(d) == "fast_drain"]
+    assert fast and fast.count("departure") > 0.8 * len(fast)
+    # what a serving replica exports: distinct devices per region
+    expected: dict[str, int] = {}
+    for d in {d for d, *_ in rows}:
+        expected[region[d]] = expected.get(region[d], 0) + 1
+    assert flagged_devices_by_region(config, result["version"]) == expected
+
+
+def test_the_flagged_days_carry_the_reason_that_dominates_their_score():
+    import numpy as np
+
+    from podpulse.battery_model import robust_z
+    from podpulse.train import flagged_days
+
+    rng = np.random.default_rng(3)
+    departure, imbalance = rng.normal(0.1, 0.02, 200), rng.normal(0.05, 0.01, 200)
+    departure[[3, 7]] = 0.5  # two drain departures
+    imbalance[[5, 9]] = 0.4  # two left/right imbalances
+    score = np.maximum(robust_z(departure), robust_z(imbalance))
+    days = {"device_id": np.array([f"d{i}" for i in range(200)]), "day": np.array(["2025-03-01"] * 200),
+            "departure": departure, "imbalance": imbalance, "score": score, "flagged": score >= 3.5}
+    out = flagged_days(days)
+    assert dict(zip(out["device_id"].tolist(), out["reason"].tolist())) == {
+        "d3": "departure", "d7": "departure", "d5": "imbalance", "d9": "imbalance"}
+    assert out["score"].tolist() == score[[3, 5, 7, 9]].tolist()
+
+
+def test_anomalies_are_written_and_counted_by_region_on_duckdb_and_postgresql(store_config):
+    """record_anomalies and flagged_devices_by_region on both backends, against the simulator's own regions."""
+    import numpy as np
+    import pyarrow as pa
+
+    from podpulse import geo
+    from podpulse.contract import decode_batch
+    from podpulse.registry import flagged_devices_by_region, record_anomalies
+    from podpulse.simulator import simulate
+    from storage.router import open_storage
+
+    spec = FleetSpec(devices=60, hours=2, seed=5)
+    fleet = Fleet.build(spec)
+    storage = open_storage(store_config)
+    storage.setup()
+    values = [v for chunk in simulate(spec, fleet) for v in chunk.values]
+    table = decode_batch(values).table
+    n = table.num_rows
+    table = table.append_column("kafka_partition", pa.array(np.zeros(n, np.int32))).append_column(
+        "kafka_offset", pa.array(np.arange(n), pa.int64()))
+    storage.commit("anomalies-test", table, {0: n})
+    storage.close()
+
+    picked = fleet.device_id[:25]
+    days = np.array(["2025-03-01", "2025-03-02"] * 25)[:25]
+    written = record_anomalies(store_config, "v-test", {
+        "device_id": picked, "day": days, "score": np.linspace(3.5, 9.0, 25),
+        "reason": np.where(np.arange(25) % 2 == 0, "departure", "imbalance")})
+    assert written == 25
+    # the same devices on another day, and another version: neither changes v-test's count
+    record_anomalies(store_config, "v-test", {"device_id": picked[:5], "day": np.array(["2025-03-03"] * 5),
+                                              "score": np.full(5, 4.0), "reason": np.array(["imbalance"] * 5)})
+    record_anomalies(store_config, "v-other", {"device_id": fleet.device_id[30:40],
+                                               "day": np.array(["2025-03-01"] * 10), "score": np.full(10, 4.0),
+                                               "reason": np.array(["departure"] * 10)})
+    expected: dict[str, int] = {}
+    for i in range(25):
+        r = f"{geo.STATES[fleet.state[i]].code}-{'urban' if fleet.urban[i] else 'rural'}"
+        expected[r] = expected.get(r, 0) + 1
+    assert flagged_devices_by_region(store_config, "v-test") == expected
+    assert sum(flagged_devices_by_region(store_config, "v-other").values()) == 10
+    assert flagged_devices_by_region(store_config, "v-none") == {}
+    assert record_anomalies(store_config, "v-empty", {"device_id": np.array([]), "day": np.array([]),
+                                                      "score": np.array([]), "reason": np.array([])}) == 0
+    with pytest.raises(ValueError):
+        flagged_devices_by_region(store_config, "x' OR '1'='1")
+
+    from podpulse.summary import relational_query
+
+    [(first_day,)] = relational_query(store_config, {"d": "SELECT min(day) FROM anomalies"})["d"]
+    assert first_day.isoformat().startswith("2025-02-28T14:00:00")  # 1 March AEST begins at 14:00 UTC
