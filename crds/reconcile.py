@@ -12,7 +12,8 @@ No API calls, no clock, no randomness: the same input gives the same output, so
 - The API server checks types and ranges against the CRD schemas; the checks here
   are the cross-field rules (the CEL rules of the CRDs, which tests cannot run).
 
-``crds/`` imports neither ``actors/``, ``deployments/`` nor ``storage/``.
+``crds/`` imports neither ``actors/`` nor ``deployments/``; storage routing is checked by
+``storage.router`` itself, so the operator and ``podpulse ingest`` cannot disagree.
 """
 
 from __future__ import annotations
@@ -49,9 +50,6 @@ SCHEMA_DEFAULTS = {"backoffLimit": 2, "activeDeadlineSeconds": 900,
 DEPLOYER_DEFAULTS = {"canaryPercent": 100, "rayService": {"application": "podpulse", "deployment": "PodPulseAPI"}}
 
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-_TYPES, _RELATIONAL = ("duckdb", "postgresql", "oracle", "cassandra"), ("duckdb", "postgresql", "oracle")
-_KINDS = ("raw_events", "devices", "rollups", "offsets", "anomalies")
-_ONE_TRANSACTION = ("devices", "rollups", "offsets")
 
 
 class InvalidSpec(ValueError):
@@ -144,21 +142,16 @@ def _pod(labels: dict, container: dict, volumes: list | None = None) -> dict:
 # ---- AirPodsDataStream → ConfigMap (storage routing) + RayJob (podpulse ingest) ------------------
 
 def check_storage(storage: dict) -> None:
-    """The rules of storage.router.StorageConfig that the CRD schema cannot state."""
-    backends, routes = storage.get("backends") or {}, storage.get("routes") or {}
-    _check(backends, "storage.backends: name at least one backend")
-    for name, b in backends.items():
-        _check(b.get("type") in _TYPES, f"storage.backends.{name}.type must be one of {', '.join(_TYPES)}")
-        _check(b["type"] not in ("postgresql", "oracle") or b.get("url"), f"storage.backends.{name}: needs a url")
-        _check(b["type"] != "cassandra" or b.get("hosts"), f"storage.backends.{name}: needs hosts")
-        _check(b["type"] != "cassandra" or ("username_env" in b) == ("password_env" in b),
-               f"storage.backends.{name}: username_env and password_env go together")
-    for kind in _KINDS:
-        _check(routes.get(kind) in backends, f"storage.routes.{kind} must name a backend")
-        _check(kind == "raw_events" or backends[routes[kind]]["type"] in _RELATIONAL,
-               f"storage.routes.{kind}: {routes[kind]!r} is not a relational backend")
-    _check(len({routes[k] for k in _ONE_TRANSACTION}) == 1,
-           "storage: devices, rollups and offsets must route to the same backend (one transaction)")
+    """The storage routing rules, as ``podpulse ingest`` will apply them (storage.router), plus one
+    of the operator's: a stream names its backends (the router's default is a DuckDB file in the pod)."""
+    from storage.base import StorageError
+    from storage.router import StorageConfig
+
+    _check(storage.get("backends"), "storage.backends: name at least one backend")
+    try:
+        StorageConfig(**copy.deepcopy(storage))
+    except (StorageError, TypeError) as e:
+        raise InvalidSpec(f"storage: {e}") from e
 
 
 def stream_spec(cr: dict) -> dict:

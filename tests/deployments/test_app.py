@@ -8,6 +8,7 @@ import pytest
 import requests
 
 from bench.report import build_store
+from bench.serve import ROW  # one device-hour row, the benchmark's too
 from podpulse.broker import free_port
 from podpulse.train import train_battery_anomaly, train_usage_forecast
 from storage.router import StorageConfig
@@ -35,10 +36,6 @@ def served(ray_local, broker, tmp_path_factory):
     serve.run(build(**settings), name="podpulse", route_prefix="/")
     yield f"http://127.0.0.1:{port}", root, storage, settings, first
     serve.shutdown()
-
-
-ROW = {"model": "AirPods Pro 2", "firmware": "7A294", "playback_h": 0.8, "anc": 0.5, "adaptive": 0.1,
-       "transparency": 0.1, "output_dba": 70.0, "drain_left_pct": 18.0, "drain_right_pct": 17.0}
 
 
 def test_every_endpoint_answers(served, broker):

@@ -163,7 +163,7 @@ STORAGE_CASES = [
 
 @pytest.mark.parametrize("storage", STORAGE_CASES)
 def test_reconcile_storage_rules_agree_with_the_router(storage):
-    """crds/ may not import storage/, so its copy of the rules is held to the original here."""
+    """The operator refuses exactly the storage routing podpulse ingest would refuse."""
     try:
         StorageConfig(**copy.deepcopy(storage))
         router_ok = True
