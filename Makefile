@@ -3,7 +3,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench tools
+INFRA := .cache/infra
+
+.PHONY: setup demo test bench tools infra
 
 setup: $(VENV)/.installed
 
@@ -16,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/podpulse demo
 
-test: setup tools
+test: setup tools infra
 	$(BIN)/python -m pytest
 
 # prometheus and promtool (alert-rule tests, the scrape test) and amtool (the Alertmanager
@@ -27,6 +29,20 @@ tools:
 	  $$sudo apt-get update -qq && \
 	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    prometheus prometheus-alertmanager; }
+
+# The real servers the tests start (tests/infra): Apache Kafka and Apache Cassandra from Maven
+# Central into $(INFRA) (kept between runs), and Debian's PostgreSQL, whose initdb makes each
+# test session a private cluster. The demo needs none of them.
+infra: $(INFRA)/kafka/.fetched $(INFRA)/cassandra/.fetched
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  sudo=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$sudo apt-get update -qq && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; }
+
+$(INFRA)/%/.fetched: tests/infra/%/pom.xml
+	rm -rf $(INFRA)/$*
+	mvn -q -B -f $< dependency:copy-dependencies -DoutputDirectory=$(CURDIR)/$(INFRA)/$*
+	touch $@
 
 bench: setup
 	$(BIN)/podpulse bench simulate

@@ -1,4 +1,7 @@
-"""Shared fixtures: the real embedded Kafka broker (Tansu), unique topics."""
+"""Shared fixtures: the brokers (Tansu, Apache Kafka), a private PostgreSQL, Cassandra, Ray.
+
+The servers themselves are run by ``tests/infra`` (on the path through pytest's ``pythonpath``).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +16,39 @@ _topic_ids = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def broker():
-    """One memory-only Tansu broker for the whole test session."""
+def tansu():
+    """One memory-only Tansu broker (the embedded default) for the whole test session."""
     with EmbeddedBroker() as b:
         yield b
+
+
+@pytest.fixture(scope="session")
+def kafka():
+    """Apache Kafka 4.x, one KRaft node from Maven Central's jars, for the whole session.
+
+    Its log directory is durable: a fault test may stop and start it."""
+    from infra.kafka import KafkaBroker
+
+    b = KafkaBroker().start()
+    yield b
+    b.remove()
+
+
+@pytest.fixture(scope="session")
+def cassandra():
+    """Apache Cassandra 5.0, one node from Maven Central's jars, for the whole session."""
+    from infra.cassandra import CassandraNode
+
+    node = CassandraNode().start()
+    yield node
+    node.remove()
+
+
+@pytest.fixture(scope="session")
+def broker(tansu):
+    """The broker a test produces to and ingests from: Tansu, unless its module overrides
+    ``broker`` with one parametrised over ``["tansu", "kafka"]``."""
+    return tansu
 
 
 @pytest.fixture
@@ -139,12 +171,20 @@ def assert_rollups_match_raw():
     return _assert_rollups_match_raw
 
 
-PG_URL = os.environ.get("PODPULSE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL cluster for the session (``initdb`` into a temp dir, its own port,
+    trust auth), removed at the end. Fault tests may stop and start it."""
+    from infra.postgres import PostgresCluster
+
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.remove()
 
 
 @pytest.fixture
-def pg_url():
-    """A fresh PostgreSQL schema on the machine's server; the URL selects it by search_path."""
+def pg_url(postgres):
+    """A fresh schema on the private cluster; the URL selects it by search_path."""
     import uuid
 
     from sqlalchemy import create_engine
@@ -152,12 +192,13 @@ def pg_url():
     from storage.postgres_store import engine_url
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(engine_url(PG_URL))
+    engine = create_engine(engine_url(postgres.url))
     with engine.begin() as conn:
         conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    yield f"{postgres.url}?options=-csearch_path%3D{schema}"
+    if postgres.running:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
     engine.dispose()
 
 

@@ -1,4 +1,4 @@
-"""The ingest pipeline for real: Tansu broker, local Ray, DuckDB; crashes included."""
+"""The ingest pipeline for real: Tansu and Apache Kafka, local Ray, DuckDB and PostgreSQL; crashes included."""
 
 import time
 from collections import Counter
@@ -14,6 +14,12 @@ from podpulse.ingest import dead_letters, run_ingest
 from podpulse.summary import relational_query
 from podpulse.simulator import FleetSpec
 from storage.router import StorageConfig
+
+
+@pytest.fixture(scope="module", params=["tansu", "kafka"])
+def broker(request):
+    """Every test here runs on the embedded Tansu and on Apache Kafka."""
+    return request.getfixturevalue(request.param)
 
 
 def config(broker, topic, storage: StorageConfig, **kw) -> IngestConfig:

@@ -1,9 +1,9 @@
 """The Cassandra time-series backend.
 
-Cassandra cannot run here: the CQL is checked as text, the driver calls against
-doubles built from the real driver's own statement classes (so values really go
-through its serializers), and the integration class runs for real only when
-PODPULSE_CASSANDRA_HOSTS names a server.
+The CQL is checked as text, the driver's calls against doubles built from the
+real driver's own statement classes (so values really go through its serializers;
+failures are injected there), and the integration class runs against a real
+Apache Cassandra 5.0 node that the session starts (``tests/infra/cassandra.py``).
 """
 
 from __future__ import annotations
@@ -389,17 +389,11 @@ def test_recent_walks_day_buckets_newest_first_until_the_limit(driver):
 
 # --- against a real Cassandra ---------------------------------------------------------------------
 
-HOSTS = os.environ.get("PODPULSE_CASSANDRA_HOSTS")
-
-
-@pytest.mark.skipif(not HOSTS, reason="PODPULSE_CASSANDRA_HOSTS is not set: no Cassandra to test against")
 class TestAgainstCassandra:
     @pytest.fixture
-    def store(self):
-        settings = CassandraSettings(hosts=HOSTS, keyspace=f"podpulse_test_{os.getpid()}",
-                                     local_dc=os.environ.get("PODPULSE_CASSANDRA_DC") or None,
-                                     username_env="PODPULSE_CASSANDRA_USERNAME",
-                                     password_env="PODPULSE_CASSANDRA_PASSWORD")
+    def store(self, cassandra):
+        settings = CassandraSettings(hosts=cassandra.hosts, port=cassandra.port,
+                                     keyspace=f"podpulse_test_{os.getpid()}")
         store = CassandraStore(settings)
         yield store
         if store._session is not None:
