@@ -16,6 +16,16 @@ If a write fails for any reason (the writer died or timed out, a store error,
 or the writer refused a batch that does not follow the stored offsets because
 an earlier one failed), the consumer drops what was in flight, waits for the
 writer, and rewinds to the offsets stored with the data.
+
+Partitions come one of two ways (``IngestConfig.group_mode``):
+
+- ``assign``: the supervisor hands each consumer a fixed shard (no group join);
+- ``subscribe``: the consumers join one Kafka consumer group with cooperative-
+  sticky rebalancing, so consumers can come and go. On every assignment the
+  consumer seeks to the offsets stored with the data (never Kafka's committed
+  ones); on a revocation it first waits for its in-flight writes, so the next
+  owner starts from durable offsets. Were a write still landing, the writer's
+  replay check would drop the overlap, so a rebalance never duplicates a row.
 """
 
 from __future__ import annotations
@@ -44,13 +54,17 @@ REWIND_BACKOFF_S = 0.5
 
 
 class ShardConsumer:
-    def __init__(self, config: IngestConfig, partitions: list[int], writer):
+    def __init__(self, config: IngestConfig, partitions: list[int] | None, writer):
+        """``partitions``: this consumer's shard; None in ``subscribe`` mode (the group assigns)."""
         self.config = config
         self.topic = config.topic
-        self.partitions = sorted(partitions)
+        self.subscribed = partitions is None
+        self.partitions = sorted(partitions or [])
         self.writer = writer
+        group = {"partition.assignment.strategy": "cooperative-sticky"} if self.subscribed else {}
         self.consumer = Consumer({
             **client_config(config.bootstrap, config.kafka),
+            **group,
             "group.id": config.group_id,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -65,12 +79,17 @@ class ShardConsumer:
         self.at_end: set[int] = set()  # partitions whose end was reached, nothing newer seen
         self._stop = threading.Event()
         self._busy = threading.Lock()  # held while a consumed batch is on its way to the writer
-        self.stats = {"consumed": 0, "acked": 0, "dead_lettered": 0, "batches": 0, "rewinds": 0}
+        self.stats = {"consumed": 0, "acked": 0, "dead_lettered": 0, "batches": 0, "rewinds": 0,
+                      "assigned": 0}
 
     # -- control ---------------------------------------------------------------
     def run(self) -> dict:
         """Consume until :meth:`stop`; returns the final stats."""
-        self._rewind()
+        if self.subscribed:
+            self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                    on_lost=self._on_lost)
+        else:
+            self._rewind()
         try:
             while not self._stop.is_set():
                 with self._busy:
@@ -87,13 +106,46 @@ class ShardConsumer:
     def stop(self) -> None:
         self._stop.set()
 
-    def caught_up(self) -> bool:
-        """Every partition read to its end and every batch durable."""
+    def caught_up(self) -> list[int] | None:
+        """The partitions read to their end, when every batch is durable; None while writes are
+        in flight or a partition of this consumer has more to read."""
         with self._busy:
-            return not self.inflight and self.at_end.issuperset(self.partitions)
+            done = not self.inflight and self.at_end.issuperset(self.partitions)
+            return sorted(self.partitions) if done else None
 
     def get_stats(self) -> dict:
-        return {**self.stats, "partitions": self.partitions, "positions": dict(self.positions)}
+        return {**self.stats, "partitions": list(self.partitions), "positions": dict(self.positions)}
+
+    # -- group mode: the group assigns and revokes partitions --------------------------
+    def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
+        """Start each new partition at the offset stored with the data."""
+        stored = self._stored_offsets()
+        for tp in assigned:
+            tp.offset = stored.get(tp.partition, OFFSET_BEGINNING)
+            if tp.partition in stored:
+                self.positions[tp.partition] = stored[tp.partition]
+        consumer.incremental_assign(assigned)
+        self.partitions = sorted(set(self.partitions) | {tp.partition for tp in assigned})
+        self.stats["assigned"] += len(assigned)
+        log.info("assigned %s", [tp.partition for tp in assigned])
+
+    def _on_revoke(self, consumer: Consumer, revoked: list[TopicPartition]) -> None:
+        """Let every write in flight land first: the next owner starts from durable offsets."""
+        self._settle(block=True, limit=0)
+        self._forget(consumer, revoked)
+
+    def _on_lost(self, consumer: Consumer, lost: list[TopicPartition]) -> None:
+        """Already someone else's: nothing to wait for (the writer drops any overlap)."""
+        self._forget(consumer, lost)
+
+    def _forget(self, consumer: Consumer, gone: list[TopicPartition]) -> None:
+        consumer.incremental_unassign(gone)
+        ids = {tp.partition for tp in gone}
+        self.partitions = [p for p in self.partitions if p not in ids]
+        for p in ids:
+            self.positions.pop(p, None)
+        self.at_end -= ids
+        log.info("revoked %s", sorted(ids))
 
     # -- the commit path ----------------------------------------------------------
     def _handle(self, messages: list[Message]) -> None:
@@ -147,8 +199,12 @@ class ShardConsumer:
         return ended
 
     def _not_seen(self, partitions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        floor = np.array([self.positions.get(p, 0) for p in range(max(self.partitions) + 1)])
-        return offsets >= floor[partitions]
+        """Messages of partitions this consumer owns, at or past its position in each."""
+        size = int(partitions.max(initial=0)) + 1
+        floor = np.array([self.positions.get(p, 0) for p in range(size)])
+        owned = np.zeros(size, bool)
+        owned[[p for p in self.partitions if p < size]] = True
+        return owned[partitions] & (offsets >= floor[partitions])
 
     def _dead_letter(self, messages: list[Message], rejected) -> None:
         dlq = self.config.dead_letter_topic
@@ -184,6 +240,7 @@ class ShardConsumer:
                 log.warning("a write failed (%s); rewinding to the offsets stored with the data",
                             str(e).splitlines()[0][:200])
                 time.sleep(REWIND_BACKOFF_S)
+                self.stats["rewinds"] += 1
                 self._rewind()
                 return
             self.inflight.popleft()
@@ -193,23 +250,31 @@ class ShardConsumer:
             self.consumer.commit(offsets=[TopicPartition(self.topic, p, o) for p, o in next_offsets.items()],
                                  asynchronous=True)
 
-    def _rewind(self) -> None:
-        """Start (again) from the offsets stored with the data, waiting for the writer."""
-        self.inflight.clear()
+    def _stored_offsets(self) -> dict[int, int]:
+        """The offsets stored with the data, waiting while the writer restarts."""
         deadline = time.monotonic() + WRITER_RETURN_TIMEOUT_S
         while True:
             try:
-                stored = ray.get(self.writer.committed_offsets.remote(self.topic), timeout=30)
-                break
+                return ray.get(self.writer.committed_offsets.remote(self.topic), timeout=30)
             except RayError:  # the writer is restarting (and maybe replaying its log)
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+
+    def _rewind(self) -> None:
+        """Start (again) from the offsets stored with the data, waiting for the writer."""
+        self.inflight.clear()
+        stored = self._stored_offsets()
         self.positions = {p: stored[p] for p in self.partitions if p in stored}
         self.at_end = set()
-        self.consumer.assign([TopicPartition(self.topic, p, stored.get(p, OFFSET_BEGINNING))
-                              for p in self.partitions])
-        self.stats["rewinds"] += 1
+        start = [TopicPartition(self.topic, p, stored.get(p, OFFSET_BEGINNING)) for p in self.partitions]
+        if self.subscribed:  # keep the group's assignment, move its positions
+            current = [TopicPartition(self.topic, p) for p in self.partitions]
+            if current:
+                self.consumer.incremental_unassign(current)
+                self.consumer.incremental_assign(start)
+        else:
+            self.consumer.assign(start)
 
 
 # The actor wraps the plain class, so Ray pickles the class by reference (its Kafka

@@ -1,8 +1,11 @@
 """IngestSupervisor: assigns a topic's partitions to PartitionConsumer actors and keeps them running.
 
-- Assignment is stable: partition ``p`` goes to shard ``p % K``, so the same
-  partitions always meet the same consumer slot, with no consumer-group join
-  (explicit ``assign()`` starts at once).
+- ``assign`` mode (the default): partition ``p`` goes to shard ``p % K``, so the
+  same partitions always meet the same consumer slot, with no consumer-group
+  join (explicit ``assign()`` starts at once; a group join takes ~20 s on Tansu).
+- ``subscribe`` mode: the consumers form one Kafka consumer group (cooperative-
+  sticky), and :meth:`Supervisor.scale` adds or removes consumers while running;
+  the group moves partitions between them.
 - It watches every consumer's ``run`` call; when a consumer dies it starts a new
   one for the same shard, which resumes from the offsets stored with the data.
 - The StorageWriter is restarted by Ray itself (``max_restarts=-1``);
@@ -11,7 +14,8 @@
   "Caught up" is not read from the lag: the embedded broker (Tansu) reports the
   high watermark as the base offset of the last record batch + 1 (seen here: 26
   after 50 records in two batches), so the consumers' end-of-partition events
-  decide it instead. The lag is exported as ``podpulse_consumer_lag`` (refreshed at
+  decide it instead: caught up when the partitions read to their end, with
+  nothing in flight, cover the topic. Apache Kafka's watermarks are exact. The lag is exported as ``podpulse_consumer_lag`` (refreshed at
   least every ``LAG_METRIC_PERIOD_S``), so it under-reads on Tansu too.
 """
 
@@ -29,7 +33,7 @@ from actors.partition_consumer import PartitionConsumer
 from actors.storage_writer import StorageWriter
 from podpulse import metrics
 from podpulse.config import IngestConfig
-from podpulse.errors import BrokerError
+from podpulse.errors import BrokerError, ConfigError
 from podpulse.kafka import client_config, ensure_topic
 
 __all__ = ["IngestSupervisor", "Supervisor", "shards"]
@@ -53,6 +57,7 @@ class Supervisor:
         self.writer = None
         self.consumers: list = []
         self.runs: list = []
+        self.retired: list = []  # run() refs of consumers removed by scale()
         self.restarts = 0
         self.partitions = 0
         self.last_lag: dict[int, int] = {}
@@ -81,6 +86,23 @@ class Supervisor:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def scale(self, consumers: int) -> int:
+        """Run ``consumers`` consumer actors from now on (``subscribe`` mode): new ones join the
+        group, removed ones leave it after their writes land; the group rebalances."""
+        if self.config.group_mode != "subscribe":
+            raise ConfigError("scaling while running needs --group-mode subscribe")
+        if consumers < 1:
+            raise ConfigError("keep at least one consumer")
+        with self._lock:
+            while len(self.consumers) < consumers:
+                self.consumers.append(self._spawn(None))
+                self.runs.append(self.consumers[-1].run.remote())
+            while len(self.consumers) > consumers:
+                actor, run = self.consumers.pop(), self.runs.pop()
+                actor.stop.remote()
+                self.retired.append((actor, run))
+        return len(self.consumers)
 
     # -- what tests and the CLI look at ------------------------------------------
     def handles(self) -> dict:
@@ -125,19 +147,25 @@ class Supervisor:
         ensure_topic(client_config(cfg.bootstrap, cfg.kafka), cfg.dead_letter_topic, self.partitions)
         self.writer = StorageWriter.options(max_restarts=-1, max_task_retries=0).remote(cfg.storage)
         k = cfg.consumers or int(ray.cluster_resources().get("CPU", 1))
+        group = cfg.group_mode == "subscribe"
         with self._lock:
-            for shard in shards(self.partitions, k):
+            for shard in ([None] * k if group else shards(self.partitions, k)):
                 self.consumers.append(self._spawn(shard))
                 self.runs.append(self.consumers[-1].run.remote())
 
-    def _spawn(self, shard: list[int]):
+    def _spawn(self, shard: list[int] | None):
         return PartitionConsumer.options(scheduling_strategy="SPREAD").remote(
             self.config, shard, self.writer)
 
     def _watch(self, timeout: float) -> None:
-        done, _ = ray.wait(list(self.runs), num_returns=1, timeout=timeout)
+        with self._lock:
+            runs = list(self.runs)
+        done, _ = ray.wait(runs, num_returns=1, timeout=timeout)
         for ref in done:
-            i = self.runs.index(ref)
+            with self._lock:
+                if ref not in self.runs:
+                    continue  # removed by scale() meanwhile
+                i = self.runs.index(ref)
             try:
                 ray.get(ref)
                 if not self._stop.is_set():
@@ -147,7 +175,7 @@ class Supervisor:
             if self._stop.is_set():
                 continue
             time.sleep(RESTART_BACKOFF_S)
-            shard = shards(self.partitions, len(self.consumers))[i]
+            shard = None if self.config.group_mode == "subscribe" else shards(self.partitions, len(self.consumers))[i]
             with self._lock:
                 ray.kill(self.consumers[i])
                 self.consumers[i] = self._spawn(shard)
@@ -155,16 +183,20 @@ class Supervisor:
                 self.restarts += 1
 
     def _caught_up(self) -> bool:
+        """Every partition read to its end by its current owner, with nothing in flight."""
         try:
-            return all(ray.get([c.caught_up.remote() for c in self.consumers], timeout=60))
+            ended = ray.get([c.caught_up.remote() for c in self.consumers], timeout=60)
         except ray.exceptions.RayError:
             return False  # a consumer is restarting
+        if any(e is None for e in ended):
+            return False
+        return {p for e in ended for p in e} == set(range(self.partitions))
 
     def _shutdown(self) -> dict:
         for c in self.consumers:
             c.stop.remote()
         stats = []
-        for ref in self.runs:
+        for ref in [*self.runs, *(run for _, run in self.retired)]:
             try:
                 stats.append(ray.get(ref, timeout=120))
             except (RayActorError, RayTaskError) as e:
@@ -172,7 +204,7 @@ class Supervisor:
         lag = self.lag()
         writer_stats = ray.get(self.writer.get_stats.remote())
         ray.get(self.writer.close.remote())
-        for c in self.consumers:
+        for c in [*self.consumers, *(actor for actor, _ in self.retired)]:
             ray.kill(c)
         ray.kill(self.writer, no_restart=True)
         self._watermarks.close()
@@ -180,7 +212,8 @@ class Supervisor:
             "partitions": self.partitions, "consumers": len(self.consumers), "restarts": self.restarts,
             "consumed": sum(s["consumed"] for s in stats),
             "dead_lettered": sum(s["dead_lettered"] for s in stats),
-            "rewinds": sum(s["rewinds"] - 1 for s in stats),  # after a writer failure
+            "assigned": sum(s["assigned"] for s in stats),  # partitions handed over by the group
+            "rewinds": sum(s["rewinds"] for s in stats),  # after a failed write
             "writer": writer_stats, "lag": lag,
         }
 

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -173,13 +174,20 @@ def storage_config(storage_file: Path | None, db: Path):
     return StorageConfig.load(storage_file) if storage_file else StorageConfig.embedded(db.resolve())
 
 
+class GroupMode(str, Enum):
+    """How ingest consumers get their partitions (``podpulse.config.GROUP_MODES``)."""
+
+    assign = "assign"
+    subscribe = "subscribe"
+
+
 def _ingest_config(bootstrap: str, topic: str, consumers: int, batch_size: int, linger_ms: int,
-                   max_in_flight: int, storage, dlq_topic: str, settings: dict):
+                   max_in_flight: int, storage, dlq_topic: str, settings: dict, group_mode: str = "assign"):
     from podpulse.config import IngestConfig
 
     return IngestConfig(bootstrap=bootstrap, topic=topic, kafka=settings, consumers=consumers,
                         batch_size=batch_size, linger_ms=linger_ms, max_in_flight=max_in_flight,
-                        dlq_topic=dlq_topic, storage=storage)
+                        dlq_topic=dlq_topic, storage=storage, group_mode=group_mode)
 
 
 def _ingest_with_progress(config, until_caught_up: bool, quiet: bool) -> dict:
@@ -219,6 +227,9 @@ def ingest(
     db: Db = DEFAULT_DB,
     storage_file: StorageFile = None,
     dlq_topic: Annotated[str, typer.Option(help="Dead-letter topic (default TOPIC.dlq).")] = "",
+    group_mode: Annotated[GroupMode, typer.Option(
+        help="assign: fixed shards of partitions, no group join; subscribe: one Kafka consumer "
+             "group with cooperative-sticky rebalancing.")] = GroupMode.assign,
     json_out: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
     kafka_setting: KafkaSettings = [],
     kafka_config: KafkaConfigFile = None,
@@ -230,7 +241,7 @@ def ingest(
     """
     config = _ingest_config(bootstrap, topic, consumers, batch_size, linger_ms, max_in_flight,
                             storage_config(storage_file, db), dlq_topic,
-                            kafka_settings(kafka_setting, kafka_config))
+                            kafka_settings(kafka_setting, kafka_config), group_mode.value)
     result = _ingest_with_progress(config, until_caught_up, quiet=json_out)
     if json_out:
         print(json.dumps(result))

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from podpulse.errors import ConfigError
 from storage.router import StorageConfig
 
-__all__ = ["IngestConfig"]
+__all__ = ["IngestConfig", "GROUP_MODES"]
+
+GROUP_MODES = ("assign", "subscribe")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +28,7 @@ class IngestConfig:
     linger_ms: int = 200  # longest wait to fill a batch
     max_in_flight: int = 2  # batches a consumer may have at the writer: the back-pressure bound
     group_id: str = "podpulse-ingest"  # offsets are also committed to Kafka under this group
+    group_mode: str = "assign"  # "assign": fixed shards, no group join; "subscribe": a consumer group
     dlq_topic: str = ""  # "" → "<topic>.dlq"
     storage: StorageConfig = field(default_factory=StorageConfig)
 
@@ -36,6 +39,7 @@ class IngestConfig:
             (self.linger_ms >= 0, "linger must not be negative"),
             (self.max_in_flight >= 1, "max in-flight batches must be at least 1"),
             (bool(self.topic), "a topic is required"),
+            (self.group_mode in GROUP_MODES, f"group mode must be one of {', '.join(GROUP_MODES)}"),
         ]
         for ok, message in checks:
             if not ok:

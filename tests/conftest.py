@@ -148,6 +148,14 @@ def _assert_rollups_match_raw(store, in_order: bool = True) -> None:
     if hasattr(store, "execute"):
         store.execute("SET TimeZone = 'UTC'")
         stored, recomputed = store.execute(ROLLUP_STORED).fetchall(), store.execute(ROLLUP_RECOMPUTED).fetchall()
+    elif store.backends[store.routes["raw_events"]]["type"] == "cassandra":
+        from podpulse.summary import relational_query
+
+        stored = relational_query(store, {"s": ROLLUP_STORED})["s"]
+        from infra.cassandra import cassandra_events
+
+        recomputed = cassandra_events(store.backends[store.routes["raw_events"]]).execute(
+            ROLLUP_RECOMPUTED).fetchall()
     else:
         from podpulse.summary import relational_query
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import socket
 
+import duckdb
+import pyarrow as pa
 import yaml
+from cassandra.cluster import Cluster
 
 from infra.process import ServerProcess, ServiceError, cache_dir, free_port, port_open
 
-__all__ = ["CassandraNode", "cassandra_classpath"]
+__all__ = ["CassandraNode", "cassandra_classpath", "cassandra_events"]
 
 # Java 17 module access that Cassandra 5.0 needs (its conf/jvm17-server.options, JPMS part).
 JPMS = [f"--add-exports={m}=ALL-UNNAMED" for m in (
@@ -117,6 +120,28 @@ class CassandraNode(ServerProcess):
                 return len(s.recv(9)) == 9
         except OSError:
             return False
+
+
+RAW_COLUMNS = ("device_id", "seq", "event_time", "battery_left", "battery_right", "battery_case", "in_ear_left",
+               "in_ear_right", "charging", "playback_s", "interval_s", "noise_mode", "output_dba", "ambient_dba")
+
+
+def cassandra_events(spec):
+    """The raw events a Cassandra backend (``spec``: its storage config) holds, as the ``events``
+    table of an in-memory DuckDB (session time zone UTC), to query them with SQL."""
+    cluster = Cluster([*spec["hosts"]], port=spec.get("port", 9042))
+    try:
+        rows = list(cluster.connect().execute(
+            f"SELECT {', '.join(RAW_COLUMNS)} FROM {spec.get('keyspace', 'podpulse')}.events"))
+    finally:
+        cluster.shutdown()
+    columns = {c: [getattr(r, c) for r in rows] for c in RAW_COLUMNS}
+    table = pa.table({**columns, "event_time": pa.array(columns["event_time"], pa.timestamp("ms", tz="UTC"))})
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.register("events_arrow", table)
+    con.execute("CREATE TABLE events AS SELECT * FROM events_arrow")
+    return con
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ stop the broker mid-ingest and start it again on the same data and port.
 from __future__ import annotations
 
 import base64
+import re
 import subprocess
 import uuid
 
@@ -58,6 +59,21 @@ class KafkaBroker(ServerProcess):
         from podpulse.kafka import ensure_topic
 
         ensure_topic(self.config, name, partitions)
+
+    def log_batches(self, topic: str, partition: int) -> list[dict]:
+        """The record batches of one partition as the broker wrote them to disk (DumpLogSegments):
+        ``baseOffset``, ``count``, ``producerId``, ``baseSequence``, ``lastSequence``..."""
+        segments = sorted((self.root / "log" / f"{topic}-{partition}").glob("*.log"))
+        out = subprocess.run(["java", "-Xmx256m", "-cp", self.classpath, "kafka.tools.DumpLogSegments",
+                              "--files", ",".join(map(str, segments))], capture_output=True, text=True)
+        if out.returncode:
+            raise ServiceError(f"DumpLogSegments failed: {out.stderr[-500:]}")
+        batches = []
+        for line in out.stdout.splitlines():
+            if line.startswith("baseOffset:"):
+                fields = re.findall(r"(\w+): (\S+)", line)
+                batches.append({k: int(v) if re.fullmatch(r"-?\d+", v) else v for k, v in fields})
+        return batches
 
     def prepare(self) -> None:
         settings = {

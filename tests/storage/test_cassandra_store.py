@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -423,3 +424,52 @@ class TestAgainstCassandra:
         assert total == events.num_rows
         count = store._session.execute(f"SELECT count(*) AS n FROM {store.settings.keyspace}.events").one()
         assert count["n"] == events.num_rows
+
+    def test_the_deployed_schema_is_read_back_from_system_schema(self, cassandra):
+        settings = CassandraSettings(hosts=cassandra.hosts, port=cassandra.port, keyspace="podpulse_schema",
+                                     ttl_days=30, compaction_window_days=2)
+        store = CassandraStore(settings)
+        store.setup()
+        try:
+            session = store._session
+            table = session.execute("SELECT compaction, default_time_to_live FROM system_schema.tables "
+                                    "WHERE keyspace_name = 'podpulse_schema' AND table_name = 'events'").one()
+            assert table["default_time_to_live"] == 30 * 86400
+            assert table["compaction"]["class"].endswith("TimeWindowCompactionStrategy")
+            assert (table["compaction"]["compaction_window_unit"], table["compaction"]["compaction_window_size"]) \
+                == ("DAYS", "2")
+            columns = {r["column_name"]: r for r in session.execute(
+                "SELECT column_name, kind, position, clustering_order, type FROM system_schema.columns "
+                "WHERE keyspace_name = 'podpulse_schema' AND table_name = 'events'")}
+            keys = sorted((r["kind"], r["position"], name, r["clustering_order"]) for name, r in columns.items()
+                          if r["kind"] != "regular")
+            assert keys == [("clustering", 0, "event_time", "desc"), ("clustering", 1, "seq", "desc"),
+                            ("partition_key", 0, "device_id", "none"), ("partition_key", 1, "day", "none")]
+            for name, cql in EVENT_COLUMNS:
+                assert columns[name]["type"] == cql, name
+        finally:
+            store._session.execute("DROP KEYSPACE IF EXISTS podpulse_schema")
+            store.close()
+
+    def test_written_rows_carry_the_retention_ttl_and_expire(self, cassandra):
+        settings = CassandraSettings(hosts=cassandra.hosts, port=cassandra.port, keyspace="podpulse_ttl",
+                                     ttl_days=1)
+        store = CassandraStore(settings)
+        store.setup()
+        try:
+            now = datetime.now(timezone.utc)
+            events = make_batch(FleetSpec(devices=3, hours=1, seed=9, start=now - timedelta(hours=1)))
+            store.write_events(events)
+            ttls = [r["t"] for r in store._session.execute("SELECT TTL(battery_left) AS t FROM podpulse_ttl.events")]
+            assert len(ttls) == events.num_rows
+            assert all(86400 - 300 < t <= 86400 for t in ttls)
+            # The same rows under a table TTL of one second are gone a moment later.
+            store._session.execute("ALTER TABLE podpulse_ttl.events WITH default_time_to_live = 1")
+            store._session.execute("TRUNCATE podpulse_ttl.events")
+            store.write_events(events)
+            assert store._session.execute("SELECT count(*) AS n FROM podpulse_ttl.events").one()["n"] > 0
+            time.sleep(2.5)
+            assert store._session.execute("SELECT count(*) AS n FROM podpulse_ttl.events").one()["n"] == 0
+        finally:
+            store._session.execute("DROP KEYSPACE IF EXISTS podpulse_ttl")
+            store.close()
