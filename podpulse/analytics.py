@@ -25,13 +25,14 @@ from datetime import date, timedelta
 import numpy as np
 
 from podpulse import geo
+from storage.rollups import REPORT_UTC_OFFSET_H
 from storage.router import StorageConfig, password
 
 __all__ = ["Reader", "Result", "usage_trend", "noise_habits", "mode_shares", "exposure", "battery_health",
            "firmware_adoption", "listening_by_hour", "state_overview", "full_report", "data_range", "QUERIES"]
 
 DEFAULT_K = 10
-AEST = "INTERVAL '10 hours'"
+AEST = f"INTERVAL '{REPORT_UTC_OFFSET_H} hours'"
 WEEKLY_ALLOWANCE_S = 40 * 3600  # 40 h at 80 dBA
 MIN_DRAIN_PLAYBACK_S = 1800
 
@@ -242,11 +243,13 @@ def battery_health(r: Reader, start: date, end: date, k: int = DEFAULT_K, outlie
 
 
 def firmware_adoption(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Result:
-    """Share of each day's active devices on each firmware (from the raw events)."""
+    """Share of each day's active devices on each firmware (from the firmware rollup, so it
+    needs no raw events: they may live in Cassandra)."""
     rows = r.rows(f"""
         WITH daily AS (
-            SELECT {_local_day('event_time')} AS day, firmware, count(DISTINCT device_id) AS devices
-            FROM events WHERE {_window(start, end, 'event_time')} GROUP BY 1, 2),
+            SELECT day, firmware, count(DISTINCT device_id) AS devices
+            FROM device_firmware_daily
+            WHERE day >= DATE '{start.isoformat()}' AND day < DATE '{end.isoformat()}' GROUP BY 1, 2),
         totals AS (SELECT day, sum(devices) AS total FROM daily GROUP BY day)
         SELECT day, firmware, devices, devices * 1.0 / total AS share
         FROM daily JOIN totals USING (day) ORDER BY 1, 2""")

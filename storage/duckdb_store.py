@@ -22,8 +22,9 @@ import pyarrow.compute as pc
 
 from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
 from storage.migrations import migrate_duckdb
-from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, HOURLY_KEY, HOURLY_MERGE, LAST_SAMPLE_QUERY,
-                             check_follows, device_updates, drop_replayed, hourly_rollup)
+from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE, HOURLY_KEY, HOURLY_MERGE,
+                             LAST_SAMPLE_QUERY, check_follows, device_updates, drop_replayed, firmware_days,
+                             hourly_rollup)
 from storage.schema import EVENT_COLUMNS
 from storage.sql import upsert_sql
 
@@ -31,6 +32,7 @@ __all__ = ["DuckDBStore"]
 
 HOURLY_UPSERT = upsert_sql("device_hourly", HOURLY_KEY, HOURLY_MERGE, "_hourly")
 DEVICE_UPSERT = upsert_sql("devices", DEVICE_KEY, DEVICE_MERGE, "_devices")
+FIRMWARE_UPSERT = upsert_sql("device_firmware_daily", FIRMWARE_KEY, FIRMWARE_MERGE, "_firmware")
 OFFSETS_UPSERT = ("INSERT INTO kafka_offsets (topic, kafka_partition, next_offset, updated_at) "
                   "VALUES (?, ?, ?, now()) ON CONFLICT (topic, kafka_partition) DO UPDATE SET "
                   "next_offset = greatest(kafka_offsets.next_offset, excluded.next_offset), "
@@ -101,13 +103,15 @@ class DuckDBStore(TimeSeriesStore, RelationalStore):
                 con.execute(HOURLY_UPSERT)
                 con.register("_devices", device_updates(fresh))
                 con.execute(DEVICE_UPSERT)
+                con.register("_firmware", firmware_days(fresh))
+                con.execute(FIRMWARE_UPSERT)
             con.executemany(OFFSETS_UPSERT, [(topic, int(p), int(o)) for p, o in sorted(next_offsets.items())])
             con.commit()
         except BaseException:
             con.rollback()
             raise
         finally:
-            for name in ("_events", "_ids", "_hourly", "_devices"):
+            for name in ("_events", "_ids", "_hourly", "_devices", "_firmware"):
                 con.unregister(name)
         return CommitResult(applied=fresh.num_rows, replayed=replayed)
 

@@ -25,6 +25,7 @@ from sqlalchemy.dialects import oracle, postgresql
 from sqlalchemy.schema import CreateTable
 
 from storage import schema
+from storage.rollups import REPORT_UTC_OFFSET_H
 from storage.schema import OracleOptions, add_columns_ddl, create_table_ddl, table_as_of
 
 __all__ = ["Migration", "MIGRATIONS", "LATEST", "statements", "migrate_duckdb", "migrate_engine",
@@ -55,6 +56,17 @@ def _exposure_and_drain(dialect: str, opts: OracleOptions) -> list[str]:
     return add_columns_ddl(schema.device_hourly, 4, dialect) + add_columns_ddl(schema.devices, 4, dialect)
 
 
+def _firmware_days(dialect: str, opts: OracleOptions) -> list[str]:
+    """The firmware rollup, filled from the raw events already in this store (none when they
+    live in Cassandra: adoption then starts with the events ingested after this migration)."""
+    offset = REPORT_UTC_OFFSET_H
+    day = (f"TRUNC(event_time + INTERVAL '{offset}' HOUR)" if dialect == "oracle"
+           else f"CAST(event_time + INTERVAL '{offset} hours' AS DATE)")
+    return [create_table_ddl(schema.device_firmware_daily, dialect, opts),
+            f"INSERT INTO device_firmware_daily (device_id, day, firmware, events) "
+            f"SELECT device_id, {day}, firmware, count(*) FROM events GROUP BY device_id, {day}, firmware"]
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "core tables: events, device_hourly, devices, kafka_offsets", _core),
     Migration(2, "anomalies", _anomalies),
@@ -62,6 +74,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "sound exposure and battery drain rollups; last sample per device", _exposure_and_drain),
     Migration(5, "model registry index", lambda dialect, opts: [
         create_table_ddl(schema.model_versions, dialect, opts)]),
+    Migration(6, "firmware per device and day, so adoption needs no raw events", _firmware_days),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -15,22 +15,24 @@ from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import Boolean, DateTime, String, create_engine, text
+from sqlalchemy import Boolean, Date, DateTime, String, create_engine, text
 from sqlalchemy.engine import make_url
 
 from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
 from storage.migrations import migrate_engine
-from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, HOURLY_KEY, HOURLY_MERGE, LAST_SAMPLE_QUERY,
-                             check_follows, device_updates, drop_replayed, hourly_rollup, last_sample_table)
+from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE, HOURLY_KEY, HOURLY_MERGE,
+                             LAST_SAMPLE_QUERY, check_follows, device_updates, drop_replayed, firmware_days,
+                             hourly_rollup, last_sample_table)
 from storage.schema import EVENT_COLUMNS, OracleOptions, metadata
 from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, oracle_merge_sql
 
-__all__ = ["OracleStore", "oracle_url", "input_sizes", "EVENTS_MERGE", "HOURLY_MERGE_SQL", "DEVICES_MERGE_SQL",
+__all__ = ["OracleStore", "oracle_url", "input_sizes", "EVENTS_MERGE", "HOURLY_MERGE_SQL", "FIRMWARE_MERGE_SQL", "DEVICES_MERGE_SQL",
            "OFFSETS_MERGE_SQL"]
 
 EVENT_KEY = ("device_id", "seq", "event_time")
 EVENTS_MERGE = oracle_merge_sql("events", EVENT_KEY, {c: "keep" for c in EVENT_COLUMNS if c not in EVENT_KEY})
 HOURLY_MERGE_SQL = oracle_merge_sql("device_hourly", HOURLY_KEY, HOURLY_MERGE)
+FIRMWARE_MERGE_SQL = oracle_merge_sql("device_firmware_daily", FIRMWARE_KEY, FIRMWARE_MERGE)
 DEVICES_MERGE_SQL = oracle_merge_sql("devices", DEVICE_KEY, DEVICE_MERGE)
 OFFSETS_MERGE_SQL = oracle_merge_sql("kafka_offsets", OFFSETS_KEY, OFFSETS_MERGE)
 
@@ -71,6 +73,8 @@ def input_sizes(table_name: str, columns: list[str], oracledb) -> list:
             sizes.append(sql_type.length)
         elif isinstance(sql_type, DateTime):
             sizes.append(oracledb.DB_TYPE_TIMESTAMP)
+        elif isinstance(sql_type, Date):
+            sizes.append(oracledb.DB_TYPE_DATE)
         elif isinstance(sql_type, Boolean):
             sizes.append(oracledb.DB_TYPE_BOOLEAN)
         else:
@@ -114,6 +118,8 @@ class OracleStore(TimeSeriesStore, RelationalStore):
                             hourly_rollup(fresh, self._last_samples(cur, fresh)))
                 self._merge(cur, "devices", DEVICES_MERGE_SQL, [*DEVICE_KEY, *DEVICE_MERGE],
                             device_updates(fresh))
+                self._merge(cur, "device_firmware_daily", FIRMWARE_MERGE_SQL, [*FIRMWARE_KEY, *FIRMWARE_MERGE],
+                            firmware_days(fresh))
             offsets = pa.table({"topic": [topic] * len(next_offsets),
                                 "kafka_partition": pa.array(list(next_offsets), pa.int32()),
                                 "next_offset": pa.array(list(next_offsets.values()), pa.int64()),

@@ -20,8 +20,9 @@ from sqlalchemy.engine import make_url
 
 from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
 from storage.migrations import migrate_engine
-from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, HOURLY_KEY, HOURLY_MERGE, LAST_SAMPLE_QUERY,
-                             check_follows, device_updates, drop_replayed, hourly_rollup, last_sample_table)
+from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE, HOURLY_KEY, HOURLY_MERGE,
+                             LAST_SAMPLE_QUERY, check_follows, device_updates, drop_replayed, firmware_days,
+                             hourly_rollup, last_sample_table)
 from storage.schema import EVENT_COLUMNS, postgres_month_partition_ddl
 from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, upsert_sql
 
@@ -80,6 +81,7 @@ class PostgresStore(TimeSeriesStore, RelationalStore):
                 self._ensure_partitions(cur, "device_hourly", hourly["hour"])
                 self._merge(cur, "device_hourly", HOURLY_KEY, HOURLY_MERGE, hourly)
                 self._merge(cur, "devices", DEVICE_KEY, DEVICE_MERGE, device_updates(fresh))
+                self._merge(cur, "device_firmware_daily", FIRMWARE_KEY, FIRMWARE_MERGE, firmware_days(fresh))
             cur.executemany(
                 upsert_sql("kafka_offsets", OFFSETS_KEY, OFFSETS_MERGE,
                            "(SELECT %s AS topic, %s AS kafka_partition, %s AS next_offset, "

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 __all__ = ["KAFKA_COLUMNS", "HOURLY_KEY", "HOURLY_MERGE", "DEVICE_KEY", "DEVICE_MERGE", "LAST_SAMPLE",
+           "REPORT_UTC_OFFSET_H", "FIRMWARE_KEY", "FIRMWARE_MERGE", "firmware_days",
            "SINCE_MIGRATION_4", "LAST_SAMPLE_QUERY", "last_sample_table",
            "drop_replayed", "check_follows", "hourly_rollup", "device_updates"]
 
@@ -38,6 +39,14 @@ HOURLY_MERGE = {
 SINCE_MIGRATION_4 = ("dose_s", "drain_left_pct", "drain_right_pct", "drain_playback_s", "drain_case_pct",
                      "last_seq", "last_battery_left", "last_battery_right", "last_battery_case",
                      "last_in_ear_left", "last_in_ear_right", "last_charging")
+
+# Reports count days in AEST (UTC+10, no daylight saving) for the whole fleet.
+REPORT_UTC_OFFSET_H = 10
+
+# Which firmware each device ran on each report day: what firmware adoption needs, kept here so
+# that it is answered wherever the raw events live (Cassandra included). Since migration 6.
+FIRMWARE_KEY = ("device_id", "day", "firmware")
+FIRMWARE_MERGE = {"events": "sum"}
 
 DEVICE_KEY = ("device_id",)
 DEVICE_MERGE = {
@@ -213,6 +222,15 @@ def hourly_rollup(events: pa.Table, last: pa.Table | None = None) -> pa.Table:
         "device_id_count": "events", "state_first": "state", "urban_first": "urban"}
     grouped = grouped.rename_columns([names.get(c, c) for c in grouped.column_names])
     return grouped.select(["device_id", "hour", *HOURLY_MERGE])
+
+
+def firmware_days(events: pa.Table) -> pa.Table:
+    """One row per (device, AEST day, firmware) of the batch, with its event count."""
+    ms = events["event_time"].cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64())
+    day = pc.divide(pc.add(ms, REPORT_UTC_OFFSET_H * 3_600_000), 86_400_000).cast(pa.int32()).cast(pa.date32())
+    work = pa.table({"device_id": events["device_id"], "day": day, "firmware": events["firmware"]})
+    grouped = work.group_by(list(FIRMWARE_KEY), use_threads=False).aggregate([("device_id", "count")])
+    return grouped.rename_columns([*FIRMWARE_KEY, "events"]).select([*FIRMWARE_KEY, "events"])
 
 
 def device_updates(events: pa.Table) -> pa.Table:

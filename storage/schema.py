@@ -18,15 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
-from sqlalchemy import (BigInteger, Boolean, Column, DateTime, Double, Integer, MetaData,
+from sqlalchemy import (BigInteger, Boolean, Column, Date, DateTime, Double, Integer, MetaData,
                         PrimaryKeyConstraint, SmallInteger, String, Table)
 from sqlalchemy.dialects import oracle, postgresql
 from sqlalchemy.schema import CreateTable
 
 from podpulse.contract import ARROW_SCHEMA
-from storage.rollups import DEVICE_MERGE, HOURLY_MERGE, KAFKA_COLUMNS, SINCE_MIGRATION_4
+from storage.rollups import DEVICE_MERGE, FIRMWARE_KEY, HOURLY_MERGE, KAFKA_COLUMNS, SINCE_MIGRATION_4
 
-__all__ = ["metadata", "events", "device_hourly", "devices", "kafka_offsets", "anomalies",
+__all__ = ["metadata", "events", "device_hourly", "device_firmware_daily", "devices", "kafka_offsets", "anomalies",
            "schema_version", "model_versions", "OracleOptions", "create_table_ddl", "table_as_of",
            "add_columns_ddl", "postgres_month_partition_ddl",
            "EVENT_COLUMNS"]
@@ -114,6 +114,15 @@ def add_columns_ddl(table: Table, migration: int, dialect: str) -> list[str]:
         return [f"ALTER TABLE {table.name} ADD ({', '.join(cols)})"]
     return [f"ALTER TABLE {table.name} ADD COLUMN {c}" for c in cols]
 
+
+device_firmware_daily = Table(
+    "device_firmware_daily", metadata,
+    Column("device_id", String(64), nullable=False),
+    Column("day", Date, nullable=False),  # AEST (storage.rollups.REPORT_UTC_OFFSET_H)
+    Column("firmware", String(64), nullable=False),
+    Column("events", BigInteger),
+    PrimaryKeyConstraint(*FIRMWARE_KEY),
+)
 
 kafka_offsets = Table(
     "kafka_offsets", metadata,

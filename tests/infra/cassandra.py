@@ -6,7 +6,7 @@ is the classpath of ``CassandraDaemon``. The node runs on its own ports with a
 small heap, no gossip settling wait and no JMX; its data directory outlives
 :meth:`stop`, so a test can restart it on the same data.
 
-    PYTHONPATH=tests python -m infra.cassandra    # run one in the foreground, print host:port
+    PYTHONPATH=tests python -m infra.cassandra [PORT]    # run one in the foreground, print host:port
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ def cassandra_events(spec):
 
 if __name__ == "__main__":
     import signal
+    import sys
 
-    with CassandraNode() as node:
+    with CassandraNode(port=int(sys.argv[1]) if len(sys.argv) > 1 else 0) as node:
         print(f"{node.host}:{node.port}", flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})

@@ -5,7 +5,7 @@
 classpath. The log directory is durable and outlives :meth:`stop`, so a test can
 stop the broker mid-ingest and start it again on the same data and port.
 
-    PYTHONPATH=tests python -m infra.kafka      # run one in the foreground, print its bootstrap
+    PYTHONPATH=tests python -m infra.kafka [PORT]      # run one in the foreground, print its bootstrap
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ class KafkaBroker(ServerProcess):
 
 if __name__ == "__main__":
     import signal
+    import sys
 
-    with KafkaBroker() as broker:
+    with KafkaBroker(port=int(sys.argv[1]) if len(sys.argv) > 1 else 0) as broker:
         print(broker.bootstrap, flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})

@@ -6,7 +6,7 @@ PostgreSQL refuses to run as root, so under root the cluster belongs to the
 (``fsync=off``): the tests stop the server cleanly or kill it on purpose, and a
 killed server still recovers from its WAL, which is all a fault test needs.
 
-    PYTHONPATH=tests python -m infra.postgres     # run one in the foreground, print its URL
+    PYTHONPATH=tests python -m infra.postgres [PORT]     # run one in the foreground, print its URL
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ class PostgresCluster(ServerProcess):
 
 if __name__ == "__main__":
     import signal
+    import sys
 
-    with PostgresCluster() as pg:
+    with PostgresCluster(port=int(sys.argv[1]) if len(sys.argv) > 1 else 0) as pg:
         print(pg.url, flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})

@@ -175,6 +175,29 @@ def test_demo_fills_postgresql_through_a_storage_config(tmp_path, pg_url):
     assert status["current"] == status["latest"]
 
 
+def test_demo_puts_raw_events_in_cassandra_and_every_report_query_still_answers(tmp_path, pg_url, cassandra):
+    from podpulse import analytics
+    from storage.router import StorageConfig
+
+    config = tmp_path / "split.yaml"
+    config.write_text(f"backends:\n  core: {{type: postgresql, url: '{pg_url}'}}\n"
+                      f"  raw: {{type: cassandra, hosts: [{cassandra.hosts}], port: {cassandra.port}, "
+                      "keyspace: demo_split}\n"
+                      "routes: {raw_events: raw, devices: core, rollups: core, offsets: core, anomalies: core}\n")
+    summary = json.loads(podpulse("demo", "--devices", 300, "--hours", 30, "--storage-config", config,
+                                  "--json", "--no-models", timeout=600).stdout)
+    assert summary["events_stored"] == summary["events_produced"] - summary["dead_lettered"] > 0
+    assert Path(summary["report"]).exists()
+    with analytics.Reader(StorageConfig.load(config)) as reader:
+        start, end = analytics.data_range(reader)
+        adoption = analytics.firmware_adoption(reader, start, end, 1)
+    assert adoption.rows and sum(r[2] for r in adoption.rows) >= 300  # every device, every day it was seen
+    from infra.cassandra import cassandra_events
+
+    raw = cassandra_events({"hosts": [cassandra.hosts], "port": cassandra.port, "keyspace": "demo_split"})
+    assert raw.execute("SELECT count(*) FROM events").fetchone()[0] == summary["events_stored"]
+
+
 def test_train_and_drift_from_the_command_line(tmp_path):
     from bench.report import build_store
 

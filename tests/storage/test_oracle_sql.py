@@ -9,7 +9,8 @@ import sqlglot
 from sqlglot import exp
 
 from storage.migrations import MIGRATIONS, statements
-from storage.oracle_store import DEVICES_MERGE_SQL, EVENTS_MERGE, HOURLY_MERGE_SQL, OFFSETS_MERGE_SQL
+from storage.oracle_store import (DEVICES_MERGE_SQL, EVENTS_MERGE, FIRMWARE_MERGE_SQL, HOURLY_MERGE_SQL,
+                                  OFFSETS_MERGE_SQL)
 from storage.schema import OracleOptions
 
 SUFFIX = re.compile(r"\) PARTITION BY RANGE \((\w+)\) INTERVAL \(NUMTODSINTERVAL\((\d+), 'DAY'\)\) "
@@ -32,6 +33,10 @@ def test_time_tables_are_interval_partitioned_and_in_memory():
         assert "PARTITION" not in ddl[table] and "INMEMORY" not in ddl[table]
 
 
+def ddl_tables() -> list[str]:
+    return [m.group(1) for s in oracle_ddl() if (m := re.match(r"CREATE TABLE (\w+)", s))]
+
+
 def test_in_memory_options_follow_the_configuration():
     ddl = " ".join(oracle_ddl(OracleOptions(interval_days=7, memcompress="FOR CAPACITY HIGH",
                                             priority="CRITICAL")))
@@ -46,11 +51,14 @@ def test_table_bodies_parse_as_oracle_sql():
     for sql in oracle_ddl():
         body = SUFFIX.sub(")", sql)
         tree = sqlglot.parse_one(body, read="oracle")
-        assert isinstance(tree, (exp.Create, exp.Alter)), body[:80]
+        assert isinstance(tree, (exp.Create, exp.Alter, exp.Insert)), body[:80]
+        if isinstance(tree, exp.Insert):  # a backfill reads only tables the migrations create
+            assert {t.name for t in tree.find_all(exp.Table)} <= set(ddl_tables()), body
 
 
 @pytest.mark.parametrize("sql, table, key", [
     (HOURLY_MERGE_SQL, "device_hourly", {"device_id", "hour"}),
+    (FIRMWARE_MERGE_SQL, "device_firmware_daily", {"device_id", "day", "firmware"}),
     (DEVICES_MERGE_SQL, "devices", {"device_id"}),
     (OFFSETS_MERGE_SQL, "kafka_offsets", {"topic", "kafka_partition"}),
     (EVENTS_MERGE, "events", {"device_id", "seq", "event_time"}),

@@ -17,7 +17,8 @@ def test_the_default_is_one_embedded_duckdb_for_every_kind():
     assert dict(c.routes) == {k: "embedded" for k in KINDS}
 
 
-@pytest.mark.parametrize("name", ["embedded.yaml", "postgres.yaml", "oracle-cassandra.yaml"])
+@pytest.mark.parametrize("name", ["embedded.yaml", "postgres.yaml", "cassandra-postgres.yaml",
+                                  "oracle-cassandra.yaml"])
 def test_every_example_loads_and_survives_pickling(name):
     c = StorageConfig.load(EXAMPLES / name)
     assert set(c.routes) == set(KINDS)
