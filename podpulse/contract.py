@@ -43,7 +43,7 @@ from podpulse import geo
 
 __all__ = [
     "CURRENT_VERSION", "V1_DEFAULTS", "V3_DEFAULTS", "NOISE_MODES", "CHARGING_STATES", "Event",
-    "ARROW_SCHEMA", "Rejected", "DecodedBatch", "decode_batch", "encode", "encoder",
+    "ARROW_SCHEMA", "FIELDS", "MAX_EXTRAS_BYTES", "Rejected", "DecodedBatch", "decode_batch", "encode", "encoder",
 ]
 
 CURRENT_VERSION = 3
@@ -61,7 +61,11 @@ MAX_EVENT_TIME_MS = 4_102_444_800_000  # 2100-01-01
 Percent = Annotated[int, msgspec.Meta(ge=0, le=100)]
 Dba = Annotated[float, msgspec.Meta(ge=0.0, le=140.0)]
 Celsius = Annotated[float, msgspec.Meta(ge=-20.0, le=80.0)]
-Label = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+# Printable text: no control characters (C0, DEL, C1; NUL is refused by PostgreSQL) and no lone surrogates
+# (which no UTF-8 encoder can write).
+Label = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f-\x9f\ud800-\udfff]+$")]
+MAX_EXTRAS_BYTES = 4000  # the relational stores keep extras in a 4,000-character column
+INT64_MAX = 2**63 - 1
 
 
 class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
@@ -70,7 +74,7 @@ class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=F
     # --- v1: carried by every version -------------------------------------
     schema_version: Annotated[int, msgspec.Meta(ge=1, le=1000)]
     device_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{6,64}$")]  # pseudonym
-    seq: Annotated[int, msgspec.Meta(ge=0)]  # per-device sequence number
+    seq: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]  # per-device sequence number
     event_time_ms: Annotated[int, msgspec.Meta(ge=MIN_EVENT_TIME_MS, le=MAX_EVENT_TIME_MS)]
     model: Label
     firmware: Label
@@ -162,9 +166,18 @@ class DecodedBatch:
 
 
 def _parse_one(value: bytes | None) -> tuple[Event, str | None] | str:
-    """(event, extras JSON or None) for a valid value, otherwise the reason."""
+    """(event, extras JSON or None) for a valid value, otherwise the reason. Never raises."""
     if not value:
         return "empty message"
+    try:
+        return _parse_checked(value)
+    except RecursionError:
+        return "JSON nested too deeply - at `$`"
+    except Exception as e:  # anything else a hostile value finds: a reason, never a crash
+        return f"undecodable value ({type(e).__name__}: {str(e)[:200]})"
+
+
+def _parse_checked(value: bytes) -> tuple[Event, str | None] | str:
     try:
         return _strict.decode(value), None
     except msgspec.ValidationError as e:
@@ -176,8 +189,10 @@ def _parse_one(value: bytes | None) -> tuple[Event, str | None] | str:
         event = _lenient.decode(value)
     except msgspec.DecodeError as e:  # ValidationError is a DecodeError
         return str(e)
-    extras = {k: v for k, v in _any.decode(value).items() if k not in _KNOWN}
-    return event, encoder.encode(extras).decode()
+    extras = encoder.encode({k: v for k, v in _any.decode(value).items() if k not in _KNOWN}).decode()
+    if len(extras.encode()) > MAX_EXTRAS_BYTES:
+        return f"unknown fields take {len(extras.encode())} bytes, over {MAX_EXTRAS_BYTES} - at `$`"
+    return event, extras
 
 
 def _parse(values: Sequence[bytes | None]):
@@ -185,7 +200,7 @@ def _parse(values: Sequence[bytes | None]):
     try:
         events = list(map(_strict.decode, values))
         return events, None, np.arange(len(values), dtype=np.int64), []
-    except (msgspec.DecodeError, TypeError):
+    except Exception:  # some value is not a valid event: sort them out one by one
         pass
     events, extras, rows, rejected = [], [], [], []
     for i, value in enumerate(values):

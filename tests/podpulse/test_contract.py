@@ -6,12 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from podpulse import geo
-from podpulse.contract import (ARROW_SCHEMA, CHARGING_STATES, MAX_EVENT_TIME_MS, MIN_EVENT_TIME_MS,
-                               NOISE_MODES, V1_DEFAULTS, V3_DEFAULTS, Event, decode_batch, encode)
+from podpulse.contract import (ARROW_SCHEMA, CHARGING_STATES, FIELDS, MAX_EVENT_TIME_MS, MAX_EXTRAS_BYTES,
+                               MIN_EVENT_TIME_MS, NOISE_MODES, V1_DEFAULTS, V3_DEFAULTS, Event, decode_batch,
+                               encode)
 
 known_postcodes = st.sampled_from([f"{p:04d}" for s in geo.STATES
                                    for lo, hi in s.urban + s.rural for p in (lo, hi)])
-label = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=64)
+label = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=64)
 dba = st.floats(0, 140, allow_nan=False)
 celsius = st.floats(-20, 80, allow_nan=False)
 
@@ -81,6 +82,27 @@ def test_any_bytes_give_a_row_or_a_reason_never_an_exception(values, data):
     assert rejected.isdisjoint(decoded.rows.tolist())
 
 
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+    | st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=50),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(events(), st.sampled_from(FIELDS + ("unknown_field",)), json_values)
+def test_any_json_in_any_field_gives_a_row_or_a_reason(event, field, value):
+    """Huge numbers, nesting, control characters, wrong types: never an exception."""
+    record = msgspec.structs.asdict(event) | {field: value}
+    decoded = decode_batch([msgspec.json.encode(record)])
+    assert len(decoded) == 1 and all(r.reason for r in decoded.rejected)
+    if decoded.table.num_rows:  # what is accepted is writable by every store
+        row = decoded.table.to_pylist()[0]
+        texts = [v for v in row.values() if isinstance(v, str)]
+        assert all("\x00" not in v and v.encode("utf-8", "surrogatepass").decode("utf-8") for v in texts)
+        assert row["extras"] is None or len(row["extras"].encode()) <= MAX_EXTRAS_BYTES
+
+
 @settings(max_examples=100, deadline=None)
 @given(events(version=st.integers(3, 9)),
        st.dictionaries(st.from_regex(r"\Anew_[a-z]{1,8}\Z"),
@@ -122,6 +144,13 @@ def good(**change) -> bytes:
     (None, ["empty"]),
     (b"[1, 2]", ["object", "array"]),
     (b"\xff\xfe", ["malformed"]),
+    # hostile values that once crashed the consumer or were refused later by a store
+    (good(seq=2**63), ["seq", "<= 9223372036854775807"]),
+    (good(seq=10**30), ["seq"]),
+    (good()[:-1] + b', "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", ["nested too deeply"]),
+    (good(model="AirPods\x00Pro"), ["model"]),
+    (good(firmware="LONE").replace(b"LONE", b"\\ud800"), ["surrogate"]),  # a lone surrogate
+    (good()[:-1] + b', "note": "' + b"x" * 5000 + b'"}', ["unknown fields take", "over 4000"]),
 ])
 def test_rejections_name_the_problem(value, words):
     decoded = decode_batch([good(), value, good(seq=4)])
