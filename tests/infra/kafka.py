@@ -18,6 +18,8 @@ import uuid
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from podpulse.kafka import client_config, ensure_topic
+
 from infra.process import ServerProcess, ServiceError, cache_dir, free_port, port_open
 
 __all__ = ["KafkaBroker", "kafka_classpath"]
@@ -53,11 +55,9 @@ class KafkaBroker(ServerProcess):
 
     @property
     def config(self) -> dict:
-        return {"bootstrap.servers": self.bootstrap}
+        return client_config(self.bootstrap)
 
     def create_topic(self, name: str, partitions: int) -> None:
-        from podpulse.kafka import ensure_topic
-
         ensure_topic(self.config, name, partitions)
 
     def log_batches(self, topic: str, partition: int) -> list[dict]:
@@ -100,7 +100,7 @@ class KafkaBroker(ServerProcess):
             raise ServiceError(f"formatting Kafka's log directory failed:\n{out.stdout}{out.stderr}")
 
     def command(self) -> list[str]:
-        return ["java", HEAP, "-Xms256m", "-XX:+UseG1GC", "-XX:+UseStringDeduplication",
+        return ["java", HEAP, "-Xms256m", "-XX:+UseG1GC",
                 "-Djava.awt.headless=true", "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
                 "-cp", self.classpath, "kafka.Kafka", str(self.properties)]
 

@@ -15,6 +15,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -101,7 +102,7 @@ class PostgresCluster(ServerProcess):
         # SIGINT ("fast") rolls them back and stops at once.
         if not kill and self.running:
             try:
-                os.killpg(self._proc.pid, 2)
+                os.killpg(self._proc.pid, signal.SIGINT)
                 self._proc.wait(timeout)
             except (subprocess.TimeoutExpired, ProcessLookupError):
                 pass
@@ -109,7 +110,6 @@ class PostgresCluster(ServerProcess):
 
 
 if __name__ == "__main__":
-    import signal
     import sys
 
     with PostgresCluster(port=int(sys.argv[1]) if len(sys.argv) > 1 else 0) as pg:

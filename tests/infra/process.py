@@ -17,17 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from podpulse.broker import free_port  # re-exported: every server here takes its ports from it
+
 __all__ = ["ServerProcess", "ServiceError", "free_port", "port_open", "cache_dir"]
 
 
 class ServiceError(RuntimeError):
     """A test service could not be prepared or did not come up."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def cache_dir() -> Path:
