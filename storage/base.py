@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from podpulse.errors import PodPulseError
 
-__all__ = ["StorageError", "OffsetGap", "TimeSeriesStore", "RelationalStore", "CommitResult"]
+__all__ = ["StorageError", "OffsetGap", "RefusedRows", "TimeSeriesStore", "RelationalStore", "CommitResult"]
 
 
 class StorageError(PodPulseError):
@@ -36,10 +36,16 @@ class OffsetGap(StorageError):
     """A batch starts past the stored offset: an earlier batch never arrived. Rewind and resend."""
 
 
+class RefusedRows(StorageError):
+    """The store refused a value of the batch (a data error, not a lost connection): the same rows
+    would fail again, so retrying does not help. The writer finds those rows and dead-letters them."""
+
+
 @dataclass(frozen=True, slots=True)
 class CommitResult:
     applied: int  # rows newly stored
     replayed: int  # rows dropped because their offsets were already stored
+    repeated: int = 0  # rows dropped because their (device_id, seq) was already stored: sent again
 
 
 class TimeSeriesStore(ABC):
@@ -71,9 +77,15 @@ class RelationalStore(ABC):
     @abstractmethod
     def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
                *, with_raw_events: bool = False,
-               start_offsets: dict[int, int | None] | None = None) -> CommitResult:
+               start_offsets: dict[int, int | None] | None = None, dry_run: bool = False) -> CommitResult:
         """One transaction: check the batch follows the stored offsets, skip stored offsets,
         apply the rest, store the new offsets.
+
+        Only events seen for the first time count in the rollups: a row whose offset is
+        stored is a replay, and a row whose ``(device_id, seq)`` is stored already (or
+        repeats within the batch) is an event its producer sent again.
+        ``dry_run`` does all of it and rolls back: how the writer finds the rows a store
+        refuses (:class:`RefusedRows`) without storing anything.
 
         ``start_offsets``: where the batch starts per partition (the consumer's
         position before it; None: the partition's beginning). A start past the

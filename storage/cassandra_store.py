@@ -20,7 +20,7 @@ from typing import Iterable
 import pyarrow as pa
 
 from podpulse.contract import ARROW_SCHEMA
-from storage.base import StorageError, TimeSeriesStore
+from storage.base import RefusedRows, StorageError, TimeSeriesStore
 from storage.rollups import KAFKA_COLUMNS
 
 __all__ = ["CassandraSettings", "CassandraStore", "CONSISTENCY_LEVELS", "EVENT_COLUMNS",
@@ -215,6 +215,10 @@ class CassandraStore(TimeSeriesStore):
             c.concurrent.execute_concurrent_with_args(self._session, self._insert, zip(*columns),
                                                       concurrency=self.settings.concurrency,
                                                       raise_on_first_error=True)
+        except c.InvalidRequest as e:  # the server refused a value: the same rows fail again
+            raise RefusedRows(f"Cassandra refused the batch: {e}") from e
+        except (TypeError, ValueError, OverflowError) as e:  # the driver could not encode a value
+            raise RefusedRows(f"the Cassandra driver refused a value: {e}") from e
         except errors as e:
             raise StorageError(f"Cassandra write of {events.num_rows} events failed: {e}") from e
 

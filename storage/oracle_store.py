@@ -17,12 +17,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from sqlalchemy import Boolean, Date, DateTime, String, create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
-from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
+from storage.base import CommitResult, RefusedRows, RelationalStore, StorageError, TimeSeriesStore
 from storage.migrations import migrate_engine
 from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE, HOURLY_KEY, HOURLY_MERGE,
                              LAST_SAMPLE_QUERY, check_follows, device_updates, drop_replayed, firmware_days,
-                             hourly_rollup, last_sample_table)
+                             first_sightings, hourly_rollup, last_sample_table)
 from storage.schema import EVENT_COLUMNS, OracleOptions, metadata
 from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, oracle_merge_sql
 
@@ -35,6 +36,20 @@ HOURLY_MERGE_SQL = oracle_merge_sql("device_hourly", HOURLY_KEY, HOURLY_MERGE)
 FIRMWARE_MERGE_SQL = oracle_merge_sql("device_firmware_daily", FIRMWARE_KEY, FIRMWARE_MERGE)
 DEVICES_MERGE_SQL = oracle_merge_sql("devices", DEVICE_KEY, DEVICE_MERGE)
 OFFSETS_MERGE_SQL = oracle_merge_sql("kafka_offsets", OFFSETS_KEY, OFFSETS_MERGE)
+# Oracle's refusals of a value (the same rows fail again): unique key, NULL into NOT NULL, value
+# too large for its column, number over its precision, check constraint, bind too long.
+DATA_CODES = ("ORA-00001", "ORA-01400", "ORA-12899", "ORA-01438", "ORA-02290", "ORA-01461")
+KEY_CHUNK = 500  # (device_id, seq) pairs per lookup
+
+
+def stored_keys_sql(pairs: int) -> str:
+    """The (device_id, seq) pairs of a list that the events table holds already."""
+    binds = ", ".join(f"(:{2 * i + 1}, :{2 * i + 2})" for i in range(pairs))
+    return f"SELECT DISTINCT device_id, seq FROM events WHERE (device_id, seq) IN ({binds})"
+
+
+class _DryRun(Exception):
+    """Raised at the end of a dry run to roll its transaction back."""
 
 
 def oracle_url(url: str, password: str | None = None):
@@ -103,30 +118,57 @@ class OracleStore(TimeSeriesStore, RelationalStore):
 
     def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
                *, with_raw_events: bool = False,
-               start_offsets: dict[int, int | None] | None = None) -> CommitResult:
-        with self.engine.begin() as conn:
-            cur = conn.connection.driver_connection.cursor()
-            cur.execute("SELECT kafka_partition, next_offset FROM kafka_offsets "
-                        "WHERE topic = :t FOR UPDATE", t=topic)
-            stored = {int(p): int(o) for p, o in cur.fetchall()}
-            check_follows(stored, start_offsets)
-            fresh, replayed = drop_replayed(events, stored)
-            if fresh.num_rows:
-                if with_raw_events:
-                    self._merge(cur, "events", EVENTS_MERGE, EVENT_COLUMNS, fresh)
-                self._merge(cur, "device_hourly", HOURLY_MERGE_SQL, [*HOURLY_KEY, *HOURLY_MERGE],
-                            hourly_rollup(fresh, self._last_samples(cur, fresh)))
-                self._merge(cur, "devices", DEVICES_MERGE_SQL, [*DEVICE_KEY, *DEVICE_MERGE],
-                            device_updates(fresh))
-                self._merge(cur, "device_firmware_daily", FIRMWARE_MERGE_SQL, [*FIRMWARE_KEY, *FIRMWARE_MERGE],
-                            firmware_days(fresh))
-            offsets = pa.table({"topic": [topic] * len(next_offsets),
-                                "kafka_partition": pa.array(list(next_offsets), pa.int32()),
-                                "next_offset": pa.array(list(next_offsets.values()), pa.int64()),
-                                "updated_at": pa.array([None] * len(next_offsets), pa.timestamp("us"))})
-            self._merge(cur, "kafka_offsets", OFFSETS_MERGE_SQL.replace(":updated_at", "SYS_EXTRACT_UTC(SYSTIMESTAMP)"),
-                        ["topic", "kafka_partition", "next_offset"], offsets)
-        return CommitResult(applied=fresh.num_rows, replayed=replayed)
+               start_offsets: dict[int, int | None] | None = None, dry_run: bool = False) -> CommitResult:
+        try:
+            with self.engine.begin() as conn:
+                cur = conn.connection.driver_connection.cursor()
+                cur.execute("SELECT kafka_partition, next_offset FROM kafka_offsets "
+                            "WHERE topic = :t FOR UPDATE", t=topic)
+                stored = {int(p): int(o) for p, o in cur.fetchall()}
+                check_follows(stored, start_offsets)
+                fresh, replayed = drop_replayed(events, stored)
+                new = fresh
+                if fresh.num_rows:
+                    last = self._last_samples(cur, fresh)
+                    new = first_sightings(fresh, last, (lambda keys: self._stored_keys(cur, keys))
+                                          if with_raw_events else (lambda keys: []))
+                if new.num_rows:
+                    if with_raw_events:
+                        self._merge(cur, "events", EVENTS_MERGE, EVENT_COLUMNS, new)
+                    self._merge(cur, "device_hourly", HOURLY_MERGE_SQL, [*HOURLY_KEY, *HOURLY_MERGE],
+                                hourly_rollup(new, last))
+                    self._merge(cur, "devices", DEVICES_MERGE_SQL, [*DEVICE_KEY, *DEVICE_MERGE],
+                                device_updates(new))
+                    self._merge(cur, "device_firmware_daily", FIRMWARE_MERGE_SQL,
+                                [*FIRMWARE_KEY, *FIRMWARE_MERGE], firmware_days(new))
+                offsets = pa.table({"topic": [topic] * len(next_offsets),
+                                    "kafka_partition": pa.array(list(next_offsets), pa.int32()),
+                                    "next_offset": pa.array(list(next_offsets.values()), pa.int64()),
+                                    "updated_at": pa.array([None] * len(next_offsets), pa.timestamp("us"))})
+                self._merge(cur, "kafka_offsets",
+                            OFFSETS_MERGE_SQL.replace(":updated_at", "SYS_EXTRACT_UTC(SYSTIMESTAMP)"),
+                            ["topic", "kafka_partition", "next_offset"], offsets)
+                if dry_run:
+                    raise _DryRun
+        except _DryRun:
+            pass
+        except (DataError, IntegrityError) as e:
+            raise RefusedRows(f"Oracle refused the batch: {e.orig}") from e
+        except DBAPIError as e:
+            if any(code in str(e.orig) for code in DATA_CODES):
+                raise RefusedRows(f"Oracle refused the batch: {e.orig}") from e
+            raise StorageError(f"Oracle write failed: {e.orig}") from e
+        return CommitResult(applied=new.num_rows, replayed=replayed, repeated=fresh.num_rows - new.num_rows)
+
+    @staticmethod
+    def _stored_keys(cur, keys: pa.Table) -> list[tuple[str, int]]:
+        pairs = list(zip(keys["device_id"].to_pylist(), keys["seq"].to_pylist()))
+        found = []
+        for i in range(0, len(pairs), KEY_CHUNK):
+            part = pairs[i:i + KEY_CHUNK]
+            cur.execute(stored_keys_sql(len(part)), [v for pair in part for v in pair])
+            found.extend((d, int(q)) for d, q in cur.fetchall())
+        return found
 
     @staticmethod
     def _last_samples(cur, fresh: pa.Table, chunk: int = 500) -> pa.Table:

@@ -12,17 +12,19 @@ from __future__ import annotations
 import io
 from contextlib import contextmanager
 
+import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.engine import make_url
 
-from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
+from storage.base import CommitResult, RefusedRows, RelationalStore, StorageError, TimeSeriesStore
 from storage.migrations import migrate_engine
 from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE, HOURLY_KEY, HOURLY_MERGE,
                              LAST_SAMPLE_QUERY, check_follows, device_updates, drop_replayed, firmware_days,
-                             hourly_rollup, last_sample_table)
+                             first_sightings, hourly_rollup, last_sample_table)
 from storage.schema import EVENT_COLUMNS, postgres_month_partition_ddl
 from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, upsert_sql
 
@@ -30,6 +32,16 @@ __all__ = ["PostgresStore", "engine_url"]
 
 EVENT_KEY = ("device_id", "seq", "event_time")
 _CSV = pacsv.WriteOptions(include_header=False)
+# PostgreSQL's classes 22 (data exception) and 23 (integrity constraint): the same rows fail again.
+# Raised by SQLAlchemy (wrapped) or by psycopg itself (COPY and the cursor are used directly).
+DATA_ERRORS = (DataError, IntegrityError, psycopg.DataError, psycopg.IntegrityError, pa.ArrowInvalid,
+               pa.ArrowTypeError)
+STORED_KEYS = ("SELECT DISTINCT e.device_id, e.seq FROM events e JOIN unnest(%s::text[], %s::bigint[]) "
+               "AS k(device_id, seq) ON e.device_id = k.device_id AND e.seq = k.seq")
+
+
+class _DryRun(Exception):
+    """Raised at the end of a dry run to roll its transaction back."""
 
 
 def engine_url(url: str, password: str | None = None):
@@ -40,6 +52,17 @@ def engine_url(url: str, password: str | None = None):
     if u.drivername in ("postgresql", "postgres"):
         u = u.set(drivername="postgresql+psycopg")
     return u.set(password=password) if password else u
+
+
+def _first_line(e: Exception) -> str:
+    """The server's message without SQLAlchemy's statement dump and background link."""
+    orig = getattr(e, "orig", None) or e
+    return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+
+
+def _stored_keys(cur, keys: pa.Table) -> list[tuple[str, int]]:
+    cur.execute(STORED_KEYS, [keys["device_id"].to_pylist(), keys["seq"].to_pylist()])
+    return cur.fetchall()
 
 
 class PostgresStore(TimeSeriesStore, RelationalStore):
@@ -64,30 +87,40 @@ class PostgresStore(TimeSeriesStore, RelationalStore):
 
     def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
                *, with_raw_events: bool = False,
-               start_offsets: dict[int, int | None] | None = None) -> CommitResult:
-        with self._transaction() as conn:
-            cur = conn.connection.driver_connection.cursor()
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [topic])  # one writer per topic
-            cur.execute("SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = %s", [topic])
-            stored = dict(cur.fetchall())
-            check_follows(stored, start_offsets)
-            fresh, replayed = drop_replayed(events, stored)
-            if fresh.num_rows:
-                if with_raw_events:
-                    self._insert_events(cur, fresh)
-                cur.execute(f"{LAST_SAMPLE_QUERY} WHERE device_id = ANY(%s)",
-                            [pc.unique(fresh["device_id"]).to_pylist()])
-                hourly = hourly_rollup(fresh, last_sample_table(cur.fetchall()))
-                self._ensure_partitions(cur, "device_hourly", hourly["hour"])
-                self._merge(cur, "device_hourly", HOURLY_KEY, HOURLY_MERGE, hourly)
-                self._merge(cur, "devices", DEVICE_KEY, DEVICE_MERGE, device_updates(fresh))
-                self._merge(cur, "device_firmware_daily", FIRMWARE_KEY, FIRMWARE_MERGE, firmware_days(fresh))
-            cur.executemany(
-                upsert_sql("kafka_offsets", OFFSETS_KEY, OFFSETS_MERGE,
-                           "(SELECT %s AS topic, %s AS kafka_partition, %s AS next_offset, "
-                           "now() AS updated_at) AS o"),
-                [(topic, int(p), int(o)) for p, o in sorted(next_offsets.items())])
-        return CommitResult(applied=fresh.num_rows, replayed=replayed)
+               start_offsets: dict[int, int | None] | None = None, dry_run: bool = False) -> CommitResult:
+        try:
+            with self._transaction() as conn:
+                cur = conn.connection.driver_connection.cursor()
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [topic])  # one writer per topic
+                cur.execute("SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = %s", [topic])
+                stored = dict(cur.fetchall())
+                check_follows(stored, start_offsets)
+                fresh, replayed = drop_replayed(events, stored)
+                new = fresh
+                if fresh.num_rows:
+                    cur.execute(f"{LAST_SAMPLE_QUERY} WHERE device_id = ANY(%s)",
+                                [pc.unique(fresh["device_id"]).to_pylist()])
+                    last = last_sample_table(cur.fetchall())
+                    new = first_sightings(fresh, last, (lambda keys: _stored_keys(cur, keys)) if with_raw_events
+                                          else (lambda keys: []))
+                if new.num_rows:
+                    if with_raw_events:
+                        self._insert_events(cur, new)
+                    hourly = hourly_rollup(new, last)
+                    self._ensure_partitions(cur, "device_hourly", hourly["hour"])
+                    self._merge(cur, "device_hourly", HOURLY_KEY, HOURLY_MERGE, hourly)
+                    self._merge(cur, "devices", DEVICE_KEY, DEVICE_MERGE, device_updates(new))
+                    self._merge(cur, "device_firmware_daily", FIRMWARE_KEY, FIRMWARE_MERGE, firmware_days(new))
+                cur.executemany(
+                    upsert_sql("kafka_offsets", OFFSETS_KEY, OFFSETS_MERGE,
+                               "(SELECT %s AS topic, %s AS kafka_partition, %s AS next_offset, "
+                               "now() AS updated_at) AS o"),
+                    [(topic, int(p), int(o)) for p, o in sorted(next_offsets.items())])
+                if dry_run:
+                    raise _DryRun
+        except _DryRun:
+            pass
+        return CommitResult(applied=new.num_rows, replayed=replayed, repeated=fresh.num_rows - new.num_rows)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -100,13 +133,18 @@ class PostgresStore(TimeSeriesStore, RelationalStore):
         try:
             with self.engine.begin() as conn:
                 yield conn
+        except _DryRun:
+            self._new_partitions = set()  # rolled back
+            raise
         except Exception as e:
+            self._new_partitions = set()
             if isinstance(e, StorageError):
                 raise
-            raise StorageError(f"PostgreSQL write failed: {e}") from e
-        finally:
-            pending, self._new_partitions = self._new_partitions, set()
-        self._partitions |= pending
+            if isinstance(e, DATA_ERRORS):
+                raise RefusedRows(f"PostgreSQL refused the batch: {_first_line(e)}") from e
+            raise StorageError(f"PostgreSQL write failed: {_first_line(e)}") from e
+        self._partitions |= self._new_partitions
+        self._new_partitions = set()
 
     def _insert_events(self, cur, events: pa.Table) -> None:
         self._ensure_partitions(cur, "events", events["event_time"])

@@ -8,6 +8,8 @@ union: that is what lets late events update their hour.
 
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -15,7 +17,7 @@ import pyarrow.compute as pc
 __all__ = ["KAFKA_COLUMNS", "HOURLY_KEY", "HOURLY_MERGE", "DEVICE_KEY", "DEVICE_MERGE", "LAST_SAMPLE",
            "REPORT_UTC_OFFSET_H", "FIRMWARE_KEY", "FIRMWARE_MERGE", "firmware_days",
            "SINCE_MIGRATION_4", "LAST_SAMPLE_QUERY", "last_sample_table",
-           "drop_replayed", "check_follows", "hourly_rollup", "device_updates"]
+           "drop_replayed", "check_follows", "first_sightings", "hourly_rollup", "device_updates"]
 
 KAFKA_COLUMNS = [("kafka_partition", pa.int32()), ("kafka_offset", pa.int64())]
 
@@ -114,6 +116,43 @@ def drop_replayed(events: pa.Table, stored: dict[int, int]) -> tuple[pa.Table, i
     if keep.all():
         return events, 0
     return events.filter(pa.array(keep)), int((~keep).sum())
+
+
+def first_sightings(events: pa.Table, last: pa.Table | None,
+                    stored: Callable[[pa.Table], Iterable[tuple[str, int]]]) -> pa.Table:
+    """The rows whose event identity ``(device_id, seq)`` is new: not stored, not earlier in the batch.
+
+    An event its producer sent twice (a retry, a phone uploading again) arrives at a
+    new offset, so the offset check cannot see it. In steady state a device's events
+    arrive in seq order, so only rows at or below the device's last stored ``seq``
+    (``last``: the registry's latest samples) can have been seen before: just those
+    are looked up, with ``stored(keys)`` → the ``(device_id, seq)`` pairs of ``keys``
+    already stored. Keeps each identity's first row, in batch order.
+    """
+    n = events.num_rows
+    if n == 0:
+        return events
+    codes = pc.dictionary_encode(events["device_id"]).combine_chunks().indices.to_numpy()
+    seq = events["seq"].to_numpy()
+    order = np.lexsort((seq, codes))  # stable: the first of equal keys is the batch's first
+    c, s = codes[order], seq[order]
+    keep = np.ones(n, dtype=bool)
+    keep[order[1:][(c[1:] == c[:-1]) & (s[1:] == s[:-1])]] = False
+    if last is not None and last.num_rows:
+        last = last.filter(last["last_seq"].is_valid())
+        where = pc.index_in(events["device_id"], value_set=last["device_id"]).fill_null(-1).to_numpy()
+        last_seq = np.append(last["last_seq"].to_numpy(), -1)  # index -1: not registered
+        suspect = keep & (where >= 0) & (seq <= last_seq[where])
+        if suspect.any():
+            rows = np.flatnonzero(suspect)
+            keys = events.take(rows).select(["device_id", "seq"])
+            seen = set(stored(keys))
+            if seen:
+                ids = keys["device_id"].to_pylist()
+                for i, row in enumerate(rows.tolist()):
+                    if (ids[i], int(seq[row])) in seen:
+                        keep[row] = False
+    return events if keep.all() else events.filter(pa.array(keep))
 
 
 def _seconds_if(mask: pa.Array, seconds: pa.Array) -> pa.Array:

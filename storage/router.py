@@ -180,11 +180,13 @@ class Storage:
         return self.relational.committed_offsets(topic)
 
     def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
-               start_offsets: dict[int, int | None] | None = None) -> CommitResult:
+               start_offsets: dict[int, int | None] | None = None, dry_run: bool = False) -> CommitResult:
+        """``dry_run``: roll the relational transaction back (raw events in a separate
+        time-series store are written anyway: an idempotent upsert)."""
         if not self._shared and events.num_rows:
             self.timeseries.write_events(events)
         return self.relational.commit(topic, events, next_offsets, with_raw_events=self._shared,
-                                      start_offsets=start_offsets)
+                                      start_offsets=start_offsets, dry_run=dry_run)
 
     def close(self) -> None:
         self.relational.close()
