@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
+from podpulse.contract import EventWindow
 from podpulse.errors import ConfigError
 from storage.router import StorageConfig
 
@@ -30,7 +32,12 @@ class IngestConfig:
     group_id: str = "podpulse-ingest"  # offsets are also committed to Kafka under this group
     group_mode: str = "assign"  # "assign": fixed shards, no group join; "subscribe": a consumer group
     dlq_topic: str = ""  # "" → "<topic>.dlq"
+    dlq_partitions: int = 0  # when the dead-letter topic is created: 0 → as many as the topic
+    dlq_replication: int = -1  # when it is created: -1 → the broker's default.replication.factor
     storage: StorageConfig = field(default_factory=StorageConfig)
+    # the event-time window, around each record's Kafka timestamp: older or further ahead → dead letter
+    max_event_age_s: float = 60 * 86400
+    max_future_skew_s: float = 86400
 
     def __post_init__(self) -> None:
         checks = [
@@ -39,7 +46,14 @@ class IngestConfig:
             (self.linger_ms >= 0, "linger must not be negative"),
             (self.max_in_flight >= 1, "max in-flight batches must be at least 1"),
             (bool(self.topic), "a topic is required"),
+            (self.dlq_partitions >= 0, "dead-letter partitions must be 0 (as many as the topic) or more"),
+            (self.dlq_replication == -1 or self.dlq_replication >= 1,
+             "dead-letter replication must be -1 (the broker's default) or at least 1"),
             (self.group_mode in GROUP_MODES, f"group mode must be one of {', '.join(GROUP_MODES)}"),
+            (_positive(self.max_event_age_s),
+             f"max event age must be a positive number of seconds, got {self.max_event_age_s!r}"),
+            (_positive(self.max_future_skew_s),
+             f"max future skew must be a positive number of seconds, got {self.max_future_skew_s!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -48,3 +62,12 @@ class IngestConfig:
     @property
     def dead_letter_topic(self) -> str:
         return self.dlq_topic or f"{self.topic}.dlq"
+
+    @property
+    def window(self) -> EventWindow:
+        """The event-time window the consumers decode with."""
+        return EventWindow(max_age_s=self.max_event_age_s, max_future_skew_s=self.max_future_skew_s)
+
+
+def _positive(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0

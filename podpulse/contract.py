@@ -27,11 +27,22 @@ table. Each value is parsed and type/range-checked in C by msgspec against
 per-record Python code) and the cross-field rules are checked vectorised.
 Every value comes out either as a row of the table or as a :class:`Rejected`
 with a human-readable reason: no input makes it raise.
+
+Event-time window
+-----------------
+Besides the static bounds (2019-10-30 .. 2100), ``event_time_ms`` must fall in
+an :class:`EventWindow` around the time its record reached Kafka (the message
+timestamp, passed as ``received_ms``): at most ``max_age_s`` before it and at
+most ``max_future_skew_s`` after it. One event dated 2099 would otherwise pin
+its device's attributes in the registry and create far-future partitions.
 """
 
 from __future__ import annotations
 
+import numbers
+import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from operator import attrgetter
 from typing import Annotated, Literal, Sequence
 
@@ -44,6 +55,7 @@ from podpulse import geo
 __all__ = [
     "CURRENT_VERSION", "V1_DEFAULTS", "V3_DEFAULTS", "NOISE_MODES", "CHARGING_STATES", "Event",
     "ARROW_SCHEMA", "FIELDS", "MAX_EXTRAS_BYTES", "Rejected", "DecodedBatch", "decode_batch", "encode", "encoder",
+    "EventWindow", "DEFAULT_WINDOW", "WINDOW_REASON",
 ]
 
 CURRENT_VERSION = 3
@@ -57,6 +69,7 @@ V3_DEFAULTS = {"spatial_audio": None}
 # AirPods Pro launched on 2019-10-30; nothing earlier can be a real reading.
 MIN_EVENT_TIME_MS = 1_572_393_600_000
 MAX_EVENT_TIME_MS = 4_102_444_800_000  # 2100-01-01
+_FAR_MS = 2**53  # ~285,000 years: caps references and window bounds, so int64 arithmetic cannot wrap
 
 Percent = Annotated[int, msgspec.Meta(ge=0, le=100)]
 Dba = Annotated[float, msgspec.Meta(ge=0.0, le=140.0)]
@@ -150,6 +163,37 @@ def encode(event: Event) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class EventWindow:
+    """How far an event time may lie from the time its record reached Kafka.
+
+    Accepted: ``received - max_age_s <= event_time <= received + max_future_skew_s``
+    (both ends included). The defaults fit a fleet backfilling a few weeks of
+    buffered samples, with a day of slack for clocks set ahead.
+    """
+
+    max_age_s: float = 60 * 86400
+    max_future_skew_s: float = 86400
+
+    def __post_init__(self) -> None:
+        for name in ("max_age_s", "max_future_skew_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+                raise ValueError(f"EventWindow.{name} must be a positive number of seconds, got {value!r}")
+
+    @property
+    def max_age_ms(self) -> int:
+        return int(min(self.max_age_s * 1000, _FAR_MS))
+
+    @property
+    def max_future_skew_ms(self) -> int:
+        return int(min(self.max_future_skew_s * 1000, _FAR_MS))
+
+
+DEFAULT_WINDOW = EventWindow()
+WINDOW_REASON = "event_time_out_of_window"  # how every reason of a row outside the window begins
+
+
+@dataclass(frozen=True, slots=True)
 class Rejected:
     index: int  # position of the value in the input batch
     reason: str
@@ -219,11 +263,63 @@ def _column(events: list[Event], name: str) -> pa.Array:
     return pa.array(list(map(attrgetter(name), events)), type=_ARROW_TYPE[name])
 
 
-def decode_batch(values: Sequence[bytes | None]) -> DecodedBatch:
-    """Decode, validate, upcast and enrich a batch of message values."""
+def _references(received_ms, count: int) -> np.ndarray:
+    """One reference time (ms) per value: the record's Kafka timestamp, or now where unknown (<= 0)."""
+    now = time.time_ns() // 1_000_000
+    if received_ms is None:
+        return np.full(count, now, dtype=np.int64)
+    try:
+        ref = np.asarray(received_ms, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"received_ms must be integers (ms since the epoch): {e}") from e
+    if ref.shape != (count,):
+        raise ValueError(f"received_ms has shape {ref.shape}, expected one entry per value ({count},)")
+    return np.where(ref > 0, np.minimum(ref, _FAR_MS), now)
+
+
+def _iso(ms: int) -> str:
+    t = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=int(ms))
+    return t.strftime("%Y-%m-%dT%H:%M:%S") + (f".{t.microsecond // 1000:03d}Z" if t.microsecond else "Z")
+
+
+_UNITS = ((86_400_000, "day"), (3_600_000, "hour"), (60_000, "minute"), (1000, "second"), (1, "ms"))
+
+
+def _duration(ms: int) -> str:
+    """A length of time, readable: ``1 day``, ``26,326.408 days``, ``90 minutes``... ``1 ms``."""
+    size, unit = next((size, unit) for size, unit in _UNITS if ms >= size or size == 1)
+    number = f"{ms / size:,.3f}".rstrip("0").rstrip(".")
+    return f"{number} {unit}" if unit == "ms" or number == "1" else f"{number} {unit}s"
+
+
+def _window_reason(event_ms: int, received_ms: int, window: EventWindow) -> str:
+    if event_ms < received_ms:
+        distance, side, bound, name = received_ms - event_ms, "before", window.max_age_ms, "max age"
+    else:
+        distance, side, bound, name = event_ms - received_ms, "after", window.max_future_skew_ms, "max future skew"
+    return (f"{WINDOW_REASON}: {_iso(event_ms)} is {_duration(distance)} {side} the record reached Kafka "
+            f"({name} {_duration(bound)}, exceeded by {_duration(distance - bound)}) - at `$.event_time_ms`")
+
+
+def decode_batch(values: Sequence[bytes | None], *, received_ms: Sequence[int] | np.ndarray | None = None,
+                 window: EventWindow | None = DEFAULT_WINDOW) -> DecodedBatch:
+    """Decode, validate, upcast and enrich a batch of message values.
+
+    ``received_ms`` gives, per value, the time its record reached Kafka (the
+    message timestamp, ms since the epoch; an entry <= 0 means unknown, and
+    ``None`` unknown for all): the wall clock now stands in where it is
+    unknown. A row whose event time lies outside ``window`` around it is
+    rejected with a reason starting ``event_time_out_of_window:``;
+    ``window=None`` leaves only the static bounds (2019-10-30 .. 2100).
+
+    Never raises for any value; raises ValueError only when ``received_ms``
+    does not hold one integer per value.
+    """
+    reference = _references(received_ms, len(values))
     events, extras, rows, rejected = _parse(values)
     n = len(events)
     cols = {name: _column(events, name) for name in FIELDS}
+    event_ms = cols["event_time_ms"].to_numpy()  # int64, never null
     cols["event_time"] = cols.pop("event_time_ms").cast(ARROW_SCHEMA.field("event_time").type)
     cols["extras"] = pa.array(extras if extras is not None else [None] * n, pa.string())
 
@@ -256,6 +352,12 @@ def decode_batch(values: Sequence[bytes | None]) -> DecodedBatch:
     codes = np.asarray(geo.STATE_CODES + ("",), dtype=object)
     cols["state"] = pa.array(codes[state_idx], pa.string())
     cols["urban"] = pa.array(urban, pa.bool_())
+
+    if window is not None:  # int64 throughout: references and bounds are capped at 2**53 ms
+        received = reference[rows]
+        outside = ((event_ms < received - window.max_age_ms)
+                   | (event_ms > received + window.max_future_skew_ms))
+        reject(outside, lambda i: _window_reason(int(event_ms[i]), int(received[i]), window))
 
     table = pa.table([cols[f.name] for f in ARROW_SCHEMA], schema=ARROW_SCHEMA)
     keep = bad == 0

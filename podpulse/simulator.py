@@ -19,14 +19,18 @@ is in an ear or on charge:
   or ``stuck_sensor``), reported as ground truth by :meth:`Fleet.truth`;
 - v1 and v2 devices are mixed; malformed records can be injected at a rate.
 
-The same seed and spec give the same events, byte for byte.
+The same seed and spec give the same events, byte for byte. Without an
+explicit start the simulated range is the most recent one that starts on a
+Monday 00:00 AEST and ends by now (:func:`default_start`), so its events fall
+inside the decoder's event-time window whatever the date; two such starts are
+whole weeks apart, and the events differ only in their times.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
 import msgspec
@@ -35,10 +39,26 @@ import numpy as np
 from podpulse import geo
 from podpulse.contract import Event, encoder
 
-__all__ = ["FleetSpec", "Fleet", "Chunk", "Summary", "simulate", "FAULTS", "DEFAULT_START"]
+__all__ = ["FleetSpec", "Fleet", "Chunk", "Summary", "simulate", "FAULTS", "default_start"]
 
-# Monday 2 November 2026, 00:00 in Sydney (AEST, UTC+10).
-DEFAULT_START = datetime(2026, 11, 1, 14, 0, tzinfo=timezone.utc)
+AEST = timedelta(hours=10)  # Sydney standard time, UTC+10 (daylight saving is not modelled)
+
+
+def default_start(hours: float, now: datetime | None = None) -> datetime:
+    """The Monday 00:00 AEST (Sunday 14:00 UTC) at or before ``now - hours``.
+
+    A simulation of ``hours`` from there ends at or before ``now`` (the wall
+    clock when None) and begins on a Monday, as the weekly patterns expect.
+    """
+    now = datetime.now(timezone.utc) if now is None else now
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    try:
+        local = now.astimezone(timezone.utc) - timedelta(hours=hours) + AEST
+    except OverflowError as e:
+        raise ValueError(f"{hours} hours before {now.isoformat()} is out of the calendar's range") from e
+    monday = local.date() - timedelta(days=local.weekday())
+    return datetime(monday.year, monday.month, monday.day, tzinfo=timezone.utc) - AEST
 
 MODELS = ("AirPods Pro", "AirPods Pro 2", "AirPods Pro 2 USB-C", "AirPods Pro 3")
 MODEL_SHARE = (0.15, 0.35, 0.30, 0.20)
@@ -77,7 +97,7 @@ SESSION_MINUTES = 45.0
 class FleetSpec:
     devices: int = 2_000
     hours: float = 24.0
-    start: datetime = DEFAULT_START
+    start: datetime | None = None  # None → default_start(the simulated hours): the latest Monday that fits
     seed: int = 7
     interval_s: int = 300
     fault_share: float = 0.02
@@ -92,11 +112,14 @@ class FleetSpec:
             (0 <= self.fault_share <= 1, "fault_share must be between 0 and 1"),
             (0 <= self.malformed_rate <= 1, "malformed_rate must be between 0 and 1"),
             (0 <= self.v2_share <= 1, "v2_share must be between 0 and 1"),
-            (self.start.tzinfo is not None, "start must be timezone-aware"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.start is None:  # the whole simulated range (whole intervals) ends by now
+            object.__setattr__(self, "start", default_start(self.steps * self.interval_s / 3600))
+        if self.start.tzinfo is None:
+            raise ValueError("start must be timezone-aware")
 
     @property
     def steps(self) -> int:

@@ -1,14 +1,24 @@
+import json
+import subprocess
+import sys
+import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import msgspec
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from podpulse import geo
-from podpulse.contract import (ARROW_SCHEMA, CHARGING_STATES, FIELDS, MAX_EVENT_TIME_MS, MAX_EXTRAS_BYTES,
-                               MIN_EVENT_TIME_MS, NOISE_MODES, V1_DEFAULTS, V3_DEFAULTS, Event, decode_batch,
-                               encode)
+from podpulse.contract import (ARROW_SCHEMA, CHARGING_STATES, DEFAULT_WINDOW, FIELDS, MAX_EVENT_TIME_MS,
+                               MAX_EXTRAS_BYTES, MIN_EVENT_TIME_MS, NOISE_MODES, V1_DEFAULTS, V3_DEFAULTS, Event,
+                               EventWindow, decode_batch, encode)
+
+NOW_MS = time.time_ns() // 1_000_000  # when this module was imported
+DAY_MS = 86_400_000
+Y2099_MS = 4_070_908_800_000  # 2099-01-01T00:00:00Z
 
 known_postcodes = st.sampled_from([f"{p:04d}" for s in geo.STATES
                                    for lo, hi in s.urban + s.rural for p in (lo, hi)])
@@ -62,12 +72,15 @@ def comparable(row: dict) -> dict:
 @settings(max_examples=200, deadline=None)
 @given(st.lists(events(), min_size=1, max_size=20))
 def test_valid_events_round_trip_with_v1_upcast(batch):
-    decoded = decode_batch([encode(e) for e in batch])
+    decoded = decode_batch([encode(e) for e in batch], window=None)  # any time in the static bounds
     assert decoded.rejected == []
     assert decoded.table.schema == ARROW_SCHEMA
     assert decoded.rows.tolist() == list(range(len(batch)))
     assert [comparable(r) for r in decoded.table.to_pylist()] == \
         [comparable(expected_row(e)) for e in batch]
+    # with the window on, each event judged against a Kafka timestamp a day later: the same table
+    windowed = decode_batch([encode(e) for e in batch], received_ms=[e.event_time_ms + DAY_MS for e in batch])
+    assert windowed.rejected == [] and windowed.table.equals(decoded.table)
 
 
 @settings(max_examples=300, deadline=None)
@@ -75,7 +88,9 @@ def test_valid_events_round_trip_with_v1_upcast(batch):
     lambda b: b[: len(b) // 2]) | st.none(), max_size=20), st.data())
 def test_any_bytes_give_a_row_or_a_reason_never_an_exception(values, data):
     values.insert(data.draw(st.integers(0, len(values))), encode(data.draw(events())))
-    decoded = decode_batch(values)
+    received = data.draw(st.none() | st.lists(st.integers(-2**63, 2**63 - 1), min_size=len(values),
+                                              max_size=len(values)))
+    decoded = decode_batch(values, received_ms=received)
     rejected = {r.index for r in decoded.rejected}
     assert all(r.reason for r in decoded.rejected)
     assert sorted(rejected | set(decoded.rows.tolist())) == list(range(len(values)))
@@ -110,7 +125,7 @@ def test_any_json_in_any_field_gives_a_row_or_a_reason(event, field, value):
                        min_size=1, max_size=4))
 def test_newer_versions_keep_unknown_fields_in_extras(event, unknown):
     record = msgspec.structs.asdict(event) | unknown
-    decoded = decode_batch([msgspec.json.encode(record)])
+    decoded = decode_batch([msgspec.json.encode(record)], window=None)
     assert decoded.rejected == []
     row = decoded.table.to_pylist()[0]
     assert row["schema_version"] == event.schema_version
@@ -119,7 +134,7 @@ def test_newer_versions_keep_unknown_fields_in_extras(event, unknown):
 
 def good(**change) -> bytes:
     record = dict(schema_version=2, device_id="ap-0011223344556677", seq=3,
-                  event_time_ms=1_793_541_806_253, model="AirPods Pro 2", firmware="7A294",
+                  event_time_ms=NOW_MS - 3_600_000, model="AirPods Pro 2", firmware="7A294",
                   battery_left=80, battery_right=79, battery_case=50, charging="none",
                   in_ear_left=True, in_ear_right=True, noise_mode="anc", playback_s=250.0,
                   output_dba=70.5, ambient_dba=62.0, postcode="2000", host_device="iphone",
@@ -151,6 +166,11 @@ def good(**change) -> bytes:
     (good(model="AirPods\x00Pro"), ["model"]),
     (good(firmware="LONE").replace(b"LONE", b"\\ud800"), ["surrogate"]),  # a lone surrogate
     (good()[:-1] + b', "note": "' + b"x" * 5000 + b'"}', ["unknown fields take", "over 4000"]),
+    # inside the static bounds, outside the event-time window around now (no Kafka timestamp given)
+    (good(event_time_ms=Y2099_MS), ["event_time_out_of_window: 2099-01-01T00:00:00Z is ", " days after the record "
+                                    "reached Kafka (max future skew 1 day, exceeded by ", "$.event_time_ms"]),
+    (good(event_time_ms=MIN_EVENT_TIME_MS), ["event_time_out_of_window: 2019-10-30T00:00:00Z is ",
+                                             " days before the record reached Kafka (max age 60 days, exceeded by "]),
 ])
 def test_rejections_name_the_problem(value, words):
     decoded = decode_batch([good(), value, good(seq=4)])
@@ -173,3 +193,156 @@ def test_v1_record_gets_documented_defaults():
 def test_v3_record_keeps_its_new_field():
     row = decode_batch([good(schema_version=3, spatial_audio=True)]).table.to_pylist()[0]
     assert row["spatial_audio"] is True and row["extras"] is None
+
+
+# --- the event-time window ----------------------------------------------------------------
+
+RECEIVED = 1_793_541_806_253  # 2026-11-01T14:03:26.253Z, as a Kafka timestamp
+W = DEFAULT_WINDOW
+
+
+def window_case(offset_ms: int, **kw):
+    return decode_batch([good(event_time_ms=RECEIVED + offset_ms)], received_ms=[RECEIVED], **kw)
+
+
+@pytest.mark.parametrize("offset_ms, words", [
+    (-W.max_age_ms, None),  # both edges are inside
+    (W.max_future_skew_ms, None),
+    (0, None),
+    (-W.max_age_ms - 1, ["2026-09-02T14:03:26.252Z is 60 days before the record reached Kafka",
+                         "(max age 60 days, exceeded by 1 ms)"]),
+    (W.max_future_skew_ms + 1, ["2026-11-02T14:03:26.254Z is 1 day after the record reached Kafka",
+                                "(max future skew 1 day, exceeded by 1 ms)"]),
+    (W.max_future_skew_ms + 2 * 3_600_000, ["is 1.083 days after", "exceeded by 2 hours"]),
+    (-W.max_age_ms - 61_000, ["is 60.001 days before", "exceeded by 1.017 minutes"]),
+])
+def test_window_edges_are_inside_and_a_millisecond_beyond_is_rejected(offset_ms, words):
+    decoded = window_case(offset_ms)
+    if words is None:
+        assert decoded.rejected == [] and decoded.table.num_rows == 1
+        return
+    [rejected] = decoded.rejected
+    assert decoded.table.num_rows == 0 and decoded.rows.tolist() == [] and rejected.index == 0
+    assert rejected.reason.startswith("event_time_out_of_window: "), rejected.reason
+    for word in words:
+        assert word in rejected.reason, rejected.reason
+
+
+def test_default_window_is_sixty_days_back_and_one_day_ahead():
+    assert (W.max_age_s, W.max_future_skew_s) == (60 * 86400, 86400) == (EventWindow().max_age_s, 86400)
+    assert (W.max_age_ms, W.max_future_skew_ms) == (60 * DAY_MS, DAY_MS)
+
+
+def test_a_2099_event_is_rejected_by_default_and_accepted_without_the_window():
+    value = good(event_time_ms=Y2099_MS)
+    [rejected] = decode_batch([value]).rejected
+    assert rejected.reason.startswith("event_time_out_of_window: 2099-01-01T00:00:00Z is "), rejected.reason
+    days = float(rejected.reason.split(" is ")[1].split(" days after the record reached Kafka")[0].replace(",", ""))
+    assert abs(days - (Y2099_MS - NOW_MS) / DAY_MS) < 1  # against the wall clock: no Kafka timestamp given
+    off = decode_batch([value], window=None)
+    assert off.rejected == [] and off.table.column("event_time").cast("int64").to_pylist() == [Y2099_MS]
+    old = good(event_time_ms=MIN_EVENT_TIME_MS)
+    assert decode_batch([old], received_ms=[NOW_MS], window=None).rejected == []
+
+
+def test_each_record_is_judged_against_its_own_kafka_timestamp():
+    t = RECEIVED
+    values = [good(event_time_ms=t, seq=i) for i in range(5)]
+    received = [t, t + 61 * DAY_MS, t - 2 * DAY_MS, t - DAY_MS, t + 60 * DAY_MS]
+    for as_given in (received, np.array(received, dtype=np.int64), tuple(received)):
+        decoded = decode_batch(values, received_ms=as_given)
+        assert decoded.rows.tolist() == [0, 3, 4]
+        assert decoded.table["seq"].to_pylist() == [0, 3, 4]  # rows and table agree
+        assert [(r.index, r.reason.split(" is ")[1].split(" the ")[0]) for r in decoded.rejected] == [
+            (1, "61 days before"), (2, "2 days after")]
+
+
+def test_window_rejects_keep_their_place_among_other_rejects():
+    t = RECEIVED
+    values = [good(event_time_ms=t), b"not json", good(event_time_ms=Y2099_MS), None,
+              good(event_time_ms=t, postcode="0001"), good(event_time_ms=t + 1)]
+    decoded = decode_batch(values, received_ms=np.full(len(values), t))
+    assert decoded.rows.tolist() == [0, 5] and len(decoded) == len(values)
+    assert [r.index for r in decoded.rejected] == [1, 2, 3, 4]
+    assert decoded.rejected[1].reason.startswith("event_time_out_of_window: 2099-01-01T00:00:00Z")
+    assert "postcode" in decoded.rejected[3].reason
+
+
+def test_unknown_kafka_timestamps_fall_back_to_now():
+    recent, old = good(event_time_ms=NOW_MS - DAY_MS), good(event_time_ms=NOW_MS - 61 * DAY_MS)
+    for unknown in (0, -1, -(2**63)):
+        decoded = decode_batch([recent, old, old], received_ms=[unknown, unknown, NOW_MS - 30 * DAY_MS])
+        assert decoded.rows.tolist() == [0, 2]
+        [rejected] = decoded.rejected
+        assert rejected.index == 1 and "61 days before" in rejected.reason  # judged against now
+    assert decode_batch([recent, old]).rows.tolist() == [0]  # None: now for all
+
+
+def test_a_custom_window_and_no_window():
+    hour = EventWindow(max_age_s=3600, max_future_skew_s=60)
+    assert window_case(-3_600_000, window=hour).rejected == []
+    [r] = window_case(-3_600_001, window=hour).rejected
+    assert "(max age 1 hour, exceeded by 1 ms)" in r.reason
+    [r] = window_case(61_000, window=hour).rejected
+    assert "1.017 minutes after" in r.reason and "(max future skew 1 minute, exceeded by 1 second)" in r.reason
+    assert window_case(-1000 * DAY_MS, window=None).rejected == []
+    assert window_case(10**9 * DAY_MS, window=None).rejected  # the static bound still holds
+    wide = EventWindow(max_age_s=float("inf"), max_future_skew_s=1e300)  # effectively unbounded, no overflow
+    assert window_case(-1000 * DAY_MS, window=wide).rejected == []
+    far = decode_batch([good(event_time_ms=RECEIVED)], received_ms=[2**63 - 1])  # a broken broker clock
+    assert "before the record reached Kafka" in far.rejected[0].reason
+
+
+@pytest.mark.parametrize("kw", [dict(max_age_s=0), dict(max_age_s=-1), dict(max_future_skew_s=0),
+                                dict(max_future_skew_s=float("nan")), dict(max_age_s="60"),
+                                dict(max_age_s=True)])
+def test_event_window_must_be_positive(kw):
+    with pytest.raises(ValueError, match="positive"):
+        EventWindow(**kw)
+
+
+def test_received_ms_must_have_one_integer_per_value():
+    with pytest.raises(ValueError, match="one entry per value"):
+        decode_batch([good(), good()], received_ms=[NOW_MS])
+    with pytest.raises(ValueError, match="integers"):
+        decode_batch([good()], received_ms=["yesterday"])
+    assert len(decode_batch([], received_ms=[])) == 0 and len(decode_batch([])) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(MIN_EVENT_TIME_MS, MAX_EVENT_TIME_MS),
+                          st.integers(-10, 2**62) | st.integers(MIN_EVENT_TIME_MS, MAX_EVENT_TIME_MS)),
+                min_size=1, max_size=30),
+       st.integers(1, 10**9), st.integers(1, 10**9))
+def test_window_agrees_with_a_record_by_record_check(pairs, age_s, skew_s):
+    """The vectorised check against the rule written out for one record at a time."""
+    window = EventWindow(max_age_s=age_s, max_future_skew_s=skew_s)
+    values = [good(event_time_ms=t, seq=i) for i, (t, _) in enumerate(pairs)]
+    before = time.time_ns() // 1_000_000
+    decoded = decode_batch(values, received_ms=[r for _, r in pairs], window=window)
+    after = time.time_ns() // 1_000_000
+    for i, (t, r) in enumerate(pairs):
+        refs = [r] if r > 0 else [before, after]  # now lies between the two
+        inside = [min(ref, 2**53) - age_s * 1000 <= t <= min(ref, 2**53) + skew_s * 1000 for ref in refs]
+        if all(inside):
+            assert i in decoded.rows.tolist()
+        elif not any(inside):
+            assert i not in decoded.rows.tolist()
+    assert all(r.reason.startswith("event_time_out_of_window: ") for r in decoded.rejected)
+    assert sorted(decoded.rows.tolist() + [r.index for r in decoded.rejected]) == list(range(len(values)))
+
+
+# --- the fuzz target (bench/fuzz_contract.py, atheris) --------------------------------------
+
+FUZZ = Path(__file__).resolve().parents[2] / "bench" / "fuzz_contract.py"
+
+
+@pytest.mark.fuzz
+def test_fuzz_target_runs_clean_for_a_few_thousand_inputs():
+    pytest.importorskip("atheris", reason="atheris is not installed (pip install -e .[dev])")
+    proc = subprocess.run([sys.executable, str(FUZZ), "--runs", "3000", "--json"],
+                          capture_output=True, text=True, timeout=120, cwd=FUZZ.parent.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["runs"] == 3000 and summary["failures"] == 0, summary
+    assert summary["values"] > summary["runs"] and summary["values_per_s"] > 0 and summary["seconds"] > 0

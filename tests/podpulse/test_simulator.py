@@ -1,11 +1,17 @@
+from datetime import datetime, timedelta, timezone
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from podpulse import geo
 from podpulse.contract import decode_batch
-from podpulse.simulator import FAULTS, FIRMWARE, Fleet, FleetSpec, Summary, allocate, simulate
+from podpulse.simulator import FAULTS, FIRMWARE, Fleet, FleetSpec, Summary, allocate, default_start, simulate
+
+UTC = timezone.utc
 
 
 def run(spec: FleetSpec):
@@ -29,10 +35,47 @@ def day():
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes():
-    a = [v for c in run(FleetSpec(devices=300, hours=6, seed=1))[2] for v in c.values]
-    b = [v for c in run(FleetSpec(devices=300, hours=6, seed=1))[2] for v in c.values]
-    c = [v for c in run(FleetSpec(devices=300, hours=6, seed=2))[2] for v in c.values]
+    start = datetime(2026, 11, 1, 14, tzinfo=UTC)
+    a = [v for c in run(FleetSpec(devices=300, hours=6, seed=1, start=start))[2] for v in c.values]
+    b = [v for c in run(FleetSpec(devices=300, hours=6, seed=1, start=start))[2] for v in c.values]
+    c = [v for c in run(FleetSpec(devices=300, hours=6, seed=2, start=start))[2] for v in c.values]
     assert a == b and a != c and len(a) > 1000
+
+
+def test_default_start_is_the_monday_aest_at_or_before_now_minus_the_hours():
+    now = datetime(2026, 12, 2, 4, 26, tzinfo=UTC)  # Wednesday 14:26 AEST
+    assert default_start(24, now) == datetime(2026, 11, 29, 14, tzinfo=UTC)  # Monday 30 Nov, 00:00 AEST
+    assert default_start(24 * 3, now) == datetime(2026, 11, 22, 14, tzinfo=UTC)  # back into last week
+    sunday_14 = datetime(2026, 11, 29, 14, tzinfo=UTC)  # exactly Monday 00:00 AEST: that Monday
+    assert default_start(6, sunday_14 + timedelta(hours=6)) == sunday_14
+    assert default_start(6, sunday_14 + timedelta(hours=6, microseconds=-1)) == sunday_14 - timedelta(days=7)
+    aest = timezone(timedelta(hours=10))
+    assert default_start(24, now.astimezone(aest)) == default_start(24, now)  # any time zone, same instant
+    with pytest.raises(ValueError, match="timezone-aware"):
+        default_start(24, datetime(2026, 12, 2))
+    with pytest.raises(ValueError, match="range"):
+        default_start(1e12, now)
+
+
+@given(st.datetimes(datetime(2020, 1, 1), datetime(2090, 1, 1), timezones=st.just(UTC)),
+       st.floats(0.01, 24 * 400))
+def test_default_start_property(now, hours):
+    start = default_start(hours, now)
+    local = start + timedelta(hours=10)
+    assert local.weekday() == 0 and local.time() == datetime.min.time() and start.tzinfo is not None
+    assert start + timedelta(hours=hours) <= now < start + timedelta(hours=hours, days=7)
+
+
+def test_default_spec_ends_by_now_and_its_events_pass_the_event_time_window():
+    before = datetime.now(UTC)
+    spec = FleetSpec(devices=50, hours=0.01)  # one five-minute interval, longer than the hours asked for
+    local = spec.start + timedelta(hours=10)
+    assert local.weekday() == 0 and (local.hour, local.minute) == (0, 0)
+    assert spec.start + timedelta(seconds=spec.steps * spec.interval_s) <= datetime.now(UTC)
+    assert before - spec.start < timedelta(days=7, minutes=5)
+    values = [v for c in simulate(spec) for v in c.values]
+    decoded = decode_batch(values)  # the default window, around now
+    assert values and decoded.rejected == []
 
 
 def test_state_shares_follow_population_within_two_points():
