@@ -38,6 +38,13 @@ __all__ = ["app", "api", "build", "run_local", "PodPulseAPI", "latest_version"]
 MAX_ROWS = 1000
 DEVICE_ID = r"^[A-Za-z0-9._:-]{1,64}$"  # pseudonymous ids; anything else is a 422, never SQL
 MAX_EVENTS = 5000
+# POST /v1/telemetry answers 202 only once Kafka acknowledged every accepted event. librdkafka
+# gives up on an event after DELIVERY_TIMEOUT_S (message.timeout.ms), so an event the request
+# answered 503 for is not delivered later behind the client's retry; the request itself waits
+# a little longer, for those expiry reports (librdkafka scans for expired messages each second).
+DELIVERY_TIMEOUT_S = 10.0
+DELIVERY_WAIT_S = DELIVERY_TIMEOUT_S + 2.0
+RETRY_AFTER_S = 5
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica's log
 
@@ -141,7 +148,8 @@ class PodPulseAPI:
 
             from podpulse.kafka import producer_config
 
-            self.producer = Producer(producer_config(bootstrap))
+            self.producer = Producer(producer_config(
+                bootstrap, {"message.timeout.ms": int(DELIVERY_TIMEOUT_S * 1000)}))
 
     def reconfigure(self, config: dict) -> None:
         """``model_path``: the stable version (null: the registry's latest). ``canary_model_path``
@@ -196,21 +204,32 @@ class PodPulseAPI:
     def healthz(self) -> dict:
         return {"status": "ok"}
 
+    # A plain def: FastAPI runs it in a thread, so waiting for Kafka's acknowledgements
+    # does not hold up the replica's event loop.
     @app.post("/v1/telemetry", status_code=202, dependencies=[Auth])
     def telemetry(self, body: TelemetryRequest) -> dict:
-        """Validate with the event contract, produce the valid events to Kafka."""
+        """Validate with the event contract, produce the valid events to Kafka; 202 once Kafka
+        acknowledged every one of them, else 503 with ``Retry-After`` and Kafka's reason."""
         import msgspec
 
         from podpulse.contract import decode_batch
-        from podpulse.kafka import produce
+        from podpulse.errors import BrokerError
+        from podpulse.kafka import deliver
 
         if self.producer is None:
             raise HTTPException(status_code=503, detail="HTTP ingest is not configured (no Kafka topic)")
         values = [msgspec.json.encode(e) for e in body.events]
         decoded = decode_batch(values)
         keys = decoded.table["device_id"].to_pylist()
-        produce(self.producer, self.topic, [k.encode() for k in keys], [values[i] for i in decoded.rows])
-        self.producer.flush(10)
+        if keys:
+            try:
+                deliver(self.producer, self.topic,
+                        [(k.encode(), values[i], None) for k, i in zip(keys, decoded.rows)], DELIVERY_WAIT_S)
+            except BrokerError as e:
+                log.warning("POST /v1/telemetry: Kafka did not take %d events: %s", len(keys), e)
+                raise HTTPException(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                                    detail=f"Kafka did not acknowledge the events; send the whole request "
+                                           f"again later: {e}") from None
         return {"accepted": decoded.table.num_rows, "rejected": len(decoded.rejected),
                 "reasons": [{"index": r.index, "reason": r.reason} for r in decoded.rejected]}
 
