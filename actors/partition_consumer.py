@@ -12,10 +12,13 @@ The commit path, in order, for every batch:
 
 At most ``max_in_flight`` batches wait at the writer; the consumer blocks on the
 oldest before reading more, so memory stays bounded however large the backlog.
-If a write fails for any reason (the writer died or timed out, a store error,
-or the writer refused a batch that does not follow the stored offsets because
-an earlier one failed), the consumer drops what was in flight, waits for the
-writer, and rewinds to the offsets stored with the data.
+If a write or a dead-letter delivery fails for any reason (the writer died or
+timed out, the store is down, the broker refused a dead letter, or the writer
+refused a batch that does not follow the stored offsets because an earlier one
+failed), the consumer drops what was in flight, waits for the writer and the
+store (as long as it takes, retrying with capped backoff), and rewinds to the
+offsets stored with the data. Each distinct root cause is logged once and
+counted (``podpulse.failures``); nothing here exits or spins without bound.
 
 Partitions come one of two ways (``IngestConfig.group_mode``):
 
@@ -32,25 +35,27 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 
 import numpy as np
 import pyarrow as pa
 import ray
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, TopicPartition
 from ray.exceptions import RayError
 
 from podpulse import metrics
 from podpulse.config import IngestConfig
 from podpulse.contract import decode_batch
-from podpulse.kafka import client_config, producer_config
+from podpulse.dead_letters import DeadLetter, DeadLetterTopic
+from podpulse.errors import BrokerError
+from podpulse.failures import FailureLog
+from podpulse.kafka import client_config
 
 __all__ = ["PartitionConsumer", "ShardConsumer"]
 
 log = logging.getLogger("podpulse.consumer")
 WRITER_RETURN_TIMEOUT_S = 120.0
-REWIND_BACKOFF_S = 0.5
+BACKOFF_S = (0.5, 30.0)  # first and longest wait between retries after a failure (doubling)
 
 
 class ShardConsumer:
@@ -73,7 +78,9 @@ class ShardConsumer:
             # Bounds the prefetch queue (librdkafka's default is 64 MB per consumer).
             "queued.max.messages.kbytes": 32 * 1024,
         })
-        self.dlq = Producer(producer_config(config.bootstrap, config.kafka))
+        self.dlq = DeadLetterTopic(config.bootstrap, config.dead_letter_topic, config.kafka).sink()
+        self.failures = FailureLog("consumer", log)
+        self.backoff = BACKOFF_S[0]
         self.positions: dict[int, int] = {}  # next offset expected per partition
         self.inflight: deque = deque()
         self.at_end: set[int] = set()  # partitions whose end was reached, nothing newer seen
@@ -100,7 +107,7 @@ class ShardConsumer:
             self._settle(block=True, limit=0)
         finally:
             self.consumer.close()
-            self.dlq.flush(10)
+            self.dlq.close()
         return self.get_stats()
 
     def stop(self) -> None:
@@ -114,7 +121,8 @@ class ShardConsumer:
             return sorted(self.partitions) if done else None
 
     def get_stats(self) -> dict:
-        return {**self.stats, "partitions": list(self.partitions), "positions": dict(self.positions)}
+        return {**self.stats, "partitions": list(self.partitions), "positions": dict(self.positions),
+                "failures": dict(self.failures.counts)}
 
     # -- group mode: the group assigns and revokes partitions --------------------------
     def _on_assign(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
@@ -168,9 +176,13 @@ class ShardConsumer:
             self.at_end = ended
             return
         values = list(map(Message.value, messages))
-        decoded = decode_batch(values)  # 2.
+        decoded = decode_batch(values, received_ms=_timestamps(messages), window=self.config.window)  # 2.
         if decoded.rejected:  # 3.
-            self._dead_letter(messages, decoded.rejected)
+            try:
+                self._dead_letter(messages, decoded.rejected)
+            except BrokerError as e:  # not acknowledged: nothing of this batch may be stored
+                self._failed("dead letters not delivered", e, partitions, offsets)
+                return
         table = decoded.table.append_column(
             "kafka_partition", pa.array(partitions[decoded.rows], pa.int32())).append_column(
             "kafka_offset", pa.array(offsets[decoded.rows], pa.int64()))
@@ -207,24 +219,24 @@ class ShardConsumer:
         return owned[partitions] & (offsets >= floor[partitions])
 
     def _dead_letter(self, messages: list[Message], rejected) -> None:
-        dlq = self.config.dead_letter_topic
-        for r in rejected:
-            m = messages[r.index]
-            headers = [("podpulse.reason", r.reason.encode()),
-                       ("podpulse.source.topic", self.topic.encode()),
-                       ("podpulse.source.partition", str(m.partition()).encode()),
-                       ("podpulse.source.offset", str(m.offset()).encode())]
-            while True:
-                try:
-                    self.dlq.produce(dlq, m.value(), m.key(), headers=headers)
-                    break
-                except BufferError:
-                    self.dlq.poll(0.5)
-        left = self.dlq.flush(30)
-        if left:
-            raise RuntimeError(f"{left} dead letters not delivered to {dlq}")
+        """Send the rejects and wait for the broker's acknowledgement (raises BrokerError otherwise)."""
+        self.dlq.send([DeadLetter(m.key(), m.value(), r.reason, "decode", self.topic, m.partition(), m.offset())
+                       for r in rejected for m in (messages[r.index],)])
         self.stats["dead_lettered"] += len(rejected)
         metrics.events_dead_lettered(self.topic, (messages[r.index].partition() for r in rejected))
+
+    def _failed(self, what: str, error: BaseException, partitions: np.ndarray | None = None,
+                offsets: np.ndarray | None = None) -> None:
+        """Say why (once per cause), wait (capped backoff), rewind to the offsets stored with the data."""
+        where = ""
+        if partitions is not None and len(partitions):
+            where = ", ".join(f"{self.topic}[{p}] {offsets[partitions == p].min()}..{offsets[partitions == p].max()}"
+                              for p in np.unique(partitions).tolist()[:4])
+        self.failures.record(what, error, where)
+        self._stop.wait(self.backoff)
+        self.backoff = min(self.backoff * 2, BACKOFF_S[1])
+        self.stats["rewinds"] += 1
+        self._rewind()
 
     def _settle(self, block: bool, limit: int = 0) -> None:
         """Collect finished writes (5.); with ``block``, wait until at most ``limit`` remain."""
@@ -237,12 +249,9 @@ class ShardConsumer:
             try:
                 result = ray.get(ref, timeout=WRITER_RETURN_TIMEOUT_S)
             except RayError as e:  # died, timed out, refused (OffsetGap) or failed: not stored
-                log.warning("a write failed (%s); rewinding to the offsets stored with the data",
-                            str(e).splitlines()[0][:200])
-                time.sleep(REWIND_BACKOFF_S)
-                self.stats["rewinds"] += 1
-                self._rewind()
+                self._failed("write failed", e)
                 return
+            self.backoff = BACKOFF_S[0]
             self.inflight.popleft()
             self.stats["acked"] += result["rows"]
             self.stats["batches"] += 1
@@ -251,15 +260,17 @@ class ShardConsumer:
                                  asynchronous=True)
 
     def _stored_offsets(self) -> dict[int, int]:
-        """The offsets stored with the data, waiting while the writer restarts."""
-        deadline = time.monotonic() + WRITER_RETURN_TIMEOUT_S
+        """The offsets stored with the data, waiting as long as the writer restarts or the store is
+        down (saying why once per cause); only :meth:`stop` ends the wait."""
+        wait = BACKOFF_S[0]
         while True:
             try:
                 return ray.get(self.writer.committed_offsets.remote(self.topic), timeout=30)
-            except RayError:  # the writer is restarting (and maybe replaying its log)
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+            except RayError as e:  # the writer is restarting, or cannot reach the store
+                self.failures.record("waiting for the store", e)
+                if self._stop.wait(wait):
+                    raise RuntimeError("stopped while waiting for the store") from e
+                wait = min(wait * 2, BACKOFF_S[1])
 
     def _rewind(self) -> None:
         """Start (again) from the offsets stored with the data, waiting for the writer."""
@@ -275,6 +286,12 @@ class ShardConsumer:
                 self.consumer.incremental_assign(start)
         else:
             self.consumer.assign(start)
+
+
+def _timestamps(messages: list[Message]) -> np.ndarray:
+    """When each message reached Kafka (ms; 0 when the broker gives none): the event-time window's anchor."""
+    return np.fromiter((ts if kind != TIMESTAMP_NOT_AVAILABLE else 0
+                        for kind, ts in map(Message.timestamp, messages)), np.int64, len(messages))
 
 
 # The actor wraps the plain class, so Ray pickles the class by reference (its Kafka

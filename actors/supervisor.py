@@ -8,8 +8,12 @@
   the group moves partitions between them.
 - It watches every consumer's ``run`` call; when a consumer dies it starts a new
   one for the same shard, which resumes from the offsets stored with the data.
-- The StorageWriter is restarted by Ray itself (``max_restarts=-1``);
-  consumers rewind when a write fails.
+- The StorageWriter is restarted by Ray itself (``max_restarts=-1``; its
+  constructor never touches the database, so a restart cannot fail); consumers
+  rewind when a write fails. Should the writer still be dead for good, the
+  supervisor starts a new one and restarts the consumers on it.
+- Every failure is reported by its root cause (Kafka's or the store's own
+  words), once per distinct cause, and the run's summary counts them.
 - Lag per partition = high watermark − next offset stored with the data.
   "Caught up" is not read from the lag: the embedded broker (Tansu) reports the
   high watermark as the base offset of the last record batch + 1 (seen here: 26
@@ -33,7 +37,9 @@ from actors.partition_consumer import PartitionConsumer
 from actors.storage_writer import StorageWriter
 from podpulse import metrics
 from podpulse.config import IngestConfig
+from podpulse.dead_letters import DeadLetterTopic
 from podpulse.errors import BrokerError, ConfigError
+from podpulse.failures import FailureLog
 from podpulse.kafka import client_config, ensure_topic
 
 __all__ = ["IngestSupervisor", "Supervisor", "shards"]
@@ -60,6 +66,7 @@ class Supervisor:
         self.retired: list = []  # run() refs of consumers removed by scale()
         self.restarts = 0
         self.partitions = 0
+        self.failures = FailureLog("supervisor", log)
         self.last_lag: dict[int, int] = {}
         self.lag_at = 0.0  # time.monotonic() of the last lag measured
         self._watermarks = Consumer({**client_config(config.bootstrap, config.kafka),
@@ -144,14 +151,42 @@ class Supervisor:
         if topic is None or topic.error is not None or not topic.partitions:
             raise BrokerError(f"topic {cfg.topic!r} not found on {cfg.bootstrap}")
         self.partitions = len(topic.partitions)
-        ensure_topic(client_config(cfg.bootstrap, cfg.kafka), cfg.dead_letter_topic, self.partitions)
-        self.writer = StorageWriter.options(max_restarts=-1, max_task_retries=0).remote(cfg.storage)
+        ensure_topic(client_config(cfg.bootstrap, cfg.kafka), cfg.dead_letter_topic,
+                     cfg.dlq_partitions or self.partitions, replication=cfg.dlq_replication)
+        self.writer = self._spawn_writer()
         k = cfg.consumers or int(ray.cluster_resources().get("CPU", 1))
         group = cfg.group_mode == "subscribe"
         with self._lock:
             for shard in ([None] * k if group else shards(self.partitions, k)):
                 self.consumers.append(self._spawn(shard))
                 self.runs.append(self.consumers[-1].run.remote())
+
+    def _spawn_writer(self):
+        cfg = self.config
+        return StorageWriter.options(max_restarts=-1, max_task_retries=0).remote(
+            cfg.storage, dead_letters=DeadLetterTopic(cfg.bootstrap, cfg.dead_letter_topic, cfg.kafka))
+
+    def _writer_alive(self) -> bool:
+        """False only when Ray says the writer is dead for good (not while it restarts)."""
+        try:
+            ray.get(self.writer.get_stats.remote(), timeout=30)
+            return True
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            return True  # restarting, or busy writing
+        except RayActorError:
+            return False
+
+    def _replace_writer(self) -> None:
+        """A writer Ray will not restart: start a new one and the consumers again on it."""
+        with self._lock:
+            ray.kill(self.writer, no_restart=True)
+            self.writer = self._spawn_writer()
+            for i, c in enumerate(self.consumers):
+                ray.kill(c)
+                shard = None if self.config.group_mode == "subscribe" else shards(self.partitions, len(self.consumers))[i]
+                self.consumers[i] = self._spawn(shard)
+                self.runs[i] = self.consumers[i].run.remote()
+            self.restarts += 1
 
     def _spawn(self, shard: list[int] | None):
         return PartitionConsumer.options(scheduling_strategy="SPREAD").remote(
@@ -171,8 +206,12 @@ class Supervisor:
                 if not self._stop.is_set():
                     log.warning("consumer %d returned without being stopped; restarting it", i)
             except (RayActorError, RayTaskError) as e:
-                log.warning("consumer %d failed (%s); restarting it", i, type(e).__name__)
+                self.failures.record("consumer failed", e, f"consumer {i}; restarting it")
             if self._stop.is_set():
+                continue
+            if not self._writer_alive():
+                log.warning("the storage writer is dead for good; starting a new one")
+                self._replace_writer()
                 continue
             time.sleep(RESTART_BACKOFF_S)
             shard = None if self.config.group_mode == "subscribe" else shards(self.partitions, len(self.consumers))[i]
@@ -200,10 +239,14 @@ class Supervisor:
             try:
                 stats.append(ray.get(ref, timeout=120))
             except (RayActorError, RayTaskError) as e:
-                log.warning("consumer ended with %s", type(e).__name__)
+                self.failures.record("consumer failed at shutdown", e)
         lag = self.lag()
-        writer_stats = ray.get(self.writer.get_stats.remote())
-        ray.get(self.writer.close.remote())
+        try:
+            writer_stats = ray.get(self.writer.get_stats.remote(), timeout=60)
+            ray.get(self.writer.close.remote(), timeout=60)
+        except ray.exceptions.RayError as e:
+            self.failures.record("writer failed at shutdown", e)
+            writer_stats = {}
         for c in [*self.consumers, *(actor for actor, _ in self.retired)]:
             ray.kill(c)
         ray.kill(self.writer, no_restart=True)
@@ -215,7 +258,18 @@ class Supervisor:
             "assigned": sum(s["assigned"] for s in stats),  # partitions handed over by the group
             "rewinds": sum(s["rewinds"] for s in stats),  # after a failed write
             "writer": writer_stats, "lag": lag,
+            "failures": _merged([self.failures.counts, writer_stats.get("failures", {}),
+                                 *(s.get("failures", {}) for s in stats)]),
         }
+
+
+def _merged(tallies) -> dict[str, int]:
+    """Failure counts of every component, by "what: root cause"."""
+    out: dict[str, int] = {}
+    for tally in tallies:
+        for key, n in tally.items():
+            out[key] = out.get(key, 0) + n
+    return out
 
 
 # The actor wraps the plain class, so Ray pickles the class by reference (its Kafka

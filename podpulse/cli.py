@@ -50,11 +50,11 @@ def kafka_settings(settings: list[str], config_file: Path | None) -> dict[str, s
     return {**(load_properties(config_file) if config_file else {}), **parse_settings(settings)}
 
 
-def _start_time(value: str | None) -> datetime:
-    from podpulse.simulator import DEFAULT_START
-
+def _start_time(value: str | None) -> datetime | None:
+    """--start as an aware datetime (naive means UTC); None when not given: FleetSpec then
+    starts at ``simulator.default_start(hours)``, the Monday 00:00 AEST before now − the hours."""
     if value is None:
-        return DEFAULT_START
+        return None
     try:
         start = datetime.fromisoformat(value)
     except ValueError as e:
@@ -100,7 +100,7 @@ def simulate(
     hours: Annotated[float, typer.Option(min=0.01, help="Hours of telemetry to simulate.")] = 24.0,
     seed: Annotated[int, typer.Option(help="Same seed, same events.")] = 7,
     start: Annotated[Optional[str], typer.Option(
-        help="Start, ISO format (default Monday 2026-11-02 00:00 AEST).")] = None,
+        help="Start, ISO format (default: the Monday 00:00 AEST before now − the simulated hours).")] = None,
     interval: Annotated[int, typer.Option(min=60, max=3600, help="Sample interval, seconds.")] = 300,
     faults: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of devices with a fault.")] = 0.02,
     malformed: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of records corrupted.")] = 0.0,
@@ -182,12 +182,13 @@ class GroupMode(str, Enum):
 
 
 def _ingest_config(bootstrap: str, topic: str, consumers: int, batch_size: int, linger_ms: int,
-                   max_in_flight: int, storage, dlq_topic: str, settings: dict, group_mode: str = "assign"):
+                   max_in_flight: int, storage, dlq_topic: str, settings: dict, group_mode: str = "assign",
+                   **more):
     from podpulse.config import IngestConfig
 
     return IngestConfig(bootstrap=bootstrap, topic=topic, kafka=settings, consumers=consumers,
                         batch_size=batch_size, linger_ms=linger_ms, max_in_flight=max_in_flight,
-                        dlq_topic=dlq_topic, storage=storage, group_mode=group_mode)
+                        dlq_topic=dlq_topic, storage=storage, group_mode=group_mode, **more)
 
 
 def _ingest_with_progress(config, until_caught_up: bool, quiet: bool) -> dict:
@@ -227,6 +228,16 @@ def ingest(
     db: Db = DEFAULT_DB,
     storage_file: StorageFile = None,
     dlq_topic: Annotated[str, typer.Option(help="Dead-letter topic (default TOPIC.dlq).")] = "",
+    dlq_partitions: Annotated[int, typer.Option(
+        min=0, help="Partitions of the dead-letter topic when it is created (0: as many as the topic).")] = 0,
+    dlq_replication: Annotated[int, typer.Option(
+        min=-1, help="Its replication factor when created (-1: the broker's default).")] = -1,
+    max_event_age: Annotated[float, typer.Option(
+        min=1, metavar="SECONDS", help="Dead-letter events older than this when they reached Kafka "
+                                       "(default 60 days).")] = 60 * 86400,
+    max_future_skew: Annotated[float, typer.Option(
+        min=1, metavar="SECONDS", help="Dead-letter events dated further ahead of their arrival in "
+                                       "Kafka (default 1 day).")] = 86400,
     group_mode: Annotated[GroupMode, typer.Option(
         help="assign: fixed shards of partitions, no group join; subscribe: one Kafka consumer "
              "group with cooperative-sticky rebalancing.")] = GroupMode.assign,
@@ -239,17 +250,24 @@ def ingest(
     Runs until Ctrl-C, or with --until-caught-up until the lag is 0. Under
     `ray job submit` it joins that cluster; otherwise it starts Ray locally.
     """
+    if dlq_replication == 0:
+        raise ConfigError("--dlq-replication must be -1 (the broker's default) or at least 1")
     config = _ingest_config(bootstrap, topic, consumers, batch_size, linger_ms, max_in_flight,
                             storage_config(storage_file, db), dlq_topic,
-                            kafka_settings(kafka_setting, kafka_config), group_mode.value)
+                            kafka_settings(kafka_setting, kafka_config), group_mode.value,
+                            dlq_partitions=dlq_partitions, dlq_replication=dlq_replication,
+                            max_event_age_s=max_event_age, max_future_skew_s=max_future_skew)
     result = _ingest_with_progress(config, until_caught_up, quiet=json_out)
     if json_out:
         print(json.dumps(result))
     else:
         w = result["writer"]
-        out.print(f"stored {w['applied']:,} events ({w['replayed']:,} redelivered and skipped) from "
-                  f"{result['partitions']} partitions with {result['consumers']} consumers; "
-                  f"dead-lettered {result['dead_lettered']:,}; lag {sum(result['lag'].values()):,}")
+        out.print(f"stored {w.get('applied', 0):,} events ({w.get('replayed', 0):,} redelivered and "
+                  f"{w.get('repeated', 0):,} sent twice, skipped) from {result['partitions']} partitions "
+                  f"with {result['consumers']} consumers; dead-lettered "
+                  f"{result['dead_lettered'] + w.get('refused', 0):,}; lag {sum(result['lag'].values()):,}")
+        for cause, n in sorted(result.get("failures", {}).items(), key=lambda kv: -kv[1]):
+            out.print(f"  {n:,} × {cause}", markup=False, highlight=False)
 
 
 @app.command()

@@ -77,9 +77,10 @@ def dead_letters(bootstrap: str, topic: str, settings: dict | None = None,
                         at_end.add(m.partition())
                     continue
                 h = {k: v.decode() for k, v in (m.headers() or [])}
-                letters.append({"reason": h.get("podpulse.reason"),
+                letters.append({"reason": h.get("podpulse.reason"), "stage": h.get("podpulse.stage"),
                                 "partition": int(h.get("podpulse.source.partition", -1)),
                                 "offset": int(h.get("podpulse.source.offset", -1)),
+                                "original_size": int(h.get("podpulse.original.size", len(m.value() or b""))),
                                 "value": m.value()})
         return letters
     finally:

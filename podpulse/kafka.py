@@ -9,17 +9,18 @@ on the command line, or a ``.properties`` file with ``--kafka-config``).
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from podpulse.errors import BrokerError, ConfigError
 
 __all__ = ["KafkaTarget", "parse_kafka_url", "parse_settings", "load_properties",
-           "client_config", "producer_config", "ensure_topic", "produce"]
+           "client_config", "producer_config", "ensure_topic", "produce", "deliver", "kafka_reason"]
 
 PRODUCER_DEFAULTS = {
     "linger.ms": 20,
@@ -85,14 +86,26 @@ def producer_config(bootstrap: str, settings: dict | None = None) -> dict:
     return {**PRODUCER_DEFAULTS, **client_config(bootstrap, settings)}
 
 
-def ensure_topic(config: dict, topic: str, partitions: int, timeout: float = 15.0) -> int:
-    """Create ``topic`` with ``partitions`` unless it exists; return its partition count."""
+def kafka_reason(error) -> str:
+    """Kafka's own words for a KafkaError or KafkaException: ``NAME: message``."""
+    if isinstance(error, KafkaException) and error.args and isinstance(error.args[0], KafkaError):
+        error = error.args[0]
+    if isinstance(error, KafkaError):
+        return f"{error.name()}: {error.str()}"
+    return f"{type(error).__name__}: {error}"
+
+
+def ensure_topic(config: dict, topic: str, partitions: int, timeout: float = 15.0,
+                 replication: int = -1) -> int:
+    """Create ``topic`` with ``partitions`` unless it exists; return its partition count.
+
+    ``replication`` -1: the broker's ``default.replication.factor``."""
     admin = AdminClient(config)
     try:
         existing = admin.list_topics(timeout=timeout).topics.get(topic)
         if existing is not None and not existing.error:
             return len(existing.partitions)
-        future = admin.create_topics([NewTopic(topic, partitions, 1)])[topic]
+        future = admin.create_topics([NewTopic(topic, partitions, replication)])[topic]
         future.result(timeout=timeout)
     except KafkaException as e:
         raise BrokerError(f"cannot create topic {topic!r} on {config['bootstrap.servers']}: "
@@ -110,6 +123,43 @@ def produce(producer: Producer, topic: str, keys: list[bytes], values: list[byte
             producer.poll(0.5)
             send(topic, value, key)
     producer.poll(0)
+
+
+def deliver(producer: Producer, topic: str, messages: Iterable[tuple], timeout: float = 30.0) -> int:
+    """Produce ``(key, value, headers)`` messages and wait until the broker acknowledged each one.
+
+    Returns how many were delivered. Raises :class:`BrokerError` with Kafka's own reason when
+    any was refused (locally, e.g. ``MSG_SIZE_TOO_LARGE``, or by the broker) or is still
+    unacknowledged after ``timeout`` seconds: the caller must then treat none as delivered
+    (re-sending is safe with the idempotent producer).
+    """
+    failures: list[str] = []
+
+    def report(err, _msg) -> None:
+        if err is not None:
+            failures.append(kafka_reason(err))
+
+    deadline = time.monotonic() + timeout
+    count = 0
+    for key, value, headers in messages:
+        while True:
+            try:
+                producer.produce(topic, value, key, headers=headers, on_delivery=report)
+                break
+            except BufferError:  # the local queue is full: let deliveries drain it
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"{topic}: the producer queue stayed full for {timeout:.0f}s") from None
+                producer.poll(0.2)
+            except KafkaException as e:
+                failures.append(kafka_reason(e))
+                break
+        count += 1
+    left = producer.flush(max(0.0, deadline - time.monotonic()))
+    if failures or left:
+        first = f"; first failure: {failures[0]}" if failures else ""
+        raise BrokerError(f"{topic}: {len(failures)} of {count} messages refused and {left} unacknowledged "
+                          f"after {timeout:.0f}s{first}")
+    return count
 
 
 def flush(producer: Producer, timeout: float = 60.0) -> None:

@@ -32,6 +32,7 @@ ray_podpulse_consumer_lag                    gauge      topic, partition
 ray_podpulse_batch_write_seconds_bucket      histogram  backend, le (+ _sum, _count)
 ray_podpulse_events_written_total            counter    backend, outcome
 ray_podpulse_write_errors_total              counter    backend
+ray_podpulse_failures_total                  counter    component, cause
 ray_podpulse_scoring_latency_seconds_bucket  histogram  endpoint, le (+ _sum, _count)
 ray_podpulse_anomalous_devices               gauge      model, version, region
 ray_podpulse_model_info                      gauge      model, version
@@ -66,7 +67,7 @@ import numpy as np
 __all__ = [
     "PREFIX", "METRICS", "MetricSpec", "exported_name", "exported_series",
     "events_consumed", "events_stored", "events_dead_lettered", "consumer_lag", "partition_counts",
-    "backend_label", "batch_written", "write_failed",
+    "backend_label", "batch_written", "write_failed", "failure",
     "scoring_latency", "anomalous_devices", "model_version", "feature_drift",
 ]
 
@@ -107,6 +108,10 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("podpulse_write_errors_total", "counter",
                "Batch writes that raised (store error, refused offset gap); their consumers rewind.",
                ("backend",)),
+    MetricSpec("podpulse_failures_total", "counter",
+               "Failures by root cause (the exception type; the log line has the message): a write, a "
+               "dead-letter delivery, waiting for the store or the broker. component=consumer|writer|supervisor.",
+               ("component", "cause")),
     # -- serving -----------------------------------------------------------------------------
     MetricSpec("podpulse_scoring_latency_seconds", "histogram",
                "Time to answer a scoring request, per endpoint.", ("endpoint",), SCORING_BUCKETS_S),
@@ -211,6 +216,10 @@ def batch_written(backend: str, seconds: float, applied: int, replayed: int) -> 
 
 def write_failed(backend: str) -> None:
     _metric("podpulse_write_errors_total").inc(1, {"backend": backend})
+
+
+def failure(component: str, cause: str) -> None:
+    _metric("podpulse_failures_total").inc(1, {"component": component, "cause": cause})
 
 
 # -- serving -------------------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def pg_url(postgres):
     from storage.postgres_store import engine_url
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(engine_url(postgres.url))
+    engine = create_engine(engine_url(postgres.url), pool_pre_ping=True)  # fault tests restart the server
     with engine.begin() as conn:
         conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
     yield f"{postgres.url}?options=-csearch_path%3D{schema}"
