@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,10 @@ from podpulse.simulator import Fleet, FleetSpec, simulate
 from storage.router import StorageConfig, open_storage
 
 
-def build_store(path: Path, devices: int, days: int, seed: int = 7) -> int:
-    spec = FleetSpec(devices=devices, hours=24 * days, seed=seed)
+def build_store(path: Path, devices: int, days: int, seed: int = 7, start: datetime | None = None) -> int:
+    """A DuckDB store of a simulated fleet, written straight to the store (not through Kafka, so
+    no event-time window applies). ``start``: the simulator's default, unless given."""
+    spec = FleetSpec(devices=devices, hours=24 * days, seed=seed, start=start)
     storage = open_storage(StorageConfig.embedded(path))
     storage.setup()
     offset, pending, total = 0, [], 0
@@ -45,7 +48,7 @@ def build_store(path: Path, devices: int, days: int, seed: int = 7) -> int:
 
 
 def _commit(storage, values: list[bytes], offset: int) -> int:
-    table = decode_batch(values).table
+    table = decode_batch(values, window=None).table
     n = table.num_rows
     table = table.append_column("kafka_partition", pa.array(np.zeros(n, np.int32))).append_column(
         "kafka_offset", pa.array(np.arange(offset, offset + n), pa.int64()))

@@ -13,7 +13,7 @@ from podpulse.contract import decode_batch
 from podpulse.simulator import Fleet, FleetSpec, simulate
 from storage.router import StorageConfig
 
-# a fixed Monday (2 November 2026, 00:00 AEST), as the fixed_start fixture gives build_store
+# a fixed Monday (2 November 2026, 00:00 AEST): the fixed_start fixture
 SPEC = FleetSpec(devices=1500, hours=72, seed=41, start=datetime(2026, 11, 1, 14, tzinfo=timezone.utc))
 START, END = date(2026, 11, 2), date(2026, 11, 5)
 AEST = timedelta(hours=10)
@@ -24,7 +24,7 @@ TZ = {s.code: s.utc_offset_h for s in geo.STATES}
 def store(tmp_path_factory, fixed_start):
     assert fixed_start == SPEC.start
     path = tmp_path_factory.mktemp("analytics") / "a.duckdb"
-    build_store(path, SPEC.devices, 3, seed=SPEC.seed)
+    build_store(path, SPEC.devices, 3, seed=SPEC.seed, start=fixed_start)
     values = [v for c in simulate(SPEC, Fleet.build(SPEC)) for v in c.values]
     events = decode_batch(values, window=None).table.to_pylist()  # fixed dates: no event-time window
     for e in events:

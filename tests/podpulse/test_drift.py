@@ -53,7 +53,7 @@ def test_empty_bins_and_point_masses_stay_finite(rng):
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory, fixed_start):
     root = tmp_path_factory.mktemp("drift")
-    build_store(root / "s.duckdb", 300, 3, seed=9)  # AEST days 2026-11-02 .. 2026-11-04
+    build_store(root / "s.duckdb", 300, 3, seed=9, start=fixed_start)  # AEST days 2026-11-02 .. 2026-11-04
     return root
 
 

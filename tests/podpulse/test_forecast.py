@@ -68,7 +68,7 @@ def test_holdout_needs_enough_days():
 @pytest.fixture(scope="module")
 def fleet_store(tmp_path_factory, fixed_start):
     root = tmp_path_factory.mktemp("forecast")
-    build_store(root / "s.duckdb", 800, 28, seed=5)  # four weeks: two of history, one of targets, one held out
+    build_store(root / "s.duckdb", 800, 28, seed=5, start=fixed_start)  # four weeks: two of history, one of targets, one held out
     return root, StorageConfig.embedded(root / "s.duckdb")
 
 
