@@ -165,6 +165,7 @@ def record_every_metric() -> None:
     metrics.consumer_lag("names", {0: 7})
     metrics.batch_written("names-backend", 0.02, 4, 1)
     metrics.write_failed("names-backend")
+    metrics.failure("names-component", "StorageError")
     metrics.scoring_latency("/v1/battery/score", 0.004)
     metrics.model_version("names-model", "v1")
     metrics.anomalous_devices("names-model", "v1", {"NSW-urban": 2, "WA-rural": 1})
