@@ -59,6 +59,12 @@ class TimeSeriesStore(ABC):
     def write_events(self, events: pa.Table) -> None:
         """Upsert raw events by (device_id, seq); durable when it returns."""
 
+    def stored_elsewhere(self, rows: pa.Table) -> list[tuple[str, int]]:
+        """The ``(device_id, seq)`` of ``rows`` stored already from another Kafka record (another
+        partition or offset): events sent again. Asked before :meth:`write_events`, for the few
+        rows ``storage.rollups.first_sightings`` suspects. A store that cannot tell answers []."""
+        return []
+
     def close(self) -> None:
         """Release connections. Not guaranteed to be called (a process may die)."""
 
@@ -73,6 +79,10 @@ class RelationalStore(ABC):
     @abstractmethod
     def committed_offsets(self, topic: str) -> dict[int, int]:
         """Next offset to consume per partition, as stored with the data."""
+
+    @abstractmethod
+    def last_samples(self, device_ids: list[str]) -> pa.Table:
+        """The registry's latest sample of each of these devices (``storage.rollups.LAST_SAMPLE``)."""
 
     @abstractmethod
     def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],

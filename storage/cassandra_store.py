@@ -24,7 +24,7 @@ from storage.base import RefusedRows, StorageError, TimeSeriesStore
 from storage.rollups import KAFKA_COLUMNS
 
 __all__ = ["CassandraSettings", "CassandraStore", "CONSISTENCY_LEVELS", "EVENT_COLUMNS",
-           "keyspace_cql", "table_cql", "add_columns_cql", "insert_cql", "recent_cql"]
+           "keyspace_cql", "table_cql", "add_columns_cql", "insert_cql", "recent_cql", "identity_cql"]
 
 CONSISTENCY_LEVELS = ("ANY", "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM",  # = the driver's
                       "EACH_QUORUM", "SERIAL", "LOCAL_SERIAL", "LOCAL_ONE")
@@ -122,6 +122,12 @@ def insert_cql(s: CassandraSettings) -> str:
             f"VALUES ({', '.join('?' * (len(_NAMES) + 1))})")
 
 
+def identity_cql(s: CassandraSettings) -> str:
+    """Which Kafka record one stored event came from (a point read by its full primary key)."""
+    return (f"SELECT kafka_partition, kafka_offset FROM {s.keyspace}.events "
+            "WHERE device_id = ? AND day = ? AND event_time = ? AND seq = ?")
+
+
 def recent_cql(s: CassandraSettings) -> str:
     """One device's events of one day bucket, newest first."""
     return (f"SELECT {', '.join(_NAMES)} FROM {s.keyspace}.events WHERE device_id = ? AND day = ? "
@@ -151,7 +157,7 @@ class CassandraStore(TimeSeriesStore):
 
     def __init__(self, settings: CassandraSettings):
         self.settings = settings
-        self._cluster = self._session = self._insert = self._recent = None
+        self._cluster = self._session = self._insert = self._recent = self._identity = None
 
     def _auth(self, c):
         s = self.settings
@@ -184,8 +190,9 @@ class CassandraStore(TimeSeriesStore):
                                        "WHERE keyspace_name = %s AND table_name = 'events'", (s.keyspace,))
             for statement in add_columns_cql(s, (row["column_name"] for row in existing)):
                 session.execute(statement)
-            self._insert, self._recent = (session.prepare(q) for q in (insert_cql(s), recent_cql(s)))
-            for prepared in (self._insert, self._recent):
+            self._insert, self._recent, self._identity = (
+                session.prepare(q) for q in (insert_cql(s), recent_cql(s), identity_cql(s)))
+            for prepared in (self._insert, self._recent, self._identity):
                 prepared.is_idempotent, prepared.consistency_level = True, level
         except errors as e:
             raise StorageError(f"Cassandra setup on {', '.join(s.hosts)} failed: {e}") from e
@@ -221,6 +228,29 @@ class CassandraStore(TimeSeriesStore):
             raise RefusedRows(f"the Cassandra driver refused a value: {e}") from e
         except errors as e:
             raise StorageError(f"Cassandra write of {events.num_rows} events failed: {e}") from e
+
+    def stored_elsewhere(self, rows: pa.Table) -> list[tuple[str, int]]:
+        """Point reads by primary key: rows stored from another (partition, offset) were sent again.
+        Meant for the few rows first_sightings suspects (late events and re-sends)."""
+        c, errors = self._ready()
+        if rows.num_rows == 0:
+            return []
+        times = rows["event_time"].cast(pa.timestamp("ms", tz="UTC"))
+        ids, seqs = rows["device_id"].to_pylist(), rows["seq"].to_pylist()
+        sources = list(zip(rows["kafka_partition"].to_pylist(), rows["kafka_offset"].to_pylist()))
+        params = zip(ids, times.cast(pa.date32()).to_pylist(), times.cast(pa.int64()).to_pylist(), seqs)
+        try:
+            results = c.concurrent.execute_concurrent_with_args(
+                self._session, self._identity, params, concurrency=self.settings.concurrency,
+                raise_on_first_error=True)
+        except errors as e:
+            raise StorageError(f"Cassandra read of {rows.num_rows} event keys failed: {e}") from e
+        out = []
+        for (_, result), device, seq, source in zip(results, ids, seqs, sources):
+            row = result.one()
+            if row is not None and (row["kafka_partition"], row["kafka_offset"]) != source:
+                out.append((device, seq))
+        return out
 
     def recent(self, device_id: str, days: int = 1, limit: int = 100) -> list[dict]:
         """A device's newest events over the last ``days`` UTC day buckets (today first), newest first."""

@@ -83,6 +83,13 @@ class DuckDBStore(TimeSeriesStore, RelationalStore):
             "SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = ?", [topic]).fetchall()
         return dict(rows)
 
+    def last_samples(self, device_ids: list[str]) -> pa.Table:
+        self.con.register("_ids", pa.table({"device_id": pa.array(device_ids, pa.string())}))
+        try:
+            return self.con.sql(f"{LAST_SAMPLE_QUERY} JOIN _ids USING (device_id)").to_arrow_table()
+        finally:
+            self.con.unregister("_ids")
+
     def write_events(self, events: pa.Table) -> None:
         """Time-series role on its own: insert the (device_id, seq) pairs not stored yet."""
         con = self.con
@@ -106,8 +113,7 @@ class DuckDBStore(TimeSeriesStore, RelationalStore):
             fresh, replayed = drop_replayed(events, stored)
             new = fresh
             if fresh.num_rows:
-                con.register("_ids", pa.table({"device_id": pc.unique(fresh["device_id"])}))
-                last = con.sql(f"{LAST_SAMPLE_QUERY} JOIN _ids USING (device_id)").to_arrow_table()
+                last = self.last_samples(pc.unique(fresh["device_id"]).to_pylist())
                 new = first_sightings(fresh, last, self._stored_keys if with_raw_events else _none)
             if new.num_rows:
                 if with_raw_events:

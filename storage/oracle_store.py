@@ -111,6 +111,10 @@ class OracleStore(TimeSeriesStore, RelationalStore):
                                      "WHERE topic = :t"), {"t": topic}).all()
         return {int(p): int(o) for p, o in rows}
 
+    def last_samples(self, device_ids: list[str]) -> pa.Table:
+        with self.engine.connect() as conn:
+            return self._last_samples(conn.connection.driver_connection.cursor(), device_ids)
+
     def write_events(self, events: pa.Table) -> None:
         with self.engine.begin() as conn:
             self._merge(conn.connection.driver_connection.cursor(), "events", EVENTS_MERGE,
@@ -129,7 +133,7 @@ class OracleStore(TimeSeriesStore, RelationalStore):
                 fresh, replayed = drop_replayed(events, stored)
                 new = fresh
                 if fresh.num_rows:
-                    last = self._last_samples(cur, fresh)
+                    last = self._last_samples(cur, pc.unique(fresh["device_id"]).to_pylist())
                     new = first_sightings(fresh, last, (lambda keys: self._stored_keys(cur, keys))
                                           if with_raw_events else (lambda keys: []))
                 if new.num_rows:
@@ -171,8 +175,7 @@ class OracleStore(TimeSeriesStore, RelationalStore):
         return found
 
     @staticmethod
-    def _last_samples(cur, fresh: pa.Table, chunk: int = 500) -> pa.Table:
-        ids = pc.unique(fresh["device_id"]).to_pylist()
+    def _last_samples(cur, ids: list[str], chunk: int = 500) -> pa.Table:
         rows = []
         for i in range(0, len(ids), chunk):
             part = ids[i:i + chunk]

@@ -81,6 +81,12 @@ class PostgresStore(TimeSeriesStore, RelationalStore):
                                      "WHERE topic = :t"), {"t": topic}).all()
         return {p: o for p, o in rows}
 
+    def last_samples(self, device_ids: list[str]) -> pa.Table:
+        with self.engine.connect() as conn:
+            cur = conn.connection.driver_connection.cursor()
+            cur.execute(f"{LAST_SAMPLE_QUERY} WHERE device_id = ANY(%s)", [device_ids])
+            return last_sample_table(cur.fetchall())
+
     def write_events(self, events: pa.Table) -> None:
         with self._transaction() as conn:
             self._insert_events(conn.connection.driver_connection.cursor(), events)

@@ -126,8 +126,8 @@ def first_sightings(events: pa.Table, last: pa.Table | None,
     new offset, so the offset check cannot see it. In steady state a device's events
     arrive in seq order, so only rows at or below the device's last stored ``seq``
     (``last``: the registry's latest samples) can have been seen before: just those
-    are looked up, with ``stored(keys)`` → the ``(device_id, seq)`` pairs of ``keys``
-    already stored. Keeps each identity's first row, in batch order.
+    are looked up, with ``stored(rows)`` → the ``(device_id, seq)`` pairs of those rows
+    (all columns) already stored. Keeps each identity's first row, in batch order.
     """
     n = events.num_rows
     if n == 0:
@@ -145,7 +145,7 @@ def first_sightings(events: pa.Table, last: pa.Table | None,
         suspect = keep & (where >= 0) & (seq <= last_seq[where])
         if suspect.any():
             rows = np.flatnonzero(suspect)
-            keys = events.take(rows).select(["device_id", "seq"])
+            keys = events.take(rows)
             seen = set(stored(keys))
             if seen:
                 ids = keys["device_id"].to_pylist()

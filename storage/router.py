@@ -30,8 +30,10 @@ from types import MappingProxyType
 from typing import Mapping
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
+from storage.rollups import drop_replayed, first_sightings
 
 __all__ = ["StorageConfig", "Storage", "open_storage", "KINDS", "DEFAULT_DUCKDB_PATH"]
 
@@ -181,12 +183,24 @@ class Storage:
 
     def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
                start_offsets: dict[int, int | None] | None = None, dry_run: bool = False) -> CommitResult:
-        """``dry_run``: roll the relational transaction back (raw events in a separate
-        time-series store are written anyway: an idempotent upsert)."""
-        if not self._shared and events.num_rows:
-            self.timeseries.write_events(events)
-        return self.relational.commit(topic, events, next_offsets, with_raw_events=self._shared,
-                                      start_offsets=start_offsets, dry_run=dry_run)
+        """``dry_run``: roll the relational transaction back. With a separate time-series store,
+        a dry run writes the raw events only after the relational store took them (an idempotent
+        upsert of rows about to be committed), so a row it refuses is never stored raw."""
+        if self._shared or not events.num_rows:
+            return self.relational.commit(topic, events, next_offsets, with_raw_events=self._shared,
+                                          start_offsets=start_offsets, dry_run=dry_run)
+        fresh, replayed = drop_replayed(events, self.relational.committed_offsets(topic))
+        new = fresh
+        if fresh.num_rows:
+            last = self.relational.last_samples(pc.unique(fresh["device_id"]).to_pylist())
+            new = first_sightings(fresh, last, self.timeseries.stored_elsewhere)
+        if new.num_rows and not dry_run:
+            self.timeseries.write_events(new)
+        result = self.relational.commit(topic, new, next_offsets, start_offsets=start_offsets, dry_run=dry_run)
+        if new.num_rows and dry_run:
+            self.timeseries.write_events(new)
+        return CommitResult(applied=result.applied, replayed=replayed + result.replayed,
+                            repeated=fresh.num_rows - new.num_rows + result.repeated)
 
     def close(self) -> None:
         self.relational.close()
