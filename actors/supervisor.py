@@ -45,7 +45,8 @@ from podpulse.kafka import client_config, ensure_topic
 __all__ = ["IngestSupervisor", "Supervisor", "shards"]
 
 log = logging.getLogger("podpulse.supervisor")
-RESTART_BACKOFF_S = 1.0
+RESTART_BACKOFF_S = (1.0, 60.0)  # wait before replacing a dead consumer; doubles while it keeps dying
+STABLE_AFTER_S = 120.0  # a consumer that ran this long resets its slot's backoff
 LAG_METRIC_PERIOD_S = 5.0  # the lag gauge is at most this old while running
 
 
@@ -67,6 +68,7 @@ class Supervisor:
         self.restarts = 0
         self.partitions = 0
         self.failures = FailureLog("supervisor", log)
+        self.backoff: dict[int, tuple[float, float]] = {}  # slot → (next wait, when it was last started)
         self.last_lag: dict[int, int] = {}
         self.lag_at = 0.0  # time.monotonic() of the last lag measured
         self._watermarks = Consumer({**client_config(config.bootstrap, config.kafka),
@@ -213,13 +215,23 @@ class Supervisor:
                 log.warning("the storage writer is dead for good; starting a new one")
                 self._replace_writer()
                 continue
-            time.sleep(RESTART_BACKOFF_S)
+            if self._stop.wait(self._restart_wait(i)):
+                continue
             shard = None if self.config.group_mode == "subscribe" else shards(self.partitions, len(self.consumers))[i]
             with self._lock:
                 ray.kill(self.consumers[i])
                 self.consumers[i] = self._spawn(shard)
                 self.runs[i] = self.consumers[i].run.remote()
                 self.restarts += 1
+
+    def _restart_wait(self, slot: int) -> float:
+        """Seconds to wait before replacing the consumer of ``slot``: doubling (to a cap) while it
+        dies soon after each start, so a consumer that cannot run never spins."""
+        wait, started = self.backoff.get(slot, (RESTART_BACKOFF_S[0], 0.0))
+        if time.monotonic() - started > STABLE_AFTER_S:
+            wait = RESTART_BACKOFF_S[0]
+        self.backoff[slot] = (min(wait * 2, RESTART_BACKOFF_S[1]), time.monotonic() + wait)
+        return wait
 
     def _caught_up(self) -> bool:
         """Every partition read to its end by its current owner, with nothing in flight."""

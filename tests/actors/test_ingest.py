@@ -61,6 +61,18 @@ def test_shards_are_stable_and_cover_every_partition_once():
     assert sorted(p for s in shards(12, 4) for p in s) == list(range(12))
 
 
+def test_a_consumer_that_keeps_dying_is_restarted_with_growing_waits_never_in_a_spin():
+    from actors.supervisor import RESTART_BACKOFF_S, Supervisor
+
+    sup = Supervisor(IngestConfig(bootstrap="127.0.0.1:1", topic="t"))
+    try:
+        waits = [sup._restart_wait(0) for _ in range(9)]
+        assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0] and RESTART_BACKOFF_S[1] == 60.0
+        assert sup._restart_wait(1) == 1.0  # another slot has its own
+    finally:
+        sup._watermarks.close()
+
+
 def test_every_event_is_stored_exactly_once_with_offsets_at_the_end(
         ray_local, broker, new_topic, produce_fleet, store_config, assert_rollups_match_raw):
     topic = new_topic(4)
