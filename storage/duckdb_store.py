@@ -14,25 +14,21 @@ construction.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from storage.base import CommitResult, RefusedRows, RelationalStore, StorageError, TimeSeriesStore
+from storage.base import RefusedRows, StorageError, TimeSeriesStore
+from storage.commit import DryRun, TransactionalStore
 from storage.migrations import migrate_duckdb
-from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE, HOURLY_KEY, HOURLY_MERGE,
-                             LAST_SAMPLE_QUERY, check_follows, device_updates, drop_replayed, firmware_days,
-                             first_sightings, hourly_rollup)
+from storage.rollups import LAST_SAMPLE_QUERY
 from storage.schema import EVENT_COLUMNS
 from storage.sql import upsert_sql
 
 __all__ = ["DuckDBStore"]
 
-HOURLY_UPSERT = upsert_sql("device_hourly", HOURLY_KEY, HOURLY_MERGE, "_hourly")
-DEVICE_UPSERT = upsert_sql("devices", DEVICE_KEY, DEVICE_MERGE, "_devices")
-FIRMWARE_UPSERT = upsert_sql("device_firmware_daily", FIRMWARE_KEY, FIRMWARE_MERGE, "_firmware")
 OFFSETS_UPSERT = ("INSERT INTO kafka_offsets (topic, kafka_partition, next_offset, updated_at) "
                   "VALUES (?, ?, ?, now()) ON CONFLICT (topic, kafka_partition) DO UPDATE SET "
                   "next_offset = greatest(kafka_offsets.next_offset, excluded.next_offset), "
@@ -46,15 +42,50 @@ DATA_ERRORS = (duckdb.ConstraintException, duckdb.ConversionException, duckdb.Ou
                duckdb.InvalidInputException, duckdb.TypeMismatchException, pa.ArrowInvalid, pa.ArrowTypeError)
 
 
-class _DryRun(Exception):
-    """Raised at the end of a dry run to roll its transaction back."""
+class _Transaction:
+    """storage.commit.Transaction on DuckDB: pyarrow tables registered as views, read in place."""
+
+    def __init__(self, con):
+        self.con = con
+        self.views: set[str] = set()
+
+    def _view(self, name: str, table: pa.Table) -> str:
+        self.con.register(name, table)
+        self.views.add(name)
+        return name
+
+    def read_offsets(self, topic: str) -> dict[int, int]:
+        return dict(self.con.execute(
+            "SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = ?", [topic]).fetchall())
+
+    def last_samples(self, device_ids: list[str]) -> pa.Table:
+        self._view("_ids", pa.table({"device_id": pa.array(device_ids, pa.string())}))
+        return self.con.sql(f"{LAST_SAMPLE_QUERY} JOIN _ids USING (device_id)").to_arrow_table()
+
+    def stored_keys(self, rows: pa.Table) -> list[tuple[str, int]]:
+        self._view("_keys", rows)
+        return self.con.execute("SELECT DISTINCT e.device_id, e.seq FROM events e "
+                                "JOIN _keys k ON e.device_id = k.device_id AND e.seq = k.seq").fetchall()
+
+    def insert_events(self, rows: pa.Table) -> None:
+        self._view("_events", rows)
+        self.con.execute(EVENTS_INSERT)
+
+    def merge(self, table: str, key: tuple[str, ...], rules: dict[str, str], rows: pa.Table) -> None:
+        self.con.execute(upsert_sql(table, key, rules, self._view(f"_stage_{table}", rows)))
+
+    def store_offsets(self, topic: str, next_offsets: dict[int, int]) -> None:
+        self.con.executemany(OFFSETS_UPSERT, [(topic, int(p), int(o)) for p, o in sorted(next_offsets.items())])
+
+    def close(self) -> None:
+        for name in self.views:
+            try:
+                self.con.unregister(name)
+            except duckdb.Error:  # the connection died with the transaction
+                pass
 
 
-def _none(_keys: pa.Table) -> list:
-    return []  # the raw events live in another store: nothing to look up here
-
-
-class DuckDBStore(TimeSeriesStore, RelationalStore):
+class DuckDBStore(TimeSeriesStore, TransactionalStore):
     """Both roles in one DuckDB file.
 
     Tuned for one writer sharing a small machine with the consumers: one DuckDB
@@ -83,13 +114,6 @@ class DuckDBStore(TimeSeriesStore, RelationalStore):
             "SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = ?", [topic]).fetchall()
         return dict(rows)
 
-    def last_samples(self, device_ids: list[str]) -> pa.Table:
-        self.con.register("_ids", pa.table({"device_id": pa.array(device_ids, pa.string())}))
-        try:
-            return self.con.sql(f"{LAST_SAMPLE_QUERY} JOIN _ids USING (device_id)").to_arrow_table()
-        finally:
-            self.con.unregister("_ids")
-
     def write_events(self, events: pa.Table) -> None:
         """Time-series role on its own: insert the (device_id, seq) pairs not stored yet."""
         con = self.con
@@ -102,50 +126,28 @@ class DuckDBStore(TimeSeriesStore, RelationalStore):
         finally:
             con.unregister("_events")
 
-    def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
-               *, with_raw_events: bool = False,
-               start_offsets: dict[int, int | None] | None = None, dry_run: bool = False) -> CommitResult:
+    @contextmanager
+    def transaction(self):
         con = self.con
         con.begin()
+        tx = _Transaction(con)
         try:
-            stored = self.committed_offsets(topic)
-            check_follows(stored, start_offsets)
-            fresh, replayed = drop_replayed(events, stored)
-            new = fresh
-            if fresh.num_rows:
-                last = self.last_samples(pc.unique(fresh["device_id"]).to_pylist())
-                new = first_sightings(fresh, last, self._stored_keys if with_raw_events else _none)
-            if new.num_rows:
-                if with_raw_events:
-                    con.register("_events", new)
-                    con.execute(EVENTS_INSERT)
-                con.register("_hourly", hourly_rollup(new, last))
-                con.execute(HOURLY_UPSERT)
-                con.register("_devices", device_updates(new))
-                con.execute(DEVICE_UPSERT)
-                con.register("_firmware", firmware_days(new))
-                con.execute(FIRMWARE_UPSERT)
-            con.executemany(OFFSETS_UPSERT, [(topic, int(p), int(o)) for p, o in sorted(next_offsets.items())])
-            if dry_run:
-                raise _DryRun
+            yield tx
             con.commit()
-        except _DryRun:
-            con.rollback()
-        except DATA_ERRORS as e:
-            con.rollback()
-            raise RefusedRows(f"DuckDB refused the batch: {e}") from e
-        except BaseException:
-            con.rollback()
+        except BaseException as e:
+            try:
+                con.rollback()
+            except duckdb.Error:  # after a fatal error (a full disk) the connection is gone anyway
+                pass
+            if isinstance(e, DryRun):
+                return
+            if isinstance(e, DATA_ERRORS):
+                raise RefusedRows(f"DuckDB refused the batch: {e}") from e
+            if isinstance(e, duckdb.Error):
+                raise StorageError(f"DuckDB write failed: {e}") from e
             raise
         finally:
-            for name in ("_events", "_ids", "_hourly", "_devices", "_firmware", "_keys"):
-                con.unregister(name)
-        return CommitResult(applied=new.num_rows, replayed=replayed, repeated=fresh.num_rows - new.num_rows)
-
-    def _stored_keys(self, keys: pa.Table) -> list[tuple[str, int]]:
-        self.con.register("_keys", keys)
-        return self.con.execute("SELECT DISTINCT e.device_id, e.seq FROM events e "
-                                "JOIN _keys k ON e.device_id = k.device_id AND e.seq = k.seq").fetchall()
+            tx.close()
 
     def close(self) -> None:
         self.con.close()

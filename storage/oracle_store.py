@@ -11,19 +11,19 @@ Oracle Database Free is enough.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from sqlalchemy import Boolean, Date, DateTime, String, create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 
-from storage.base import CommitResult, RefusedRows, RelationalStore, StorageError, TimeSeriesStore
+from storage.base import RefusedRows, StorageError, TimeSeriesStore
+from storage.commit import DryRun, TransactionalStore
 from storage.migrations import migrate_engine
 from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE, HOURLY_KEY, HOURLY_MERGE,
-                             LAST_SAMPLE_QUERY, check_follows, device_updates, drop_replayed, firmware_days,
-                             first_sightings, hourly_rollup, last_sample_table)
+                             LAST_SAMPLE_QUERY, last_sample_table)
 from storage.schema import EVENT_COLUMNS, OracleOptions, metadata
 from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, oracle_merge_sql
 
@@ -39,17 +39,16 @@ OFFSETS_MERGE_SQL = oracle_merge_sql("kafka_offsets", OFFSETS_KEY, OFFSETS_MERGE
 # Oracle's refusals of a value (the same rows fail again): unique key, NULL into NOT NULL, value
 # too large for its column, number over its precision, check constraint, bind too long.
 DATA_CODES = ("ORA-00001", "ORA-01400", "ORA-12899", "ORA-01438", "ORA-02290", "ORA-01461")
-KEY_CHUNK = 500  # (device_id, seq) pairs per lookup
+KEY_CHUNK = 500  # (device_id, seq) pairs, or device ids, per lookup
+MERGES = {"device_hourly": HOURLY_MERGE_SQL, "devices": DEVICES_MERGE_SQL, "device_firmware_daily": FIRMWARE_MERGE_SQL,
+          "events": EVENTS_MERGE}
+OFFSETS_MERGE_NOW = OFFSETS_MERGE_SQL.replace(":updated_at", "SYS_EXTRACT_UTC(SYSTIMESTAMP)")
 
 
 def stored_keys_sql(pairs: int) -> str:
     """The (device_id, seq) pairs of a list that the events table holds already."""
     binds = ", ".join(f"(:{2 * i + 1}, :{2 * i + 2})" for i in range(pairs))
     return f"SELECT DISTINCT device_id, seq FROM events WHERE (device_id, seq) IN ({binds})"
-
-
-class _DryRun(Exception):
-    """Raised at the end of a dry run to roll its transaction back."""
 
 
 def oracle_url(url: str, password: str | None = None):
@@ -97,7 +96,53 @@ def input_sizes(table_name: str, columns: list[str], oracledb) -> list:
     return sizes
 
 
-class OracleStore(TimeSeriesStore, RelationalStore):
+class _Transaction:
+    """storage.commit.Transaction on one python-oracledb cursor: MERGE statements by executemany."""
+
+    def __init__(self, cur):
+        self.cur = cur
+
+    def read_offsets(self, topic: str) -> dict[int, int]:
+        self.cur.execute("SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = :t FOR UPDATE",
+                         t=topic)
+        return {int(p): int(o) for p, o in self.cur.fetchall()}
+
+    def last_samples(self, device_ids: list[str]) -> pa.Table:
+        rows = []
+        for i in range(0, len(device_ids), KEY_CHUNK):
+            part = device_ids[i:i + KEY_CHUNK]
+            binds = ", ".join(f":{j + 1}" for j in range(len(part)))
+            self.cur.execute(f"{LAST_SAMPLE_QUERY} WHERE device_id IN ({binds})", part)
+            rows.extend(self.cur.fetchall())
+        return last_sample_table(rows)
+
+    def stored_keys(self, rows: pa.Table) -> list[tuple[str, int]]:
+        pairs = list(zip(rows["device_id"].to_pylist(), rows["seq"].to_pylist()))
+        found = []
+        for i in range(0, len(pairs), KEY_CHUNK):
+            part = pairs[i:i + KEY_CHUNK]
+            self.cur.execute(stored_keys_sql(len(part)), [v for pair in part for v in pair])
+            found.extend((d, int(q)) for d, q in self.cur.fetchall())
+        return found
+
+    def insert_events(self, rows: pa.Table) -> None:
+        self._execute("events", EVENTS_MERGE, EVENT_COLUMNS, rows)
+
+    def merge(self, table: str, key: tuple[str, ...], rules: dict[str, str], rows: pa.Table) -> None:
+        self._execute(table, MERGES[table], [*key, *rules], rows)
+
+    def store_offsets(self, topic: str, next_offsets: dict[int, int]) -> None:
+        offsets = pa.table({"topic": [topic] * len(next_offsets),
+                            "kafka_partition": pa.array(list(next_offsets), pa.int32()),
+                            "next_offset": pa.array(list(next_offsets.values()), pa.int64())})
+        self._execute("kafka_offsets", OFFSETS_MERGE_NOW, ["topic", "kafka_partition", "next_offset"], offsets)
+
+    def _execute(self, table_name: str, sql: str, columns: list[str], rows: pa.Table) -> None:
+        _input_sizes(self.cur, table_name, columns)
+        self.cur.executemany(sql, _rows(rows, columns), batcherrors=False)
+
+
+class OracleStore(TimeSeriesStore, TransactionalStore):
     def __init__(self, url: str, password: str | None = None, options: OracleOptions | None = None):
         self.options = options or OracleOptions()
         self.engine = create_engine(oracle_url(url, password), pool_size=2, pool_pre_ping=True)
@@ -111,82 +156,24 @@ class OracleStore(TimeSeriesStore, RelationalStore):
                                      "WHERE topic = :t"), {"t": topic}).all()
         return {int(p): int(o) for p, o in rows}
 
-    def last_samples(self, device_ids: list[str]) -> pa.Table:
-        with self.engine.connect() as conn:
-            return self._last_samples(conn.connection.driver_connection.cursor(), device_ids)
-
     def write_events(self, events: pa.Table) -> None:
-        with self.engine.begin() as conn:
-            self._merge(conn.connection.driver_connection.cursor(), "events", EVENTS_MERGE,
-                        EVENT_COLUMNS, events)
+        with self.transaction() as tx:
+            tx.insert_events(events)
 
-    def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
-               *, with_raw_events: bool = False,
-               start_offsets: dict[int, int | None] | None = None, dry_run: bool = False) -> CommitResult:
+    @contextmanager
+    def transaction(self):
         try:
             with self.engine.begin() as conn:
-                cur = conn.connection.driver_connection.cursor()
-                cur.execute("SELECT kafka_partition, next_offset FROM kafka_offsets "
-                            "WHERE topic = :t FOR UPDATE", t=topic)
-                stored = {int(p): int(o) for p, o in cur.fetchall()}
-                check_follows(stored, start_offsets)
-                fresh, replayed = drop_replayed(events, stored)
-                new = fresh
-                if fresh.num_rows:
-                    last = self._last_samples(cur, pc.unique(fresh["device_id"]).to_pylist())
-                    new = first_sightings(fresh, last, (lambda keys: self._stored_keys(cur, keys))
-                                          if with_raw_events else (lambda keys: []))
-                if new.num_rows:
-                    if with_raw_events:
-                        self._merge(cur, "events", EVENTS_MERGE, EVENT_COLUMNS, new)
-                    self._merge(cur, "device_hourly", HOURLY_MERGE_SQL, [*HOURLY_KEY, *HOURLY_MERGE],
-                                hourly_rollup(new, last))
-                    self._merge(cur, "devices", DEVICES_MERGE_SQL, [*DEVICE_KEY, *DEVICE_MERGE],
-                                device_updates(new))
-                    self._merge(cur, "device_firmware_daily", FIRMWARE_MERGE_SQL,
-                                [*FIRMWARE_KEY, *FIRMWARE_MERGE], firmware_days(new))
-                offsets = pa.table({"topic": [topic] * len(next_offsets),
-                                    "kafka_partition": pa.array(list(next_offsets), pa.int32()),
-                                    "next_offset": pa.array(list(next_offsets.values()), pa.int64()),
-                                    "updated_at": pa.array([None] * len(next_offsets), pa.timestamp("us"))})
-                self._merge(cur, "kafka_offsets",
-                            OFFSETS_MERGE_SQL.replace(":updated_at", "SYS_EXTRACT_UTC(SYSTIMESTAMP)"),
-                            ["topic", "kafka_partition", "next_offset"], offsets)
-                if dry_run:
-                    raise _DryRun
-        except _DryRun:
-            pass
-        except (DataError, IntegrityError) as e:
-            raise RefusedRows(f"Oracle refused the batch: {e.orig}") from e
-        except DBAPIError as e:
-            if any(code in str(e.orig) for code in DATA_CODES):
-                raise RefusedRows(f"Oracle refused the batch: {e.orig}") from e
-            raise StorageError(f"Oracle write failed: {e.orig}") from e
-        return CommitResult(applied=new.num_rows, replayed=replayed, repeated=fresh.num_rows - new.num_rows)
-
-    @staticmethod
-    def _stored_keys(cur, keys: pa.Table) -> list[tuple[str, int]]:
-        pairs = list(zip(keys["device_id"].to_pylist(), keys["seq"].to_pylist()))
-        found = []
-        for i in range(0, len(pairs), KEY_CHUNK):
-            part = pairs[i:i + KEY_CHUNK]
-            cur.execute(stored_keys_sql(len(part)), [v for pair in part for v in pair])
-            found.extend((d, int(q)) for d, q in cur.fetchall())
-        return found
-
-    @staticmethod
-    def _last_samples(cur, ids: list[str], chunk: int = 500) -> pa.Table:
-        rows = []
-        for i in range(0, len(ids), chunk):
-            part = ids[i:i + chunk]
-            binds = ", ".join(f":{j + 1}" for j in range(len(part)))
-            cur.execute(f"{LAST_SAMPLE_QUERY} WHERE device_id IN ({binds})", part)
-            rows.extend(cur.fetchall())
-        return last_sample_table(rows)
-
-    def _merge(self, cur, table_name: str, sql: str, columns: list[str], rows: pa.Table) -> None:
-        _input_sizes(cur, table_name, columns)
-        cur.executemany(sql, _rows(rows, columns), batcherrors=False)
+                yield _Transaction(conn.connection.driver_connection.cursor())
+        except DryRun:
+            return
+        except StorageError:
+            raise
+        except Exception as e:  # SQLAlchemy's wrappers, or python-oracledb's own from the raw cursor
+            orig = getattr(e, "orig", None) or e
+            if isinstance(e, (DataError, IntegrityError)) or any(code in str(orig) for code in DATA_CODES):
+                raise RefusedRows(f"Oracle refused the batch: {orig}") from e
+            raise StorageError(f"Oracle write failed: {orig}") from e
 
     def close(self) -> None:
         self.engine.dispose()

@@ -20,11 +20,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.engine import make_url
 
-from storage.base import CommitResult, RefusedRows, RelationalStore, StorageError, TimeSeriesStore
+from storage.base import RefusedRows, StorageError, TimeSeriesStore
+from storage.commit import DryRun, TransactionalStore
 from storage.migrations import migrate_engine
-from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE, HOURLY_KEY, HOURLY_MERGE,
-                             LAST_SAMPLE_QUERY, check_follows, device_updates, drop_replayed, firmware_days,
-                             first_sightings, hourly_rollup, last_sample_table)
+from storage.rollups import LAST_SAMPLE_QUERY, last_sample_table
 from storage.schema import EVENT_COLUMNS, postgres_month_partition_ddl
 from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, upsert_sql
 
@@ -38,10 +37,6 @@ DATA_ERRORS = (DataError, IntegrityError, psycopg.DataError, psycopg.IntegrityEr
                pa.ArrowTypeError)
 STORED_KEYS = ("SELECT DISTINCT e.device_id, e.seq FROM events e JOIN unnest(%s::text[], %s::bigint[]) "
                "AS k(device_id, seq) ON e.device_id = k.device_id AND e.seq = k.seq")
-
-
-class _DryRun(Exception):
-    """Raised at the end of a dry run to roll its transaction back."""
 
 
 def engine_url(url: str, password: str | None = None):
@@ -60,12 +55,53 @@ def _first_line(e: Exception) -> str:
     return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
 
 
-def _stored_keys(cur, keys: pa.Table) -> list[tuple[str, int]]:
-    cur.execute(STORED_KEYS, [keys["device_id"].to_pylist(), keys["seq"].to_pylist()])
-    return cur.fetchall()
+OFFSETS_UPSERT = upsert_sql("kafka_offsets", OFFSETS_KEY, OFFSETS_MERGE,
+                            "(SELECT %s AS topic, %s AS kafka_partition, %s AS next_offset, "
+                            "now() AS updated_at) AS o")
 
 
-class PostgresStore(TimeSeriesStore, RelationalStore):
+class _Transaction:
+    """storage.commit.Transaction on one psycopg cursor: staging tables filled by COPY, then upserts."""
+
+    def __init__(self, store: "PostgresStore", cur):
+        self.store, self.cur = store, cur
+
+    def read_offsets(self, topic: str) -> dict[int, int]:
+        self.cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [topic])  # one writer per topic
+        self.cur.execute("SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = %s", [topic])
+        return dict(self.cur.fetchall())
+
+    def last_samples(self, device_ids: list[str]) -> pa.Table:
+        self.cur.execute(f"{LAST_SAMPLE_QUERY} WHERE device_id = ANY(%s)", [device_ids])
+        return last_sample_table(self.cur.fetchall())
+
+    def stored_keys(self, rows: pa.Table) -> list[tuple[str, int]]:
+        self.cur.execute(STORED_KEYS, [rows["device_id"].to_pylist(), rows["seq"].to_pylist()])
+        return self.cur.fetchall()
+
+    def insert_events(self, rows: pa.Table) -> None:
+        self.store._ensure_partitions(self.cur, "events", rows["event_time"])
+        self.merge("events", EVENT_KEY, {c: "keep" for c in EVENT_COLUMNS if c not in EVENT_KEY},
+                   rows.select(EVENT_COLUMNS))
+
+    def merge(self, table: str, key: tuple[str, ...], rules: dict[str, str], rows: pa.Table) -> None:
+        """COPY ``rows`` into a temporary twin of ``table``, then upsert them by the merge rules."""
+        if table == "device_hourly":
+            self.store._ensure_partitions(self.cur, table, rows["hour"])
+        stage = f"_stage_{table}"
+        self.cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table}) ON COMMIT DELETE ROWS")
+        columns = [*key, *rules]
+        buffer = io.BytesIO()
+        pacsv.write_csv(rows.select(columns), buffer, _CSV)
+        with self.cur.copy(f"COPY {stage} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)") as copy:
+            copy.write(buffer.getbuffer())
+        self.cur.execute(upsert_sql(table, key, rules, stage))
+
+    def store_offsets(self, topic: str, next_offsets: dict[int, int]) -> None:
+        self.cur.executemany(OFFSETS_UPSERT, [(topic, int(p), int(o)) for p, o in sorted(next_offsets.items())])
+
+
+class PostgresStore(TimeSeriesStore, TransactionalStore):
     def __init__(self, url: str, password: str | None = None):
         self.url = engine_url(url, password)
         self.engine = create_engine(self.url, pool_size=2, pool_pre_ping=True)
@@ -81,67 +117,24 @@ class PostgresStore(TimeSeriesStore, RelationalStore):
                                      "WHERE topic = :t"), {"t": topic}).all()
         return {p: o for p, o in rows}
 
-    def last_samples(self, device_ids: list[str]) -> pa.Table:
-        with self.engine.connect() as conn:
-            cur = conn.connection.driver_connection.cursor()
-            cur.execute(f"{LAST_SAMPLE_QUERY} WHERE device_id = ANY(%s)", [device_ids])
-            return last_sample_table(cur.fetchall())
-
     def write_events(self, events: pa.Table) -> None:
-        with self._transaction() as conn:
-            self._insert_events(conn.connection.driver_connection.cursor(), events)
-
-    def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
-               *, with_raw_events: bool = False,
-               start_offsets: dict[int, int | None] | None = None, dry_run: bool = False) -> CommitResult:
-        try:
-            with self._transaction() as conn:
-                cur = conn.connection.driver_connection.cursor()
-                cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [topic])  # one writer per topic
-                cur.execute("SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = %s", [topic])
-                stored = dict(cur.fetchall())
-                check_follows(stored, start_offsets)
-                fresh, replayed = drop_replayed(events, stored)
-                new = fresh
-                if fresh.num_rows:
-                    cur.execute(f"{LAST_SAMPLE_QUERY} WHERE device_id = ANY(%s)",
-                                [pc.unique(fresh["device_id"]).to_pylist()])
-                    last = last_sample_table(cur.fetchall())
-                    new = first_sightings(fresh, last, (lambda keys: _stored_keys(cur, keys)) if with_raw_events
-                                          else (lambda keys: []))
-                if new.num_rows:
-                    if with_raw_events:
-                        self._insert_events(cur, new)
-                    hourly = hourly_rollup(new, last)
-                    self._ensure_partitions(cur, "device_hourly", hourly["hour"])
-                    self._merge(cur, "device_hourly", HOURLY_KEY, HOURLY_MERGE, hourly)
-                    self._merge(cur, "devices", DEVICE_KEY, DEVICE_MERGE, device_updates(new))
-                    self._merge(cur, "device_firmware_daily", FIRMWARE_KEY, FIRMWARE_MERGE, firmware_days(new))
-                cur.executemany(
-                    upsert_sql("kafka_offsets", OFFSETS_KEY, OFFSETS_MERGE,
-                               "(SELECT %s AS topic, %s AS kafka_partition, %s AS next_offset, "
-                               "now() AS updated_at) AS o"),
-                    [(topic, int(p), int(o)) for p, o in sorted(next_offsets.items())])
-                if dry_run:
-                    raise _DryRun
-        except _DryRun:
-            pass
-        return CommitResult(applied=new.num_rows, replayed=replayed, repeated=fresh.num_rows - new.num_rows)
+        with self.transaction() as tx:
+            tx.insert_events(events)
 
     def close(self) -> None:
         self.engine.dispose()
 
     # -- internals ---------------------------------------------------------------------
     @contextmanager
-    def _transaction(self):
+    def transaction(self):
         """engine.begin(), remembering the partitions it created only once it committed."""
         self._new_partitions = set()
         try:
             with self.engine.begin() as conn:
-                yield conn
-        except _DryRun:
+                yield _Transaction(self, conn.connection.driver_connection.cursor())
+        except DryRun:
             self._new_partitions = set()  # rolled back
-            raise
+            return
         except Exception as e:
             self._new_partitions = set()
             if isinstance(e, StorageError):
@@ -151,22 +144,6 @@ class PostgresStore(TimeSeriesStore, RelationalStore):
             raise StorageError(f"PostgreSQL write failed: {_first_line(e)}") from e
         self._partitions |= self._new_partitions
         self._new_partitions = set()
-
-    def _insert_events(self, cur, events: pa.Table) -> None:
-        self._ensure_partitions(cur, "events", events["event_time"])
-        self._merge(cur, "events", EVENT_KEY, {c: "keep" for c in EVENT_COLUMNS if c not in EVENT_KEY},
-                    events.select(EVENT_COLUMNS))
-
-    def _merge(self, cur, table: str, key: tuple[str, ...], merge: dict[str, str], rows: pa.Table) -> None:
-        """COPY ``rows`` into a temporary twin of ``table``, then upsert them by the merge rules."""
-        stage = f"_stage_{table}"
-        cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table}) ON COMMIT DELETE ROWS")
-        columns = [*key, *merge]
-        buffer = io.BytesIO()
-        pacsv.write_csv(rows.select(columns), buffer, _CSV)
-        with cur.copy(f"COPY {stage} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)") as copy:
-            copy.write(buffer.getbuffer())
-        cur.execute(upsert_sql(table, key, merge, stage))
 
     def _ensure_partitions(self, cur, table: str, times: pa.ChunkedArray) -> None:
         months = pa.table({"y": pc.year(times), "m": pc.month(times)}).group_by(["y", "m"]).aggregate([])

@@ -79,7 +79,7 @@ def test_late_events_update_their_hour_and_devices_keep_latest_attributes(store,
 
 
 def test_a_failed_commit_leaves_nothing_behind(store, batch, monkeypatch):
-    import storage.duckdb_store as module
+    import storage.commit as module
 
     def fail(_):  # after the raw events and the hourly rollups were written
         raise RuntimeError("disk on fire")
