@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from podpulse.analytics import Reader, data_range, full_report
+from podpulse.analytics import data_range, full_report
 from podpulse.contract import decode_batch
 from podpulse.simulator import Fleet, FleetSpec, simulate
+from storage.reader import open_reader
 from storage.router import StorageConfig, open_storage
 
 
@@ -62,7 +63,7 @@ def run(devices: int = 20_000, days: int = 7, repeat: int = 3) -> dict:
         started = time.perf_counter()
         events = build_store(path, devices, days)
         setup = time.perf_counter() - started
-        with Reader(StorageConfig.embedded(path)) as reader:
+        with open_reader(StorageConfig.embedded(path)) as reader:
             start, end = data_range(reader)
             scans, reports = [], []
             for _ in range(repeat):

@@ -243,11 +243,11 @@ class PodPulseAPI:
     @app.get("/v1/devices/{device_id}/battery-health", dependencies=[Auth])
     async def battery_health(self, device_id: Annotated[str, PathParam(pattern=DEVICE_ID)],
                              days: Annotated[int, Query(ge=1, le=90)] = 7) -> dict:
-        from podpulse.analytics import Reader
+        from storage.reader import open_reader
         from podpulse.battery_model import FEATURE_SQL
 
         def read() -> list[dict]:  # in a thread: the query must not hold up the event loop
-            with Reader(self.storage) as r:
+            with open_reader(self.storage) as r:
                 columns = ["device_id", "day", "model", "firmware", "playback_h", "anc", "adaptive",
                            "transparency", "output_dba", "drain_left_pct", "drain_right_pct"]
                 return [dict(zip(columns, row)) for row in r.rows(  # device_id: checked by DEVICE_ID
@@ -292,10 +292,11 @@ class PodPulseAPI:
                   end: Annotated[date | None, Query(alias="to")] = None,
                   k: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict:
         from podpulse import analytics
+        from storage.reader import open_reader
 
         if query not in analytics.QUERIES:
             raise HTTPException(status_code=404, detail=f"no query {query!r}; try {', '.join(analytics.QUERIES)}")
-        with analytics.Reader(self.storage) as r:
+        with open_reader(self.storage) as r:
             covered = analytics.data_range(r)
             if covered is None:
                 raise HTTPException(status_code=404, detail="the store holds no rollups yet")

@@ -1,7 +1,7 @@
 """The questions a product team asks, as typed queries over the rollups.
 
-Every query reads ``device_hourly`` and ``devices`` (and ``events`` for
-firmware adoption) through a :class:`Reader`, on DuckDB or PostgreSQL, over a
+Every query reads the rollups and the registry through a ``storage.reader.Reader``
+(DuckDB, PostgreSQL; rendered for Oracle), over a
 date range ``[start, end)`` of Australian Eastern Standard Time days (UTC+10).
 Every regional result suppresses the cells with fewer than ``k`` distinct
 devices and says how many it suppressed.
@@ -25,55 +25,16 @@ from datetime import date, timedelta
 import numpy as np
 
 from podpulse import geo
+from storage.reader import Reader
 from storage.rollups import REPORT_UTC_OFFSET_H
-from storage.router import StorageConfig, password
 
-__all__ = ["Reader", "Result", "usage_trend", "noise_habits", "mode_shares", "exposure", "battery_health",
+__all__ = ["Result", "usage_trend", "noise_habits", "mode_shares", "exposure", "battery_health",
            "firmware_adoption", "listening_by_hour", "state_overview", "full_report", "data_range", "QUERIES"]
 
 DEFAULT_K = 10
 AEST = f"INTERVAL '{REPORT_UTC_OFFSET_H} hours'"
 WEEKLY_ALLOWANCE_S = 40 * 3600  # 40 h at 80 dBA
 MIN_DRAIN_PLAYBACK_S = 1800
-
-
-class Reader:
-    """Read-only SQL on the relational store (session time zone UTC)."""
-
-    def __init__(self, config: StorageConfig):
-        spec = config.backends[config.routes["rollups"]]
-        self.kind = spec["type"]
-        if self.kind == "duckdb":
-            import duckdb
-
-            self._con = duckdb.connect(spec["path"], read_only=True)
-            self._con.execute("SET TimeZone = 'UTC'")
-        else:
-            from sqlalchemy import create_engine
-
-            from storage.postgres_store import engine_url
-
-            self._engine = create_engine(engine_url(spec["url"], password(spec)))
-            self._conn = self._engine.connect()
-            self._conn.exec_driver_sql("SET TIME ZONE 'UTC'")
-
-    def rows(self, sql: str) -> list[tuple]:
-        if self.kind == "duckdb":
-            return self._con.execute(sql).fetchall()
-        return [tuple(r) for r in self._conn.exec_driver_sql(sql).all()]
-
-    def close(self) -> None:
-        if self.kind == "duckdb":
-            self._con.close()
-        else:
-            self._conn.close()
-            self._engine.dispose()
-
-    def __enter__(self) -> "Reader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 @dataclass

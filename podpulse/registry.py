@@ -11,13 +11,12 @@ import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
+import pyarrow as pa
 
 from podpulse.errors import ConfigError
-from storage.router import StorageConfig
-from storage.schema import anomalies, model_versions
+from storage.reader import run_queries
+from storage.router import StorageConfig, insert_rows
 
 __all__ = ["new_version", "register", "versions", "record_anomalies", "flagged_devices_by_region"]
 
@@ -28,38 +27,12 @@ def new_version() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
 
 
-def _write(config: StorageConfig, duckdb_write: Callable, sqlalchemy_write: Callable) -> None:
-    """Run a write on the backend routed as ``anomalies`` (migrated first if needed): DuckDB
-    through its connection, PostgreSQL and Oracle through SQLAlchemy in one transaction."""
-    spec = config.backends[config.routes["anomalies"]]
-    if spec["type"] == "duckdb":
-        from storage.duckdb_store import DuckDBStore
-
-        store = DuckDBStore(spec["path"])
-        try:
-            store.setup()
-            duckdb_write(store.con)
-        finally:
-            store.close()
-        return
-    from storage.router import open_backend
-
-    store = open_backend(spec)
-    try:
-        store.setup()
-        with store.engine.begin() as conn:
-            sqlalchemy_write(conn)
-    finally:
-        store.close()
-
-
 def register(config: StorageConfig, name: str, version: str, path: Path, metrics: dict, metadata: dict) -> None:
     """Index a saved version in the relational store (migrated first if needed)."""
-    row = {"name": name, "version": version, "path": str(path), "created_at": datetime.now(timezone.utc),
-           "metrics": json.dumps(metrics), "metadata": json.dumps(metadata, default=str)}
-    _write(config, lambda con: con.execute("INSERT INTO model_versions VALUES (?, ?, ?, ?, ?, ?)",
-                                           list(row.values())),
-           lambda conn: conn.execute(model_versions.insert().values(**row)))
+    row = pa.table({"name": [name], "version": [version], "path": [str(path)],
+                    "created_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
+                    "metrics": [json.dumps(metrics)], "metadata": [json.dumps(metadata, default=str)]})
+    insert_rows(config, "anomalies", "model_versions", row)
 
 
 def record_anomalies(config: StorageConfig, version: str, flagged: dict[str, np.ndarray]) -> int:
@@ -68,8 +41,6 @@ def record_anomalies(config: StorageConfig, version: str, flagged: dict[str, np.
     ``flagged``: equal-length arrays ``device_id``, ``day`` (the AEST day, a date or
     ``YYYY-MM-DD``), ``score`` and ``reason``; every row is written with ``flagged`` true.
     """
-    import pyarrow as pa
-
     n = len(flagged["device_id"])
     if n == 0:
         return 0
@@ -83,16 +54,7 @@ def record_anomalies(config: StorageConfig, version: str, flagged: dict[str, np.
         "flagged": pa.array([True] * n, pa.bool_()),
         "reason": pa.array(np.asarray(flagged["reason"]).astype(str), pa.string()),
     })
-    columns = ", ".join(table.column_names)
-
-    def duckdb_write(con) -> None:
-        con.register("podpulse_flagged", table)
-        try:
-            con.execute(f"INSERT INTO anomalies ({columns}) SELECT {columns} FROM podpulse_flagged")
-        finally:
-            con.unregister("podpulse_flagged")
-
-    _write(config, duckdb_write, lambda conn: conn.execute(anomalies.insert(), table.to_pylist()))
+    insert_rows(config, "anomalies", "anomalies", table)
     return n
 
 
@@ -102,14 +64,12 @@ def flagged_devices_by_region(config: StorageConfig, version: str) -> dict[str, 
 
     Counts only, no device ids, and no k-anonymity suppression: this is an
     operational number (where faults cluster), and a small count is the point."""
-    from podpulse.summary import relational_query
-
     if not _VERSION.fullmatch(version):
         raise ValueError(f"not a model version: {version!r}")
     if config.routes["anomalies"] != config.routes["devices"]:
         raise ConfigError("anomalies and devices are routed to different backends: "
                           "the flagged devices cannot be joined to their regions")
-    rows = relational_query(config, {"r": f"""
+    rows = run_queries(config, {"r": f"""
         SELECT d.state, d.urban, count(DISTINCT a.device_id)
         FROM anomalies a JOIN devices d ON d.device_id = a.device_id
         WHERE a.model_version = '{version}' AND a.flagged
@@ -122,10 +82,8 @@ def flagged_devices_by_region(config: StorageConfig, version: str) -> dict[str, 
 
 
 def versions(config: StorageConfig, name: str) -> list[dict]:
-    from podpulse.summary import relational_query
-
     if not name.replace("-", "").isalpha():
         raise ValueError(f"not a model name: {name!r}")
-    rows = relational_query(config, {"v": "SELECT version, path, metrics FROM model_versions "
-                                          f"WHERE name = '{name}' ORDER BY version"})["v"]
+    sql = f"SELECT version, path, metrics FROM model_versions WHERE name = '{name}' ORDER BY version"
+    rows = run_queries(config, {"v": sql}, kind="anomalies")["v"]
     return [{"version": v, "path": p, "metrics": json.loads(m)} for v, p, m in rows]

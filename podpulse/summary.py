@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from storage.reader import run_queries
 from storage.router import StorageConfig
 
 __all__ = ["store_summary", "relational_query"]
@@ -16,10 +17,7 @@ QUERIES = {
 
 def relational_query(config: StorageConfig, queries: dict[str, str]) -> dict[str, list[tuple]]:
     """Run read-only SQL on the backend that holds devices and rollups (session time zone UTC)."""
-    from podpulse.analytics import Reader
-
-    with Reader(config) as reader:
-        return {k: reader.rows(sql) for k, sql in queries.items()}
+    return run_queries(config, queries)
 
 
 def store_summary(config: StorageConfig) -> dict:

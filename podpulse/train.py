@@ -23,43 +23,13 @@ from podpulse.battery_model import FEATURE_SQL, NUMERIC, BatteryModel, features_
 from podpulse.errors import ConfigError
 from podpulse.forecast_model import HORIZON, USAGE_SQL, holdout, series_from_rows
 from podpulse.registry import new_version, record_anomalies, register
-from storage.router import StorageConfig, password
+from storage.reader import open_reader
+from storage.router import StorageConfig
 
 __all__ = ["read_sql", "read_features", "read_usage", "flagged_days", "train_battery_anomaly",
            "train_usage_forecast", "MODELS"]
 
 MODELS = ("battery-anomaly", "usage-forecast")
-
-
-def _connection_factory(config: StorageConfig):
-    """Connections for Ray Data's readers, in session time zone UTC (the SQL adds 10 h for AEST days)."""
-    spec = config.backends[config.routes["rollups"]]
-    if spec["type"] == "duckdb":
-        import duckdb
-
-        path = spec["path"]
-
-        def connect_duckdb():
-            con = duckdb.connect(path, read_only=True)
-            con.execute("SET TimeZone = 'UTC'")
-            return con
-
-        return connect_duckdb
-    if spec["type"] == "postgresql":
-        import psycopg
-
-        from storage.postgres_store import engine_url
-
-        url = engine_url(spec["url"], password(spec))
-        dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-        def connect_postgres():
-            con = psycopg.connect(dsn, autocommit=True)
-            con.execute("SET TIME ZONE 'UTC'")
-            return con
-
-        return connect_postgres
-    raise ConfigError(f"training reads from DuckDB or PostgreSQL, not {spec['type']}")
 
 
 def read_sql(config: StorageConfig, sql: str) -> dict[str, np.ndarray]:
@@ -70,7 +40,8 @@ def read_sql(config: StorageConfig, sql: str) -> dict[str, np.ndarray]:
     from podpulse.ingest import init_ray
 
     init_ray()
-    ds = ray.data.read_sql(sql, _connection_factory(config))
+    with open_reader(config) as reader:  # Ray Data opens its own connections from the factory
+        ds = ray.data.read_sql(reader.render(sql), reader.connection_factory())
     tables = ray.get(ds.to_arrow_refs())
     if not tables:
         return {}

@@ -57,6 +57,9 @@ class Transaction(Protocol):
     def store_offsets(self, topic: str, next_offsets: dict[int, int]) -> None:
         """Upsert the next offsets (never moving one back)."""
 
+    def insert(self, table: str, rows: pa.Table) -> None:
+        """Append ``rows`` to ``table`` (their columns, by name): the registry's and anomalies' writes."""
+
 
 def commit_batch(tx: Transaction, topic: str, events: pa.Table, next_offsets: dict[int, int],
                  start_offsets: dict[int, int | None] | None, with_raw_events: bool) -> CommitResult:

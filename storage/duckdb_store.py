@@ -77,6 +77,10 @@ class _Transaction:
     def store_offsets(self, topic: str, next_offsets: dict[int, int]) -> None:
         self.con.executemany(OFFSETS_UPSERT, [(topic, int(p), int(o)) for p, o in sorted(next_offsets.items())])
 
+    def insert(self, table: str, rows: pa.Table) -> None:
+        columns = ", ".join(rows.column_names)
+        self.con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {self._view('_insert', rows)}")
+
     def close(self) -> None:
         for name in self.views:
             try:

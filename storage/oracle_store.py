@@ -137,6 +137,11 @@ class _Transaction:
                             "next_offset": pa.array(list(next_offsets.values()), pa.int64())})
         self._execute("kafka_offsets", OFFSETS_MERGE_NOW, ["topic", "kafka_partition", "next_offset"], offsets)
 
+    def insert(self, table: str, rows: pa.Table) -> None:
+        columns = rows.column_names
+        self._execute(table, f"INSERT INTO {table} ({', '.join(columns)}) "
+                             f"VALUES ({', '.join(f':{i + 1}' for i in range(len(columns)))})", columns, rows)
+
     def _execute(self, table_name: str, sql: str, columns: list[str], rows: pa.Table) -> None:
         _input_sizes(self.cur, table_name, columns)
         self.cur.executemany(sql, _rows(rows, columns), batcherrors=False)

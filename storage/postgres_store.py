@@ -97,6 +97,12 @@ class _Transaction:
             copy.write(buffer.getbuffer())
         self.cur.execute(upsert_sql(table, key, rules, stage))
 
+    def insert(self, table: str, rows: pa.Table) -> None:
+        buffer = io.BytesIO()
+        pacsv.write_csv(rows, buffer, _CSV)
+        with self.cur.copy(f"COPY {table} ({', '.join(rows.column_names)}) FROM STDIN WITH (FORMAT csv)") as copy:
+            copy.write(buffer.getbuffer())
+
     def store_offsets(self, topic: str, next_offsets: dict[int, int]) -> None:
         self.cur.executemany(OFFSETS_UPSERT, [(topic, int(p), int(o)) for p, o in sorted(next_offsets.items())])
 

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
 from storage.rollups import drop_replayed, first_sightings
 
-__all__ = ["StorageConfig", "Storage", "open_storage", "KINDS", "DEFAULT_DUCKDB_PATH"]
+__all__ = ["StorageConfig", "Storage", "open_storage", "insert_rows", "KINDS", "DEFAULT_DUCKDB_PATH"]
 
 DEFAULT_DUCKDB_PATH = "podpulse-data/podpulse.duckdb"
 KINDS = ("raw_events", "devices", "rollups", "offsets", "anomalies")
@@ -206,6 +206,18 @@ class Storage:
         self.relational.close()
         if not self._shared:
             self.timeseries.close()
+
+
+def insert_rows(config: StorageConfig, kind: str, table: str, rows: pa.Table) -> None:
+    """Append ``rows`` to ``table`` on the relational backend that keeps ``kind`` (migrated first):
+    the model registry and the anomalies a training run flags."""
+    store = open_backend(config.backends[config.routes[kind]])
+    try:
+        store.setup()
+        with store.transaction() as tx:
+            tx.insert(table, rows)
+    finally:
+        store.close()
 
 
 def open_storage(config: StorageConfig) -> Storage:

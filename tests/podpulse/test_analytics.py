@@ -8,7 +8,7 @@ import pytest
 
 from bench.report import build_store
 from podpulse import analytics, geo
-from podpulse.analytics import Reader
+from storage.reader import open_reader
 from podpulse.contract import decode_batch
 from podpulse.simulator import Fleet, FleetSpec, simulate
 from storage.router import StorageConfig
@@ -29,7 +29,7 @@ def store(tmp_path_factory, fixed_start):
     events = decode_batch(values, window=None).table.to_pylist()  # fixed dates: no event-time window
     for e in events:
         e["t"] = e["event_time"].astimezone(timezone.utc)
-    with Reader(StorageConfig.embedded(path)) as reader:
+    with open_reader(StorageConfig.embedded(path)) as reader:
         yield reader, events
 
 

@@ -183,6 +183,7 @@ def test_demo_fills_postgresql_through_a_storage_config(tmp_path, pg_url):
 
 def test_demo_puts_raw_events_in_cassandra_and_every_report_query_still_answers(tmp_path, pg_url, cassandra):
     from podpulse import analytics
+    from storage.reader import open_reader
     from storage.router import StorageConfig
 
     config = tmp_path / "split.yaml"
@@ -194,7 +195,7 @@ def test_demo_puts_raw_events_in_cassandra_and_every_report_query_still_answers(
                                   "--json", "--no-models", timeout=600).stdout)
     assert summary["events_stored"] == summary["events_produced"] - summary["dead_lettered"] > 0
     assert Path(summary["report"]).exists()
-    with analytics.Reader(StorageConfig.load(config)) as reader:
+    with open_reader(StorageConfig.load(config)) as reader:
         start, end = analytics.data_range(reader)
         adoption = analytics.firmware_adoption(reader, start, end, 1)
     assert adoption.rows and sum(r[2] for r in adoption.rows) >= 300  # every device, every day it was seen

@@ -1,0 +1,172 @@
+"""Reading the relational store: one reader per backend, used by analytics, the report, training,
+the model registry and Serve.
+
+Queries are written once, in PostgreSQL's dialect (which DuckDB reads as it is),
+and rendered for the backend by :meth:`Reader.render` (sqlglot, for Oracle).
+Every session reads in UTC: the queries add the report's offset themselves.
+Readers are read-only: DuckDB opens the file ``read_only``; the others run in
+a connection that never commits.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Mapping
+
+from storage.base import StorageError
+from storage.router import StorageConfig, password
+
+__all__ = ["Reader", "open_reader", "run_queries", "QUERY_DIALECT"]
+
+QUERY_DIALECT = "postgres"  # what PodPulse's SQL is written in (sqlglot's name)
+
+
+class Reader(ABC):
+    """Read-only SQL on one relational backend, session time zone UTC."""
+
+    dialect = QUERY_DIALECT  # sqlglot's name for the backend's dialect
+
+    def render(self, sql: str) -> str:
+        """``sql`` (PostgreSQL's dialect) as this backend reads it."""
+        if self.dialect in (QUERY_DIALECT, "duckdb"):
+            return sql
+        return render_for_oracle(sql)
+
+    @abstractmethod
+    def rows(self, sql: str) -> list[tuple]:
+        """Run one query (PostgreSQL's dialect); all its rows."""
+
+    @abstractmethod
+    def connection_factory(self) -> Callable[[], Any]:
+        """DB-API connections in UTC for Ray Data's ``read_sql`` (give it :meth:`render`'s SQL)."""
+
+    def close(self) -> None:
+        """Release the connection."""
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def render_for_oracle(sql: str) -> str:
+    """sqlglot's transpilation, plus what Oracle needs beyond it: GROUP BY names its expressions
+    (no positions) and interval units are singular (``INTERVAL '10' HOUR``). Parsed in the tests,
+    never run here (no Oracle server)."""
+    import sqlglot
+    from sqlglot import exp
+
+    tree = sqlglot.parse_one(sql, read=QUERY_DIALECT)
+    for select in tree.find_all(exp.Select):
+        group = select.args.get("group")
+        if group is not None:
+            group.set("expressions", [
+                select.expressions[int(e.name) - 1].unalias().copy() if isinstance(e, exp.Literal) and e.is_int
+                else e for e in group.expressions])
+    for interval in tree.find_all(exp.Interval):
+        unit = interval.args.get("unit")
+        if unit is not None and unit.name.upper().endswith("S"):
+            interval.set("unit", exp.var(unit.name.upper()[:-1]))
+    return tree.sql(dialect="oracle")
+
+
+class DuckDBReader(Reader):
+    dialect = "duckdb"
+
+    def __init__(self, path: str):
+        import duckdb
+
+        self.path = path
+        try:
+            self._con = self.connection_factory()()
+        except duckdb.Error as e:
+            raise StorageError(f"cannot read DuckDB at {path}: {e}") from e
+
+    def rows(self, sql: str) -> list[tuple]:
+        return self._con.execute(sql).fetchall()
+
+    def connection_factory(self) -> Callable[[], Any]:
+        path = self.path
+
+        def connect():
+            import duckdb
+
+            con = duckdb.connect(path, read_only=True)
+            con.execute("SET TimeZone = 'UTC'")
+            return con
+
+        return connect
+
+    def close(self) -> None:
+        self._con.close()
+
+
+class SQLAlchemyReader(Reader):
+    """PostgreSQL (psycopg 3) and Oracle (python-oracledb): one connection, never committed."""
+
+    SESSION_UTC = {"postgres": "SET TIME ZONE 'UTC'", "oracle": "ALTER SESSION SET TIME_ZONE = 'UTC'"}
+
+    def __init__(self, spec: Mapping):
+        from sqlalchemy import create_engine
+
+        if spec["type"] == "postgresql":
+            from storage.postgres_store import engine_url
+
+            self.dialect, self.url = "postgres", engine_url(spec["url"], password(spec))
+        else:
+            from storage.oracle_store import oracle_url
+
+            self.dialect, self.url = "oracle", oracle_url(spec["url"], password(spec))
+        self._engine = create_engine(self.url)
+        self._conn = self._engine.connect()
+        self._conn.exec_driver_sql(self.SESSION_UTC[self.dialect])
+
+    def rows(self, sql: str) -> list[tuple]:
+        return [tuple(r) for r in self._conn.exec_driver_sql(self.render(sql)).all()]
+
+    def connection_factory(self) -> Callable[[], Any]:
+        url, session = self.url, self.SESSION_UTC[self.dialect]
+        if self.dialect == "postgres":
+            dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+            def connect():
+                import psycopg
+
+                con = psycopg.connect(dsn, autocommit=True)
+                con.execute(session)
+                return con
+        else:
+            params = dict(user=url.username, password=url.password, host=url.host, port=url.port or 1521,
+                          service_name=url.query.get("service_name") or url.database)
+
+            def connect():
+                import oracledb
+
+                con = oracledb.connect(**params)
+                con.cursor().execute(session)
+                return con
+
+        return connect
+
+    def close(self) -> None:
+        self._conn.close()
+        self._engine.dispose()
+
+
+def open_reader(config: StorageConfig, kind: str = "rollups") -> Reader:
+    """A reader of the backend that keeps ``kind`` (rollups, devices and offsets share one)."""
+    spec = config.backends[config.routes[kind]]
+    if spec["type"] == "duckdb":
+        from storage.router import DEFAULT_DUCKDB_PATH
+
+        return DuckDBReader(spec.get("path", DEFAULT_DUCKDB_PATH))
+    if spec["type"] in ("postgresql", "oracle"):
+        return SQLAlchemyReader(spec)
+    raise StorageError(f"{kind} are routed to {spec['type']}, which has no SQL reader")
+
+
+def run_queries(config: StorageConfig, queries: dict[str, str], kind: str = "rollups") -> dict[str, list[tuple]]:
+    """Run read-only queries (PostgreSQL's dialect) on the backend that keeps ``kind``."""
+    with open_reader(config, kind) as reader:
+        return {name: reader.rows(sql) for name, sql in queries.items()}

@@ -1,0 +1,68 @@
+"""The storage reader: one interface per backend; PodPulse's queries rendered for Oracle parse as Oracle SQL."""
+
+from datetime import date
+
+import pytest
+import sqlglot
+
+from podpulse import analytics
+from podpulse.battery_model import FEATURE_SQL
+from podpulse.forecast_model import USAGE_SQL
+from podpulse.summary import QUERIES as SUMMARY_QUERIES
+from storage.base import StorageError
+from storage.reader import Reader, open_reader
+from storage.router import StorageConfig
+
+
+class RecordingOracleReader(Reader):
+    """Renders for Oracle and keeps what it would run; answers no rows."""
+
+    dialect = "oracle"
+
+    def __init__(self):
+        self.sql: list[str] = []
+
+    def rows(self, sql: str) -> list[tuple]:
+        self.sql.append(self.render(sql))
+        return [(None, None)] if "min(" in sql and "max(" in sql else []  # data_range: an empty store
+
+    def connection_factory(self):
+        raise NotImplementedError
+
+
+def every_query_for_oracle() -> list[str]:
+    r = RecordingOracleReader()
+    for run in analytics.QUERIES.values():
+        run(r, date(2026, 11, 2), date(2026, 11, 9), 10)
+    analytics.data_range(r)
+    for sql in (FEATURE_SQL, USAGE_SQL, *SUMMARY_QUERIES.values()):
+        r.rows(sql)
+    return r.sql
+
+
+def test_every_analytics_training_and_summary_query_renders_to_oracle_sql_that_parses():
+    rendered = every_query_for_oracle()
+    assert len(rendered) >= len(analytics.QUERIES) + 4
+    for sql in rendered:
+        tree = sqlglot.parse_one(sql, read="oracle")
+        assert tree.find(sqlglot.exp.Select) is not None, sql
+        assert "::" not in sql and " FILTER (" not in sql.upper(), sql  # PostgreSQL-only syntax is gone
+        assert "INTERVAL '10 hours'" not in sql and " HOURS" not in sql, sql  # Oracle: INTERVAL '10' HOUR
+        for select in tree.find_all(sqlglot.exp.Select):  # Oracle groups by expressions, not positions
+            group = select.args.get("group")
+            assert group is None or not any(isinstance(e, sqlglot.exp.Literal) for e in group.expressions), sql
+
+
+def test_duckdb_and_postgresql_read_the_queries_as_written(tmp_path):
+    r = RecordingOracleReader()
+    r.dialect = "postgres"
+    assert r.render("SELECT x::int FROM t") == "SELECT x::int FROM t"
+
+
+def test_a_backend_without_sql_gets_a_clear_error():
+    config = StorageConfig(backends={"c": {"type": "cassandra", "hosts": ["h"]},
+                                     "d": {"type": "duckdb", "path": "x.duckdb"}},
+                           routes={"raw_events": "c", "devices": "d", "rollups": "d", "offsets": "d",
+                                   "anomalies": "d"})
+    with pytest.raises(StorageError, match="raw_events are routed to cassandra, which has no SQL reader"):
+        open_reader(config, "raw_events")
