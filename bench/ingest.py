@@ -30,7 +30,8 @@ from sqlalchemy.engine import make_url
 
 from podpulse.broker import EmbeddedBroker
 from podpulse.config import IngestConfig
-from podpulse.ingest import init_ray, run_ingest
+from podpulse.ingest import run_ingest
+from podpulse.runtime import init_ray
 from podpulse.kafka import client_config, ensure_topic, flush, produce, producer_config
 from podpulse.simulator import Fleet, FleetSpec, simulate
 from podpulse.summary import relational_query

@@ -60,7 +60,7 @@ def run(rate: int = 200, seconds: float = 10.0, devices: int = 300, days: int = 
     from deployments.app import run_local
     from podpulse.battery_model import load, score_rows
     from podpulse.broker import free_port
-    from podpulse.ingest import init_ray
+    from podpulse.runtime import init_ray
     from podpulse.train import train_battery_anomaly
     from storage.router import StorageConfig
 

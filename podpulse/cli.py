@@ -329,9 +329,10 @@ def demo(
         "ingested": result["writer"]["applied"], "seed": seed,
         "consumers": result["consumers"], "partitions": result["partitions"],
         "store": str(storage_file) if storage_file else str(db.resolve())}
-    from podpulse.analytics import Reader, data_range, full_report
+    from podpulse.analytics import data_range, full_report
+    from storage.reader import open_reader
 
-    with Reader(storage) as reader:
+    with open_reader(storage) as reader:
         start, end = data_range(reader)
         analytics = full_report(reader, start, end)
     report_dir = db.resolve().parent / "report" if storage_file is None else Path("podpulse-data/report")
@@ -482,14 +483,15 @@ def report(
     """Fleet analytics over a date range: usage, noise habits, exposure, battery health, firmware."""
     from datetime import timedelta
 
-    from podpulse.analytics import Reader, data_range, full_report
+    from podpulse.analytics import data_range, full_report
+    from storage.reader import open_reader
 
     if fmt not in ("table", "json", "html"):
         raise ConfigError(f"--format must be table, json or html, got {fmt!r}")
     config = storage_config(storage_file, db)
     if storage_file is None and not db.exists():
         raise ConfigError(f"no store at {db}: run `podpulse demo` or `podpulse ingest` first, or pass --db")
-    with Reader(config) as reader:
+    with open_reader(config) as reader:
         covered = data_range(reader)
         if covered is None:
             raise ConfigError("the store holds no rollups yet")
@@ -660,7 +662,7 @@ def serve(
     import os
 
     from deployments.app import run_local
-    from podpulse.ingest import init_ray
+    from podpulse.runtime import init_ray
 
     token = os.environ.get("PODPULSE_API_TOKEN")
     if not token:

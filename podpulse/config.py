@@ -1,17 +1,100 @@
-"""Settings of the ingest pipeline: one frozen object, passed to every actor."""
+"""PodPulse's settings: where records are stored (:class:`StorageConfig`) and how a topic is ingested
+(:class:`IngestConfig`). Frozen, picklable objects, passed to every actor; the storage layer reads
+them, nothing here imports it."""
 
 from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
 from podpulse.contract import EventWindow
-from podpulse.errors import ConfigError
-from storage.router import StorageConfig
+from podpulse.errors import ConfigError, StorageError
 
-__all__ = ["IngestConfig", "GROUP_MODES"]
+__all__ = ["IngestConfig", "GROUP_MODES", "StorageConfig", "KINDS", "DEFAULT_DUCKDB_PATH"]
 
 GROUP_MODES = ("assign", "subscribe")
+DEFAULT_DUCKDB_PATH = "podpulse-data/podpulse.duckdb"
+KINDS = ("raw_events", "devices", "rollups", "offsets", "anomalies")
+TRANSACTIONAL = ("devices", "rollups", "offsets")
+RELATIONAL_TYPES = ("duckdb", "postgresql", "oracle")
+TYPES = (*RELATIONAL_TYPES, "cassandra")
+_SECRET_KEYS = {"password", "passwd", "secret", "token"}
+
+
+def _frozen(d: Mapping) -> Mapping:
+    return MappingProxyType({k: _frozen(v) if isinstance(v, Mapping) else v for k, v in d.items()})
+
+
+def _thawed(d: Mapping) -> dict:
+    return {k: _thawed(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageConfig:
+    backends: Mapping[str, Mapping] = field(default_factory=dict)
+    routes: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.backends:  # the embedded default
+            object.__setattr__(self, "backends", {"embedded": {"type": "duckdb", "path": DEFAULT_DUCKDB_PATH}})
+        if not self.routes:
+            only = next(iter(self.backends))
+            object.__setattr__(self, "routes", {kind: only for kind in KINDS})
+        for name, spec in self.backends.items():
+            kind = spec.get("type")
+            if kind not in TYPES:
+                raise StorageError(f"backend {name!r}: type must be one of {', '.join(TYPES)}, got {kind!r}")
+            if _SECRET_KEYS & set(spec):
+                raise StorageError(f"backend {name!r}: credentials come from password_env or "
+                                   "password_file, never from the configuration itself")
+        unknown = set(self.routes) - set(KINDS)
+        if unknown:
+            raise StorageError(f"unknown record kind(s) {sorted(unknown)}; kinds are {', '.join(KINDS)}")
+        missing = [k for k in KINDS if k not in self.routes]
+        if missing:
+            raise StorageError(f"routes: no backend for {', '.join(missing)}")
+        for kind, name in self.routes.items():
+            if name not in self.backends:
+                raise StorageError(f"routes.{kind}: no backend named {name!r}")
+            if kind != "raw_events" and self.backends[name]["type"] not in RELATIONAL_TYPES:
+                raise StorageError(f"routes.{kind}: {name!r} is not a relational backend")
+        if len({self.routes[k] for k in TRANSACTIONAL}) != 1:
+            raise StorageError("devices, rollups and offsets must route to the same backend "
+                               "(they are written in one transaction)")
+        object.__setattr__(self, "backends", _frozen(self.backends))
+        object.__setattr__(self, "routes", _frozen(self.routes))
+
+    @classmethod
+    def embedded(cls, path: str | Path = DEFAULT_DUCKDB_PATH) -> "StorageConfig":
+        return cls(backends={"embedded": {"type": "duckdb", "path": str(path)}})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StorageConfig":
+        import yaml
+
+        try:
+            doc = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise StorageError(f"cannot read storage config {path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise StorageError(f"storage config {path} is not valid YAML: {e}") from e
+        if not isinstance(doc, dict) or set(doc) - {"backends", "routes"}:
+            raise StorageError(f"storage config {path}: expected the keys 'backends' and 'routes'")
+        return cls(backends=doc.get("backends") or {}, routes=doc.get("routes") or {})
+
+    def as_dict(self) -> dict:
+        return {"backends": _thawed(self.backends), "routes": dict(self.routes)}
+
+    def __reduce__(self):  # MappingProxyType does not pickle; Ray ships this to every actor
+        return (_rebuild, (self.as_dict(),))
+
+
+def _rebuild(d: dict) -> StorageConfig:
+    return StorageConfig(**d)
+
 
 
 @dataclass(frozen=True, kw_only=True)

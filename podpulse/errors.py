@@ -1,6 +1,6 @@
 """One root for PodPulse's own errors; the CLI prints them as one line."""
 
-__all__ = ["PodPulseError", "ConfigError", "BrokerError"]
+__all__ = ["PodPulseError", "ConfigError", "BrokerError", "StorageError"]
 
 
 class PodPulseError(Exception):
@@ -13,3 +13,7 @@ class ConfigError(PodPulseError):
 
 class BrokerError(PodPulseError):
     """The Kafka broker could not be started, reached or used."""
+
+
+class StorageError(PodPulseError):
+    """A store could not be set up, read or written."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -11,29 +10,9 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from podpulse.config import IngestConfig
 from podpulse.kafka import client_config
+from podpulse.runtime import init_ray
 
-__all__ = ["init_ray", "run_ingest", "dead_letters"]
-
-
-# Ray Serve runs a replica's user code, and the proxy's router, on an event loop of their own
-# thread by default. On a small machine the cross-thread hand-offs cost more than they save:
-# measured with `podpulse bench serve`, 2 cores, the app's capacity rose from ~100 to ~135 req/s
-# with both off. Read when Ray's processes start; deployments/rayservice.yaml sets the same.
-SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
-
-
-def init_ray() -> None:
-    """Join the cluster of a ``ray job submit`` or ``RAY_ADDRESS``, else start Ray locally."""
-    if ray.is_initialized():
-        return
-    for key, value in SERVE_ENV.items():
-        os.environ.setdefault(key, value)  # inherited by the local Ray's processes
-    runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning", "MALLOC_ARENA_MAX": "2"}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="warning", runtime_env=runtime_env)
-    else:
-        ray.init(address="local", include_dashboard=False, logging_level="warning",
-                 runtime_env=runtime_env)
+__all__ = ["run_ingest", "dead_letters"]
 
 
 def run_ingest(config: IngestConfig, *, until_caught_up: bool,

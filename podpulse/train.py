@@ -37,7 +37,7 @@ def read_sql(config: StorageConfig, sql: str) -> dict[str, np.ndarray]:
     import pyarrow as pa
     import ray
 
-    from podpulse.ingest import init_ray
+    from podpulse.runtime import init_ray
 
     init_ray()
     with open_reader(config) as reader:  # Ray Data opens its own connections from the factory

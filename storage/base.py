@@ -23,13 +23,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from podpulse.errors import PodPulseError
+from podpulse.errors import StorageError
 
 __all__ = ["StorageError", "OffsetGap", "RefusedRows", "TimeSeriesStore", "RelationalStore", "CommitResult"]
-
-
-class StorageError(PodPulseError):
-    """A store could not be set up, read or written."""
 
 
 class OffsetGap(StorageError):

@@ -24,97 +24,17 @@ Credentials never sit in the file itself.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from podpulse.config import DEFAULT_DUCKDB_PATH, KINDS, StorageConfig
 from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
 from storage.rollups import drop_replayed, first_sightings
 
 __all__ = ["StorageConfig", "Storage", "open_storage", "insert_rows", "KINDS", "DEFAULT_DUCKDB_PATH"]
-
-DEFAULT_DUCKDB_PATH = "podpulse-data/podpulse.duckdb"
-KINDS = ("raw_events", "devices", "rollups", "offsets", "anomalies")
-TRANSACTIONAL = ("devices", "rollups", "offsets")
-RELATIONAL_TYPES = ("duckdb", "postgresql", "oracle")
-TYPES = (*RELATIONAL_TYPES, "cassandra")
-_SECRET_KEYS = {"password", "passwd", "secret", "token"}
-
-
-def _frozen(d: Mapping) -> Mapping:
-    return MappingProxyType({k: _frozen(v) if isinstance(v, Mapping) else v for k, v in d.items()})
-
-
-def _thawed(d: Mapping) -> dict:
-    return {k: _thawed(v) if isinstance(v, Mapping) else v for k, v in d.items()}
-
-
-@dataclass(frozen=True, kw_only=True)
-class StorageConfig:
-    backends: Mapping[str, Mapping] = field(default_factory=dict)
-    routes: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.backends:  # the embedded default
-            object.__setattr__(self, "backends", {"embedded": {"type": "duckdb", "path": DEFAULT_DUCKDB_PATH}})
-        if not self.routes:
-            only = next(iter(self.backends))
-            object.__setattr__(self, "routes", {kind: only for kind in KINDS})
-        for name, spec in self.backends.items():
-            kind = spec.get("type")
-            if kind not in TYPES:
-                raise StorageError(f"backend {name!r}: type must be one of {', '.join(TYPES)}, got {kind!r}")
-            if _SECRET_KEYS & set(spec):
-                raise StorageError(f"backend {name!r}: credentials come from password_env or "
-                                   "password_file, never from the configuration itself")
-        unknown = set(self.routes) - set(KINDS)
-        if unknown:
-            raise StorageError(f"unknown record kind(s) {sorted(unknown)}; kinds are {', '.join(KINDS)}")
-        missing = [k for k in KINDS if k not in self.routes]
-        if missing:
-            raise StorageError(f"routes: no backend for {', '.join(missing)}")
-        for kind, name in self.routes.items():
-            if name not in self.backends:
-                raise StorageError(f"routes.{kind}: no backend named {name!r}")
-            if kind != "raw_events" and self.backends[name]["type"] not in RELATIONAL_TYPES:
-                raise StorageError(f"routes.{kind}: {name!r} is not a relational backend")
-        if len({self.routes[k] for k in TRANSACTIONAL}) != 1:
-            raise StorageError("devices, rollups and offsets must route to the same backend "
-                               "(they are written in one transaction)")
-        object.__setattr__(self, "backends", _frozen(self.backends))
-        object.__setattr__(self, "routes", _frozen(self.routes))
-
-    @classmethod
-    def embedded(cls, path: str | Path = DEFAULT_DUCKDB_PATH) -> "StorageConfig":
-        return cls(backends={"embedded": {"type": "duckdb", "path": str(path)}})
-
-    @classmethod
-    def load(cls, path: str | Path) -> "StorageConfig":
-        import yaml
-
-        try:
-            doc = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise StorageError(f"cannot read storage config {path}: {e.strerror}") from e
-        except yaml.YAMLError as e:
-            raise StorageError(f"storage config {path} is not valid YAML: {e}") from e
-        if not isinstance(doc, dict) or set(doc) - {"backends", "routes"}:
-            raise StorageError(f"storage config {path}: expected the keys 'backends' and 'routes'")
-        return cls(backends=doc.get("backends") or {}, routes=doc.get("routes") or {})
-
-    def as_dict(self) -> dict:
-        return {"backends": _thawed(self.backends), "routes": dict(self.routes)}
-
-    def __reduce__(self):  # MappingProxyType does not pickle; Ray ships this to every actor
-        return (_rebuild, (self.as_dict(),))
-
-
-def _rebuild(d: dict) -> StorageConfig:
-    return StorageConfig(**d)
 
 
 def password(spec: Mapping) -> str | None:

@@ -131,7 +131,7 @@ def test_the_longest_allowed_names_fit_kubernetes_and_kuberay(example, kind, lon
 
 def test_rayservice_containers_run_serve_as_measured_locally(root):
     """Every Ray container of the RayService carries the Serve settings the local runs use."""
-    from podpulse.ingest import SERVE_ENV
+    from podpulse.runtime import SERVE_ENV
 
     service = yaml.safe_load((root / "deployments" / "rayservice.yaml").read_text())
     spec = cluster_spec(service)
