@@ -44,7 +44,7 @@ from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer,
 from ray.exceptions import RayError
 
 from podpulse import metrics
-from podpulse.config import IngestConfig
+from podpulse.config import CONSUMER_CPUS, IngestConfig
 from podpulse.contract import decode_batch
 from podpulse.dead_letters import DeadLetter, DeadLetterTopic
 from podpulse.errors import BrokerError
@@ -296,4 +296,4 @@ def _timestamps(messages: list[Message]) -> np.ndarray:
 
 # The actor wraps the plain class, so Ray pickles the class by reference (its Kafka
 # client types are C types that cannot be pickled by value) and the logic stays testable.
-PartitionConsumer = ray.remote(num_cpus=0.5, max_concurrency=2)(ShardConsumer)
+PartitionConsumer = ray.remote(num_cpus=CONSUMER_CPUS, max_concurrency=2)(ShardConsumer)

@@ -37,6 +37,7 @@ import pyarrow as pa
 import ray
 
 from podpulse import metrics
+from podpulse.config import WRITER_CPUS
 from podpulse.dead_letters import DeadLetter, DeadLetterTopic
 from podpulse.failures import FailureLog
 from storage.base import OffsetGap, RefusedRows, StorageError
@@ -262,4 +263,4 @@ def _json_rows(rows: pa.Table) -> list[dict]:
 
 # The actor wraps the plain class, so Ray pickles the class by reference (its Kafka
 # client types are C types that cannot be pickled by value) and the logic stays testable.
-StorageWriter = ray.remote(num_cpus=0.25)(Writer)
+StorageWriter = ray.remote(num_cpus=WRITER_CPUS)(Writer)

@@ -13,7 +13,8 @@ No API calls, no clock, no randomness: the same input gives the same output, so
   are the cross-field rules (the CEL rules of the CRDs, which tests cannot run).
 
 ``crds/`` imports neither ``actors/`` nor ``deployments/``; storage routing is checked by
-``storage.router`` itself, so the operator and ``podpulse ingest`` cannot disagree.
+``StorageConfig`` itself and the ingest defaults are ``podpulse.config``'s, so the operator and
+``podpulse ingest`` cannot disagree.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import shlex
 
 import yaml
 
+from podpulse.config import CONSUMER_CPUS, INGEST_DEFAULTS, WRITER_CPUS, StorageConfig
+from podpulse.errors import StorageError
+
 __all__ = ["InvalidSpec", "stream_children", "stream_status", "schema_children", "schema_status",
            "deployer_patch", "deployer_removal", "deployer_status", "invalid_status", "owner_selector"]
 
@@ -36,13 +40,12 @@ DEFAULT_IMAGE = f"podpulse:{RAY_VERSION}-py311"  # the Dockerfile's image; the o
 MANAGER = "podpulse-operator"
 OWNER_LABEL, KIND_LABEL, HASH_LABEL = "podpulse.io/owner", "podpulse.io/owner-kind", "podpulse.io/spec-hash"
 TARGET_LABEL = "podpulse.io/target-version"
-# Ray resources of the ingest actors (actors/partition_consumer.py, actors/storage_writer.py), copied
-# because crds/ may not import actors/: they size the first workers; the autoscaler corrects the rest.
-CONSUMER_CPUS, WRITER_CPUS = 0.5, 0.25
 RAY_UID = 1000  # user "ray" of the rayproject/ray images
 STORAGE_DIR, KAFKA_DIR = "/etc/podpulse/storage", "/etc/podpulse/kafka"
 
-STREAM_DEFAULTS = {"batchSize": 20_000, "lingerMs": 200, "maxInFlight": 2, "dlqTopic": "",
+# The ingest settings' defaults come from IngestConfig (tests/k8s/test_crds.py holds the CRD's equal).
+STREAM_DEFAULTS = {"batchSize": INGEST_DEFAULTS["batch_size"], "lingerMs": INGEST_DEFAULTS["linger_ms"],
+                   "maxInFlight": INGEST_DEFAULTS["max_in_flight"], "dlqTopic": INGEST_DEFAULTS["dlq_topic"],
                    "untilCaughtUp": False, "rayVersion": RAY_VERSION, "maxRetries": 3,
                    "workers": {"cpu": 2, "memory": "4Gi"}}
 SCHEMA_DEFAULTS = {"backoffLimit": 2, "activeDeadlineSeconds": 900,
@@ -144,9 +147,6 @@ def _pod(labels: dict, container: dict, volumes: list | None = None) -> dict:
 def check_storage(storage: dict) -> None:
     """The storage routing rules, as ``podpulse ingest`` will apply them (storage.router), plus one
     of the operator's: a stream names its backends (the router's default is a DuckDB file in the pod)."""
-    from storage.base import StorageError
-    from storage.router import StorageConfig
-
     _check(storage.get("backends"), "storage.backends: name at least one backend")
     try:
         StorageConfig(**copy.deepcopy(storage))

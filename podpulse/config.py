@@ -5,7 +5,7 @@ them, nothing here imports it."""
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
@@ -13,9 +13,12 @@ from typing import Mapping
 from podpulse.contract import EventWindow
 from podpulse.errors import ConfigError, StorageError
 
-__all__ = ["IngestConfig", "GROUP_MODES", "StorageConfig", "KINDS", "DEFAULT_DUCKDB_PATH"]
+__all__ = ["IngestConfig", "INGEST_DEFAULTS", "GROUP_MODES", "StorageConfig", "KINDS", "DEFAULT_DUCKDB_PATH",
+           "CONSUMER_CPUS", "WRITER_CPUS"]
 
 GROUP_MODES = ("assign", "subscribe")
+# Ray resources of the ingest actors: the actors request them, the operator sizes its workers by them.
+CONSUMER_CPUS, WRITER_CPUS = 0.5, 0.25
 DEFAULT_DUCKDB_PATH = "podpulse-data/podpulse.duckdb"
 KINDS = ("raw_events", "devices", "rollups", "offsets", "anomalies")
 TRANSACTIONAL = ("devices", "rollups", "offsets")
@@ -154,3 +157,7 @@ class IngestConfig:
 
 def _positive(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
+
+
+# The ingest defaults, read by the CLI's options, the operator and (held equal by a test) the CRD's schema.
+INGEST_DEFAULTS = {f.name: f.default for f in fields(IngestConfig) if f.default is not MISSING}

@@ -129,6 +129,16 @@ def test_reconcile_defaults_are_the_crd_defaults(example, crd_schema, kind, spec
         assert spec_of(doc) == _schema_defaults(doc["spec"], spec_schema)
 
 
+def test_the_crd_ingest_defaults_are_podpulse_ingest_defaults(crd_schema):
+    """One set of ingest defaults: IngestConfig's (podpulse ingest's options read them too)."""
+    from podpulse.config import INGEST_DEFAULTS
+
+    props = crd_schema("AirPodsDataStream")["properties"]["spec"]["properties"]
+    crd = {name: props[key]["default"] for key, name in (("batchSize", "batch_size"), ("lingerMs", "linger_ms"),
+                                                        ("maxInFlight", "max_in_flight"), ("dlqTopic", "dlq_topic"))}
+    assert crd == {name: INGEST_DEFAULTS[name] for name in crd}
+
+
 def test_ray_version_is_the_pinned_ray(crd_schema):
     assert rc.RAY_VERSION == ray.__version__
     spec = crd_schema("AirPodsDataStream")["properties"]["spec"]
