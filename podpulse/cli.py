@@ -278,6 +278,8 @@ def demo(
     models: Annotated[bool, typer.Option(help="Train both models and start Ray Serve on the result.")] = True,
     keep_serving: Annotated[bool, typer.Option("--serve", help="Keep Ray Serve running until Ctrl-C.")] = False,
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of Ray Serve.")] = 8000,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", help="Show Ray's, Ray Data's and TensorFlow's own logs here instead of in a file.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """The main job on one machine: embedded broker, local Ray, DuckDB.
@@ -291,106 +293,101 @@ def demo(
     --storage-config the store is kept: each run then simulates new devices
     (a new seed) into a new topic, so runs add up instead of colliding.
     """
-    from podpulse.broker import EmbeddedBroker
-    from podpulse.ingest import dead_letters
-    from podpulse.simulator import Fleet, FleetSpec, Summary
-    from podpulse.sink import open_sink
-    from podpulse.summary import store_summary
+    from podpulse.demo import DemoOptions, run_demo
 
-    import time
-
-    storage = storage_config(storage_file, db)
-    if storage_file is None:
-        for stale in (db.resolve(), db.resolve().with_name(db.name + ".wal")):
-            stale.unlink(missing_ok=True)
-    seed = seed if seed is not None else (7 if storage_file is None else int(time.time()))
-    topic = "podpulse.telemetry" if storage_file is None else f"podpulse.telemetry.{seed}"
-    with EmbeddedBroker() as broker:
-        if not json_out:
-            out.print(f"embedded broker on {broker.bootstrap} [yellow](memory-only)[/]")
-        broker.create_topic(topic, partitions)
-        spec = FleetSpec(devices=devices, hours=hours, malformed_rate=malformed, seed=seed)
-        fleet = Fleet.build(spec)
-        simulated = Summary(fleet)
-        with open_sink(f"kafka://{broker.bootstrap}/{topic}") as sink:
-            run_simulation(spec, fleet, simulated, sink.write, quiet=json_out)
-        config = IngestConfig(bootstrap=broker.bootstrap, topic=topic, storage=storage)
-        result = _ingest_with_progress(config, until_caught_up=True, quiet=json_out)
-        letters = dead_letters(broker.bootstrap, config.dead_letter_topic)
-    summary = store_summary(storage) | {
-        "events_produced": simulated.events, "malformed_injected": simulated.malformed,
-        "dead_lettered": len({(d["partition"], d["offset"]) for d in letters}),
-        "ingested": result["writer"]["applied"], "seed": seed,
-        "consumers": result["consumers"], "partitions": result["partitions"],
-        "store": str(storage_file) if storage_file else str(db.resolve())}
-    from podpulse.analytics import data_range, full_report
-    from storage.reader import open_reader
-
-    with open_reader(storage) as reader:
-        start, end = data_range(reader)
-        analytics = full_report(reader, start, end)
-    report_dir = db.resolve().parent / "report" if storage_file is None else Path("podpulse-data/report")
-    summary["report"] = str(write_report(analytics, "html", report_dir, quiet=True).resolve())
-    if not json_out:
-        print_demo_summary(summary, letters)
-    if models:
-        registry = db.resolve().parent / "models" if storage_file is None else Path("podpulse-data/models")
-        truth = {t["device_id"]: t["fault"] for t in fleet.truth()}
-        summary |= demo_models(storage, registry, truth, port, quiet=json_out)
+    opts = DemoOptions(devices=devices, hours=hours, partitions=partitions, malformed=malformed, db=db,
+                       storage_file=storage_file, seed=seed, models=models, port=port)
+    log_file = None if verbose else _quiet_logs((db.resolve().parent if storage_file is None
+                                                 else Path("podpulse-data")) / "demo.log")
+    with _DemoProgress(quiet=json_out) as progress:
+        summary = run_demo(opts, progress)
     if json_out:
         print(json.dumps(summary, default=str))
+    else:
+        print_demo_summary(summary)
+        if models:
+            print_demo_models(summary)
+        if log_file:
+            out.print(f"[dim]Ray, Ray Data and TensorFlow logs: {log_file} (--verbose shows them here)[/]")
+        out.print(f"next: open {summary['report']}, or try `podpulse report --db {summary['store']}`"
+                  if storage_file is None else f"next: open {summary['report']}")
     if models and keep_serving:
         out.print("Ray Serve keeps running; Ctrl-C stops it.")
         _serve_forever()
 
 
-def demo_models(storage, registry: Path, truth: dict[str, str], port: int, quiet: bool) -> dict:
-    """Train both models on the demo store, serve them, ask the API about the worst device."""
+class _DemoProgress:
+    """podpulse.demo.DemoProgress as rich progress bars on stderr, and one line per step."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[what]}"), TimeRemainingColumn(), console=err,
+                             disable=quiet, transient=True)
+        self.sim = self.ingest = None
+        self.peak = 0
+
+    def __enter__(self) -> "_DemoProgress":
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bars.__exit__(*exc)
+
+    def step(self, text: str) -> None:
+        if not self.quiet:
+            self.bars.console.print(text, markup=False, highlight=False)
+
+    def simulated(self, intervals: int, of: int, events: int) -> None:
+        if self.sim is None:
+            self.sim = self.bars.add_task("simulating", total=of, what="")
+        self.bars.update(self.sim, completed=intervals, what=f"intervals · {events:,} events")
+
+    def ingesting(self, status: dict) -> None:
+        lag = status.get("total_lag", 0)
+        self.peak = max(self.peak, lag)
+        if self.ingest is None:
+            self.ingest = self.bars.add_task("ingesting", total=None, what="")
+        self.bars.update(self.ingest, total=self.peak or None, completed=self.peak - lag,
+                         what=f"lag {lag:,} · {status.get('restarts', 0)} restarts")
+
+
+def _quiet_logs(path: Path) -> Path:
+    """Send everything written to this process's stderr (Ray's, Ray Data's, Serve's and TensorFlow's
+    logs, C++ ones included) to ``path``; PodPulse's own progress and summary still reach the terminal."""
+    import logging
     import os
-    import secrets
 
-    import requests
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    err.file = os.fdopen(os.dup(2), "w", buffering=1)  # the terminal, for PodPulse's own lines
+    log = open(path, "a", buffering=1)
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 2)
+    logging.captureWarnings(True)
+    from podpulse.runtime import init_ray
 
-    from deployments.app import run_local
-    from podpulse.train import train_battery_anomaly, train_usage_forecast
-
-    say = (lambda *a: None) if quiet else out.print
-    say("\n[bold]training[/] the battery anomaly model (Ray Data reads the rollups) ...")
-    battery = train_battery_anomaly(storage, registry=registry, truth=truth)
-    say(f"battery-anomaly {battery['version']}: ROC AUC {battery['auc']:.3f} against the injected faults "
-        f"(IsolationForest {battery['baseline_auc']:.3f})" if battery["auc"] is not None else
-        f"battery-anomaly {battery['version']}: no injected faults to score against")
-    try:
-        forecast = train_usage_forecast(storage, registry=registry)
-        say(f"usage-forecast {forecast['version']}: MAPE {forecast['mape']:.1f}% on the held-out week "
-            f"(seasonal naive {forecast['baseline_mape']:.1f}%)")
-    except ConfigError as e:  # a short demo fleet: say why, keep going
-        forecast = {"skipped": str(e)}
-        say(f"usage-forecast skipped: {e}")
-    token = os.environ.get("PODPULSE_API_TOKEN") or secrets.token_urlsafe(16)
-    shown = "$PODPULSE_API_TOKEN" if "PODPULSE_API_TOKEN" in os.environ else token  # never echo a real secret
-    url = run_local(storage.as_dict(), str(registry), token, port=port)
-    worst = battery["most_anomalous"][0]["device_id"]
-    health = requests.get(f"{url}/v1/devices/{worst}/battery-health",
-                          headers={"Authorization": f"Bearer {token}"}, timeout=60)
-    health.raise_for_status()
-    if not quiet:
-        table = Table(title="most anomalous devices (battery drain against the model's expectation)")
-        for column in ("device", "score", "flagged", "injected fault"):
-            table.add_column(column)
-        for d in battery["most_anomalous"]:
-            table.add_row(d["device_id"], f"{d['score']:.1f}", "yes" if d["flagged"] else "",
-                          d.get("injected_fault") or "none")
-        out.print(table)
-        out.print(f"Ray Serve: {url}  ·  OpenAPI docs {url}/docs  ·  token {shown}")
-        for path in (f"/v1/devices/{worst}/battery-health", "/v1/forecast/usage?region=NSW-urban",
-                     "/v1/analytics/usage_trend"):
-            out.print(f"  curl -H \"Authorization: Bearer {shown}\" '{url}{path}'")
-    return {"battery_anomaly": battery, "usage_forecast": forecast,
-            "serve": {"url": url, "docs": f"{url}/docs", "checked": health.json()}}
+    init_ray(log_file=path)
+    return path
 
 
-def print_demo_summary(s: dict, letters: list[dict]) -> None:
+def print_demo_models(s: dict) -> None:
+    battery, serve = s["battery_anomaly"], s["serve"]
+    table = Table(title="most anomalous devices (battery drain against the model's expectation)")
+    for column in ("device", "score", "flagged", "injected fault"):
+        table.add_column(column)
+    for d in battery["most_anomalous"]:
+        table.add_row(d["device_id"], f"{d['score']:.1f}", "yes" if d["flagged"] else "",
+                      d.get("injected_fault") or "none")
+    out.print(table)
+    url, shown = serve["url"], serve["token_shown"]
+    out.print(f"Ray Serve: {url}  ·  OpenAPI docs {url}/docs  ·  token {shown}")
+    for path in (f"/v1/devices/{serve['worst_device']}/battery-health", "/v1/forecast/usage?region=NSW-urban",
+                 "/v1/analytics/usage_trend"):
+        out.print(f"  curl -H \"Authorization: Bearer {shown}\" '{url}{path}'")
+
+
+def print_demo_summary(s: dict) -> None:
     out.print(f"\n[bold]{s['ingested']:,}[/] events stored ({s['events_produced']:,} produced, "
               f"[bold]{s['dead_lettered']:,}[/] dead-lettered; {s['partitions']} partitions, "
               f"{s['consumers']} consumer actors) → {s['store']}")
@@ -404,8 +401,10 @@ def print_demo_summary(s: dict, letters: list[dict]) -> None:
     for cls, v in s["listening"].items():
         out.print(f"{cls}: {v['listening_hours']:,} listening hours over {v['devices']:,} devices "
                   f"({v['hours_per_device']} h per device)")
-    if letters:
-        out.print(f"first dead letter: {letters[0]['reason']}")
+    if s["first_dead_letter"]:
+        out.print(f"first dead letter: {s['first_dead_letter']}")
+    for cause, n in sorted(s.get("failures", {}).items(), key=lambda kv: -kv[1]):
+        out.print(f"  {n:,} × {cause}", markup=False, highlight=False)
     out.print(f"fleet report: {s['report']}")
 
 

@@ -16,15 +16,30 @@ __all__ = ["init_ray", "SERVE_ENV"]
 SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
-def init_ray() -> None:
-    """Join the cluster of a ``ray job submit`` or ``RAY_ADDRESS``, else start Ray locally."""
+def init_ray(log_file=None) -> None:
+    """Join the cluster of a ``ray job submit`` or ``RAY_ADDRESS``, else start Ray locally.
+
+    ``log_file``: keep the actors' and workers' output out of this process's terminal (it stays in
+    Ray's session logs, whose directory is noted in that file)."""
     if ray.is_initialized():
         return
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)  # inherited by the local Ray's processes
     runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning", "MALLOC_ARENA_MAX": "2"}}
+    quiet = {"log_to_driver": False} if log_file else {}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="warning", runtime_env=runtime_env)
+        ray.init(logging_level="warning", runtime_env=runtime_env, **quiet)
     else:
         ray.init(address="local", include_dashboard=False, logging_level="warning",
-                 runtime_env=runtime_env)
+                 runtime_env=runtime_env, **quiet)
+    if log_file:
+        import logging
+
+        logging.getLogger("ray").warning("the actors' and workers' logs are in %s",
+                                         ray.get_runtime_context().gcs_address and _session_logs())
+
+
+def _session_logs() -> str:
+    from ray._private.worker import _global_node
+
+    return f"{_global_node.get_session_dir_path()}/logs" if _global_node else "Ray's session directory"

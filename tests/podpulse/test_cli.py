@@ -104,6 +104,10 @@ def test_demo_runs_the_main_job_and_prints_the_summary(tmp_path):
     for words in ("events stored", "from 400 devices", "dead-lettered", "urban:", "rural:", "NSW"):
         assert words in proc.stdout, proc.stdout
     assert "Ray Serve" not in proc.stdout
+    # quiet: Ray's and the libraries' own logs went to a file, named at the end
+    assert " INFO " not in proc.stdout + proc.stderr and len((proc.stdout + proc.stderr).splitlines()) < 40
+    log = db.parent / "demo.log"
+    assert f"logs: {log}" in " ".join(proc.stdout.split()) and log.stat().st_size > 0
     summary = json.loads(podpulse("demo", "--devices", 400, "--hours", 36, "--db", db, "--json",
                                   "--port", free_port(), timeout=600).stdout)
     assert summary["events_stored"] + summary["dead_lettered"] == summary["events_produced"]
