@@ -703,7 +703,7 @@ def db_migrate(
     password_file: PasswordFile = None,
 ) -> None:
     """Apply pending migrations. Safe to rerun, and safe to run twice at once."""
-    from podpulse.db import migrate
+    from storage.admin import migrate
 
     applied = migrate(url, target, _db_password(password_file))
     out.print(f"applied {', '.join(map(str, applied))}" if applied else "nothing to apply")
@@ -716,7 +716,7 @@ def db_status(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Print the current and the latest schema version."""
-    from podpulse.db import status
+    from storage.admin import status
 
     result = status(url, _db_password(password_file))
     if json_out:

@@ -8,7 +8,7 @@ import duckdb
 import pytest
 from sqlalchemy import create_engine, inspect
 
-from podpulse.db import migrate, status
+from storage.admin import migrate, status
 from storage.migrations import LATEST, MIGRATIONS
 from storage.postgres_store import engine_url
 

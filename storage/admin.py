@@ -1,4 +1,4 @@
-"""``podpulse db``: schema migrations of a relational store, addressed by URL.
+"""``podpulse db``: schema migrations of a relational store, addressed by URL (storage administration).
 
 URLs: ``postgresql://user@host:5432/db``, ``oracle://user@host:1521/?service_name=X``,
 ``duckdb:///path/to/file.duckdb``. Passwords come from ``PODPULSE_DB_PASSWORD``
