@@ -580,6 +580,39 @@ def bench_serve(
                   f"({result['errors']} errors) · in-process: p50 {result['direct_p50_ms']} ms")
 
 
+@bench_app.command("faults")
+def bench_faults(
+    events: Annotated[int, typer.Option(min=100, help="Valid events produced per fault.")] = 20_000,
+    only: Annotated[Optional[str], typer.Option(
+        metavar="NAME[,NAME...]", help="Run only these faults (see bench/faults.py): poison, poison-kafka, "
+                                       "resend, consumer-kill, writer-kill, driver-kill, db-down-at-start, "
+                                       "db-restart, broker-restart, disk-full.")] = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object per row, one per line, as each fault ends.")] = False,
+) -> None:
+    """Fault matrix: each fault against the real pipeline; lost, duplicated and recovery time per fault."""
+    from bench.faults import run, select
+
+    names = select(only)
+
+    def emit(row: dict) -> None:
+        if json_out:
+            print(json.dumps(row), flush=True)
+
+    rows = run(events=events, only=names, on_row=emit, progress=lambda line: err.print(f"[dim]fault: {line}[/]"))
+    if not json_out:
+        table = Table(title="fault matrix", title_justify="left")
+        for column in ("fault", "broker", "store", "produced", "stored", "dead-lettered", "expected",
+                       "lost", "duplicated", "recovery s", "note"):
+            table.add_column(column, justify="left" if column in ("fault", "broker", "store", "note") else "right")
+        for r in rows:
+            table.add_row(r["fault"], r["broker"], r["store"],
+                          *("—" if r[k] is None else f"{r[k]:,}" for k in (
+                              "produced", "stored", "dead_lettered", "expected_dead_letters", "lost", "duplicated",
+                              "recovery_s")), r["note"])
+        out.print(table)
+
+
 @app.command()
 def train(
     model: Annotated[str, typer.Option(help="battery-anomaly or usage-forecast.")],
