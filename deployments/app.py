@@ -5,9 +5,12 @@
 Every endpoint but ``/healthz`` needs ``Authorization: Bearer $PODPULSE_API_TOKEN``
 (read from the replicas' environment; with no token set, every call is refused).
 Bodies are bounded; a malformed body gets 422 naming the field (FastAPI).
-Models load from the registry; a new version is picked up without downtime by
-changing the deployment's ``user_config`` (``model_path``), which Serve applies with
-``reconfigure`` on the running replicas.
+Models come from the registry, whose source of truth is the ``model_versions`` table
+(``podpulse.registry.latest``); what a version's files mean is its model module's
+business (``podpulse.battery_model.load``, ``podpulse.forecast_model.week_ahead``).
+A new version is picked up without downtime by changing the deployment's
+``user_config`` (``model_path``), which Serve applies with ``reconfigure`` on the
+running replicas; ``user_config`` also tunes the scoring batches (:func:`parse_user_config`).
 
 The deployments are thin: the logic is ``podpulse.battery_model``,
 ``podpulse.analytics``, ``podpulse.contract`` and ``podpulse.kafka``.
@@ -17,13 +20,13 @@ The deployments are thin: the logic is ``podpulse.battery_model``,
 # No `from __future__ import annotations` here: FastAPI reads the annotations of the
 # class-based routes at runtime to tell bodies from query parameters.
 import asyncio
-import json
 import logging
+import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from datetime import date, timedelta
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query
@@ -33,7 +36,7 @@ from ray import serve
 
 from podpulse import metrics
 
-__all__ = ["app", "api", "build", "run_local", "PodPulseAPI", "latest_version"]
+__all__ = ["app", "api", "build", "run_local", "PodPulseAPI", "UserConfig", "parse_user_config"]
 
 MAX_ROWS = 1000
 DEVICE_ID = r"^[A-Za-z0-9._:-]{1,64}$"  # pseudonymous ids; anything else is a 422, never SQL
@@ -45,6 +48,14 @@ MAX_EVENTS = 5000
 DELIVERY_TIMEOUT_S = 10.0
 DELIVERY_WAIT_S = DELIVERY_TIMEOUT_S + 2.0
 RETRY_AFTER_S = 5
+# Requests in flight on one replica at most (see the deployment's options), so also the largest batch.
+MAX_ONGOING_REQUESTS = 256
+# Scoring batches (user_config score_batch_size, score_batch_wait_s): concurrent scoring requests
+# are scored in one model call of at most this many requests, gathered for at most this long
+# after the first one arrives. A lone request waits the whole wait: keep it to milliseconds.
+SCORE_BATCH_SIZE = 64
+SCORE_BATCH_WAIT_S = 0.001
+MAX_SCORE_BATCH_WAIT_S = 1.0
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica's log
 
@@ -52,10 +63,62 @@ app = FastAPI(title="PodPulse", description="AirPods Pro fleet telemetry: ingest
               version="0.1.0")
 
 
-def latest_version(registry: str | Path, name: str) -> Path | None:
-    root = Path(registry) / name
-    versions = sorted(p for p in root.iterdir() if (p / "metadata.json").exists()) if root.exists() else []
-    return versions[-1] if versions else None
+@dataclass(frozen=True)
+class UserConfig:
+    """The ``user_config`` of :class:`PodPulseAPI`, checked (:func:`parse_user_config`)."""
+
+    model_path: str | None = None  # the stable battery-anomaly version; None: the registry's latest
+    canary_model_path: str | None = None  # a second version, answering canary_percent of scoring requests
+    canary_percent: float = 0.0
+    score_batch_size: int = SCORE_BATCH_SIZE
+    score_batch_wait_s: float = SCORE_BATCH_WAIT_S
+
+
+USER_CONFIG_KEYS = tuple(UserConfig.__dataclass_fields__)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_user_config(config) -> UserConfig:
+    """``user_config`` (a mapping; null or a missing key: its default) → :class:`UserConfig`, or a
+    ValueError naming every refused key, what it must be and what it got."""
+    config = {} if config is None else config
+    if not isinstance(config, dict):
+        raise ValueError(f"refused user_config: it must be a mapping of {', '.join(USER_CONFIG_KEYS)}, "
+                         f"got {type(config).__name__}")
+    problems = []
+    unknown = sorted(set(config) - set(USER_CONFIG_KEYS), key=str)
+    if unknown:
+        problems.append(f"unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(USER_CONFIG_KEYS)})")
+    paths = {}
+    for key in ("model_path", "canary_model_path"):
+        value = config.get(key)
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            problems.append(f"{key} must be a version directory (a non-empty string) or null, got {value!r}")
+            value = None
+        paths[key] = value
+    percent = config.get("canary_percent")
+    try:  # a numeric string too, as before
+        percent = 0.0 if percent is None else float(percent)
+    except (TypeError, ValueError):
+        percent = math.nan
+    if isinstance(config.get("canary_percent"), bool) or not 0 <= percent <= 100:
+        problems.append(f"canary_percent must be within 0..100, got {config.get('canary_percent')!r}")
+    size = config.get("score_batch_size")
+    size = SCORE_BATCH_SIZE if size is None else size
+    if not (_number(size) and float(size).is_integer() and 1 <= size <= MAX_ONGOING_REQUESTS):
+        problems.append(f"score_batch_size must be a whole number from 1 to {MAX_ONGOING_REQUESTS} (scoring "
+                        f"requests scored in one model call; no more are ever in flight on a replica), got {size!r}")
+    wait = config.get("score_batch_wait_s")
+    wait = SCORE_BATCH_WAIT_S if wait is None else wait
+    if not (_number(wait) and 0 <= wait <= MAX_SCORE_BATCH_WAIT_S):
+        problems.append(f"score_batch_wait_s must be seconds from 0 to {MAX_SCORE_BATCH_WAIT_S:g} (how long a "
+                        f"batch waits for more requests; {SCORE_BATCH_WAIT_S:g} = 1 ms), got {wait!r}")
+    if problems:
+        raise ValueError("refused user_config: " + "; ".join(problems))
+    return UserConfig(paths["model_path"], paths["canary_model_path"], percent, int(size), float(wait))
 
 
 # async: FastAPI runs a plain-def dependency in a thread pool, a thread hop per request.
@@ -120,7 +183,7 @@ def serving(model, storage) -> None:
     # five requests are in flight: at 200 req/s that capped the app at ~6 req/s with idle
     # CPUs. Requests here are short and mostly wait on the batcher, so admit many; beyond
     # max_queued_requests the proxy answers 503 instead of queueing without bound.
-    max_ongoing_requests=256,
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
     max_queued_requests=1024,
     # A log line per request cost more than the scoring itself; errors are still logged.
     logging_config={"enable_access_log": False},
@@ -129,8 +192,14 @@ def serving(model, storage) -> None:
 class PodPulseAPI:
     """The whole HTTP API in one deployment: scoring in-process saves a replica hop per request.
 
-    ``user_config = {"model_path": DIR}`` swaps the battery-anomaly model live; with no
-    path, the latest registered version, looked up when a request first needs it.
+    ``user_config`` (:func:`parse_user_config`): ``model_path`` swaps the battery-anomaly model
+    live (null: the latest version registered in ``model_versions``, looked up when a request
+    first needs it); ``canary_model_path`` and ``canary_percent`` run a canary beside it;
+    ``score_batch_size`` and ``score_batch_wait_s`` tune the scoring batches.
+
+    ``registry`` (the artefacts' directory) is kept for the callers that pass it
+    (``podpulse serve``, the serve config, the RayService's volume): which versions exist and
+    where each one's directory is, the ``model_versions`` table says.
     """
 
     def __init__(self, storage: dict | None = None, bootstrap: str | None = None, topic: str | None = None,
@@ -140,8 +209,11 @@ class PodPulseAPI:
         self.storage = StorageConfig(**storage) if storage else StorageConfig()
         self.registry = registry
         self.topic = topic
+        self.config = UserConfig()
         self.model = self.canary = None
-        self.canary_percent = 0.0
+        self.failure: str | None = None  # why the models user_config names could not be loaded
+        self.generation = 0  # counts reconfigures: a registry lookup begun before one does not apply after it
+        self._forecast = None  # ((version, path), WeekAhead) of the latest usage-forecast, read once per version
         self.producer = None
         if bootstrap and topic:
             from confluent_kafka import Producer
@@ -151,42 +223,109 @@ class PodPulseAPI:
             self.producer = Producer(producer_config(
                 bootstrap, {"message.timeout.ms": int(DELIVERY_TIMEOUT_S * 1000)}))
 
-    def reconfigure(self, config: dict) -> None:
-        """``model_path``: the stable version (null: the registry's latest). ``canary_model_path``
-        and ``canary_percent``: a second version answering that share of scoring requests."""
-        config = config or {}
-        percent = float(config.get("canary_percent") or 0)
-        if not 0 <= percent <= 100:
-            raise ValueError(f"canary_percent must be within 0..100, got {percent}")
-        canary = config.get("canary_model_path")
-        # Loaded first, then swapped in: a request never sees half a model.
-        stable = load_battery_model(config["model_path"]) if config.get("model_path") else None
-        canary_model = load_battery_model(canary) if canary and percent > 0 else None
-        self.model, self.canary, self.canary_percent = stable, canary_model, percent
-        if stable is not None:
-            serving(stable, self.storage)
+    async def reconfigure(self, config: dict) -> None:
+        """Apply ``user_config``: checked whole first (a refused one changes nothing and raises
+        ValueError naming the keys); then the models it names are loaded, off the event loop,
+        and swapped in with the batch settings at once: a request never sees half of it.
 
-    def battery_model(self):
-        if self.model is None:
-            path = latest_version(self.registry, "battery-anomaly")
-            if path is None:
-                raise HTTPException(status_code=503, detail="no battery-anomaly model in the registry "
-                                                            "(train one: podpulse train --model battery-anomaly)")
-            self.model = load_battery_model(path)
-            serving(self.model, self.storage)
-        return self.model
+        A model that cannot be loaded fails the reconfigure (Serve reports the update failed
+        and replaces the replica) and leaves the replica without models, unhealthy
+        (:meth:`check_health`): it must not go on answering with the version it was told to
+        replace."""
+        settings = parse_user_config(config)
+        self.generation += 1
+        try:
+            stable, canary = await asyncio.to_thread(self._load_configured, settings)
+        except Exception as e:
+            self.config, self.model, self.canary, self.failure = settings, None, None, str(e)
+            log.error("reconfigure: %s", e)
+            raise
+        self.config, self.model, self.canary, self.failure = settings, stable, canary, None
+        self.score.set_max_batch_size(settings.score_batch_size)
+        self.score.set_batch_wait_timeout_s(settings.score_batch_wait_s)
+        if stable is not None:
+            await asyncio.to_thread(serving, stable, self.storage)
+
+    @staticmethod
+    def _load_configured(settings: UserConfig) -> tuple:
+        def load(key: str, path: str):
+            try:
+                return load_battery_model(path)
+            except Exception as e:
+                raise RuntimeError(f"user_config {key} {path!r} could not be loaded as a battery-anomaly "
+                                   f"version: {type(e).__name__}: {e}") from e
+
+        stable = load("model_path", settings.model_path) if settings.model_path else None
+        canary = (load("canary_model_path", settings.canary_model_path)
+                  if settings.canary_model_path and settings.canary_percent > 0 else None)
+        return stable, canary
+
+    def check_health(self) -> None:
+        """Serve's periodic health check (``health_check_period_s``): raising marks the replica
+        unhealthy and Serve replaces it. Unhealthy only when the replica cannot serve what its
+        ``user_config`` asks: a model it names failed to load (:meth:`reconfigure`).
+
+        Not unhealthy, because a new replica would fare no better and would drop what works
+        meanwhile (ingest, analytics, scoring from the model in memory): the store or the
+        model registry unreadable, Kafka unreachable, no model registered yet. The requests
+        that need those answer 503 with the reason, and the replica tries again per request.
+        Cheap on purpose: no I/O, it runs every period on the replica's event loop."""
+        if self.failure is not None:
+            raise RuntimeError(f"this replica cannot serve its user_config: {self.failure}")
+
+    def registered(self, name: str) -> dict:
+        """The latest version of ``name`` in ``model_versions`` (:func:`podpulse.registry.latest`);
+        503 when none is registered or the registry cannot be read."""
+        from podpulse.registry import latest
+
+        try:
+            entry = latest(self.storage, name)
+        except Exception as e:  # any driver's error
+            log.warning("cannot read the model registry (model_versions) for %s", name, exc_info=True)
+            raise HTTPException(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                                detail=f"the model registry (model_versions) cannot be read "
+                                       f"({type(e).__name__}; the replica's log has the cause)") from None
+        if entry is None:
+            raise HTTPException(status_code=503, detail=f"no {name} model in the registry (model_versions "
+                                                        f"has none; train one: podpulse train --model {name})")
+        return entry
+
+    def _load_registered(self):
+        """The latest registered battery-anomaly version, loaded (in a thread: store, disk, TensorFlow)."""
+        entry = self.registered("battery-anomaly")
+        try:
+            model = load_battery_model(entry["path"])
+        except Exception as e:
+            log.warning("cannot load battery-anomaly %s from %s", entry["version"], entry["path"], exc_info=True)
+            raise HTTPException(status_code=503, detail=f"battery-anomaly {entry['version']}, the registry's latest, "
+                                                        f"cannot be loaded from {entry['path']}: {e}") from None
+        serving(model, self.storage)
+        return model
+
+    async def battery_model(self):
+        """The stable version: ``model_path``'s, else the registry's latest (looked up on first need)."""
+        if self.model is not None:
+            return self.model
+        if self.failure is not None:
+            raise HTTPException(status_code=503, detail=self.failure)
+        generation = self.generation
+        model = await asyncio.to_thread(self._load_registered)
+        if generation == self.generation and self.model is None:
+            self.model = model
+        return model
 
     def pick(self) -> str:
         """Which version answers this request: the canary for ``canary_percent`` of them."""
-        return "canary" if self.canary is not None and random.random() * 100 < self.canary_percent else "stable"
+        return "canary" if self.canary is not None and random.random() * 100 < self.config.canary_percent else "stable"
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001)
+    # Defaults; reconfigure() sets both from user_config (score_batch_size, score_batch_wait_s).
+    @serve.batch(max_batch_size=SCORE_BATCH_SIZE, batch_wait_timeout_s=SCORE_BATCH_WAIT_S)
     async def score(self, requests: list[tuple[str, list[dict]]]) -> list[dict]:
         """Concurrent requests' rows, scored in one model call per version."""
         from podpulse.battery_model import score_rows
 
         out: list[dict] = [{}] * len(requests)
-        stable = self.battery_model()
+        stable = await self.battery_model()
         # A canary withdrawn between pick() and this batch: its requests go to the stable version.
         for arm, model in (("stable", stable), ("canary", self.canary or stable)):
             mine = [i for i, (a, _) in enumerate(requests) if a == arm]
@@ -272,20 +411,32 @@ class PodPulseAPI:
     @app.get("/v1/forecast/usage", dependencies=[Auth])
     def forecast(self, region: Annotated[str, Query(pattern=r"^[A-Z]{2,3}-(urban|rural)$",
                                                     description="STATE-urban or STATE-rural, e.g. NSW-urban")]):
-        version = latest_version(self.registry, "usage-forecast")
-        if version is None:
-            raise HTTPException(status_code=503, detail="no usage-forecast model in the registry")
-        meta = json.loads((version / "metadata.json").read_text())
+        week = self.week_ahead()
         state, cls = region.split("-")
-        week = meta["next_week"]
-        match = [r for r in week["regions"] if r["state"] == state and bool(r["urban"]) == (cls == "urban")]
-        if not match:
+        days = week.days(state, cls == "urban")
+        if days is None:
             raise HTTPException(status_code=404, detail=f"no forecast for {region} (unknown, or fewer than "
-                                                        f"{week['k']} devices)")
-        start = date.fromisoformat(week["from"])
-        return {"region": region, "model_version": meta["version"], "days": [
-            {"day": (start + timedelta(days=i)).isoformat(), "listening_hours": h}
-            for i, h in enumerate(match[0]["hours"])]}
+                                                        f"{week.k} devices)")
+        return {"region": region, "model_version": week.version,
+                "days": [{"day": day, "listening_hours": hours} for day, hours in days]}
+
+    def week_ahead(self):
+        """The forecast the latest registered usage-forecast version publishes: the registry is
+        asked per request (a new version is served at once), its metadata read once per version."""
+        from podpulse.forecast_model import week_ahead
+
+        entry = self.registered("usage-forecast")
+        key = (entry["version"], entry["path"])
+        cached = self._forecast
+        if cached is None or cached[0] != key:
+            try:
+                cached = (key, week_ahead(entry["path"]))
+            except Exception as e:
+                log.warning("cannot read usage-forecast %s at %s", *key, exc_info=True)
+                raise HTTPException(status_code=503, detail=f"usage-forecast {entry['version']}, the registry's "
+                                                            f"latest, cannot be read: {e}") from None
+            self._forecast = cached
+        return cached[1]
 
     @app.get("/v1/analytics/{query}", dependencies=[Auth])
     def analytics(self, query: str, start: Annotated[date | None, Query(alias="from")] = None,
@@ -307,14 +458,20 @@ class PodPulseAPI:
 
 def build(storage: dict | None = None, bootstrap: str | None = None, topic: str | None = None,
           registry: str = "podpulse-data/models", model_path: str | None = None, env: dict | None = None,
-          canary_model_path: str | None = None, canary_percent: float = 0):
+          canary_model_path: str | None = None, canary_percent: float = 0, score_batch_size: int | None = None,
+          score_batch_wait_s: float | None = None):
     """The application graph, for ``serve.run`` and ``podpulse serve``.
 
     ``env``: environment variables for the API replicas (``PODPULSE_API_TOKEN``),
-    when they should not come from the nodes' own environment.
+    when they should not come from the nodes' own environment. The user_config keys
+    (:func:`parse_user_config`; batch settings None: the defaults) are checked here, so
+    a bad value is refused before anything is deployed.
     """
-    options = {"user_config": {"model_path": model_path, "canary_model_path": canary_model_path,
-                               "canary_percent": canary_percent}}
+    user_config = {"model_path": model_path, "canary_model_path": canary_model_path, "canary_percent": canary_percent}
+    user_config |= {k: v for k, v in (("score_batch_size", score_batch_size),
+                                      ("score_batch_wait_s", score_batch_wait_s)) if v is not None}
+    parse_user_config(user_config)
+    options = {"user_config": user_config}
     if env:
         options["ray_actor_options"] = {"num_cpus": 0.5, "runtime_env": {"env_vars": env}}
     return PodPulseAPI.options(**options).bind(storage, bootstrap, topic, registry)

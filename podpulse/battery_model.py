@@ -15,11 +15,18 @@ above ``threshold`` (default 3.5 robust standard deviations).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FEATURE_SQL", "Features", "BatteryModel", "features_from_rows", "robust_z", "load", "score_rows"]
+from podpulse.errors import ConfigError
+
+__all__ = ["NAME", "FEATURE_SQL", "Features", "BatteryModel", "features_from_rows", "robust_z", "metadata", "load",
+           "score_rows"]
+
+NAME = "battery-anomaly"  # the registry's name of this model
 
 FEATURE_SQL = """
 SELECT h.device_id, CAST(h.hour + INTERVAL '10 hours' AS DATE) AS day, d.model, d.firmware,
@@ -32,6 +39,7 @@ FROM device_hourly h JOIN devices d USING (device_id)
 WHERE h.drain_playback_s > 0
 """
 NUMERIC = ("playback_h", "anc", "adaptive", "transparency", "output_dba")
+SCHEMA = ("models", "firmwares", "mean", "scale")  # what a saved version's feature_schema holds, for load()
 
 
 @dataclass
@@ -147,14 +155,28 @@ class BatteryModel:
         return devices, total / count
 
 
+def metadata(path) -> dict:
+    """``metadata.json`` of a saved battery-anomaly version (the directory ``path``), checked for
+    what :func:`load` needs: its version, its feature schema (vocabularies, scaling)."""
+    file = Path(path) / "metadata.json"
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the battery-anomaly metadata {file}: {e}") from e
+    schema = meta.get("feature_schema") if isinstance(meta, dict) else None
+    if not (isinstance(schema, dict) and meta.get("name", NAME) == NAME and isinstance(meta.get("version"), str)
+            and all(isinstance(schema.get(k), list) for k in SCHEMA)):
+        raise ConfigError(f"{file} is not a battery-anomaly version's metadata: it needs name {NAME!r}, a version "
+                          f"and a feature_schema with {', '.join(SCHEMA)}")
+    return meta
+
+
 def load(path) -> BatteryModel:
-    """A registered battery-anomaly version (``model.keras`` and ``metadata.json``)."""
-    import json
-    from pathlib import Path
+    """A saved battery-anomaly version: the directory ``path`` (``model.keras`` and ``metadata.json``)."""
+    meta = metadata(path)  # before TensorFlow's import: a wrong directory fails at once
 
     import tensorflow as tf
 
-    meta = json.loads((Path(path) / "metadata.json").read_text())
     schema = meta["feature_schema"]
     model = BatteryModel(schema["models"], schema["firmwares"], np.array(schema["mean"]),
                          np.array(schema["scale"]), tf.keras.models.load_model(Path(path) / "model.keras"),

@@ -18,18 +18,28 @@ mean is at least :data:`MIN_MEAN_HOURS` a day, beside the seasonal-naive
 forecast (the same weekday one week earlier) on the same days. Smaller regions
 are left out of the MAPE and out of training (their day-to-day noise is most
 of their value); the result names them.
+
+A saved version (``podpulse.train``) is a directory with ``model.keras`` and
+``metadata.json``; the latter also publishes the forecast of the week after
+the data (``next_week``), which is what Serve answers: :func:`week_ahead` reads
+it, :func:`load` the network.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
 
 import numpy as np
 
 from podpulse.errors import ConfigError
 
-__all__ = ["USAGE_SQL", "HORIZON", "MIN_MEAN_HOURS", "RegionSeries", "series_from_rows", "seasonal_naive",
-           "mape", "UsageForecaster", "holdout"]
+__all__ = ["NAME", "USAGE_SQL", "HORIZON", "MIN_MEAN_HOURS", "RegionSeries", "series_from_rows", "seasonal_naive",
+           "mape", "UsageForecaster", "holdout", "WeekAhead", "metadata", "week_ahead", "load"]
+
+NAME = "usage-forecast"  # the registry's name of this model
 
 USAGE_SQL = """
 SELECT CAST(hour + INTERVAL '10 hours' AS DATE) AS day, state, urban, sum(listening_s) / 3600.0 AS hours,
@@ -212,3 +222,58 @@ def holdout(s: RegionSeries, *, lookback: int = 14, epochs: int = 100, seed: int
     if s.dropped_days:
         metrics["note"] += f"; incomplete days dropped: {', '.join(s.dropped_days)}"
     return model, metrics
+
+
+# -- a saved version -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WeekAhead:
+    """What a saved version publishes: its forecast of the ``HORIZON`` days after its data, per
+    region with at least ``k`` devices (``suppressed`` regions had fewer), and the week it was
+    evaluated on (``held_out``: ``{"from", "to"}``, AEST days)."""
+
+    version: str
+    start: date  # the first forecast day (AEST)
+    k: int
+    suppressed: int
+    hours: dict[tuple[str, bool], tuple[float, ...]]  # (state, urban) -> listening hours, one a day
+    held_out: dict[str, str]
+
+    def days(self, state: str, urban: bool) -> list[tuple[str, float]] | None:
+        """``(day, hours)`` of the region's forecast, or None when it publishes none for it."""
+        hours = self.hours.get((state, bool(urban)))
+        if hours is None:
+            return None
+        return [((self.start + timedelta(days=i)).isoformat(), h) for i, h in enumerate(hours)]
+
+
+def metadata(path) -> dict:
+    """``metadata.json`` of a saved usage-forecast version (the directory ``path``)."""
+    file = Path(path) / "metadata.json"
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the usage-forecast metadata {file}: {e}") from e
+    if not (isinstance(meta, dict) and meta.get("name", NAME) == NAME and isinstance(meta.get("version"), str)):
+        raise ConfigError(f"{file} is not a usage-forecast version's metadata: it needs name {NAME!r} and a version")
+    return meta
+
+
+def week_ahead(path) -> WeekAhead:
+    """The forecast a saved version publishes (its metadata's ``next_week``)."""
+    meta = metadata(path)
+    try:
+        week = meta["next_week"]
+        hours = {(str(r["state"]), bool(r["urban"])): tuple(float(h) for h in r["hours"]) for r in week["regions"]}
+        return WeekAhead(meta["version"], date.fromisoformat(week["from"]), int(week["k"]),
+                         int(week.get("suppressed", 0)), hours, dict(meta.get("metrics", {}).get("held_out") or {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{Path(path) / 'metadata.json'}: no usable next_week forecast "
+                          f"({type(e).__name__}: {e})") from e
+
+
+def load(path) -> UsageForecaster:
+    """A saved version's network, with the lookback and horizon it was trained with."""
+    parameters = metadata(path).get("parameters") or {}
+    return UsageForecaster.load(Path(path) / "model.keras", int(parameters.get("lookback", 14)),
+                                int(parameters.get("horizon", HORIZON)))

@@ -2,7 +2,11 @@
 
 A version is a directory ``<root>/<name>/<version>/`` holding the model
 (``model.keras``) and ``metadata.json`` (version, data window, metrics, feature
-schema, parameters); the ``model_versions`` table indexes every version.
+schema, parameters). The ``model_versions`` table is the registry's source of
+truth: a version exists once it is registered there (:func:`register`, after its
+directory is complete), and :func:`latest` is what Serve answers with. Nothing
+scans the directories. What a version's metadata means is its model module's
+business (:func:`podpulse.battery_model.metadata`, :func:`podpulse.forecast_model.week_ahead`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from podpulse.errors import ConfigError
 from storage.reader import run_queries
 from storage.router import StorageConfig, insert_rows
 
-__all__ = ["new_version", "register", "versions", "record_anomalies", "flagged_devices_by_region"]
+__all__ = ["new_version", "register", "versions", "latest", "record_anomalies", "flagged_devices_by_region"]
 
 _VERSION = re.compile(r"^[0-9A-Za-z._-]{1,32}$")  # new_version()'s, and anything safe to quote in SQL
 
@@ -81,9 +85,29 @@ def flagged_devices_by_region(config: StorageConfig, version: str) -> dict[str, 
     return counts
 
 
-def versions(config: StorageConfig, name: str) -> list[dict]:
+def _model_name(name: str) -> str:
     if not name.replace("-", "").isalpha():
         raise ValueError(f"not a model name: {name!r}")
-    sql = f"SELECT version, path, metrics FROM model_versions WHERE name = '{name}' ORDER BY version"
+    return name
+
+
+def versions(config: StorageConfig, name: str) -> list[dict]:
+    sql = f"SELECT version, path, metrics FROM model_versions WHERE name = '{_model_name(name)}' ORDER BY version"
     rows = run_queries(config, {"v": sql}, kind="anomalies")["v"]
     return [{"version": v, "path": p, "metrics": json.loads(m)} for v, p, m in rows]
+
+
+def latest(config: StorageConfig, name: str) -> dict | None:
+    """The version of ``name`` registered last (``created_at``; the version breaks a tie), or None
+    when none is: ``{"version", "path", "metrics", "metadata"}``, the JSON columns parsed.
+
+    One query on the backend that keeps ``anomalies``; a store that cannot be read raises
+    (the driver's error, or :class:`~storage.base.StorageError`), never answers None."""
+    sql = (f"SELECT version, path, metrics, metadata FROM model_versions WHERE name = '{_model_name(name)}' "
+           "ORDER BY created_at DESC, version DESC LIMIT 1")
+    rows = run_queries(config, {"v": sql}, kind="anomalies")["v"]
+    if not rows:
+        return None
+    version, path, metrics, metadata = rows[0]
+    return {"version": version, "path": path, "metrics": json.loads(metrics) if metrics else {},
+            "metadata": json.loads(metadata) if metadata else {}}

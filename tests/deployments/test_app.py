@@ -314,3 +314,214 @@ def test_a_store_that_cannot_be_read_leaves_the_replica_serving(tmp_path, caplog
     assert [r.levelno for r in caplog.records] == [logging.WARNING] and caplog.records[0].exc_info
     assert not (tmp_path / "none.duckdb").exists()  # read only: nothing created
     assert "cannot count the devices battery-anomaly 20250101T000000000000Z flagged" in caplog.text
+
+
+# ---- the registry's table, user_config's batch settings, check_health: each on an application of its own ----
+
+def replicas(app_name: str) -> set[str]:
+    """The names of the live replica actors of ``app_name``'s PodPulseAPI (a replaced replica gets a new name)."""
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::") and f"{app_name}#PodPulseAPI#" in a["name"]}
+
+
+def own_app(storage: dict, registry: str, **options):
+    """PodPulseAPI with the test's token, ``options`` as Serve's deployment options (user_config, version, ...)."""
+    from deployments.app import PodPulseAPI
+
+    return PodPulseAPI.options(
+        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"PODPULSE_API_TOKEN": TOKEN}}},
+        **options).bind(storage, None, None, registry)
+
+
+def registered_copy(source, to, version: str, storage: StorageConfig, name: str, edit=lambda meta: None) -> str:
+    """``source`` (a saved version's directory) copied to ``to`` as ``version``, registered in ``storage``."""
+    import shutil
+
+    from podpulse.registry import register
+
+    shutil.copytree(source, to)
+    meta = json.loads((to / "metadata.json").read_text())
+    meta["version"] = version
+    edit(meta)
+    (to / "metadata.json").write_text(json.dumps(meta))
+    register(storage, name, version, to, meta["metrics"], meta)
+    return version
+
+
+def test_the_latest_version_registered_in_the_table_is_served(served, tmp_path):
+    """Versions exist by their model_versions rows, not by the directories: on a copy of the store with
+    every row deleted, nothing is served (503); then two versions, registered from directories outside the
+    registry's, in an order their names do not sort in: the one registered last answers."""
+    import shutil
+
+    import duckdb
+    from ray import serve
+
+    from podpulse.registry import latest
+
+    url, root, storage, settings, first = served
+    shutil.copy(root / "s.duckdb", tmp_path / "copy.duckdb")
+    con = duckdb.connect(str(tmp_path / "copy.duckdb"))
+    con.execute("DELETE FROM model_versions")
+    con.close()
+    copy = StorageConfig.embedded(tmp_path / "copy.duckdb")
+    serve.run(own_app(copy.as_dict(), settings["registry"], user_config={"model_path": None}),
+              name="podpulse-registry", route_prefix="/registry")
+    try:
+        base = f"{url}/registry"
+        none = requests.post(f"{base}/v1/battery/score", json={"rows": [ROW]}, headers=AUTH)
+        assert none.status_code == 503 and "no battery-anomaly model in the registry" in none.json()["detail"], none.text
+        none = requests.get(f"{base}/v1/forecast/usage", params={"region": "NSW-urban"}, headers=AUTH)
+        assert none.status_code == 503 and "no usage-forecast model in the registry" in none.json()["detail"], none.text
+
+        registered_copy(first["path"], tmp_path / "elsewhere" / "zz-older", "zz-older", copy, "battery-anomaly")
+        registered_copy(first["path"], tmp_path / "elsewhere" / "aa-newer", "aa-newer", copy, "battery-anomaly")
+        answer = requests.post(f"{base}/v1/battery/score", json={"rows": [ROW]}, headers=AUTH)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["version"] == "aa-newer"
+
+        forecast = latest(storage, "usage-forecast")  # the one the fixture trained, in the original store
+
+        def hours(start):
+            def edit(meta):
+                for r in meta["next_week"]["regions"]:
+                    r["hours"] = [float(start + i) for i in range(7)]
+            return edit
+
+        for version, start in (("fc-zz-older", 100), ("fc-aa-newer", 200)):  # the forecast is looked up per request
+            registered_copy(forecast["path"], tmp_path / "elsewhere" / version, version, copy, "usage-forecast",
+                            hours(start))
+            week = requests.get(f"{base}/v1/forecast/usage", params={"region": "NSW-urban"}, headers=AUTH)
+            assert week.status_code == 200, week.text
+            assert week.json()["model_version"] == version
+            assert [d["listening_hours"] for d in week.json()["days"]] == [float(start + i) for i in range(7)]
+    finally:
+        serve.delete("podpulse-registry")
+
+
+def test_a_bad_user_config_value_is_refused_with_a_clear_message(served):
+    """By build(), before anything is deployed; by the replica's reconfigure() when it comes another way
+    (a serve config file): at start-up Serve fails the deployment with the message naming the key; on a
+    running replica (an in-place update) nothing of it is applied and the replica stays healthy."""
+    from ray import serve
+
+    from deployments.app import build
+
+    url, root, _, settings, first = served
+    for bad, message in [(dict(score_batch_size=0), "score_batch_size must be a whole number from 1 to 256"),
+                         (dict(score_batch_size=2.5), "score_batch_size must be a whole number"),
+                         (dict(score_batch_wait_s=-1), "score_batch_wait_s must be seconds from 0 to 1"),
+                         (dict(score_batch_wait_s=5), "score_batch_wait_s must be seconds from 0 to 1"),
+                         (dict(canary_percent=101), "canary_percent must be within 0..100")]:
+        with pytest.raises(ValueError, match="refused user_config: " + message):
+            build(**settings, **bad)
+    refused = {"model_path": first["path"], "score_batch_wait_s": "fast", "batch_sise": 3}
+    with pytest.raises(RuntimeError, match="Deploying application podpulse-refused failed"):
+        serve.run(own_app(settings["storage"], settings["registry"], user_config=refused),
+                  name="podpulse-refused", route_prefix="/refused")
+    try:
+        status = serve.status().applications["podpulse-refused"].deployments["PodPulseAPI"]
+        assert status.status == "DEPLOY_FAILED"
+        assert "refused user_config: unknown key(s) 'batch_sise'" in status.message, status.message
+        assert "score_batch_wait_s must be seconds from 0 to 1 (how long a batch waits for more requests; " \
+               "0.001 = 1 ms), got 'fast'" in status.message, status.message
+
+        serve.run(own_app(settings["storage"], settings["registry"], user_config={"model_path": first["path"]}),
+                  name="podpulse-refused", route_prefix="/refused")
+        handle = serve.get_app_handle("podpulse-refused")
+        # What Serve calls on the running replica for an in-place update (a changed user_config of a serve config)
+        with pytest.raises(Exception, match="refused user_config: score_batch_size must be a whole number from 1 "
+                                            "to 256 .*got 0"):
+            handle.reconfigure.remote({"model_path": None, "score_batch_size": 0}).result()
+        assert handle.check_health.remote().result() is None
+        answer = requests.post(f"{url}/refused/v1/battery/score", json={"rows": [ROW]}, headers=AUTH)
+        assert answer.status_code == 200 and answer.json()["version"] == first["version"]  # model_path unchanged
+    finally:
+        serve.delete("podpulse-refused")
+
+
+def lone_request_seconds(url: str, n: int = 3) -> float:
+    """The fastest of ``n`` scoring requests sent one at a time."""
+    took = []
+    for _ in range(n):
+        started = time.perf_counter()
+        requests.post(f"{url}/v1/battery/score", json={"rows": [ROW]}, headers=AUTH).raise_for_status()
+        took.append(time.perf_counter() - started)
+    return min(took)
+
+
+def test_the_scoring_batches_follow_user_config_live(served):
+    """A lone request waits score_batch_wait_s for company, unless score_batch_size (1) is reached at once.
+    Set at start-up from the deployment's user_config, then changed on the running replica: every serve.run
+    from Python deploys a new code version (new replicas), so reconfigure() is called as Serve calls it for
+    an in-place update (serve deploy, a RayService)."""
+    from ray import serve
+
+    url, _, _, settings, first = served
+    serve.run(own_app(settings["storage"], settings["registry"],
+                      user_config={"model_path": first["path"], "score_batch_wait_s": 0.5}),
+              name="podpulse-batching", route_prefix="/batching")
+    try:
+        base, handle = f"{url}/batching", serve.get_app_handle("podpulse-batching")
+        running = replicas("podpulse-batching")
+        lone_request_seconds(base, 1)  # the first call traces the model's graph
+        assert lone_request_seconds(base) >= 0.5
+
+        def reconfigure(**user_config):
+            handle.reconfigure.remote({"model_path": first["path"], **user_config}).result()
+
+        reconfigure(score_batch_wait_s=0.5, score_batch_size=1)
+        assert lone_request_seconds(base) < 0.3
+        reconfigure(score_batch_wait_s=0.5)  # back to the default size: waits again
+        assert lone_request_seconds(base) >= 0.5
+        reconfigure()  # both defaults: 64 requests, 1 ms
+        assert lone_request_seconds(base) < 0.3
+        assert replicas("podpulse-batching") == running  # one replica throughout
+    finally:
+        serve.delete("podpulse-batching")
+
+
+def test_check_health_fails_only_when_the_replica_cannot_serve_its_user_config(served, tmp_path):
+    """A store (and so the registry) that cannot be read leaves the replica healthy, answering 503 where it
+    needs the store; a model user_config names that fails to load makes it unhealthy, and Serve replaces it."""
+    from ray import serve
+
+    url, _, _, settings, _ = served
+    unreadable = StorageConfig.embedded(tmp_path / "none.duckdb").as_dict()
+    serve.run(own_app(unreadable, settings["registry"], user_config={"model_path": None}, health_check_period_s=1,
+                      health_check_timeout_s=5), name="podpulse-health", route_prefix="/health")
+    try:
+        base, handle = f"{url}/health", serve.get_app_handle("podpulse-health")
+        running = replicas("podpulse-health")
+        assert len(running) == 1
+        score = requests.post(f"{base}/v1/battery/score", json={"rows": [ROW]}, headers=AUTH)
+        assert score.status_code == 503 and int(score.headers["Retry-After"]) > 0
+        assert "the model registry (model_versions) cannot be read" in score.json()["detail"], score.text
+        assert handle.check_health.remote().result() is None
+        time.sleep(4)  # four health checks by Serve
+        assert replicas("podpulse-health") == running
+        assert requests.get(f"{base}/healthz").json() == {"status": "ok"}
+        assert serve.status().applications["podpulse-health"].deployments["PodPulseAPI"].status == "HEALTHY"
+
+        # What Serve does on an in-place update, called directly so that the replica is not stopped for the
+        # failed reconfigure itself: only its health check can get it replaced.
+        missing = str(tmp_path / "battery-anomaly" / "gone")
+        with pytest.raises(Exception, match="user_config model_path .*gone' could not be loaded"):
+            handle.reconfigure.remote({"model_path": missing}).result()
+        with pytest.raises(Exception, match="this replica cannot serve its user_config"):
+            handle.check_health.remote().result()
+        score = requests.post(f"{base}/v1/battery/score", json={"rows": [ROW]}, headers=AUTH)
+        assert score.status_code == 503 and "could not be loaded" in score.json()["detail"], score.text
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (replicas("podpulse-health") & running or not replicas("podpulse-health")):
+            time.sleep(0.5)
+        assert replicas("podpulse-health") and not replicas("podpulse-health") & running  # replaced
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and serve.status().applications["podpulse-health"].status != "RUNNING":
+            time.sleep(0.5)
+        assert handle.check_health.remote().result() is None  # the new replica has the deployment's user_config
+        assert requests.get(f"{base}/healthz").json() == {"status": "ok"}
+    finally:
+        serve.delete("podpulse-health")

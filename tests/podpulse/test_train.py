@@ -31,9 +31,14 @@ def test_battery_anomaly_flags_the_injected_faults(ray_local, fleet_store):
     metadata = json.loads((saved / "metadata.json").read_text())
     assert metadata["metrics"]["auc"] == result["auc"] and metadata["feature_schema"]["numeric"]
 
-    from podpulse.registry import versions
+    from podpulse.battery_model import metadata as battery_metadata
+    from podpulse.registry import latest, versions
 
     assert [v["version"] for v in versions(config, "battery-anomaly")] == [result["version"]]
+    # what Serve is given: the row training registered, naming the directory it saved
+    assert latest(config, "battery-anomaly") == {"version": result["version"], "path": str(saved.resolve()),
+                                                 "metrics": metadata["metrics"], "metadata": metadata}
+    assert battery_metadata(saved) == metadata
     assert_flagged_device_days_are_in_the_anomalies_table(root, config, truth, result)
 
 
