@@ -84,6 +84,7 @@ class Writer:
         self.storage: Storage | None = None  # opened by the first call that needs it
         self.dead_letters = dead_letters
         self._sink = None
+        self.closed = False  # after close(), nothing reopens the store (a late lag poll would)
         self.backend = metrics.backend_label(config)  # the label of its metrics
         self.max_rows = max_rows
         self.pending: list[tuple[str, Batch, asyncio.Future]] = []
@@ -136,6 +137,8 @@ class Writer:
 
     def _store(self) -> Storage:
         """The open storage, opening it (connect + migrate) if needed."""
+        if self.closed:
+            raise StorageError("the storage writer is closed")
         if self.storage is None:
             try:
                 storage = open_storage(self.config)
@@ -236,6 +239,8 @@ class Writer:
             return await asyncio.get_running_loop().run_in_executor(None, self._committed_offsets, topic)
 
     def _committed_offsets(self, topic: str) -> dict[int, int]:
+        if self.closed:  # a status poll racing the shutdown: nothing to say about it
+            raise StorageError("the storage writer is closed")
         try:
             return self._store().committed_offsets(topic)
         except Exception as e:
@@ -249,6 +254,7 @@ class Writer:
 
     async def close(self) -> None:
         async with self.db_lock:
+            self.closed = True
             self._drop_store()
             if self._sink is not None:
                 self._sink.close()

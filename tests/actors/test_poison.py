@@ -155,6 +155,23 @@ def test_the_writer_never_touches_the_database_in_its_constructor(tmp_path):
     assert "reading offsets failed" in " ".join(writer.get_stats()["failures"])
 
 
+def test_a_closed_writer_never_reopens_its_store(tmp_path):
+    """A lag poll racing the shutdown must not reopen the DuckDB file (its lock would outlive the run)."""
+    import duckdb
+
+    path = tmp_path / "closed.duckdb"
+    writer = Writer(StorageConfig.embedded(path))
+
+    async def scenario():
+        assert await writer.committed_offsets("t") == {}
+        await writer.close()
+        with pytest.raises(StorageError, match="closed"):
+            await writer.committed_offsets("t")
+
+    asyncio.run(scenario())
+    duckdb.connect(str(path)).close()  # the file is free: nobody holds its lock
+
+
 def test_an_oversized_reject_is_dead_lettered_truncated_and_ingest_goes_on(
         ray_local, broker, new_topic, tmp_path):
     """A ~1 MB record the source topic accepted would not fit the dead-letter topic: it goes there cut to
