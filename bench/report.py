@@ -28,11 +28,13 @@ from storage.reader import open_reader
 from storage.router import StorageConfig, open_storage
 
 
-def build_store(path: Path, devices: int, days: int, seed: int = 7, start: datetime | None = None) -> int:
-    """A DuckDB store of a simulated fleet, written straight to the store (not through Kafka, so
-    no event-time window applies). ``start``: the simulator's default, unless given."""
+def build_store(path: Path | StorageConfig, devices: int, days: int, seed: int = 7,
+                start: datetime | None = None) -> int:
+    """A store of a simulated fleet (a DuckDB file, or any storage configuration), written straight
+    to the store (not through Kafka, so no event-time window applies). ``start``: the simulator's
+    default, unless given."""
     spec = FleetSpec(devices=devices, hours=24 * days, seed=seed, start=start)
-    storage = open_storage(StorageConfig.embedded(path))
+    storage = open_storage(path if isinstance(path, StorageConfig) else StorageConfig.embedded(path))
     storage.setup()
     offset, pending, total = 0, [], 0
     for chunk in simulate(spec, Fleet.build(spec)):

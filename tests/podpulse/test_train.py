@@ -42,6 +42,27 @@ def test_battery_anomaly_flags_the_injected_faults(ray_local, fleet_store):
     assert_flagged_device_days_are_in_the_anomalies_table(root, config, truth, result)
 
 
+def test_training_reads_postgresql_through_the_storage_reader_as_it_reads_duckdb(ray_local, pg_url, tmp_path,
+                                                                                 fixed_start):
+    """The same fleet in DuckDB and in PostgreSQL: Ray Data reads the same feature rows from both (the
+    reader's connection factories), and a version trained on PostgreSQL is registered there."""
+    from podpulse.registry import latest
+    from podpulse.train import read_features
+
+    pg = StorageConfig(backends={"pg": {"type": "postgresql", "url": pg_url}})
+    for target in (pg, tmp_path / "same.duckdb"):
+        build_store(target, 300, 4, seed=53, start=fixed_start)
+    a, b = read_features(pg), read_features(StorageConfig.embedded(tmp_path / "same.duckdb"))
+    assert set(a) == set(b) and len(a["device_id"]) == len(b["device_id"]) > 0
+    def rows(features: dict) -> list[tuple]:  # order-free: Ray Data may read in any order
+        columns = [[f"{float(v):.6g}" if f.dtype.kind == "f" else str(v) for v in f] for f in features.values()]
+        return sorted(zip(*columns))
+
+    assert rows(a) == rows(b)
+    result = train_battery_anomaly(pg, registry=tmp_path / "models", epochs=1)
+    assert latest(pg, "battery-anomaly")["version"] == result["version"]
+
+
 def test_without_truth_the_metrics_say_why(ray_local, fleet_store):
     root, config, _ = fleet_store
     result = train_battery_anomaly(config, registry=root / "models", epochs=1)
