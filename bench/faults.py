@@ -90,7 +90,7 @@ from podpulse.ingest import dead_letters
 from podpulse.kafka import client_config, ensure_topic, producer_config
 from podpulse.runtime import init_ray
 from podpulse.simulator import Fleet, FleetSpec, simulate
-from podpulse.summary import relational_query
+from storage.reader import run_queries
 
 __all__ = ["FAULTS", "POISON_KINDS", "Servers", "run", "select"]
 
@@ -327,7 +327,7 @@ def measure(storage: StorageConfig, bootstrap: str, topic: str) -> Measured:
     deadline = time.monotonic() + 30
     while True:
         try:  # a killed writer's process may hold DuckDB's file lock for a moment
-            r = relational_query(storage, {"ids": "SELECT device_id, seq, count(*) FROM events GROUP BY 1, 2",
+            r = run_queries(storage, {"ids": "SELECT device_id, seq, count(*) FROM events GROUP BY 1, 2",
                                            "counted": "SELECT sum(events) FROM devices"})
             break
         except Exception as e:

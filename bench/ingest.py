@@ -34,7 +34,7 @@ from podpulse.ingest import run_ingest
 from podpulse.runtime import init_ray
 from podpulse.kafka import client_config, ensure_topic, flush, produce, producer_config
 from podpulse.simulator import Fleet, FleetSpec, simulate
-from podpulse.summary import relational_query
+from storage.reader import run_queries
 from storage.base import StorageError
 from storage.router import StorageConfig, password
 
@@ -159,7 +159,7 @@ def stored_events(storage: StorageConfig) -> tuple[int, int, int]:
     raw = storage.backends[storage.routes["raw_events"]]
     if raw["type"] != "cassandra":
         counts["n"] = "SELECT count(*), count(DISTINCT (device_id, seq)) FROM events"
-    r = relational_query(storage, counts)
+    r = run_queries(storage, counts)
     counted = int(r["devices"][0][0] or 0)
     if "n" in r:
         rows, distinct = r["n"][0]

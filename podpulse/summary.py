@@ -5,7 +5,7 @@ from __future__ import annotations
 from storage.reader import run_queries
 from storage.router import StorageConfig
 
-__all__ = ["store_summary", "relational_query"]
+__all__ = ["store_summary"]
 
 QUERIES = {
     "totals": "SELECT count(*), sum(events) FROM devices",
@@ -15,14 +15,9 @@ QUERIES = {
 }
 
 
-def relational_query(config: StorageConfig, queries: dict[str, str]) -> dict[str, list[tuple]]:
-    """Run read-only SQL on the backend that holds devices and rollups (session time zone UTC)."""
-    return run_queries(config, queries)
-
-
 def store_summary(config: StorageConfig) -> dict:
     """Devices and events stored, devices by state, listening hours urban vs rural."""
-    r = relational_query(config, QUERIES)
+    r = run_queries(config, QUERIES)
     devices, events = r["totals"][0]
     listening = {
         ("urban" if urban else "rural"): {"devices": n, "listening_hours": round(float(hours), 1),

@@ -149,17 +149,17 @@ def _assert_rollups_match_raw(store, in_order: bool = True) -> None:
         store.execute("SET TimeZone = 'UTC'")
         stored, recomputed = store.execute(ROLLUP_STORED).fetchall(), store.execute(ROLLUP_RECOMPUTED).fetchall()
     elif store.backends[store.routes["raw_events"]]["type"] == "cassandra":
-        from podpulse.summary import relational_query
+        from storage.reader import run_queries
 
-        stored = relational_query(store, {"s": ROLLUP_STORED})["s"]
+        stored = run_queries(store, {"s": ROLLUP_STORED})["s"]
         from infra.cassandra import cassandra_events
 
         recomputed = cassandra_events(store.backends[store.routes["raw_events"]]).execute(
             ROLLUP_RECOMPUTED).fetchall()
     else:
-        from podpulse.summary import relational_query
+        from storage.reader import run_queries
 
-        r = relational_query(store, {"s": ROLLUP_STORED, "r": ROLLUP_RECOMPUTED})
+        r = run_queries(store, {"s": ROLLUP_STORED, "r": ROLLUP_RECOMPUTED})
         stored, recomputed = r["s"], r["r"]
     assert len(stored) == len(recomputed) > 0
     for a, b in zip(stored, recomputed):

@@ -11,7 +11,7 @@ from actors.supervisor import IngestSupervisor, shards
 from podpulse.config import IngestConfig
 from podpulse.contract import decode_batch
 from podpulse.ingest import dead_letters, run_ingest
-from podpulse.summary import relational_query
+from storage.reader import run_queries
 from podpulse.simulator import FleetSpec
 from storage.router import StorageConfig
 
@@ -44,7 +44,7 @@ def end_offsets(broker, topic, partitions):
 def assert_exactly_once(storage, valid_values, assert_rollups_match_raw):
     expected = decode_batch(valid_values).table.select(["device_id", "seq"]).to_pylist()
     expected = Counter((r["device_id"], r["seq"]) for r in expected)
-    r = relational_query(storage, {"events": "SELECT device_id, seq FROM events",
+    r = run_queries(storage, {"events": "SELECT device_id, seq FROM events",
                                    "devices": "SELECT sum(events) FROM devices",
                                    "offsets": "SELECT kafka_partition, next_offset FROM kafka_offsets"})
     stored = Counter(r["events"])

@@ -17,7 +17,7 @@ from actors.supervisor import IngestSupervisor, Supervisor
 from podpulse.config import IngestConfig
 from podpulse.contract import decode_batch
 from podpulse.simulator import FleetSpec
-from podpulse.summary import relational_query
+from storage.reader import run_queries
 from storage.router import StorageConfig
 
 from infra.cassandra import cassandra_events
@@ -53,7 +53,7 @@ def assert_stored_once(storage, valid_values, assert_rollups_match_raw):
     if raw["type"] == "cassandra":
         stored = Counter(cassandra_events(raw).execute("SELECT device_id, seq FROM events").fetchall())
     else:
-        stored = Counter(relational_query(storage, {"events": "SELECT device_id, seq FROM events"})["events"])
+        stored = Counter(run_queries(storage, {"events": "SELECT device_id, seq FROM events"})["events"])
     assert max(stored.values()) == 1, "duplicated rows"
     assert stored == expected, f"lost {len(expected - stored)}, unexpected {len(stored - expected)}"
     assert_rollups_match_raw(storage)
@@ -116,7 +116,7 @@ def test_lag_is_read_from_the_real_high_watermarks(ray_local, kafka, new_topic, 
     assert ray.get(run.run.remote(until_caught_up=True), timeout=120)["lag"] == {0: 0, 1: 0, 2: 0}
     ray.kill(run)
     produce_fleet(topic, FleetSpec(devices=150, hours=3, seed=34))  # more arrives, not stored
-    stored = relational_query(storage, {"o": "SELECT kafka_partition, next_offset FROM kafka_offsets"})["o"]
+    stored = run_queries(storage, {"o": "SELECT kafka_partition, next_offset FROM kafka_offsets"})["o"]
     lag = measure_lag(kafka, topic, storage)
     assert lag == count_from(kafka, topic, dict(stored)) and all(lag.values())
 

@@ -2,7 +2,6 @@
 
 import asyncio
 import os
-import threading
 import time
 from collections import Counter
 
@@ -19,7 +18,7 @@ from podpulse.contract import decode_batch
 from podpulse.dead_letters import MAX_VALUE_BYTES, DeadLetterTopic
 from podpulse.ingest import dead_letters
 from podpulse.simulator import Fleet, FleetSpec, simulate
-from podpulse.summary import relational_query
+from storage.reader import run_queries
 from storage.base import StorageError
 from storage.router import StorageConfig, open_storage
 
@@ -37,7 +36,7 @@ def batch(values: list[bytes], partition: int, first_offset: int) -> pa.Table:
 
 
 def stored_identities(storage: StorageConfig) -> Counter:
-    return Counter(relational_query(storage, {"e": "SELECT device_id, seq FROM events"})["e"])
+    return Counter(run_queries(storage, {"e": "SELECT device_id, seq FROM events"})["e"])
 
 
 def test_the_writer_dead_letters_exactly_the_rows_the_store_refuses_and_stores_the_rest(
@@ -95,7 +94,7 @@ def test_an_event_sent_again_at_a_new_offset_is_stored_and_counted_once(store_co
     assert r2.repeated == len(again) + len(late[::2]) and r2.applied == len(second)
     stored = stored_identities(store_config)
     assert max(stored.values()) == 1 and sum(stored.values()) == len(values)
-    devices = relational_query(store_config, {"d": "SELECT sum(events) FROM devices"})["d"][0][0]
+    devices = run_queries(store_config, {"d": "SELECT sum(events) FROM devices"})["d"][0][0]
     assert int(devices) == len(values)
     assert_rollups_match_raw(store_config, in_order=False)
 
@@ -134,7 +133,7 @@ def test_in_the_cassandra_layout_an_event_sent_again_is_counted_once_and_a_crash
         assert (r3.applied, r3.repeated) == (len(last), 0)
         assert raw == len(values)
         storage.relational.close()  # DuckDB: one configuration per file in a process
-        devices = relational_query(config, {"d": "SELECT sum(events) FROM devices"})["d"][0][0]
+        devices = run_queries(config, {"d": "SELECT sum(events) FROM devices"})["d"][0][0]
         assert int(devices) == len(values)
         assert_rollups_match_raw(config, in_order=False)
     finally:

@@ -169,7 +169,7 @@ def test_anomalies_are_written_and_counted_by_region_on_duckdb_and_postgresql(st
     with pytest.raises(ValueError):
         flagged_devices_by_region(store_config, "x' OR '1'='1")
 
-    from podpulse.summary import relational_query
+    from storage.reader import run_queries
 
-    [(first_day,)] = relational_query(store_config, {"d": "SELECT min(day) FROM anomalies"})["d"]
+    [(first_day,)] = run_queries(store_config, {"d": "SELECT min(day) FROM anomalies"})["d"]
     assert first_day.isoformat().startswith("2025-02-28T14:00:00")  # 1 March AEST begins at 14:00 UTC
