@@ -6,6 +6,7 @@ The benchmarks' own libraries (psutil, aiohttp) come with the ``bench`` extra:
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -28,8 +29,6 @@ StorageFile = Annotated[Optional[Path], typer.Option(
 
 def _module(name: str):
     """A benchmark module, or a one-line error naming the extra that brings its libraries."""
-    import importlib
-
     try:
         return importlib.import_module(f"bench.{name}")
     except ModuleNotFoundError as e:

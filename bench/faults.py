@@ -76,6 +76,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -83,13 +84,17 @@ import msgspec
 import psutil
 import ray
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from sqlalchemy import create_engine
 
+from actors.supervisor import IngestSupervisor
+from podpulse.broker import EmbeddedBroker
 from podpulse.config import IngestConfig, StorageConfig
 from podpulse.errors import ConfigError
 from podpulse.ingest import dead_letters
 from podpulse.kafka import client_config, ensure_topic, producer_config
 from podpulse.runtime import init_ray
 from podpulse.simulator import Fleet, FleetSpec, simulate
+from storage.postgres_store import engine_url
 from storage.reader import run_queries
 
 __all__ = ["FAULTS", "POISON_KINDS", "Servers", "run", "select"]
@@ -125,8 +130,6 @@ def _deep(base: dict, depth: int = 5000) -> bytes:
 
 
 def _ms(year: int) -> int:
-    from datetime import datetime, timezone
-
     return int(datetime(year, 6, 1, tzinfo=timezone.utc).timestamp() * 1000)
 
 
@@ -258,8 +261,8 @@ def _infra():
         raise ConfigError(f"bench faults needs the repository's tests/infra (not found in {tests.parent})")
     if str(tests) not in sys.path:
         sys.path.insert(0, str(tests))
-    import infra.kafka
-    import infra.postgres
+    import infra.kafka  # lazy: tests/infra joins sys.path just above
+    import infra.postgres  # lazy: likewise
 
     return infra
 
@@ -274,8 +277,6 @@ class Servers:
     def get(self, name: str):
         if self._servers[name] is None:
             if name == "tansu":
-                from podpulse.broker import EmbeddedBroker
-
                 server = EmbeddedBroker().start()
             elif name == "kafka":
                 server = _infra().kafka.KafkaBroker().start()
@@ -362,10 +363,6 @@ def writer_offsets(supervisor, topic: str) -> Callable[[], dict | None]:
 
 def store_offsets(storage: StorageConfig, topic: str) -> Callable[[], dict | None]:
     """The offsets stored with the data, read from PostgreSQL directly."""
-    from sqlalchemy import create_engine
-
-    from storage.postgres_store import engine_url
-
     engine = create_engine(engine_url(storage.backends["pg"]["url"]), pool_pre_ping=True)
 
     def read():
@@ -432,8 +429,6 @@ class Pipeline:
 
     def __init__(self, config: IngestConfig, until_caught_up: bool = True):
         self.topic = config.topic
-        from actors.supervisor import IngestSupervisor
-
         self.supervisor = IngestSupervisor.remote(config)
         self.done = self.supervisor.run.remote(until_caught_up=until_caught_up)
         self.summary: dict = {}

@@ -29,6 +29,7 @@ Needs atheris (``pip install -e .[dev]``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -130,8 +131,6 @@ def seeds(now_ms: int) -> list[bytes]:
 
 
 def save(data: bytes, crash_dir: Path) -> Path:
-    import hashlib
-
     crash_dir.mkdir(parents=True, exist_ok=True)
     path = crash_dir / f"fuzz-contract-{hashlib.sha1(data).hexdigest()[:16]}.bin"
     path.write_bytes(data)

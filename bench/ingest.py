@@ -26,16 +26,19 @@ from pathlib import Path
 
 import psutil
 from confluent_kafka import Consumer, Producer, TopicPartition
+from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
 from podpulse.broker import EmbeddedBroker
 from podpulse.config import IngestConfig
 from podpulse.ingest import run_ingest
-from podpulse.runtime import init_ray
 from podpulse.kafka import client_config, ensure_topic, flush, produce, producer_config
+from podpulse.runtime import init_ray
 from podpulse.simulator import Fleet, FleetSpec, simulate
-from storage.reader import run_queries
 from storage.base import StorageError
+from storage.cassandra_store import CassandraSettings, CassandraStore
+from storage.postgres_store import engine_url
+from storage.reader import run_queries
 from storage.router import StorageConfig, password
 
 EVENTS_PER_DEVICE_DAY = 40  # about what the simulator emits
@@ -118,10 +121,6 @@ def bench_storage(storage_file, tmp: str):
     if spec["type"] != "postgresql" or raw_spec["type"] not in ("postgresql", "cassandra"):
         raise StorageError("bench ingest measures the embedded store, or PostgreSQL for the relational "
                            "records with raw events in it or in Cassandra")
-    from sqlalchemy import create_engine
-
-    from storage.postgres_store import engine_url
-
     name = f"podpulse_bench_{int(time.time())}"
     admin = create_engine(engine_url(spec["url"], password(spec)))
     with admin.begin() as conn:
@@ -143,8 +142,6 @@ def bench_storage(storage_file, tmp: str):
 
 @contextmanager
 def _cassandra(spec):
-    from storage.cassandra_store import CassandraSettings, CassandraStore
-
     store = CassandraStore(CassandraSettings(**{k: v for k, v in spec.items() if k != "type"}))
     store.setup()
     try:

@@ -23,7 +23,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import numpy as np
+from ray import serve
+
+from bench.report import build_store
+from deployments.app import run_local
+from podpulse.battery_model import load, score_rows
+from podpulse.broker import free_port
+from podpulse.runtime import init_ray
+from podpulse.train import train_battery_anomaly
+from storage.router import StorageConfig
 
 ROW = {"model": "AirPods Pro 2", "firmware": "7A294", "playback_h": 0.8, "anc": 0.5, "adaptive": 0.1,
        "transparency": 0.1, "output_dba": 70.0, "drain_left_pct": 18.0, "drain_right_pct": 17.0}
@@ -32,8 +42,6 @@ TOKEN = "bench-token"
 
 async def open_loop(url: str, body: dict, headers: dict, rate: float, seconds: float) -> tuple[np.ndarray, int, float]:
     """Latencies (s, from each request's scheduled time), errors, and the wall time it took."""
-    import aiohttp
-
     n = int(rate * seconds)
     latencies, errors = np.zeros(n), 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512)) as session:
@@ -54,16 +62,6 @@ async def open_loop(url: str, body: dict, headers: dict, rate: float, seconds: f
 
 
 def run(rate: int = 200, seconds: float = 10.0, devices: int = 300, days: int = 3) -> dict:
-    from ray import serve
-
-    from bench.report import build_store
-    from deployments.app import run_local
-    from podpulse.battery_model import load, score_rows
-    from podpulse.broker import free_port
-    from podpulse.runtime import init_ray
-    from podpulse.train import train_battery_anomaly
-    from storage.router import StorageConfig
-
     with tempfile.TemporaryDirectory(prefix="podpulse-bench-serve-") as tmp:
         storage = StorageConfig.embedded(Path(tmp) / "s.duckdb")
         build_store(Path(tmp) / "s.duckdb", devices, days)

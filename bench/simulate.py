@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+import msgspec
+
 from podpulse.contract import Event, encoder
 from podpulse.simulator import Fleet, FleetSpec, simulate
 
@@ -38,6 +40,4 @@ def run(devices: int = 10_000, hours: float = 24.0, seed: int = 7) -> dict:
 
 
 def _fields(value: bytes) -> dict:
-    import msgspec
-
     return msgspec.json.decode(value)

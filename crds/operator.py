@@ -16,6 +16,7 @@ import os
 from datetime import datetime, timezone
 
 import kopf
+from kubernetes import client, config, dynamic
 from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 
 from crds import reconcile as rc
@@ -31,8 +32,6 @@ class Cluster:
     """Every Kubernetes call the operator makes; deploy/base/rbac.yaml grants exactly these."""
 
     def __init__(self):
-        from kubernetes import client, config, dynamic
-
         try:
             config.load_incluster_config()
         except config.ConfigException:

@@ -29,12 +29,22 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Annotated
 
+# The module, not its Producer: serve.ingress cloudpickles the app, and Producer's __module__
+# ('cimpl') cannot be imported by name, so cloudpickle would try to copy the class by value.
+import confluent_kafka
+import msgspec
 from fastapi import Depends, FastAPI, Header, HTTPException, Query
 from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 from ray import serve
 
-from podpulse import metrics
+from podpulse import analytics, battery_model, forecast_model, metrics
+from podpulse.config import StorageConfig
+from podpulse.contract import decode_batch
+from podpulse.errors import BrokerError
+from podpulse.kafka import deliver, producer_config
+from podpulse.registry import flagged_devices_by_region, latest
+from storage.reader import open_reader
 
 __all__ = ["app", "api", "build", "run_local", "PodPulseAPI", "UserConfig", "parse_user_config"]
 
@@ -154,18 +164,10 @@ class TelemetryRequest(BaseModel):
     events: list[dict] = Field(min_length=1, max_length=MAX_EVENTS)
 
 
-def load_battery_model(path):
-    from podpulse.battery_model import load
-
-    return load(path)
-
-
 def serving(model, storage) -> None:
     """Export which battery-anomaly version this replica serves (the drift alert keys on it) and how
     many devices that version flagged per region (one query on the store; the training job wrote the
     flagged device-days). A store that cannot be read is logged: the replica serves on regardless."""
-    from podpulse.registry import flagged_devices_by_region
-
     version = str(model.version)
     metrics.model_version("battery-anomaly", version)
     try:
@@ -204,8 +206,6 @@ class PodPulseAPI:
 
     def __init__(self, storage: dict | None = None, bootstrap: str | None = None, topic: str | None = None,
                  registry: str = "podpulse-data/models"):
-        from storage.router import StorageConfig
-
         self.storage = StorageConfig(**storage) if storage else StorageConfig()
         self.registry = registry
         self.topic = topic
@@ -216,11 +216,7 @@ class PodPulseAPI:
         self._forecast = None  # ((version, path), WeekAhead) of the latest usage-forecast, read once per version
         self.producer = None
         if bootstrap and topic:
-            from confluent_kafka import Producer
-
-            from podpulse.kafka import producer_config
-
-            self.producer = Producer(producer_config(
+            self.producer = confluent_kafka.Producer(producer_config(
                 bootstrap, {"message.timeout.ms": int(DELIVERY_TIMEOUT_S * 1000)}))
 
     async def reconfigure(self, config: dict) -> None:
@@ -250,7 +246,7 @@ class PodPulseAPI:
     def _load_configured(settings: UserConfig) -> tuple:
         def load(key: str, path: str):
             try:
-                return load_battery_model(path)
+                return battery_model.load(path)
             except Exception as e:
                 raise RuntimeError(f"user_config {key} {path!r} could not be loaded as a battery-anomaly "
                                    f"version: {type(e).__name__}: {e}") from e
@@ -276,8 +272,6 @@ class PodPulseAPI:
     def registered(self, name: str) -> dict:
         """The latest version of ``name`` in ``model_versions`` (:func:`podpulse.registry.latest`);
         503 when none is registered or the registry cannot be read."""
-        from podpulse.registry import latest
-
         try:
             entry = latest(self.storage, name)
         except Exception as e:  # any driver's error
@@ -294,7 +288,7 @@ class PodPulseAPI:
         """The latest registered battery-anomaly version, loaded (in a thread: store, disk, TensorFlow)."""
         entry = self.registered("battery-anomaly")
         try:
-            model = load_battery_model(entry["path"])
+            model = battery_model.load(entry["path"])
         except Exception as e:
             log.warning("cannot load battery-anomaly %s from %s", entry["version"], entry["path"], exc_info=True)
             raise HTTPException(status_code=503, detail=f"battery-anomaly {entry['version']}, the registry's latest, "
@@ -322,8 +316,6 @@ class PodPulseAPI:
     @serve.batch(max_batch_size=SCORE_BATCH_SIZE, batch_wait_timeout_s=SCORE_BATCH_WAIT_S)
     async def score(self, requests: list[tuple[str, list[dict]]]) -> list[dict]:
         """Concurrent requests' rows, scored in one model call per version."""
-        from podpulse.battery_model import score_rows
-
         out: list[dict] = [{}] * len(requests)
         stable = await self.battery_model()
         # A canary withdrawn between pick() and this batch: its requests go to the stable version.
@@ -331,7 +323,7 @@ class PodPulseAPI:
             mine = [i for i, (a, _) in enumerate(requests) if a == arm]
             if not mine:
                 continue
-            scored = score_rows(model, [r for i in mine for r in requests[i][1]])
+            scored = battery_model.score_rows(model, [r for i in mine for r in requests[i][1]])
             at = 0
             for i in mine:
                 n = len(requests[i][1])
@@ -349,12 +341,6 @@ class PodPulseAPI:
     def telemetry(self, body: TelemetryRequest) -> dict:
         """Validate with the event contract, produce the valid events to Kafka; 202 once Kafka
         acknowledged every one of them, else 503 with ``Retry-After`` and Kafka's reason."""
-        import msgspec
-
-        from podpulse.contract import decode_batch
-        from podpulse.errors import BrokerError
-        from podpulse.kafka import deliver
-
         if self.producer is None:
             raise HTTPException(status_code=503, detail="HTTP ingest is not configured (no Kafka topic)")
         values = [msgspec.json.encode(e) for e in body.events]
@@ -382,16 +368,13 @@ class PodPulseAPI:
     @app.get("/v1/devices/{device_id}/battery-health", dependencies=[Auth])
     async def battery_health(self, device_id: Annotated[str, PathParam(pattern=DEVICE_ID)],
                              days: Annotated[int, Query(ge=1, le=90)] = 7) -> dict:
-        from storage.reader import open_reader
-        from podpulse.battery_model import FEATURE_SQL
-
         def read() -> list[dict]:  # in a thread: the query must not hold up the event loop
             with open_reader(self.storage) as r:
                 columns = ["device_id", "day", "model", "firmware", "playback_h", "anc", "adaptive",
                            "transparency", "output_dba", "drain_left_pct", "drain_right_pct"]
                 return [dict(zip(columns, row)) for row in r.rows(  # device_id: checked by DEVICE_ID
-                    f"SELECT * FROM ({FEATURE_SQL}) f WHERE device_id = '{device_id}' "
-                    f"AND day >= (SELECT max(day) FROM ({FEATURE_SQL}) g) - {days} ORDER BY day")]
+                    f"SELECT * FROM ({battery_model.FEATURE_SQL}) f WHERE device_id = '{device_id}' "
+                    f"AND day >= (SELECT max(day) FROM ({battery_model.FEATURE_SQL}) g) - {days} ORDER BY day")]
 
         rows = await asyncio.to_thread(read)
         if not rows:
@@ -423,14 +406,12 @@ class PodPulseAPI:
     def week_ahead(self):
         """The forecast the latest registered usage-forecast version publishes: the registry is
         asked per request (a new version is served at once), its metadata read once per version."""
-        from podpulse.forecast_model import week_ahead
-
         entry = self.registered("usage-forecast")
         key = (entry["version"], entry["path"])
         cached = self._forecast
         if cached is None or cached[0] != key:
             try:
-                cached = (key, week_ahead(entry["path"]))
+                cached = (key, forecast_model.week_ahead(entry["path"]))
             except Exception as e:
                 log.warning("cannot read usage-forecast %s at %s", *key, exc_info=True)
                 raise HTTPException(status_code=503, detail=f"usage-forecast {entry['version']}, the registry's "
@@ -442,9 +423,6 @@ class PodPulseAPI:
     def analytics(self, query: str, start: Annotated[date | None, Query(alias="from")] = None,
                   end: Annotated[date | None, Query(alias="to")] = None,
                   k: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict:
-        from podpulse import analytics
-        from storage.reader import open_reader
-
         if query not in analytics.QUERIES:
             raise HTTPException(status_code=404, detail=f"no query {query!r}; try {', '.join(analytics.QUERIES)}")
         with open_reader(self.storage) as r:

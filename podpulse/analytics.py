@@ -25,11 +25,13 @@ from datetime import date, timedelta
 import numpy as np
 
 from podpulse import geo
-from storage.reader import Reader
+from podpulse.config import StorageConfig
+from podpulse.errors import ConfigError
+from storage.reader import Reader, open_reader
 from storage.rollups import REPORT_UTC_OFFSET_H
 
 __all__ = ["Result", "usage_trend", "noise_habits", "mode_shares", "exposure", "battery_health",
-           "firmware_adoption", "listening_by_hour", "state_overview", "full_report", "data_range", "QUERIES"]
+           "firmware_adoption", "listening_by_hour", "state_overview", "full_report", "data_range", "report_for", "QUERIES"]
 
 DEFAULT_K = 10
 AEST = f"INTERVAL '{REPORT_UTC_OFFSET_H} hours'"
@@ -272,3 +274,18 @@ def full_report(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> dict:
     out["events_covered"] = int(r.rows(
         f"SELECT coalesce(sum(events), 0) FROM device_hourly WHERE {_window(start, end)}")[0][0])
     return out
+
+
+def report_for(config: StorageConfig, first: date | None = None, last: date | None = None,
+               k: int = DEFAULT_K) -> dict:
+    """:func:`full_report` over the AEST days ``first`` to ``last`` (both included; each defaults to
+    the end the store covers), read from the store that keeps the rollups."""
+    with open_reader(config) as reader:
+        covered = data_range(reader)
+        if covered is None:
+            raise ConfigError("the store holds no rollups yet")
+        start = first or covered[0]
+        end = last + timedelta(days=1) if last else covered[1]
+        if end <= start:
+            raise ConfigError(f"the last day ({end - timedelta(days=1)}) is before the first ({start})")
+        return full_report(reader, start, end, k)

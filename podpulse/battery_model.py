@@ -82,7 +82,7 @@ class BatteryModel:
         """The network as one TensorFlow graph. Keras' eager ``__call__`` dispatches layer by layer
         (~5 ms a call here) and ``predict()`` sets up a data pipeline (~35 ms); the traced graph
         takes any batch size without retracing and costs well under a millisecond for small batches."""
-        import tensorflow as tf
+        import tensorflow as tf  # lazy: TensorFlow takes 5 s to import
 
         if self._graph is None:
             network = self.network
@@ -105,7 +105,7 @@ class BatteryModel:
 
     @classmethod
     def train(cls, f: Features, epochs: int = 8, seed: int = 0) -> "BatteryModel":
-        import tensorflow as tf
+        import tensorflow as tf  # lazy: TensorFlow takes 5 s to import
 
         tf.keras.utils.set_random_seed(seed)
         mean, scale = f.x_numeric.mean(axis=0), f.x_numeric.std(axis=0) + 1e-6
@@ -175,7 +175,7 @@ def load(path) -> BatteryModel:
     """A saved battery-anomaly version: the directory ``path`` (``model.keras`` and ``metadata.json``)."""
     meta = metadata(path)  # before TensorFlow's import: a wrong directory fails at once
 
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow takes 5 s to import
 
     schema = meta["feature_schema"]
     model = BatteryModel(schema["models"], schema["firmwares"], np.array(schema["mean"]),

@@ -8,9 +8,11 @@ must survive a restart.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -105,6 +107,18 @@ class EmbeddedBroker:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    def serve_until_stopped(self) -> None:
+        """Block until Ctrl-C or SIGTERM; raises :class:`BrokerError` if the broker exits first."""
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while self.running and not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        if not self.running:
+            raise BrokerError(f"the broker exited unexpectedly: {self._log_tail()}")
 
     def __enter__(self) -> "EmbeddedBroker":
         return self.start()

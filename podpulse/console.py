@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -10,9 +14,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from podpulse import geo
+from podpulse.ingest import run_ingest
+from podpulse.runtime import init_ray
+from podpulse.report_html import write_html
+from podpulse.simulator import simulate as generate
 
-__all__ = ["out", "err", "run_simulation", "print_summary", "ingest_with_progress", "DemoProgressBars",
-           "print_demo_summary", "print_demo_models", "write_report", "print_report_tables"]
+__all__ = ["out", "err", "run_simulation", "print_summary", "ingest_with_progress", "print_ingest_result",
+           "DemoProgressBars", "print_demo_result", "print_demo_summary", "print_demo_models", "write_report",
+           "print_report_tables", "print_training", "print_drift", "print_db_status", "quiet_logs",
+           "serve_until_interrupted"]
 
 out = Console()
 err = Console(stderr=True)
@@ -20,8 +30,6 @@ err = Console(stderr=True)
 
 def run_simulation(spec, fleet, summary, write, quiet: bool = False) -> None:
     """Drive the simulator into ``write(chunk)`` with a progress bar."""
-    from podpulse.simulator import simulate as generate
-
     columns = (TextColumn("[bold]simulating"), BarColumn(), MofNCompleteColumn(),
                TextColumn("intervals · {task.fields[events]:,} events"), TimeRemainingColumn())
     with Progress(*columns, console=err, disable=quiet, transient=True) as progress:
@@ -53,8 +61,6 @@ def print_summary(summary, result: dict) -> None:
 
 
 def ingest_with_progress(config, until_caught_up: bool, quiet: bool) -> dict:
-    from podpulse.ingest import run_ingest
-
     columns = (TextColumn("[bold]ingesting"), BarColumn(), TextColumn("lag {task.fields[lag]:,}"),
                TextColumn("· {task.fields[restarts]} restarts"))
     with Progress(*columns, console=err, disable=quiet, transient=True) as progress:
@@ -138,8 +144,7 @@ def print_demo_summary(s: dict) -> None:
                   f"({v['hours_per_device']} h per device)")
     if s["first_dead_letter"]:
         out.print(f"first dead letter: {s['first_dead_letter']}")
-    for cause, n in sorted(s.get("failures", {}).items(), key=lambda kv: -kv[1]):
-        out.print(f"  {n:,} × {cause}", markup=False, highlight=False)
+    _print_failures(s.get("failures", {}))
     out.print(f"fleet report: {s['report']}")
 
 
@@ -154,14 +159,9 @@ def write_report(result: dict, fmt: str, out_dir: Path | None, quiet: bool = Fal
             path.write_text(text)
         print(text)
     elif fmt == "html":
-        from podpulse.report_html import render_html
-
-        out_dir = out_dir or Path("podpulse-data/report")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "report.html"
-        path.write_text(render_html(result))
+        path = write_html(result, out_dir or Path("podpulse-data/report"))
         if not quiet:
-            out.print(f"report written to {path.resolve()}")
+            out.print(f"report written to {path}")
     else:
         print_report_tables(result)
     return path
@@ -190,3 +190,78 @@ def print_report_tables(result: dict, max_rows: int = 25) -> None:
     if outliers:
         out.print("battery outliers (furthest from their model/firmware cohort): " + ", ".join(
             f"{o['device_id']} (z {o['z']:.1f})" for o in outliers[:5]))
+
+
+def print_ingest_result(result: dict) -> None:
+    w = result["writer"]
+    out.print(f"stored {w.get('applied', 0):,} events ({w.get('replayed', 0):,} redelivered and "
+              f"{w.get('repeated', 0):,} sent twice, skipped) from {result['partitions']} partitions "
+              f"with {result['consumers']} consumers; dead-lettered "
+              f"{result['dead_lettered'] + w.get('refused', 0):,}; lag {sum(result['lag'].values()):,}")
+    _print_failures(result.get("failures", {}))
+
+
+def _print_failures(failures: dict[str, int]) -> None:
+    for cause, n in sorted(failures.items(), key=lambda kv: -kv[1]):
+        out.print(f"  {n:,} × {cause}", markup=False, highlight=False)
+
+
+def print_demo_result(summary: dict, *, models: bool, log_file: Path | None, kept_store: bool) -> None:
+    """The demo's closing lines: what was stored, the models, where the logs went, what to do next."""
+    print_demo_summary(summary)
+    if models:
+        print_demo_models(summary)
+    if log_file:
+        out.print(f"[dim]Ray, Ray Data and TensorFlow logs: {log_file} (--verbose shows them here)[/]")
+    out.print(f"next: open {summary['report']}" if kept_store else
+              f"next: open {summary['report']}, or try `podpulse report --db {summary['store']}`")
+
+
+def print_training(model: str, result: dict) -> None:
+    if model == "battery-anomaly":
+        auc = ("n/a" if result["auc"] is None
+               else f"{result['auc']:.3f} (IsolationForest {result['baseline_auc']:.3f})")
+        out.print(f"battery-anomaly {result['version']}: AUC {auc}, {result['flagged_device_days']:,} of "
+                  f"{result['device_days']:,} device-days flagged → {result['path']}")
+    else:
+        out.print(f"usage-forecast {result['version']}: MAPE {result['mape']:.1f}% (seasonal naive "
+                  f"{result['baseline_mape']:.1f}%) → {result['path']}")
+
+
+def print_drift(result: dict) -> None:
+    for name, value in result["features"].items():
+        out.print(f"{name:>14}: PSI {value:.3f}")
+    out.print(("[bold red]retrain[/]" if result["retrain"] else "[green]no retraining needed[/]")
+              + f" (max PSI {result['max_psi']:.3f}, threshold {result['threshold']})"
+              + (f" — {result['note']}" if result.get("note") else ""))
+
+
+def print_db_status(result: dict) -> None:
+    out.print(f"current version {result['current']}, latest {result['latest']}")
+    for m in result["pending"]:
+        out.print(f"  pending {m['version']}: {m['description']}")
+
+
+def quiet_logs(path: Path) -> Path:
+    """Send everything written to this process's stderr (Ray's, Ray Data's, Serve's and TensorFlow's
+    logs, C++ ones included) to ``path``; PodPulse's own progress and summary still reach the terminal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    err.file = os.fdopen(os.dup(2), "w", buffering=1)  # the terminal, for PodPulse's own lines
+    log = open(path, "a", buffering=1)
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 2)
+    logging.captureWarnings(True)
+    init_ray(log_file=path)
+    return path
+
+
+def serve_until_interrupted() -> None:
+    """Keep this process (and the Serve application it started) alive until Ctrl-C."""
+    from ray import serve  # lazy: Serve takes 1 s to import and only a serving command needs it
+
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        serve.shutdown()

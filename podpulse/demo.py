@@ -19,14 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import requests
+
+from podpulse.analytics import report_for
 from podpulse.broker import EmbeddedBroker
 from podpulse.config import IngestConfig, StorageConfig
 from podpulse.errors import ConfigError
 from podpulse.ingest import dead_letters, run_ingest
-from podpulse.report_html import render_html
+from podpulse.report_html import write_html
 from podpulse.simulator import Fleet, FleetSpec, Summary, simulate
 from podpulse.sink import open_sink
 from podpulse.summary import store_summary
+from podpulse.train import train_battery_anomaly, train_usage_forecast
 
 __all__ = ["DemoOptions", "DemoProgress", "run_demo"]
 
@@ -85,33 +89,17 @@ def run_demo(opts: DemoOptions, progress: DemoProgress) -> dict:
         "ingested": result["writer"]["applied"], "seed": seed, "failures": result.get("failures", {}),
         "consumers": result["consumers"], "partitions": result["partitions"],
         "store": str(opts.storage_file) if opts.storage_file else str(opts.db.resolve()),
-        "report": str(_write_report(storage, place / "report"))}
+        "report": str(write_html(report_for(storage), place / "report"))}
     if opts.models:
         truth = {t["device_id"]: t["fault"] for t in fleet.truth()}
         summary |= _models(storage, place / "models", truth, opts.port, progress)
     return summary
 
 
-def _write_report(storage: StorageConfig, out_dir: Path) -> Path:
-    from podpulse.analytics import data_range, full_report
-    from storage.reader import open_reader
-
-    with open_reader(storage) as reader:
-        start, end = data_range(reader)
-        report = full_report(reader, start, end)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "report.html"
-    path.write_text(render_html(report))
-    return path.resolve()
-
-
 def _models(storage: StorageConfig, registry: Path, truth: dict[str, str], port: int,
             progress: DemoProgress) -> dict:
     """Train both models on the demo store, serve them, ask the API about the worst device."""
-    import requests
-
-    from deployments.app import run_local
-    from podpulse.train import train_battery_anomaly, train_usage_forecast
+    from deployments.app import run_local  # lazy: Serve and FastAPI take 2 s to import; --no-models never needs them
 
     progress.step("training the battery anomaly model (Ray Data reads the rollups) ...")
     battery = train_battery_anomaly(storage, registry=registry, truth=truth)

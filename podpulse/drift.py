@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from podpulse.battery_model import NUMERIC, features_from_rows
 from podpulse.errors import ConfigError
+from podpulse.train import read_features
 
 __all__ = ["psi", "drift_report", "THRESHOLD", "EPSILON"]
 
@@ -67,9 +69,6 @@ def drift_report(config, model_dir: Path, *, recent_days: int = 7, bins: int = 1
     With nothing newer than the window in the store, the window's last 2 days
     are compared with the rest of it, and ``note`` says so.
     """
-    from podpulse.battery_model import NUMERIC, features_from_rows
-    from podpulse.train import read_features
-
     try:
         window = json.loads((Path(model_dir) / "metadata.json").read_text())["data_window"]
         start, end = np.datetime64(window["from"], "D"), np.datetime64(window["to"], "D")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 from podpulse import metrics
+from podpulse.kafka import kafka_reason
 
 __all__ = ["FailureLog", "root_cause"]
 
@@ -32,8 +33,6 @@ def root_cause(error: BaseException) -> BaseException:
 
 def describe(error: BaseException) -> str:
     """``Type: first line of the message``, at most :data:`MAX_CHARS` characters."""
-    from podpulse.kafka import kafka_reason
-
     error = root_cause(error)
     text = kafka_reason(error)
     return (text.strip().splitlines() or [type(error).__name__])[0][:MAX_CHARS]

@@ -117,7 +117,7 @@ def mape(actual: np.ndarray, forecast: np.ndarray) -> float:
 
 
 def _masked_mae(y_true, y_pred):
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow takes 5 s to import
 
     ok = tf.math.is_finite(y_true)
     err = tf.where(ok, tf.abs(tf.where(ok, y_true, 0.0) - y_pred), 0.0)
@@ -158,7 +158,7 @@ class UsageForecaster:
     def train(cls, s: RegionSeries, end: int, rows: np.ndarray, *, lookback: int = 14, epochs: int = 100,
               seed: int = 0) -> "UsageForecaster":
         """Fit on the days before ``end`` of regions ``rows``."""
-        import tensorflow as tf
+        import tensorflow as tf  # lazy: TensorFlow takes 5 s to import
 
         tf.keras.utils.set_random_seed(seed)
         model = cls(lookback)
@@ -186,7 +186,7 @@ class UsageForecaster:
 
     @classmethod
     def load(cls, path, lookback: int, horizon: int = HORIZON) -> "UsageForecaster":
-        import tensorflow as tf
+        import tensorflow as tf  # lazy: TensorFlow takes 5 s to import
 
         return cls(lookback, horizon, tf.keras.models.load_model(path, compile=False))
 

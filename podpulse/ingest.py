@@ -8,6 +8,7 @@ from typing import Callable
 import ray
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from actors.supervisor import IngestSupervisor
 from podpulse.config import IngestConfig
 from podpulse.kafka import client_config
 from podpulse.runtime import init_ray
@@ -18,8 +19,6 @@ __all__ = ["run_ingest", "dead_letters"]
 def run_ingest(config: IngestConfig, *, until_caught_up: bool,
                on_status: Callable[[dict], None] | None = None, poll_s: float = 1.0) -> dict:
     """Run the pipeline; returns the supervisor's final summary. Ctrl-C stops it cleanly."""
-    from actors.supervisor import IngestSupervisor
-
     init_ray()
     supervisor = IngestSupervisor.remote(config)
     done = supervisor.run.remote(until_caught_up=until_caught_up)

@@ -78,6 +78,11 @@ def load_properties(path: Path) -> dict[str, str]:
                           if line and not line.startswith(("#", "!")))
 
 
+def settings_from(items: Iterable[str], properties_file: Path | None = None) -> dict[str, str]:
+    """librdkafka settings of a .properties file, overridden by ``KEY=VALUE`` items."""
+    return {**(load_properties(properties_file) if properties_file else {}), **parse_settings(items)}
+
+
 def client_config(bootstrap: str, settings: dict | None = None) -> dict:
     return {"bootstrap.servers": bootstrap, **(settings or {})}
 

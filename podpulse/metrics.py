@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
+from ray.util import metrics as rm
 
 __all__ = [
     "PREFIX", "METRICS", "MetricSpec", "exported_name", "exported_series",
@@ -152,8 +153,6 @@ def _metric(name: str):
         with _lock:
             m = _made.get(name)
             if m is None:
-                from ray.util import metrics as rm
-
                 s = METRICS[name]
                 if s.kind == "counter":
                     m = rm.Counter(s.name, s.description, s.tag_keys)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import io
 import sys
+from pathlib import Path
 
 import matplotlib
 
@@ -20,7 +21,7 @@ if "matplotlib.pyplot" not in sys.modules:  # never ask for a display; leave a h
 from matplotlib.figure import Figure  # noqa: E402  (no pyplot: figures are not global state)
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 
-__all__ = ["render_html", "CHART_TITLES"]
+__all__ = ["render_html", "write_html", "CHART_TITLES"]
 
 CHART_TITLES = {
     "listening_by_hour": "Listening by local hour of day, urban vs rural",
@@ -255,3 +256,11 @@ def render_html(report: dict) -> str:
             out.append(f"<p class=\"note\"><b>{_e(name)}</b>: " + "; ".join(_e(n) for n in q["notes"]) + "</p>")
     out.append("</body></html>\n")
     return "\n".join(out)
+
+
+def write_html(report: dict, out_dir: Path) -> Path:
+    """Render ``report`` to ``out_dir/report.html``; returns the file's absolute path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.html"
+    path.write_text(render_html(report))
+    return path.resolve()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
+from ray._private import worker as ray_worker
 
 __all__ = ["init_ray", "SERVE_ENV"]
 
@@ -33,13 +35,10 @@ def init_ray(log_file=None) -> None:
         ray.init(address="local", include_dashboard=False, logging_level="warning",
                  runtime_env=runtime_env, **quiet)
     if log_file:
-        import logging
-
         logging.getLogger("ray").warning("the actors' and workers' logs are in %s",
                                          ray.get_runtime_context().gcs_address and _session_logs())
 
 
 def _session_logs() -> str:
-    from ray._private.worker import _global_node
-
-    return f"{_global_node.get_session_dir_path()}/logs" if _global_node else "Ray's session directory"
+    node = ray_worker._global_node
+    return f"{node.get_session_dir_path()}/logs" if node else "Ray's session directory"

@@ -18,11 +18,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import ray
 
+from podpulse.analytics import DEFAULT_K
 from podpulse.battery_model import FEATURE_SQL, NUMERIC, BatteryModel, features_from_rows, robust_z
 from podpulse.errors import ConfigError
 from podpulse.forecast_model import HORIZON, USAGE_SQL, holdout, series_from_rows
 from podpulse.registry import new_version, record_anomalies, register
+from podpulse.runtime import init_ray
 from storage.reader import open_reader
 from storage.router import StorageConfig
 
@@ -34,11 +38,6 @@ MODELS = ("battery-anomaly", "usage-forecast")
 
 def read_sql(config: StorageConfig, sql: str) -> dict[str, np.ndarray]:
     """Rows of a query on the relational store, read by Ray Data, as one numpy array per column."""
-    import pyarrow as pa
-    import ray
-
-    from podpulse.runtime import init_ray
-
     init_ray()
     with open_reader(config) as reader:  # Ray Data opens its own connections from the factory
         ds = ray.data.read_sql(reader.render(sql), reader.connection_factory())
@@ -76,7 +75,7 @@ def _truth(path: Path | None) -> dict[str, str] | None:
 
 def _isolation_forest_scores(f, devices: np.ndarray) -> np.ndarray:
     """Baseline: scikit-learn IsolationForest on per-device aggregates of the same features."""
-    from sklearn.ensemble import IsolationForest
+    from sklearn.ensemble import IsolationForest  # lazy: scikit-learn takes 1.6 s to import
 
     index = {d: i for i, d in enumerate(devices.tolist())}
     rows = np.array([index[d] for d in f.device_id.tolist()])
@@ -109,7 +108,7 @@ def train_battery_anomaly(config: StorageConfig, *, truth_path: Path | None = No
 
     The version's flagged device-days are written to ``anomalies`` before its
     ``metadata.json``, so a replica that finds the version in the registry finds them too."""
-    from sklearn.metrics import precision_score, recall_score, roc_auc_score
+    from sklearn.metrics import precision_score, recall_score, roc_auc_score  # lazy: 1 s to import
 
     started = time.perf_counter()
     f = features_from_rows(read_features(config))
@@ -160,8 +159,6 @@ def train_usage_forecast(config: StorageConfig, *, registry: Path = Path("podpul
     week). ``metadata.json`` also carries its forecast of the week after the
     data, for regions with at least ``k`` devices (the reports' k-anonymity).
     """
-    from podpulse.analytics import DEFAULT_K
-
     k = DEFAULT_K if k is None else k
     started = time.perf_counter()
     series = series_from_rows(read_usage(config))

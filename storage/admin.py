@@ -7,13 +7,20 @@ or a file, never from the URL.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+from sqlalchemy import create_engine
 
 from storage.base import StorageError
 from storage.migrations import LATEST, MIGRATIONS, applied_versions, migrate_duckdb, migrate_engine
+from storage.oracle_store import oracle_url
+from storage.postgres_store import engine_url
 
-__all__ = ["migrate", "status"]
+__all__ = ["migrate", "status", "db_password"]
 
 DUCKDB_LOCK_WAIT_S = 120.0
 
@@ -21,8 +28,6 @@ DUCKDB_LOCK_WAIT_S = 120.0
 @contextmanager
 def _duckdb(path: str):
     """Open the file for writing, waiting while another process holds its lock."""
-    import duckdb
-
     deadline = time.monotonic() + DUCKDB_LOCK_WAIT_S
     while True:
         try:
@@ -39,17 +44,21 @@ def _duckdb(path: str):
 
 
 def _engine(url: str, password: str | None):
-    from sqlalchemy import create_engine
-
     if url.startswith("oracle"):
-        from storage.oracle_store import oracle_url
-
         return create_engine(oracle_url(url, password))
     if url.startswith("postgres"):
-        from storage.postgres_store import engine_url
-
         return create_engine(engine_url(url, password))
     raise StorageError(f"unsupported database URL {url!r}: use postgresql://, oracle:// or duckdb:///PATH")
+
+
+def db_password(password_file: Path | None = None) -> str | None:
+    """The database password: the file's first line if a file is given, else $PODPULSE_DB_PASSWORD."""
+    if password_file:
+        try:
+            return Path(password_file).read_text().strip()
+        except OSError as e:
+            raise StorageError(f"cannot read {password_file}: {e.strerror}") from e
+    return os.environ.get("PODPULSE_DB_PASSWORD")
 
 
 def _duckdb_path(url: str) -> str | None:

@@ -137,7 +137,7 @@ def recent_cql(s: CassandraSettings) -> str:
 def _driver():
     """The driver package and its error types, imported on first use (the CQL builders need neither)."""
     try:
-        import cassandra
+        import cassandra  # lazy: only a Cassandra store loads its driver
         import cassandra.auth, cassandra.cluster, cassandra.concurrent  # noqa: E401
         import cassandra.connection, cassandra.policies, cassandra.query  # noqa: E401
     except ImportError as e:

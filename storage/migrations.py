@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects import oracle, postgresql
 from sqlalchemy.schema import CreateTable
 
+from podpulse.errors import StorageError
 from storage import schema
 from storage.rollups import REPORT_UTC_OFFSET_H
 from storage.schema import OracleOptions, add_columns_ddl, create_table_ddl, table_as_of
@@ -86,8 +87,6 @@ def statements(migration: Migration, dialect: str, opts: OracleOptions | None = 
 def _pending(applied: set[int], target: int | None) -> list[Migration]:
     target = LATEST if target is None else target
     if not 0 <= target <= LATEST:
-        from storage.base import StorageError
-
         raise StorageError(f"target version {target} does not exist (latest is {LATEST})")
     return [m for m in MIGRATIONS if m.version not in applied and m.version <= target]
 
@@ -149,8 +148,6 @@ def migrate_engine(engine, target: int | None = None, opts: OracleOptions | None
             finally:
                 conn.exec_driver_sql(
                     "DECLARE r INTEGER; BEGIN r := DBMS_LOCK.RELEASE(:h); END;", {"h": handle})
-    from storage.base import StorageError
-
     raise StorageError(f"no migrations for {dialect!r}")
 
 
@@ -178,7 +175,5 @@ def _oracle_lock(conn, timeout_s: int) -> str:
           :status := DBMS_LOCK.REQUEST(:handle, DBMS_LOCK.X_MODE, :timeout, FALSE);
         END;""", handle=handle, status=status, timeout=timeout_s)
     if status.getvalue() not in (0, 4):  # 0 granted, 4 already held by this session
-        from storage.base import StorageError
-
         raise StorageError(f"could not take the migration lock (DBMS_LOCK status {status.getvalue()})")
     return handle.getvalue()

@@ -73,7 +73,7 @@ def _rows(table: pa.Table, columns: Iterable[str]) -> list[tuple]:
 
 
 def _input_sizes(cursor, table_name: str, columns: list[str]) -> None:
-    import oracledb
+    import oracledb  # lazy: only an Oracle store loads its driver
 
     cursor.setinputsizes(*input_sizes(table_name, columns, oracledb))
 

@@ -13,8 +13,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Mapping
 
+import duckdb
+import psycopg
+import sqlglot
+from sqlalchemy import create_engine
+from sqlglot import exp
+
 from storage.base import StorageError
-from storage.router import StorageConfig, password
+from storage.oracle_store import oracle_url
+from storage.postgres_store import engine_url
+from storage.router import DEFAULT_DUCKDB_PATH, StorageConfig, password
 
 __all__ = ["Reader", "open_reader", "run_queries", "QUERY_DIALECT"]
 
@@ -54,9 +62,6 @@ def render_for_oracle(sql: str) -> str:
     """sqlglot's transpilation, plus what Oracle needs beyond it: GROUP BY names its expressions
     (no positions) and interval units are singular (``INTERVAL '10' HOUR``). Parsed in the tests,
     never run here (no Oracle server)."""
-    import sqlglot
-    from sqlglot import exp
-
     tree = sqlglot.parse_one(sql, read=QUERY_DIALECT)
     for select in tree.find_all(exp.Select):
         group = select.args.get("group")
@@ -75,8 +80,6 @@ class DuckDBReader(Reader):
     dialect = "duckdb"
 
     def __init__(self, path: str):
-        import duckdb
-
         self.path = path
         try:
             self._con = self.connection_factory()()
@@ -90,8 +93,6 @@ class DuckDBReader(Reader):
         path = self.path
 
         def connect():
-            import duckdb
-
             con = duckdb.connect(path, read_only=True)
             con.execute("SET TimeZone = 'UTC'")
             return con
@@ -108,15 +109,9 @@ class SQLAlchemyReader(Reader):
     SESSION_UTC = {"postgres": "SET TIME ZONE 'UTC'", "oracle": "ALTER SESSION SET TIME_ZONE = 'UTC'"}
 
     def __init__(self, spec: Mapping):
-        from sqlalchemy import create_engine
-
         if spec["type"] == "postgresql":
-            from storage.postgres_store import engine_url
-
             self.dialect, self.url = "postgres", engine_url(spec["url"], password(spec))
         else:
-            from storage.oracle_store import oracle_url
-
             self.dialect, self.url = "oracle", oracle_url(spec["url"], password(spec))
         self._engine = create_engine(self.url)
         self._conn = self._engine.connect()
@@ -131,8 +126,6 @@ class SQLAlchemyReader(Reader):
             dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
 
             def connect():
-                import psycopg
-
                 con = psycopg.connect(dsn, autocommit=True)
                 con.execute(session)
                 return con
@@ -141,7 +134,7 @@ class SQLAlchemyReader(Reader):
                           service_name=url.query.get("service_name") or url.database)
 
             def connect():
-                import oracledb
+                import oracledb  # lazy: only an Oracle store loads its driver
 
                 con = oracledb.connect(**params)
                 con.cursor().execute(session)
@@ -158,8 +151,6 @@ def open_reader(config: StorageConfig, kind: str = "rollups") -> Reader:
     """A reader of the backend that keeps ``kind`` (rollups, devices and offsets share one)."""
     spec = config.backends[config.routes[kind]]
     if spec["type"] == "duckdb":
-        from storage.router import DEFAULT_DUCKDB_PATH
-
         return DuckDBReader(spec.get("path", DEFAULT_DUCKDB_PATH))
     if spec["type"] in ("postgresql", "oracle"):
         return SQLAlchemyReader(spec)

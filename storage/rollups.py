@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from storage.base import OffsetGap
+
 __all__ = ["KAFKA_COLUMNS", "HOURLY_KEY", "HOURLY_MERGE", "DEVICE_KEY", "DEVICE_MERGE", "LAST_SAMPLE",
            "REPORT_UTC_OFFSET_H", "FIRMWARE_KEY", "FIRMWARE_MERGE", "firmware_days",
            "SINCE_MIGRATION_4", "LAST_SAMPLE_QUERY", "last_sample_table",
@@ -97,8 +99,6 @@ def check_follows(stored: dict[int, int], start_offsets: dict[int, int | None] |
             continue
         have = stored.get(p)
         if have is None or start > have:
-            from storage.base import OffsetGap
-
             raise OffsetGap(f"partition {p}: the batch starts at offset {start} but the store holds "
                             f"{'nothing' if have is None else have}: an earlier batch is missing")
 

@@ -32,7 +32,12 @@ import pyarrow.compute as pc
 
 from podpulse.config import DEFAULT_DUCKDB_PATH, KINDS, StorageConfig
 from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
+from storage.cassandra_store import CassandraSettings, CassandraStore
+from storage.duckdb_store import DuckDBStore
+from storage.oracle_store import OracleStore
+from storage.postgres_store import PostgresStore
 from storage.rollups import drop_replayed, first_sightings
+from storage.schema import OracleOptions
 
 __all__ = ["StorageConfig", "Storage", "open_storage", "insert_rows", "KINDS", "DEFAULT_DUCKDB_PATH"]
 
@@ -55,22 +60,13 @@ def password(spec: Mapping) -> str | None:
 def open_backend(spec: Mapping):
     kind = spec["type"]
     if kind == "duckdb":
-        from storage.duckdb_store import DuckDBStore
-
         return DuckDBStore(spec.get("path", DEFAULT_DUCKDB_PATH))
     if kind == "postgresql":
-        from storage.postgres_store import PostgresStore
-
         return PostgresStore(spec["url"], password(spec))
     if kind == "oracle":
-        from storage.oracle_store import OracleStore
-        from storage.schema import OracleOptions
-
         opts = OracleOptions(**{k: spec[k] for k in ("interval_days", "inmemory", "memcompress", "priority")
                                 if k in spec})
         return OracleStore(spec["url"], password(spec), opts)
-    from storage.cassandra_store import CassandraSettings, CassandraStore
-
     settings = {k: (tuple(v) if k == "hosts" else dict(v) if isinstance(v, Mapping) else v)
                 for k, v in spec.items() if k != "type"}
     return CassandraStore(CassandraSettings(**settings))

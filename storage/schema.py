@@ -21,9 +21,10 @@ import pyarrow as pa
 from sqlalchemy import (BigInteger, Boolean, Column, Date, DateTime, Double, Integer, MetaData,
                         PrimaryKeyConstraint, SmallInteger, String, Table)
 from sqlalchemy.dialects import oracle, postgresql
-from sqlalchemy.schema import CreateTable
+from sqlalchemy.schema import CreateColumn, CreateTable
 
 from podpulse.contract import ARROW_SCHEMA
+from podpulse.errors import StorageError
 from storage.rollups import DEVICE_MERGE, FIRMWARE_KEY, HOURLY_MERGE, KAFKA_COLUMNS, SINCE_MIGRATION_4
 
 __all__ = ["metadata", "events", "device_hourly", "device_firmware_daily", "devices", "kafka_offsets", "anomalies",
@@ -103,8 +104,6 @@ for _table in (device_hourly, devices):
 
 def add_columns_ddl(table: Table, migration: int, dialect: str) -> list[str]:
     """ALTER TABLE ... ADD for the columns ``migration`` introduced."""
-    from sqlalchemy.schema import CreateColumn
-
     d = {"oracle": oracle.dialect()}.get(dialect, postgresql.dialect())
     cols = [str(CreateColumn(c).compile(dialect=d)) for c in table.columns
             if c.info.get("since_migration") == migration]
@@ -173,8 +172,6 @@ class OracleOptions:
     priority: str = "HIGH"  # NONE | LOW | MEDIUM | HIGH | CRITICAL
 
     def __post_init__(self) -> None:
-        from storage.base import StorageError
-
         if self.interval_days < 1:
             raise StorageError("oracle interval_days must be at least 1")
         if self.memcompress not in {"NO MEMCOMPRESS", "FOR DML", "FOR QUERY LOW", "FOR QUERY HIGH",
