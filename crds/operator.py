@@ -22,6 +22,8 @@ from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 from crds import reconcile as rc
 
 IMAGE = os.environ.get("PODPULSE_IMAGE", rc.DEFAULT_IMAGE)  # the operator's own image, set by kustomize
+# What resources may ask for (images, Secrets): the operator's configuration, read once at start.
+POLICY = rc.Policy.from_env(os.environ, IMAGE)
 RESYNC = float(os.environ.get("PODPULSE_RESYNC_SECONDS", "30"))
 STREAMS, SCHEMAS, DEPLOYERS = "airpodsdatastreams", "oracledbschemamanagers", "aimodeldeployers"
 # The kinds each resource may own, for pruning: (apiVersion, kind).
@@ -56,6 +58,15 @@ class Cluster:
             return self._resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
         except NotFoundError:
             return None
+
+    def labels(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
+        """An object's labels, None if there is none; for a Secret, its metadata only (not its data)."""
+        try:
+            found = self._resource(api_version, kind).get(name=name, namespace=namespace, header_params={
+                "Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"})
+        except NotFoundError:
+            return None
+        return dict(found.to_dict()["metadata"].get("labels") or {})
 
     def merge_patch(self, api_version: str, kind: str, namespace: str, name: str, patch: dict) -> None:
         self._resource(api_version, kind).patch(body=patch, name=name, namespace=namespace,
@@ -101,6 +112,12 @@ def _sync(plural: str, cr: dict, children: list[dict], status_of) -> dict:
     return status
 
 
+def _secret_labels(cr: dict) -> dict[str, dict | None]:
+    """Labels of the Secrets the resource names that the policy does not list by name."""
+    names = POLICY.unlisted(rc.secret_refs(cr).values())
+    return {name: cluster().labels("v1", "Secret", cr["metadata"]["namespace"], name) for name in names}
+
+
 @kopf.on.create(rc.GROUP, rc.VERSION, STREAMS)
 @kopf.on.update(rc.GROUP, rc.VERSION, STREAMS)
 @kopf.on.resume(rc.GROUP, rc.VERSION, STREAMS)
@@ -108,9 +125,9 @@ def _sync(plural: str, cr: dict, children: list[dict], status_of) -> dict:
 def reconcile_stream(body, patch, **_) -> None:
     cr = _plain(body)
     try:
-        children = rc.stream_children(cr, IMAGE)
-    except rc.InvalidSpec as e:
-        patch.status.update(rc.invalid_status(cr, str(e), _now()))
+        children = rc.stream_children(cr, POLICY, _secret_labels(cr))
+    except rc.InvalidSpec as e:  # or Refused: nothing is created
+        patch.status.update(rc.invalid_status(cr, e, _now()))
         return  # the running job, if any, is left alone: a bad edit does not stop ingestion
     patch.status.update(_sync(STREAMS, cr, children,
                               lambda seen: rc.stream_status(cr, children, seen["RayJob"], _now())))
@@ -123,9 +140,9 @@ def reconcile_stream(body, patch, **_) -> None:
 def reconcile_schema(body, patch, **_) -> None:
     cr = _plain(body)
     try:
-        children = rc.schema_children(cr, IMAGE)
+        children = rc.schema_children(cr, POLICY, _secret_labels(cr))
     except rc.InvalidSpec as e:
-        patch.status.update(rc.invalid_status(cr, str(e), _now()))
+        patch.status.update(rc.invalid_status(cr, e, _now()))
         return
     patch.status.update(_sync(SCHEMAS, cr, children,
                               lambda seen: rc.schema_status(cr, children, seen["Job"], _now())))

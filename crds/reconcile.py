@@ -11,6 +11,8 @@ No API calls, no clock, no randomness: the same input gives the same output, so
   does not own (deleting a deployer must never delete the RayService).
 - The API server checks types and ranges against the CRD schemas; the checks here
   are the cross-field rules (the CEL rules of the CRDs, which tests cannot run).
+- What a resource may ask for (images, Secrets, Kafka settings, credentials) is the operator's
+  policy (``crds/policy.py``, from its own configuration): outside it, the resource is Refused.
 
 ``crds/`` imports neither ``actors/`` nor ``deployments/``; storage routing is checked by
 ``StorageConfig`` itself and the ingest defaults are ``podpulse.config``'s, so the operator and
@@ -25,18 +27,24 @@ import json
 import math
 import re
 import shlex
+from collections.abc import Mapping
 
 import yaml
 
+from crds import policy
+from crds.policy import InvalidSpec, Policy, Refused
 from podpulse.config import CONSUMER_CPUS, INGEST_DEFAULTS, WRITER_CPUS, StorageConfig
 from podpulse.errors import StorageError
 
-__all__ = ["InvalidSpec", "stream_children", "stream_status", "schema_children", "schema_status",
-           "deployer_patch", "deployer_removal", "deployer_status", "invalid_status", "owner_selector"]
+__all__ = ["InvalidSpec", "Refused", "Policy", "DEFAULT_POLICY", "secret_refs", "stream_children", "stream_status",
+           "schema_children", "schema_status", "deployer_patch", "deployer_removal", "deployer_status",
+           "invalid_status", "owner_selector"]
 
 GROUP, VERSION = "podpulse.io", "v1alpha1"
 RAY_VERSION = "2.60.0"  # ray's pin in pyproject.toml (a test holds them equal)
 DEFAULT_IMAGE = f"podpulse:{RAY_VERSION}-py311"  # the Dockerfile's image; the operator passes its own
+DEFAULT_POLICY = Policy(image=DEFAULT_IMAGE)  # the operator builds its own from its environment
+Labels = Mapping[str, "dict | None"]  # Secret name → its labels (None: not found), as the operator read them
 MANAGER = "podpulse-operator"
 OWNER_LABEL, KIND_LABEL, HASH_LABEL = "podpulse.io/owner", "podpulse.io/owner-kind", "podpulse.io/spec-hash"
 TARGET_LABEL = "podpulse.io/target-version"
@@ -53,10 +61,6 @@ SCHEMA_DEFAULTS = {"backoffLimit": 2, "activeDeadlineSeconds": 900,
 DEPLOYER_DEFAULTS = {"canaryPercent": 100, "rayService": {"application": "podpulse", "deployment": "PodPulseAPI"}}
 
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-
-
-class InvalidSpec(ValueError):
-    """The resource cannot be reconciled as written; retrying will not help."""
 
 
 # ---- shared ---------------------------------------------------------------------------------------
@@ -109,9 +113,11 @@ def _condition(cr: dict, type_: str, ok: bool, reason: str, message: str, now: s
             "lastTransitionTime": since, "observedGeneration": cr["metadata"].get("generation", 0)}
 
 
-def invalid_status(cr: dict, message: str, now: str) -> dict:
-    return {"observedGeneration": cr["metadata"].get("generation", 0), "phase": "Invalid",
-            "conditions": [_condition(cr, "Ready", False, "InvalidSpec", message, now)]}
+def invalid_status(cr: dict, error: Exception | str, now: str) -> dict:
+    """Invalid (reason InvalidSpec), or Refused (reason NotAllowed) when the operator's policy forbids it."""
+    phase, reason = ("Refused", "NotAllowed") if isinstance(error, Refused) else ("Invalid", "InvalidSpec")
+    return {"observedGeneration": cr["metadata"].get("generation", 0), "phase": phase,
+            "conditions": [_condition(cr, "Ready", False, reason, str(error), now)]}
 
 
 def _image_matches(image: str, ray_version: str) -> bool:
@@ -140,6 +146,28 @@ def _pod(labels: dict, container: dict, volumes: list | None = None) -> dict:
     if volumes:
         spec["volumes"] = volumes
     return {"metadata": {"labels": labels}, "spec": spec}
+
+
+def secret_refs(cr: dict) -> dict[str, str]:
+    """The Secrets a resource names, by field: the operator looks up the labels of those its list lacks."""
+    spec = cr.get("spec") or {}
+    if cr["kind"] == "AirPodsDataStream":
+        refs = {"spec.kafkaConfigSecret.name": (spec.get("kafkaConfigSecret") or {}).get("name"),
+                "spec.credentialsSecret": spec.get("credentialsSecret")}
+    elif cr["kind"] == "OracleDBSchemaManager":
+        refs = {"spec.connectionSecret.name": (spec.get("connectionSecret") or {}).get("name")}
+    else:
+        refs = {}
+    return {field: name for field, name in refs.items() if name}
+
+
+def _admit(cr: dict, spec: dict, pol: Policy, secret_labels: Labels | None) -> None:
+    """Refused unless the operator's policy allows the image, the Secrets and the settings."""
+    problems = policy.check_images(pol, spec) + policy.check_secrets(pol, secret_refs(cr), secret_labels or {})
+    if cr["kind"] == "AirPodsDataStream":
+        problems += policy.check_storage_credentials(spec["storage"])
+        problems += policy.check_kafka(spec.get("kafka") or {}, KAFKA_DIR if "kafkaConfigSecret" in spec else None)
+    policy.refuse(problems)
 
 
 # ---- AirPodsDataStream → ConfigMap (storage routing) + RayJob (podpulse ingest) ------------------
@@ -184,10 +212,14 @@ def ingest_argv(spec: dict) -> list[str]:
     return argv
 
 
-def stream_children(cr: dict, image: str = DEFAULT_IMAGE) -> list[dict]:
-    """The ConfigMap with the storage routing and the RayJob that ingests the topic."""
+def stream_children(cr: dict, pol: Policy = DEFAULT_POLICY, secret_labels: Labels | None = None) -> list[dict]:
+    """The ConfigMap with the storage routing and the RayJob that ingests the topic.
+
+    ``secret_labels``: labels of the Secrets named by the resource that ``pol`` does not list.
+    """
     spec = stream_spec(cr)
-    image = spec.get("image", image)
+    _admit(cr, spec, pol, secret_labels)
+    image = spec.get("image", pol.image)
     _check(_image_matches(image, spec["rayVersion"]), f"image {image!r}: its tag must start with rayVersion "
                                                       f"{spec['rayVersion']}")
     digest = _digest({"spec": spec, "image": image})
@@ -276,9 +308,10 @@ def migrate_argv(spec: dict) -> list[str]:
     return ["podpulse", "db", "migrate", "--url", "$(PODPULSE_DB_URL)", "--target", str(spec["targetVersion"])]
 
 
-def schema_children(cr: dict, image: str = DEFAULT_IMAGE) -> list[dict]:
+def schema_children(cr: dict, pol: Policy = DEFAULT_POLICY, secret_labels: Labels | None = None) -> list[dict]:
     spec = schema_spec(cr)
-    image = spec.get("image", image)
+    _admit(cr, spec, pol, secret_labels)
+    image = spec.get("image", pol.image)
     digest = _digest({"spec": spec, "image": image})
     name = f"{cr['metadata']['name']}-migrate-{digest}"
     secret = spec["connectionSecret"]

@@ -86,6 +86,18 @@ def test_overlay_sets_one_image_everywhere_and_the_operator_passes_it_on(rendere
 
 
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_the_operators_policy_admits_its_own_image_and_the_examples_only(rendered, example, overlay):
+    (operator,) = [d for d in rendered[overlay] if d["kind"] == "Deployment"]
+    env = {e["name"]: e["value"] for e in operator["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    pol = rc.Policy.from_env(env, env["PODPULSE_IMAGE"])
+    assert pol == rc.Policy(image=env["PODPULSE_IMAGE"])  # the documented defaults, written out
+    stream = example("AirPodsDataStream", image=env["PODPULSE_IMAGE"])
+    assert rc.stream_children(stream, pol) and rc.schema_children(example("OracleDBSchemaManager"), pol)
+    with pytest.raises(rc.Refused):
+        rc.stream_children(example("AirPodsDataStream", image="podpulse-evil:2.60.0"), pol)
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
 def test_operator_runs_kopf_as_its_service_account(rendered, overlay):
     by_kind = {}
     for doc in rendered[overlay]:

