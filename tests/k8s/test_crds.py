@@ -83,6 +83,11 @@ INVALID = [
     ("AirPodsDataStream", ["spec", "workers", "memory"], "4GB"),
     ("AirPodsDataStream", ["spec", "rayVersion"], "2.60"),
     ("AirPodsDataStream", ["spec", "storage"], DELETE),
+    # What the operator's policy refuses, as far as a schema can say it (tests/k8s/test_policy.py):
+    ("AirPodsDataStream", ["spec", "storage", "backends", "core", "password_file"],
+     "/var/run/secrets/kubernetes.io/serviceaccount/token"),
+    ("AirPodsDataStream", ["spec", "storage", "backends", "core", "password_env"], "RAY_AUTH_TOKEN"),
+    ("AirPodsDataStream", ["spec", "storage", "backends", "raw", "username_env"], "HOME"),
     ("OracleDBSchemaManager", ["spec", "targetVersion"], 0),
     ("OracleDBSchemaManager", ["spec", "targetVersion"], 1.5),
     ("OracleDBSchemaManager", ["spec", "connectionSecret"], DELETE),

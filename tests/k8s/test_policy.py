@@ -165,3 +165,15 @@ def test_ssl_files_need_a_mounted_kafka_secret(example):
     del cr["spec"]["kafkaConfigSecret"]
     with pytest.raises(rc.Refused, match="none is mounted"):
         children(cr)
+
+
+def test_operator_policy_checks_are_mirrored_in_the_crd(crd_schema):
+    """The schema states what it can; the operator, which knows its configuration, decides."""
+    spec = crd_schema("AirPodsDataStream")["properties"]["spec"]
+    (rule,) = spec["properties"]["kafka"]["x-kubernetes-validations"]
+    listed = rule["rule"].split("k in [", 1)[1].split("]", 1)[0]
+    assert {k.strip(" '\n") for k in listed.split(",")} == set(policy.KAFKA_SETTINGS) | policy.KAFKA_FILES
+    backend = spec["properties"]["storage"]["properties"]["backends"]["additionalProperties"]
+    assert "!has(self.password_file)" in {r["rule"] for r in backend["x-kubernetes-validations"]}
+    for key in ("password_env", "username_env"):
+        assert backend["properties"][key]["pattern"] == f"^{policy.CREDENTIAL_ENV.pattern}$"
