@@ -128,23 +128,36 @@ def _image_matches(image: str, ray_version: str) -> bool:
     return ":" not in last or last.split(":", 1)[1].startswith(ray_version)
 
 
+# Every container the operator makes: no privilege escalation, no capabilities, a read-only root.
+# Ray writes its session (sockets, logs, spilled objects) under /tmp/ray, and Python's and Keras'
+# caches fall back to /tmp: an emptyDir there is the only writable place.
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                      "capabilities": {"drop": ["ALL"]}}
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": RAY_UID, "seccompProfile": {"type": "RuntimeDefault"}}
+# The autoscaler sidecar (KubeRay's container, in the head pod): its root stays writable, since
+# what it writes outside /tmp/ray is not documented.
+AUTOSCALER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+TMP_VOLUME, TMP_MOUNT = {"name": "tmp", "emptyDir": {}}, {"name": "tmp", "mountPath": "/tmp"}
+
+
 def _container(name: str, image: str, cpu, memory: str, ports: dict, env_from_secret: str | None = None,
                mounts: list | None = None) -> dict:
     c = {"name": name, "image": image,
          "ports": [{"containerPort": p, "name": n} for n, p in ports.items()],
          "resources": {"requests": {"cpu": str(cpu), "memory": memory}, "limits": {"cpu": str(cpu), "memory": memory}},
-         "securityContext": {"allowPrivilegeEscalation": False}}
+         "securityContext": copy.deepcopy(CONTAINER_SECURITY)}
     if env_from_secret:
         c["envFrom"] = [{"secretRef": {"name": env_from_secret}}]
-    if mounts:
-        c["volumeMounts"] = mounts
+    c["volumeMounts"] = [copy.deepcopy(TMP_MOUNT), *(mounts or [])]
     return c
 
 
-def _pod(labels: dict, container: dict, volumes: list | None = None) -> dict:
-    spec = {"securityContext": {"runAsNonRoot": True, "runAsUser": RAY_UID}, "containers": [container]}
-    if volumes:
-        spec["volumes"] = volumes
+def _pod(labels: dict, container: dict, volumes: list | None = None, api_token: bool = True) -> dict:
+    """``api_token``: False for pods that never call the Kubernetes API (the head's autoscaler does)."""
+    spec = {"securityContext": copy.deepcopy(POD_SECURITY), "containers": [container],
+            "volumes": [copy.deepcopy(TMP_VOLUME), *(volumes or [])]}
+    if not api_token:
+        spec["automountServiceAccountToken"] = False
     return {"metadata": {"labels": labels}, "spec": spec}
 
 
@@ -241,7 +254,7 @@ def stream_children(cr: dict, pol: Policy = DEFAULT_POLICY, secret_labels: Label
     head = _pod(pod_labels, _container("ray-head", image, 1, "4Gi", {
         "gcs": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080}, secret, mounts), volumes)
     worker = _pod(pod_labels, _container("ray-worker", image, spec["workers"]["cpu"], spec["workers"]["memory"],
-                                         {"metrics": 8080}, secret))
+                                         {"metrics": 8080}, secret), api_token=False)
     workers = math.ceil((spec["consumers"] * CONSUMER_CPUS + WRITER_CPUS) / spec["workers"]["cpu"])
     job = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": _metadata(cr, name, "ingest", digest),
            "spec": {
@@ -256,7 +269,8 @@ def stream_children(cr: dict, pol: Policy = DEFAULT_POLICY, secret_labels: Label
                    "authOptions": {"mode": "token"},  # KubeRay ≥ 1.5.1 makes the token Secret and injects it
                    "enableInTreeAutoscaling": True,
                    "autoscalerOptions": {"idleTimeoutSeconds": 120, "resources": {
-                       "requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}}},
+                       "requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}},
+                       "securityContext": copy.deepcopy(AUTOSCALER_SECURITY)},
                    # num-cpus 0: no actor that asks for CPUs lands on the head, only the driver and
                    # the 0-CPU IngestSupervisor; consumers and the writer go to the workers.
                    "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
@@ -325,18 +339,15 @@ def schema_children(cr: dict, pol: Policy = DEFAULT_POLICY, secret_labels: Label
                 {"name": "PODPULSE_DB_PASSWORD", "valueFrom": {"secretKeyRef": {
                     "name": secret["name"], "key": secret["passwordKey"], "optional": True}}}],
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}},
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY), "volumeMounts": [copy.deepcopy(TMP_MOUNT)]}
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": {
         "backoffLimit": spec["backoffLimit"], "activeDeadlineSeconds": spec["activeDeadlineSeconds"],
         # No ttlSecondsAfterFinished: the finished Job is how the operator knows the version is applied.
         "template": {"metadata": {"labels": {"app.kubernetes.io/name": "podpulse",
                                              "app.kubernetes.io/component": "migration"}},
-                     "spec": {"restartPolicy": "Never",
-                              "securityContext": {"runAsNonRoot": True, "runAsUser": RAY_UID,
-                                                  "seccompProfile": {"type": "RuntimeDefault"}},
-                              "containers": [container], "volumes": [{"name": "tmp", "emptyDir": {}}]}}}}
+                     "spec": {"restartPolicy": "Never", "automountServiceAccountToken": False,
+                              "securityContext": copy.deepcopy(POD_SECURITY),
+                              "containers": [container], "volumes": [copy.deepcopy(TMP_VOLUME)]}}}}
     return [job]
 
 

@@ -51,6 +51,34 @@ def test_every_ray_resource_has_what_kuberay_needs(root, example, pod_templates,
                 assert "metrics" in {p["name"] for p in c["ports"]}, (where, part)
 
 
+def assert_hardened(template, where):
+    """Restricted pod security: non-root, RuntimeDefault seccomp, no escalation, no capabilities, a
+    read-only root with an emptyDir at /tmp (Ray's session directory is /tmp/ray)."""
+    pod = template["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True, where
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+    empty = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    for c in pod["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}, (where, c["name"])
+        assert sc["readOnlyRootFilesystem"] is True, (where, c["name"])
+        assert {m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/tmp"} & empty, (where, c["name"])
+
+
+def test_the_operators_pods_are_hardened(example, pod_templates, k8s_validate):
+    job = rc.stream_children(example("AirPodsDataStream"))[1]
+    for part, template in pod_templates(job):
+        assert_hardened(template, part)
+        # Only the head's autoscaler sidecar calls the Kubernetes API: workers get no token.
+        assert template["spec"].get("automountServiceAccountToken", True) is (part == "head"), part
+    autoscaler = job["spec"]["rayClusterSpec"]["autoscalerOptions"]["securityContext"]
+    assert autoscaler == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    (migrate,) = rc.schema_children(example("OracleDBSchemaManager"))
+    assert_hardened(migrate["spec"]["template"], "migration Job")
+    assert migrate["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    k8s_validate(migrate)
+
+
 def test_rayjobs_run_commands_the_cli_accepts(root, example, parse_cli):
     expected = {"deploy/jobs/ray-job.train.yaml": "train", "deploy/jobs/ray-job.backfill.yaml": "ingest",
                 "AirPodsDataStream's RayJob": "ingest"}
