@@ -25,3 +25,17 @@ def test_ray_cluster_matches_the_pinned_ray_and_sets_resources():
         assert "metrics" in {p["name"] for p in c["ports"]}, c["name"]
     for group in spec["workerGroupSpecs"]:
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_ray_cluster_pods_run_restricted():
+    """Non-root, RuntimeDefault seccomp, no escalation or capabilities, a read-only root with /tmp an emptyDir."""
+    spec = yaml.safe_load((ROOT / "ray-cluster.yaml").read_text())["spec"]
+    for template in [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]:
+        pod = template["spec"]
+        assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000,
+                                          "seccompProfile": {"type": "RuntimeDefault"}}
+        assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+    for c in containers(spec):
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                        "capabilities": {"drop": ["ALL"]}}, c["name"]
+        assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"], c["name"]

@@ -65,14 +65,18 @@ def assert_hardened(template, where):
         assert {m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/tmp"} & empty, (where, c["name"])
 
 
-def test_the_operators_pods_are_hardened(example, pod_templates, k8s_validate):
-    job = rc.stream_children(example("AirPodsDataStream"))[1]
-    for part, template in pod_templates(job):
-        assert_hardened(template, part)
-        # Only the head's autoscaler sidecar calls the Kubernetes API: workers get no token.
-        assert template["spec"].get("automountServiceAccountToken", True) is (part == "head"), part
-    autoscaler = job["spec"]["rayClusterSpec"]["autoscalerOptions"]["securityContext"]
-    assert autoscaler == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+def test_every_ray_pod_is_hardened(root, example, pod_templates):
+    """The operator's RayJob and the static RayCluster, RayService and RayJobs alike."""
+    for where, doc in ray_resources(root, example):
+        for part, template in pod_templates(doc):
+            assert_hardened(template, (where, part))
+            # Only the head's autoscaler sidecar calls the Kubernetes API: workers get no token.
+            assert template["spec"].get("automountServiceAccountToken", True) is (part == "head"), (where, part)
+        autoscaler = cluster_spec(doc)["autoscalerOptions"]["securityContext"]
+        assert autoscaler == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}, where
+
+
+def test_the_migration_job_is_hardened(example, k8s_validate):
     (migrate,) = rc.schema_children(example("OracleDBSchemaManager"))
     assert_hardened(migrate["spec"]["template"], "migration Job")
     assert migrate["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
