@@ -18,7 +18,7 @@ def test_every_base_manifest_validates(root, k8s_validate):
             for d in yaml.safe_load_all(f.read_text()) if d]
     assert {d["kind"] for _, d in docs} >= {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ClusterRole",
                                             "ClusterRoleBinding", "Deployment", "ConfigMap", "PersistentVolumeClaim",
-                                            "CustomResourceDefinition"}
+                                            "CustomResourceDefinition", "NetworkPolicy"}
     for name, doc in docs:
         k8s_validate(doc)
 
