@@ -6,6 +6,8 @@ Each handler renders the children with a pure function, applies them (server-sid
 apply: create or patch in one call), reads them back, writes the status computed
 from what it read, then deletes children of earlier specs. A timer repeats this every
 PODPULSE_RESYNC_SECONDS, so status follows the RayJobs and Jobs without watching them.
+What a resource may ask for is the operator's policy (crds/policy.py), read from its
+environment at start; the handlers only look up the labels of the Secrets it names.
 --standalone: one replica, no peering objects (and no RBAC for them).
 """
 
@@ -60,7 +62,7 @@ class Cluster:
             return None
 
     def labels(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
-        """An object's labels, None if there is none; for a Secret, its metadata only (not its data)."""
+        """An object's labels, None if it does not exist; reads its metadata only (of a Secret, not its data)."""
         try:
             found = self._resource(api_version, kind).get(name=name, namespace=namespace, header_params={
                 "Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"})

@@ -90,8 +90,10 @@ class Policy:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], image: str) -> Policy:
-        """PODPULSE_ALLOWED_IMAGES, PODPULSE_ALLOWED_SECRETS (comma-separated), PODPULSE_ALLOWED_SECRET_LABEL;
-        an unset variable keeps its default, an empty one allows nothing (label) or only the own image."""
+        """PODPULSE_ALLOWED_IMAGES and PODPULSE_ALLOWED_SECRETS (comma-separated), PODPULSE_ALLOWED_SECRET_LABEL.
+
+        Unset, each keeps its default; empty, images fall back to ``image``'s repository, and no
+        Secret is admitted by name (or by label)."""
         secrets = env.get("PODPULSE_ALLOWED_SECRETS")
         return cls(image=image, images=tuple(_csv(env.get("PODPULSE_ALLOWED_IMAGES", ""))),
                    secrets=DEFAULT_SECRETS if secrets is None else frozenset(_csv(secrets)),
