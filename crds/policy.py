@@ -22,7 +22,8 @@ __all__ = ["InvalidSpec", "Refused", "Policy", "KAFKA_SETTINGS", "KAFKA_FILES", 
 
 # The Secrets the project's own docs and examples name: allowed unless the configuration says otherwise.
 DEFAULT_SECRETS = frozenset({"podpulse-credentials", "podpulse-kafka", "podpulse-oracle"})
-DEFAULT_SECRET_LABEL = "podpulse.io/allowed=true"
+# Admitting Secrets by label needs `get` on Secrets (RBAC cannot grant their metadata alone): off by default.
+DEFAULT_SECRET_LABEL = ""
 # password_env / username_env name variables of the credentials Secret (envFrom), never others of
 # the pod (KubeRay's RAY_AUTH_TOKEN, say), which would go to a host of the resource's choosing.
 CREDENTIAL_ENV = re.compile(r"PODPULSE_[A-Z0-9_]+")

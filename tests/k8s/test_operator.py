@@ -147,8 +147,11 @@ def test_a_refused_resource_gets_no_children_and_a_status_saying_why(cluster, ex
     assert {verb for verb, _ in cluster.calls} <= {"labels"}  # it read labels, and created nothing
 
 
-def test_a_labelled_secret_is_admitted(cluster, example):
+def test_a_labelled_secret_is_admitted_when_the_operator_admits_by_label(cluster, example, monkeypatch):
     secret(cluster, "team-db", **{"podpulse.io/allowed": "true"})
+    assert run(op.reconcile_stream, example("AirPodsDataStream", credentialsSecret="team-db"))["phase"] == "Refused"
+    assert not cluster.calls  # by default the operator never reads a Secret
+    monkeypatch.setattr(op, "POLICY", rc.Policy(image=op.IMAGE, secret_label="podpulse.io/allowed=true"))
     assert run(op.reconcile_stream, example("AirPodsDataStream", credentialsSecret="team-db"))["phase"] == "Starting"
     assert ("labels", "Secret") in cluster.calls and cluster.names("RayJob")
 
@@ -251,7 +254,7 @@ def test_rbac_grants_exactly_what_the_operator_uses(cluster, rayservice, example
         run(handler, cr)
         cr["spec"].update(change)
         run(handler, cr)
-    # A Secret the policy does not list: the operator reads its labels (metadata, never data).
+    # A Secret the policy does not list is refused unread: the Role grants nothing on Secrets.
     secret(cluster, "team-db", **{"podpulse.io/allowed": "true"})
     run(op.reconcile_stream, example("AirPodsDataStream", name="team", credentialsSecret="team-db"))
     run(op.reconcile_deployer, example("AIModelDeployer", canaryPercent=100))

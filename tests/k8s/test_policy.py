@@ -113,7 +113,7 @@ def test_the_policy_comes_from_the_operators_environment():
     default = rc.Policy.from_env({}, "registry.example.com/podpulse/podpulse:2.60.0-py311")
     assert default.images == () and default.allows_image("registry.example.com/podpulse/podpulse:other")
     assert not default.allows_image("podpulse:2.60.0")
-    assert default.secrets == policy.DEFAULT_SECRETS and default.secret_label == "podpulse.io/allowed=true"
+    assert default.secrets == policy.DEFAULT_SECRETS and default.secret_label == ""  # by name only: no `get` on Secrets
     strict = rc.Policy.from_env({"PODPULSE_ALLOWED_SECRETS": "", "PODPULSE_ALLOWED_SECRET_LABEL": ""}, "podpulse")
     assert strict.secrets == frozenset() and not strict.allows_secret("podpulse-credentials", {"x": "y"})
     with pytest.raises(AttributeError):
@@ -122,12 +122,16 @@ def test_the_policy_comes_from_the_operators_environment():
 
 def test_a_secret_is_allowed_by_name_or_by_the_label(example):
     cr = stream_with(example, credentialsSecret="team-db")
-    assert rc.DEFAULT_POLICY.unlisted(rc.secret_refs(cr).values()) == ["team-db"]  # the operator reads its labels
+    assert rc.DEFAULT_POLICY.unlisted(rc.secret_refs(cr).values()) == []  # by default nothing is looked up
+    with pytest.raises(rc.Refused, match=r"'team-db' is not an allowed Secret \(list it in PODPULSE_ALLOWED_SECRETS\)"):
+        children(cr)
+    labelled = rc.Policy(image=rc.DEFAULT_IMAGE, secret_label="podpulse.io/allowed=true")
+    assert labelled.unlisted(rc.secret_refs(cr).values()) == ["team-db"]  # the operator reads its labels
     with pytest.raises(rc.Refused, match="label it podpulse.io/allowed=true"):
-        children(cr, labels={"team-db": {"podpulse.io/allowed": "false"}})
+        children(cr, labelled, labels={"team-db": {"podpulse.io/allowed": "false"}})
     with pytest.raises(rc.Refused, match="team-db"):
-        children(cr, labels={"team-db": None})  # no such Secret
-    assert children(cr, labels={"team-db": {"podpulse.io/allowed": "true"}})
+        children(cr, labelled, labels={"team-db": None})  # no such Secret
+    assert children(cr, labelled, labels={"team-db": {"podpulse.io/allowed": "true"}})
     by_name = rc.Policy(image=rc.DEFAULT_IMAGE, secrets=frozenset({"team-db", "podpulse-kafka"}), secret_label="")
     assert by_name.unlisted(["team-db", "other"]) == []  # no label admits: nothing to look up
     assert children(cr, by_name)
