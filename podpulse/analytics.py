@@ -25,7 +25,7 @@ from datetime import date, timedelta
 import numpy as np
 
 from podpulse import geo
-from podpulse.config import StorageConfig
+from podpulse.config import MIN_K, StorageConfig
 from podpulse.errors import ConfigError
 from storage.reader import Reader, open_reader
 from storage.rollups import REPORT_UTC_OFFSET_H
@@ -33,7 +33,7 @@ from storage.rollups import REPORT_UTC_OFFSET_H
 __all__ = ["Result", "usage_trend", "noise_habits", "mode_shares", "exposure", "battery_health",
            "firmware_adoption", "listening_by_hour", "state_overview", "full_report", "data_range", "report_for", "QUERIES"]
 
-DEFAULT_K = 10
+DEFAULT_K = MIN_K
 AEST = f"INTERVAL '{REPORT_UTC_OFFSET_H} hours'"
 WEEKLY_ALLOWANCE_S = 40 * 3600  # 40 h at 80 dBA
 MIN_DRAIN_PLAYBACK_S = 1800
@@ -153,7 +153,11 @@ def exposure(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Result:
                                     "median_dose_pct"], rows, k,
                        notes=["a week starts on Monday, AEST; partial weeks at the range's edges count "
                               "only the days inside it"])
-    all_doses = np.array([float(d) / WEEKLY_ALLOWANCE_S * 100 for *_, d in weeks])
+    # Fleet-wide, but of the published cells only: with every device-week in it, the total less the
+    # published cells' device-weeks would give away a lone suppressed cell's count (and its over-guide share).
+    published = {(state, urban) for state, urban, *_ in result.rows}
+    all_doses = np.array([float(d) / WEEKLY_ALLOWANCE_S * 100 for _, state, urban, _, d in weeks
+                          if (state, bool(urban)) in published])
     edges = list(range(0, 210, 10))
     counts = np.histogram(np.clip(all_doses, 0, 199.999), bins=edges)[0] if len(all_doses) else []
     result.notes.append("distribution: " + ", ".join(
@@ -206,18 +210,24 @@ def battery_health(r: Reader, start: date, end: date, k: int = DEFAULT_K, outlie
 
 
 def firmware_adoption(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Result:
-    """Share of each day's active devices on each firmware (from the firmware rollup, so it
-    needs no raw events: they may live in Cassandra)."""
-    rows = r.rows(f"""
-        WITH daily AS (
-            SELECT day, firmware, count(DISTINCT device_id) AS devices
-            FROM device_firmware_daily
-            WHERE day >= DATE '{start.isoformat()}' AND day < DATE '{end.isoformat()}' GROUP BY 1, 2),
-        totals AS (SELECT day, sum(devices) AS total FROM daily GROUP BY day)
-        SELECT day, firmware, devices, devices * 1.0 / total AS share
-        FROM daily JOIN totals USING (day) ORDER BY 1, 2""")
+    """Share of each day's devices on each firmware, among the versions shown (from the firmware
+    rollup, so it needs no raw events: they may live in Cassandra).
+
+    The shares are of the published cells' devices: shares of all devices would give away the
+    day's total, and with it a lone suppressed cell (15 devices at 0.882 make 17, so the hidden
+    version has 2)."""
+    daily = r.rows(f"""
+        SELECT day, firmware, count(DISTINCT device_id) AS devices FROM device_firmware_daily
+        WHERE day >= DATE '{start.isoformat()}' AND day < DATE '{end.isoformat()}'
+        GROUP BY 1, 2 ORDER BY 1, 2""")
+    shown: dict = {}
+    for day, _, devices in daily:
+        if devices >= k:
+            shown[day] = shown.get(day, 0) + devices
+    rows = [(day, fw, devices, devices / shown[day] if devices >= k else None) for day, fw, devices in daily]
     return _suppress("firmware_adoption", ["day", "firmware", "devices", "share"], rows, k,
-                     notes=["a device that updated during a day counts on both versions that day"])
+                     notes=["a device that updated during a day counts on both versions that day",
+                            f"shares are of the devices on the versions shown (each with at least {k})"])
 
 
 def listening_by_hour(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Result:

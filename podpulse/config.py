@@ -15,12 +15,14 @@ import yaml
 from podpulse.contract import EventWindow
 from podpulse.errors import ConfigError, StorageError
 
-__all__ = ["IngestConfig", "INGEST_DEFAULTS", "GROUP_MODES", "StorageConfig", "KINDS", "DEFAULT_DUCKDB_PATH",
+__all__ = ["MIN_K", "IngestConfig", "INGEST_DEFAULTS", "GROUP_MODES", "StorageConfig", "KINDS", "DEFAULT_DUCKDB_PATH",
            "CONSUMER_CPUS", "WRITER_CPUS"]
 
 GROUP_MODES = ("assign", "subscribe")
 # Ray resources of the ingest actors: the actors request them, the operator sizes its workers by them.
 CONSUMER_CPUS, WRITER_CPUS = 0.5, 0.25
+# The privacy floor: no published cell (report, API, metric) describes fewer devices than this.
+MIN_K = 10
 DEFAULT_DUCKDB_PATH = "podpulse-data/podpulse.duckdb"
 KINDS = ("raw_events", "devices", "rollups", "offsets", "anomalies")
 TRANSACTIONAL = ("devices", "rollups", "offsets")

@@ -15,9 +15,11 @@ import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 
+from podpulse.config import MIN_K
 from podpulse.errors import ConfigError
 from storage.reader import run_queries
 from storage.router import StorageConfig, insert_rows
@@ -62,20 +64,23 @@ def record_anomalies(config: StorageConfig, version: str, flagged: dict[str, np.
     return n
 
 
-def flagged_devices_by_region(config: StorageConfig, version: str) -> dict[str, int]:
+def flagged_devices_by_region(config: StorageConfig, version: str, k: int = MIN_K) -> dict[str, int]:
     """Distinct devices a battery-anomaly version flagged, per region (``NSW-urban``, ``WA-rural``;
     ``unknown-...`` for devices without a state): one query joining ``anomalies`` to ``devices``.
 
-    Counts only, no device ids, and no k-anonymity suppression: this is an
-    operational number (where faults cluster), and a small count is the point."""
+    Counts only, no device ids. A small flagged count is the point (where faults cluster), but a
+    region with fewer than ``k`` devices in all is left out, as the reports leave it out."""
     if not _VERSION.fullmatch(version):
         raise ValueError(f"not a model version: {version!r}")
     if config.routes["anomalies"] != config.routes["devices"]:
         raise ConfigError("anomalies and devices are routed to different backends: "
                           "the flagged devices cannot be joined to their regions")
     rows = run_queries(config, {"r": f"""
+        WITH regions AS (SELECT coalesce(state, '?') AS state, urban FROM devices
+                         GROUP BY coalesce(state, '?'), urban HAVING count(*) >= {int(k)})
         SELECT d.state, d.urban, count(DISTINCT a.device_id)
         FROM anomalies a JOIN devices d ON d.device_id = a.device_id
+        JOIN regions r ON r.state = coalesce(d.state, '?') AND r.urban = d.urban
         WHERE a.model_version = '{version}' AND a.flagged
         GROUP BY d.state, d.urban"""})["r"]
     counts: dict[str, int] = {}

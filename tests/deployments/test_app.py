@@ -5,6 +5,7 @@ import re
 import threading
 import time
 import uuid
+from collections import Counter
 
 import pytest
 import requests
@@ -12,6 +13,7 @@ import requests
 from bench.report import build_store
 from bench.serve import ROW  # one device-hour row, the benchmark's too
 from podpulse.broker import free_port
+from podpulse.config import MIN_K
 from podpulse.train import train_battery_anomaly, train_usage_forecast
 from storage.router import StorageConfig
 
@@ -113,7 +115,8 @@ def test_a_202_means_the_accepted_events_are_in_the_topic(served, broker):
 
 
 def flagged_by_region_in_the_store(path, version: str) -> dict[str, int]:
-    """Distinct devices ``version`` flagged per region, read straight from ``anomalies`` and ``devices``."""
+    """Distinct devices ``version`` flagged per region, read straight from ``anomalies`` and ``devices``;
+    regions of fewer than MIN_K devices are not published."""
     import duckdb
 
     con = duckdb.connect(str(path), read_only=True)
@@ -124,9 +127,11 @@ def flagged_by_region_in_the_store(path, version: str) -> dict[str, int]:
                   for d, s, u in con.execute("SELECT device_id, state, urban FROM devices").fetchall()}
     finally:
         con.close()
+    size = Counter(region.values())
     counts: dict[str, int] = {}
     for d in flagged:
-        counts[region[d]] = counts.get(region[d], 0) + 1
+        if size[region[d]] >= MIN_K:
+            counts[region[d]] = counts.get(region[d], 0) + 1
     return counts
 
 

@@ -113,8 +113,9 @@ def test_exposure_against_the_who_guide(store):
     result = analytics.exposure(reader, START, END, 10)
     compare(result, expected, ["state", "urban"], ["share_over_guide", "median_dose_pct"], 10)
     dist = result.extra["distribution"]
-    over = sum(1 for v in cells.values() for _, x in v if x >= 100)
-    assert dist["over_guide"] == over > 0 and dist["total"] == len(weeks)
+    shown = [v for v in cells.values() if len({d for d, _ in v}) >= 10]  # the distribution is of these only
+    over = sum(1 for v in shown for _, x in v if x >= 100)
+    assert dist["over_guide"] == over > 0 and dist["total"] == sum(map(len, shown)) < len(weeks)
 
 
 def test_battery_health_cohorts_and_outliers(store):
@@ -212,3 +213,46 @@ def test_mode_shares_by_state(store):
                 for key, (d, s) in cells.items()}
     compare(analytics.mode_shares(reader, START, END, 10), expected, ["state", "urban"],
             ["anc", "adaptive", "transparency", "off"], 10)
+
+
+def _a_k_that_hides_some(counts) -> int:
+    """A floor above the median cell: about half the cells are suppressed."""
+    return int(np.median(sorted(counts))) + 1
+
+
+def test_firmware_shares_do_not_give_away_a_suppressed_cell(store):
+    """The attack the shares allowed: devices / share = the day's total, less the shown cells = the hidden."""
+    reader, events = store
+    cells = defaultdict(set)
+    for e in events:
+        cells[(str(day_of(e["t"])), e["firmware"])].add(e["device_id"])
+    k = _a_k_that_hides_some(len(v) for v in cells.values())
+    result = analytics.firmware_adoption(reader, START, END, k)
+    assert result.suppressed > 0
+    shown = defaultdict(list)
+    for row in result.records():
+        shown[row["day"]].append(row)
+    hidden_days = 0
+    for day, rows in shown.items():
+        hidden = sum(len(v) for (d, _), v in cells.items() if d == day and len(v) < k)
+        inferred = [row["devices"] / row["share"] - sum(r["devices"] for r in rows) for row in rows]
+        if hidden:
+            hidden_days += 1
+            assert all(abs(x - hidden) > 0.5 for x in inferred), (day, hidden, inferred)
+        assert close(sum(r["share"] for r in rows), 1.0)
+    assert hidden_days > 0
+
+
+def test_the_exposure_distribution_counts_only_the_published_cells(store):
+    reader, events = store
+    devices = defaultdict(set)
+    for e in events:
+        devices[(e["state"], e["urban"])].add(e["device_id"])
+    k = _a_k_that_hides_some(len(v) for v in devices.values())
+    result = analytics.exposure(reader, START, END, k)
+    assert result.suppressed > 0
+    dist = result.extra["distribution"]
+    # total less the published cells' device-weeks was the suppressed cells' device-weeks
+    assert dist["total"] == sum(r["device_weeks"] for r in result.records())
+    assert dist["over_guide"] == round(sum(r["share_over_guide"] * r["device_weeks"] for r in result.records()))
+    assert sum(dist["device_weeks"]) == dist["total"]

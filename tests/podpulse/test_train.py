@@ -1,6 +1,7 @@
 """The battery anomaly model, trained for real (TensorFlow, Ray Data) on a small simulated fleet."""
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -96,11 +97,14 @@ def assert_flagged_device_days_are_in_the_anomalies_table(root, config, truth, r
     fault = {t["device_id"]: t["fault"] for t in json.loads(truth.read_text())}
     fast = [r for d, _, _, _, r, _ in rows if fault.get(d) == "fast_drain"]
     assert fast and fast.count("departure") > 0.8 * len(fast)
-    # what a serving replica exports: distinct devices per region
+    # what a serving replica exports: distinct devices per region, for regions of at least k devices
     expected: dict[str, int] = {}
     for d in {d for d, *_ in rows}:
         expected[region[d]] = expected.get(region[d], 0) + 1
-    assert flagged_devices_by_region(config, result["version"]) == expected
+    assert flagged_devices_by_region(config, result["version"], k=1) == expected
+    size = Counter(region.values())
+    assert flagged_devices_by_region(config, result["version"], k=12) == {r: n for r, n in expected.items()
+                                                                          if size[r] >= 12}
 
 
 def test_the_flagged_days_carry_the_reason_that_dominates_their_score():
@@ -161,8 +165,11 @@ def test_anomalies_are_written_and_counted_by_region_on_duckdb_and_postgresql(st
     for i in range(25):
         r = f"{geo.STATES[fleet.state[i]].code}-{'urban' if fleet.urban[i] else 'rural'}"
         expected[r] = expected.get(r, 0) + 1
-    assert flagged_devices_by_region(store_config, "v-test") == expected
-    assert sum(flagged_devices_by_region(store_config, "v-other").values()) == 10
+    assert flagged_devices_by_region(store_config, "v-test", k=1) == expected
+    size = Counter(f"{geo.STATES[s].code}-{'urban' if u else 'rural'}" for s, u in zip(fleet.state, fleet.urban))
+    assert any(size[r] < 5 for r in expected) and any(size[r] >= 5 for r in expected)
+    assert flagged_devices_by_region(store_config, "v-test", k=5) == {r: n for r, n in expected.items() if size[r] >= 5}
+    assert sum(flagged_devices_by_region(store_config, "v-other", k=1).values()) == 10
     assert flagged_devices_by_region(store_config, "v-none") == {}
     assert record_anomalies(store_config, "v-empty", {"device_id": np.array([]), "day": np.array([]),
                                                       "score": np.array([]), "reason": np.array([])}) == 0
