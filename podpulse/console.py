@@ -28,11 +28,18 @@ out = Console()
 err = Console(stderr=True)
 
 
+def _bars(*columns, quiet: bool) -> Progress:
+    """Progress bars on stderr. Rich would also catch what the libraries write to sys.stdout and
+    sys.stderr while the bars are up and print it above them, past the demo's log file: it does not."""
+    return Progress(*columns, console=err, disable=quiet, transient=True, redirect_stdout=False,
+                    redirect_stderr=False)
+
+
 def run_simulation(spec, fleet, summary, write, quiet: bool = False) -> None:
     """Drive the simulator into ``write(chunk)`` with a progress bar."""
     columns = (TextColumn("[bold]simulating"), BarColumn(), MofNCompleteColumn(),
                TextColumn("intervals · {task.fields[events]:,} events"), TimeRemainingColumn())
-    with Progress(*columns, console=err, disable=quiet, transient=True) as progress:
+    with _bars(*columns, quiet=quiet) as progress:
         task = progress.add_task("", total=spec.steps, events=0)
         for chunk in generate(spec, fleet):
             write(chunk)
@@ -63,7 +70,7 @@ def print_summary(summary, result: dict) -> None:
 def ingest_with_progress(config, until_caught_up: bool, quiet: bool) -> dict:
     columns = (TextColumn("[bold]ingesting"), BarColumn(), TextColumn("lag {task.fields[lag]:,}"),
                TextColumn("· {task.fields[restarts]} restarts"))
-    with Progress(*columns, console=err, disable=quiet, transient=True) as progress:
+    with _bars(*columns, quiet=quiet) as progress:
         task = progress.add_task("", total=None, lag=0, restarts=0)
         peak = [0]
 
@@ -81,9 +88,8 @@ class DemoProgressBars:
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
-        self.bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[what]}"), TimeRemainingColumn(), console=err,
-                             disable=quiet, transient=True)
+        self.bars = _bars(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[what]}"), TimeRemainingColumn(), quiet=quiet)
         self.sim = self.ingest = None
         self.peak = 0
 
@@ -112,20 +118,21 @@ class DemoProgressBars:
                          what=f"lag {lag:,} · {status.get('restarts', 0)} restarts")
 
 
-def print_demo_models(s: dict) -> None:
+def print_demo_models(s: dict, most: int = 5) -> None:
     battery, serve = s["battery_anomaly"], s["serve"]
-    table = Table(title="most anomalous devices (battery drain against the model's expectation)")
+    table = Table(title="most anomalous devices (drain vs the model)")
     for column in ("device", "score", "flagged", "injected fault"):
         table.add_column(column)
-    for d in battery["most_anomalous"]:
+    for d in battery["most_anomalous"][:most]:
         table.add_row(d["device_id"], f"{d['score']:.1f}", "yes" if d["flagged"] else "",
                       d.get("injected_fault") or "none")
     out.print(table)
     url, shown = serve["url"], serve["token_shown"]
-    out.print(f"Ray Serve: {url}  ·  OpenAPI docs {url}/docs  ·  token {shown}")
+    out.print(f"Ray Serve: {url}  ·  OpenAPI docs {url}/docs")
+    out.print(f"  export TOKEN={shown}", highlight=False)
     for path in (f"/v1/devices/{serve['worst_device']}/battery-health", "/v1/forecast/usage?region=NSW-urban",
                  "/v1/analytics/usage_trend"):
-        out.print(f"  curl -H \"Authorization: Bearer {shown}\" '{url}{path}'")
+        out.print(f"  curl -H \"Authorization: Bearer $TOKEN\" '{url}{path}'", highlight=False, soft_wrap=True)
 
 
 def print_demo_summary(s: dict) -> None:
@@ -133,12 +140,7 @@ def print_demo_summary(s: dict) -> None:
               f"[bold]{s['dead_lettered']:,}[/] dead-lettered; {s['partitions']} partitions, "
               f"{s['consumers']} consumer actors) → {s['store']}")
     out.print(f"the store now holds {s['events_stored']:,} events from {s['devices']:,} devices")
-    table = Table(title="devices by state")
-    table.add_column("state")
-    table.add_column("devices", justify="right")
-    for state, n in s["devices_by_state"].items():
-        table.add_row(state, f"{n:,}")
-    out.print(table)
+    out.print("devices by state: " + " · ".join(f"{state} {n:,}" for state, n in s["devices_by_state"].items()))
     for cls, v in s["listening"].items():
         out.print(f"{cls}: {v['listening_hours']:,} listening hours over {v['devices']:,} devices "
                   f"({v['hours_per_device']} h per device)")
@@ -247,6 +249,9 @@ def quiet_logs(path: Path) -> Path:
     logs, C++ ones included) to ``path``; PodPulse's own progress and summary still reach the terminal."""
     path.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # On a terminal Ray Data draws progress bars on stdout and echoes its log lines above them;
+    # read when ray.data is first imported (training imports it later).
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     err.file = os.fdopen(os.dup(2), "w", buffering=1)  # the terminal, for PodPulse's own lines
     log = open(path, "a", buffering=1)
     sys.stderr.flush()
