@@ -1,6 +1,7 @@
 """The Serve application started for real (Ray Serve, TensorFlow models, DuckDB), over HTTP."""
 
 import json
+import math
 import re
 import threading
 import time
@@ -525,3 +526,75 @@ def test_check_health_fails_only_when_the_replica_cannot_serve_its_user_config(s
         assert requests.get(f"{base}/healthz").json() == {"status": "ok"}
     finally:
         serve.delete("podpulse-health")
+
+
+# ---- hardening: the guard before the body ----
+
+def raw_status(url: str, head: str, body: bytes = b"", timeout: float = 5.0) -> int:
+    """Send a request's head (and part of a body) on a socket and return the status the server
+    answers with, without sending the rest: a server that waits for the whole body times out."""
+    import socket
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    with socket.create_connection((where.hostname, where.port), timeout=timeout) as s:
+        s.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        return int(s.recv(4096).split(b" ", 2)[1])
+
+
+def test_the_token_and_the_body_size_are_checked_before_the_body_is_read(served):
+    """3 MB announced, 10 bytes sent: the answer comes from the headers alone (on main, FastAPI waited
+    for the body before its 401). Over max_body_bytes (4 MiB by default) announced: 413 at once."""
+    url, *_ = served
+    head = "POST /v1/battery/score HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: {n}\n{auth}"
+    assert raw_status(url, head.format(n=3_000_000, auth=""), b'{"rows": [') == 401
+    assert raw_status(url, head.format(n=3_000_000, auth="Authorization: Bearer nope\n"), b'{"rows": [') == 401
+    assert raw_status(url, head.format(n=5_000_000, auth=f"Authorization: Bearer {TOKEN}\n"), b'{"rows": [') == 413
+    wrong = requests.get(f"{url}/v1/analytics/usage_trend", headers={"Authorization": "Bearer t\u00e9st".encode()})
+    assert wrong.status_code == 401  # bytes that are not ASCII: refused, not a 500 from the comparison
+    assert requests.get(f"{url}/healthz").status_code == 200
+
+
+def test_the_docs_are_off_unless_configured(served):
+    url, *_ = served
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert requests.get(f"{url}{path}").status_code == 404, path
+        assert requests.get(f"{url}{path}", headers=AUTH).status_code == 404, path
+
+
+def test_the_guards_follow_user_config(served):
+    """max_body_bytes and docs of the deployment's user_config, on an application of its own."""
+    from ray import serve
+
+    url, _, _, settings, first = served
+    serve.run(own_app(settings["storage"], settings["registry"], user_config={
+        "model_path": first["path"], "max_body_bytes": 2048, "docs": True}),
+        name="podpulse-guards", route_prefix="/guards")
+    try:
+        base = f"{url}/guards"
+        assert requests.post(f"{base}/v1/battery/score", json={"rows": [ROW] * 5}, headers=AUTH).status_code == 200
+        announced = requests.post(f"{base}/v1/battery/score", json={"rows": [ROW] * 20}, headers=AUTH)
+        assert announced.status_code == 413 and "max_body_bytes" in announced.json()["detail"], announced.text
+        chunks = (json.dumps({"rows": [ROW] * 20}).encode()[i:i + 500] for i in range(0, 5000, 500))
+        streamed = requests.post(f"{base}/v1/battery/score", data=chunks,  # chunked: no Content-Length
+                                 headers=AUTH | {"Content-Type": "application/json"})
+        assert streamed.status_code == 413, streamed.text
+        for path in ("/docs", "/openapi.json"):  # published, without the token
+            assert requests.get(f"{base}{path}").status_code == 200, path
+    finally:
+        serve.delete("podpulse-guards")
+
+
+def test_the_guard_settings_are_checked_like_the_rest_of_user_config():
+    """No Ray: parse_user_config on the guard keys."""
+    from deployments.app import MAX_BODY_BYTES, parse_user_config
+
+    assert parse_user_config(None).max_body_bytes == MAX_BODY_BYTES and parse_user_config({}).docs is False
+    config = parse_user_config({"max_body_bytes": 2048.0, "docs": True})
+    assert (config.max_body_bytes, config.docs) == (2048, True)
+    for bad, message in [({"max_body_bytes": 10}, "max_body_bytes must be a whole number from 1024"),
+                         ({"max_body_bytes": math.inf}, "max_body_bytes must be a whole number"),
+                         ({"docs": "yes"}, "docs must be true or false")]:
+        with pytest.raises(ValueError, match="refused user_config: " + message):
+            parse_user_config(bad)
+
