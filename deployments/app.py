@@ -6,7 +6,7 @@ Every endpoint but ``/healthz`` needs ``Authorization: Bearer $PODPULSE_API_TOKE
 (read from the replicas' environment; with no token set, every call is refused). :class:`Guard`
 checks it from the headers, before any of the body is read, and bounds the body while it is read
 (``max_body_bytes``: 413). ``/docs``, ``/redoc`` and ``/openapi.json`` are off unless ``docs`` is set.
-A malformed body gets 422 naming the field (FastAPI).
+A malformed request gets 422 naming the field; no input gets a 5xx.
 Models come from the registry, whose source of truth is the ``model_versions`` table
 (``podpulse.registry.latest``); what a version's files mean is its model module's
 business (``podpulse.battery_model.load``, ``podpulse.forecast_model.week_ahead``).
@@ -23,10 +23,12 @@ The deployments are thin: the logic is ``podpulse.battery_model``,
 # class-based routes at runtime to tell bodies from query parameters.
 import asyncio
 import hmac
+import json
 import logging
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -36,10 +38,12 @@ from typing import Annotated, Callable
 # ('cimpl') cannot be imported by name, so cloudpickle would try to copy the class by value.
 import confluent_kafka
 import msgspec
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from ray import serve
 from ray.serve.exceptions import RayServeException
 from starlette.middleware.body_limit import RequestBodyLimitResponder
@@ -55,14 +59,20 @@ from storage.reader import open_reader
 __all__ = ["app", "api", "build", "run_local", "PodPulseAPI", "UserConfig", "parse_user_config"]
 
 MAX_ROWS = 1000
-DEVICE_ID = r"^[A-Za-z0-9._:-]{1,64}$"  # pseudonymous ids; anything else is a 422, never SQL
+DEVICE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # pseudonymous ids, matched whole; anything else: 422, never SQL
+REGION = re.compile(r"[A-Z]{2,3}-(urban|rural)")
+LABEL = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]{1,64}")  # as the contract's: no controls, lone surrogates
 MAX_EVENTS = 5000
 # A full batch of MAX_EVENTS events is ~2 MB of JSON (~400 B an event); the default leaves room for
 # newer versions' fields. A longer body is refused with 413 before FastAPI parses any of it.
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# Analytics dates (from, to) outside these days are a 422 naming the parameter: the store holds
+# nothing there, and date arithmetic near year 9999 overflows.
+FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(2100, 12, 31)
 OPEN_PATHS = frozenset({"/healthz"})
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 UNGUARDED = OPEN_PATHS | DOCS_PATHS  # DOCS_PATHS: only when user_config docs is set
+MAX_ECHO_CHARS = 200  # a 422 repeats the refused input only when it is short and JSON-safe
 # POST /v1/telemetry answers 202 only once Kafka acknowledged every accepted event. librdkafka
 # gives up on an event after DELIVERY_TIMEOUT_S (message.timeout.ms), so an event the request
 # answered 503 for is not delivered later behind the client's retry; the request itself waits
@@ -232,11 +242,66 @@ class Guard:
 app.add_middleware(Guard)
 
 
+def _echo(value):
+    """``value`` made JSON (as FastAPI would) when it is short and strict JSON (finite numbers,
+    text UTF-8 can write), else None: a 422 never fails on, or floods with, what it refused."""
+    try:
+        value = jsonable_encoder(value)
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        text.encode()
+    except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return None
+    return value if len(text) <= MAX_ECHO_CHARS else None
+
+
+def _text(value) -> str:
+    """``value`` as text UTF-8 can write (a lone surrogate becomes its escape)."""
+    return str(value).encode("utf-8", "backslashreplace").decode()
+
+
+def refused_detail(errors) -> list[dict]:
+    """FastAPI's 422 detail, made safe to send: ``loc`` and ``msg`` as writable text, ``input`` and
+    ``ctx`` only where :func:`_echo` keeps them."""
+    out = []
+    for error in errors:
+        item = {"type": _text(error.get("type")),
+                "loc": [x if isinstance(x, int) else _text(x) for x in error.get("loc", ())],
+                "msg": _text(error.get("msg"))}
+        for key in ("input", "ctx"):
+            kept = _echo(error.get(key)) if key in error else None
+            if kept is not None:
+                item[key] = kept
+        out.append(item)
+    return out
+
+
+@app.exception_handler(RequestValidationError)
+async def refused(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming the field, as FastAPI's own handler, but never a 500 for what the request held."""
+    return JSONResponse({"detail": refused_detail(exc.errors())}, status_code=422)
+
+
+def _matching(pattern: re.Pattern, what: str) -> AfterValidator:
+    """A validator refusing a value ``pattern`` does not match whole (``fullmatch``: no trailing newline)."""
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise ValueError(f"must be {what}")
+        return value
+    return AfterValidator(check)
+
+
+DeviceId = Annotated[str, PathParam(), _matching(DEVICE_ID, "1 to 64 of A-Z a-z 0-9 . _ : -")]
+Label = Annotated[str, _matching(LABEL, "1 to 64 printable characters")]
+Day = Annotated[date, Field(ge=FIRST_DAY, le=LAST_DAY)]
+Region = Annotated[str, Query(description="STATE-urban or STATE-rural, e.g. NSW-urban"),
+                   _matching(REGION, "STATE-urban or STATE-rural, e.g. NSW-urban")]
+
+
 class ScoreRow(BaseModel):
     """One device-hour: its context and the drain observed over its paired samples."""
 
-    model: str = Field(min_length=1, max_length=64)
-    firmware: str = Field(min_length=1, max_length=64)
+    model: Label
+    firmware: Label
     playback_h: float = Field(ge=0, le=1)
     anc: float = Field(ge=0, le=1)
     adaptive: float = Field(ge=0, le=1)
@@ -252,6 +317,19 @@ class ScoreRequest(BaseModel):
 
 class TelemetryRequest(BaseModel):
     events: list[dict] = Field(min_length=1, max_length=MAX_EVENTS)
+
+
+def encoded(events: list[dict]) -> tuple[list[bytes | None], dict[int, str]]:
+    """Each event as JSON bytes for the contract's decoder; an event JSON cannot carry (a lone
+    surrogate in a string) is None there, with its reason by index."""
+    values, unwritable = [], {}
+    for i, event in enumerate(events):
+        try:
+            values.append(msgspec.json.encode(event))
+        except (UnicodeEncodeError, OverflowError, TypeError, ValueError) as e:
+            values.append(None)
+            unwritable[i] = f"not writable as UTF-8 JSON ({type(e).__name__}: {_text(e)[:200]}) - at `$`"
+    return values, unwritable
 
 
 def serving(model, storage) -> None:
@@ -435,7 +513,7 @@ class PodPulseAPI:
         acknowledged every one of them, else 503 with ``Retry-After`` and Kafka's reason."""
         if self.producer is None:
             raise HTTPException(status_code=503, detail="HTTP ingest is not configured (no Kafka topic)")
-        values = [msgspec.json.encode(e) for e in body.events]
+        values, unwritable = encoded(body.events)
         decoded = decode_batch(values)
         keys = decoded.table["device_id"].to_pylist()
         if keys:
@@ -448,7 +526,7 @@ class PodPulseAPI:
                                     detail=f"Kafka did not acknowledge the events; send the whole request "
                                            f"again later: {e}") from None
         return {"accepted": decoded.table.num_rows, "rejected": len(decoded.rejected),
-                "reasons": [{"index": r.index, "reason": r.reason} for r in decoded.rejected]}
+                "reasons": [{"index": r.index, "reason": unwritable.get(r.index, r.reason)} for r in decoded.rejected]}
 
     @app.post("/v1/battery/score")
     async def battery_score(self, body: ScoreRequest) -> dict:
@@ -458,7 +536,7 @@ class PodPulseAPI:
         return scored
 
     @app.get("/v1/devices/{device_id}/battery-health")
-    async def battery_health(self, device_id: Annotated[str, PathParam(pattern=DEVICE_ID)],
+    async def battery_health(self, device_id: DeviceId,
                              days: Annotated[int, Query(ge=1, le=90)] = 7) -> dict:
         def read() -> list[dict]:  # in a thread: the query must not hold up the event loop
             with open_reader(self.storage) as r:
@@ -484,8 +562,7 @@ class PodPulseAPI:
             for d, v in per_day.items()]}
 
     @app.get("/v1/forecast/usage")
-    def forecast(self, region: Annotated[str, Query(pattern=r"^[A-Z]{2,3}-(urban|rural)$",
-                                                    description="STATE-urban or STATE-rural, e.g. NSW-urban")]):
+    def forecast(self, region: Region):
         week = self.week_ahead()
         state, cls = region.split("-")
         days = week.days(state, cls == "urban")
@@ -512,9 +589,11 @@ class PodPulseAPI:
         return cached[1]
 
     @app.get("/v1/analytics/{query}")
-    def analytics(self, query: str, start: Annotated[date | None, Query(alias="from")] = None,
-                  end: Annotated[date | None, Query(alias="to")] = None,
+    def analytics(self, query: str, start: Annotated[Day | None, Query(alias="from")] = None,
+                  end: Annotated[Day | None, Query(alias="to")] = None,
                   k: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict:
+        """Days from ``from`` to ``to`` (both included, 2000-01-01..2100-12-31; default: what the
+        store covers); cells under ``k`` devices suppressed."""
         if query not in analytics.QUERIES:
             raise HTTPException(status_code=404, detail=f"no query {query!r}; try {', '.join(analytics.QUERIES)}")
         with open_reader(self.storage) as r:
