@@ -69,6 +69,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 # Analytics dates (from, to) outside these days are a 422 naming the parameter: the store holds
 # nothing there, and date arithmetic near year 9999 overflows.
 FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(2100, 12, 31)
+MAX_K = 1000
 OPEN_PATHS = frozenset({"/healthz"})
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 UNGUARDED = OPEN_PATHS | DOCS_PATHS  # DOCS_PATHS: only when user_config docs is set
@@ -106,6 +107,7 @@ class UserConfig:
     score_batch_wait_s: float = SCORE_BATCH_WAIT_S
     max_body_bytes: int = MAX_BODY_BYTES  # a longer request body: 413
     docs: bool = False  # serve /docs, /redoc and /openapi.json, without the token
+    min_k: int = analytics.DEFAULT_K  # the privacy floor: analytics refuse a lower k
 
 
 USER_CONFIG_KEYS = tuple(UserConfig.__dataclass_fields__)
@@ -157,9 +159,10 @@ def parse_user_config(config) -> UserConfig:
 
 
 def _guards(config: dict, problems: list[str]) -> dict:
-    """The request guards of ``user_config`` (max_body_bytes, docs), checked into ``problems``."""
+    """The request guards of ``user_config`` (max_body_bytes, docs, min_k), checked into ``problems``."""
     out = {}
-    for key, lo, hi, what in (("max_body_bytes", 1024, 1024**3, "bytes a request body may take"),):
+    for key, lo, hi, what in (("max_body_bytes", 1024, 1024**3, "bytes a request body may take"),
+                              ("min_k", 2, MAX_K, "the lowest k an analytics request may ask for")):
         value = config.get(key)
         value = getattr(UserConfig, key) if value is None else value
         if not (_number(value) and float(value).is_integer() and lo <= value <= hi):
@@ -478,6 +481,15 @@ class PodPulseAPI:
             self.model = model
         return model
 
+    def privacy_floor(self, k: int | None) -> int:
+        """The k an analytics request runs with: its own, never below ``min_k`` (422 naming ``k``)."""
+        floor = self.config.min_k
+        if k is not None and k < floor:
+            raise RequestValidationError([{
+                "type": "greater_than_equal", "loc": ("query", "k"), "input": k, "ctx": {"ge": floor},
+                "msg": f"Input should be greater than or equal to {floor} (the privacy floor, min_k)"}])
+        return floor if k is None else k
+
     def pick(self) -> str:
         """Which version answers this request: the canary for ``canary_percent`` of them."""
         return "canary" if self.canary is not None and random.random() * 100 < self.config.canary_percent else "stable"
@@ -591,9 +603,11 @@ class PodPulseAPI:
     @app.get("/v1/analytics/{query}")
     def analytics(self, query: str, start: Annotated[Day | None, Query(alias="from")] = None,
                   end: Annotated[Day | None, Query(alias="to")] = None,
-                  k: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict:
+                  k: Annotated[int | None, Query(ge=1, le=MAX_K)] = None) -> dict:
         """Days from ``from`` to ``to`` (both included, 2000-01-01..2100-12-31; default: what the
-        store covers); cells under ``k`` devices suppressed."""
+        store covers); cells under ``k`` devices suppressed. ``k`` defaults to the privacy floor
+        ``min_k`` (user_config) and may raise it, never lower it: a lower ``k`` is a 422 naming ``k``."""
+        k = self.privacy_floor(k)
         if query not in analytics.QUERIES:
             raise HTTPException(status_code=404, detail=f"no query {query!r}; try {', '.join(analytics.QUERIES)}")
         with open_reader(self.storage) as r:
@@ -608,7 +622,8 @@ class PodPulseAPI:
 def build(storage: dict | None = None, bootstrap: str | None = None, topic: str | None = None,
           registry: str = "podpulse-data/models", model_path: str | None = None, env: dict | None = None,
           canary_model_path: str | None = None, canary_percent: float = 0, score_batch_size: int | None = None,
-          score_batch_wait_s: float | None = None, max_body_bytes: int | None = None, docs: bool | None = None):
+          score_batch_wait_s: float | None = None, max_body_bytes: int | None = None, docs: bool | None = None,
+          min_k: int | None = None):
     """The application graph, for ``serve.run`` and ``podpulse serve``.
 
     ``env``: environment variables for the API replicas (``PODPULSE_API_TOKEN``),
@@ -618,7 +633,7 @@ def build(storage: dict | None = None, bootstrap: str | None = None, topic: str 
     """
     user_config = {"model_path": model_path, "canary_model_path": canary_model_path, "canary_percent": canary_percent}
     optional = {"score_batch_size": score_batch_size, "score_batch_wait_s": score_batch_wait_s,
-                "max_body_bytes": max_body_bytes, "docs": docs}
+                "max_body_bytes": max_body_bytes, "docs": docs, "min_k": min_k}
     user_config |= {k: v for k, v in optional.items() if v is not None}
     parse_user_config(user_config)
     options = {"user_config": user_config}

@@ -530,7 +530,7 @@ def test_check_health_fails_only_when_the_replica_cannot_serve_its_user_config(s
         serve.delete("podpulse-health")
 
 
-# ---- hardening: the guard before the body, bounded input, no 5xx for any input ----
+# ---- hardening: the guard before the body, bounded input, the privacy floor, no 5xx for any input ----
 
 def raw_status(url: str, head: str, body: bytes = b"", timeout: float = 5.0) -> int:
     """Send a request's head (and part of a body) on a socket and return the status the server
@@ -575,6 +575,16 @@ def test_dates_outside_the_window_are_a_422_naming_the_parameter(served):
     assert edge.status_code == 200 and edge.json()["rows"], edge.text
 
 
+def test_k_may_raise_the_privacy_floor_never_lower_it(served):
+    url, *_ = served
+    for k in (1, 9):
+        low = requests.get(f"{url}/v1/analytics/usage_trend", params={"k": k}, headers=AUTH)
+        assert low.status_code == 422 and low.json()["detail"][0]["loc"] == ["query", "k"], low.text
+        assert "min_k" in low.json()["detail"][0]["msg"]
+    assert requests.get(f"{url}/v1/analytics/usage_trend", headers=AUTH).json()["k"] == 10
+    assert requests.get(f"{url}/v1/analytics/usage_trend", params={"k": 30}, headers=AUTH).json()["k"] == 30
+
+
 def test_hostile_values_get_a_4xx_or_a_reason_never_a_5xx(served):
     url, *_ = served
     nan = ('{"rows": [' + json.dumps(ROW)[:-1] + ', "anc": NaN}]}').encode()  # a bare NaN, as Python's json writes it
@@ -597,12 +607,12 @@ def test_hostile_values_get_a_4xx_or_a_reason_never_a_5xx(served):
 
 
 def test_the_guards_follow_user_config(served):
-    """max_body_bytes and docs of the deployment's user_config, on an application of its own."""
+    """max_body_bytes, docs and min_k of the deployment's user_config, on an application of its own."""
     from ray import serve
 
     url, _, _, settings, first = served
     serve.run(own_app(settings["storage"], settings["registry"], user_config={
-        "model_path": first["path"], "max_body_bytes": 2048, "docs": True}),
+        "model_path": first["path"], "max_body_bytes": 2048, "docs": True, "min_k": 20}),
         name="podpulse-guards", route_prefix="/guards")
     try:
         base = f"{url}/guards"
@@ -615,6 +625,9 @@ def test_the_guards_follow_user_config(served):
         assert streamed.status_code == 413, streamed.text
         for path in ("/docs", "/openapi.json"):  # published, without the token
             assert requests.get(f"{base}{path}").status_code == 200, path
+        assert requests.get(f"{base}/v1/analytics/usage_trend", headers=AUTH).json()["k"] == 20
+        assert requests.get(f"{base}/v1/analytics/usage_trend", params={"k": 15}, headers=AUTH).status_code == 422
+        assert requests.get(f"{base}/v1/analytics/usage_trend", params={"k": 25}, headers=AUTH).json()["k"] == 25
     finally:
         serve.delete("podpulse-guards")
 
@@ -673,10 +686,13 @@ def test_the_guard_settings_are_checked_like_the_rest_of_user_config():
     """No Ray: parse_user_config on the guard keys."""
     from deployments.app import MAX_BODY_BYTES, parse_user_config
 
-    assert parse_user_config(None).max_body_bytes == MAX_BODY_BYTES and parse_user_config({}).docs is False
-    config = parse_user_config({"max_body_bytes": 2048.0, "docs": True})
-    assert (config.max_body_bytes, config.docs) == (2048, True)
-    for bad, message in [({"max_body_bytes": 10}, "max_body_bytes must be a whole number from 1024"),
+    assert parse_user_config(None).max_body_bytes == MAX_BODY_BYTES and parse_user_config({}).min_k == 10
+    assert parse_user_config({}).docs is False
+    config = parse_user_config({"max_body_bytes": 2048, "docs": True, "min_k": 20.0})
+    assert (config.max_body_bytes, config.docs, config.min_k) == (2048, True, 20)
+    for bad, message in [({"min_k": 1}, "min_k must be a whole number from 2 to 1000"),
+                         ({"min_k": True}, "min_k must be a whole number"),
+                         ({"max_body_bytes": 10}, "max_body_bytes must be a whole number from 1024"),
                          ({"max_body_bytes": math.inf}, "max_body_bytes must be a whole number"),
                          ({"docs": "yes"}, "docs must be true or false")]:
         with pytest.raises(ValueError, match="refused user_config: " + message):
