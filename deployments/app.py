@@ -329,7 +329,7 @@ def encoded(events: list[dict]) -> tuple[list[bytes | None], dict[int, str]]:
     for i, event in enumerate(events):
         try:
             values.append(msgspec.json.encode(event))
-        except (UnicodeEncodeError, OverflowError, TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:  # UnicodeEncodeError is a ValueError
             values.append(None)
             unwritable[i] = f"not writable as UTF-8 JSON ({type(e).__name__}: {_text(e)[:200]}) - at `$`"
     return values, unwritable
