@@ -3,8 +3,10 @@
     serve run deployments.serve-config.yaml        # or: podpulse serve
 
 Every endpoint but ``/healthz`` needs ``Authorization: Bearer $PODPULSE_API_TOKEN``
-(read from the replicas' environment; with no token set, every call is refused).
-Bodies are bounded; a malformed body gets 422 naming the field (FastAPI).
+(read from the replicas' environment; with no token set, every call is refused). :class:`Guard`
+checks it from the headers, before any of the body is read, and bounds the body while it is read
+(``max_body_bytes``: 413). ``/docs``, ``/redoc`` and ``/openapi.json`` are off unless ``docs`` is set.
+A malformed request gets 422 naming the field; no input gets a 5xx.
 Models come from the registry, whose source of truth is the ``model_versions`` table
 (``podpulse.registry.latest``); what a version's files mean is its model module's
 business (``podpulse.battery_model.load``, ``podpulse.forecast_model.week_ahead``).
@@ -20,23 +22,31 @@ The deployments are thin: the logic is ``podpulse.battery_model``,
 # No `from __future__ import annotations` here: FastAPI reads the annotations of the
 # class-based routes at runtime to tell bodies from query parameters.
 import asyncio
+import hmac
+import json
 import logging
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Annotated
+from typing import Annotated, Callable
 
 # The module, not its Producer: serve.ingress cloudpickles the app, and Producer's __module__
 # ('cimpl') cannot be imported by name, so cloudpickle would try to copy the class by value.
 import confluent_kafka
 import msgspec
-from fastapi import Depends, FastAPI, Header, HTTPException, Query
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from pydantic import BaseModel, Field
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, BaseModel, Field
 from ray import serve
+from ray.serve.exceptions import RayServeException
+from starlette.middleware.body_limit import RequestBodyLimitResponder
 
 from podpulse import analytics, battery_model, forecast_model, metrics
 from podpulse.config import StorageConfig
@@ -49,8 +59,21 @@ from storage.reader import open_reader
 __all__ = ["app", "api", "build", "run_local", "PodPulseAPI", "UserConfig", "parse_user_config"]
 
 MAX_ROWS = 1000
-DEVICE_ID = r"^[A-Za-z0-9._:-]{1,64}$"  # pseudonymous ids; anything else is a 422, never SQL
+DEVICE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # pseudonymous ids, matched whole; anything else: 422, never SQL
+REGION = re.compile(r"[A-Z]{2,3}-(urban|rural)")
+LABEL = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]{1,64}")  # as the contract's: no controls, lone surrogates
 MAX_EVENTS = 5000
+# A full batch of MAX_EVENTS events is ~2 MB of JSON (~400 B an event); the default leaves room for
+# newer versions' fields. A longer body is refused with 413 before FastAPI parses any of it.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+# Analytics dates (from, to) outside these days are a 422 naming the parameter: the store holds
+# nothing there, and date arithmetic near year 9999 overflows.
+FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(2100, 12, 31)
+MAX_K = 1000
+OPEN_PATHS = frozenset({"/healthz"})
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+UNGUARDED = OPEN_PATHS | DOCS_PATHS  # DOCS_PATHS: only when user_config docs is set
+MAX_ECHO_CHARS = 200  # a 422 repeats the refused input only when it is short and JSON-safe
 # POST /v1/telemetry answers 202 only once Kafka acknowledged every accepted event. librdkafka
 # gives up on an event after DELIVERY_TIMEOUT_S (message.timeout.ms), so an event the request
 # answered 503 for is not delivered later behind the client's retry; the request itself waits
@@ -82,6 +105,9 @@ class UserConfig:
     canary_percent: float = 0.0
     score_batch_size: int = SCORE_BATCH_SIZE
     score_batch_wait_s: float = SCORE_BATCH_WAIT_S
+    max_body_bytes: int = MAX_BODY_BYTES  # a longer request body: 413
+    docs: bool = False  # serve /docs, /redoc and /openapi.json, without the token
+    min_k: int = analytics.DEFAULT_K  # the privacy floor: analytics refuse a lower k
 
 
 USER_CONFIG_KEYS = tuple(UserConfig.__dataclass_fields__)
@@ -126,27 +152,159 @@ def parse_user_config(config) -> UserConfig:
     if not (_number(wait) and 0 <= wait <= MAX_SCORE_BATCH_WAIT_S):
         problems.append(f"score_batch_wait_s must be seconds from 0 to {MAX_SCORE_BATCH_WAIT_S:g} (how long a "
                         f"batch waits for more requests; {SCORE_BATCH_WAIT_S:g} = 1 ms), got {wait!r}")
+    guards = _guards(config, problems)
     if problems:
         raise ValueError("refused user_config: " + "; ".join(problems))
-    return UserConfig(paths["model_path"], paths["canary_model_path"], percent, int(size), float(wait))
+    return UserConfig(paths["model_path"], paths["canary_model_path"], percent, int(size), float(wait), **guards)
 
 
-# async: FastAPI runs a plain-def dependency in a thread pool, a thread hop per request.
-async def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
-    token = os.environ.get("PODPULSE_API_TOKEN")
-    if not token or authorization != f"Bearer {token}":
-        raise HTTPException(status_code=401, detail="missing or wrong bearer token",
-                            headers={"WWW-Authenticate": "Bearer"})
+def _guards(config: dict, problems: list[str]) -> dict:
+    """The request guards of ``user_config`` (max_body_bytes, docs, min_k), checked into ``problems``."""
+    out = {}
+    for key, lo, hi, what in (("max_body_bytes", 1024, 1024**3, "bytes a request body may take"),
+                              ("min_k", 2, MAX_K, "the lowest k an analytics request may ask for")):
+        value = config.get(key)
+        value = getattr(UserConfig, key) if value is None else value
+        if not (_number(value) and float(value).is_integer() and lo <= value <= hi):
+            problems.append(f"{key} must be a whole number from {lo} to {hi} ({what}), got {value!r}")
+        out[key] = int(value) if _number(value) and float(value).is_integer() else getattr(UserConfig, key)
+    docs = config.get("docs")
+    if docs is not None and not isinstance(docs, bool):
+        problems.append(f"docs must be true or false (serve /docs, /redoc and /openapi.json), got {docs!r}")
+    out["docs"] = docs is True
+    return out
 
 
-Auth = Depends(require_token)
+def replica_config() -> UserConfig:
+    """The checked user_config of the replica serving this request; the defaults outside Serve."""
+    try:
+        servable = serve.get_replica_context().servable_object
+    except RayServeException:
+        return UserConfig()
+    return getattr(servable, "config", None) or UserConfig()
+
+
+def authorized(headers: list[tuple[bytes, bytes]], token: str | None) -> bool:
+    """True when the one ``Authorization`` header is ``Bearer <token>``, compared in constant time."""
+    given = [value for name, value in headers if name.lower() == b"authorization"]
+    return bool(token) and len(given) == 1 and hmac.compare_digest(given[0], f"Bearer {token}".encode())
+
+
+def route_path(scope: dict) -> str:
+    """The path the app routes on: without the application's route prefix (``root_path``)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The declared body length; -1 when it is not one non-negative whole number; None when absent."""
+    given = [value for name, value in headers if name.lower() == b"content-length"]
+    if not given:
+        return None
+    return int(given[0]) if len(set(given)) == 1 and given[0].isdigit() else -1
+
+
+class Guard:
+    """Pure ASGI middleware: what the headers can settle is settled before any of the body is read.
+
+    ``/healthz`` is open; the docs paths are served openly when ``docs`` is set, else 404; every
+    other path needs the bearer token (401). A declared ``Content-Length`` over ``max_body_bytes``
+    gets 413 at once, and a body that grows past it while being read gets 413 before it is parsed
+    (Starlette's ``RequestBodyLimitResponder``). ``settings`` gives the replica's current user_config.
+    """
+
+    def __init__(self, app, settings: Callable[[], UserConfig] = replica_config):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        config = self.settings()
+        refusal = self.refusal(scope, config)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        await RequestBodyLimitResponder(self.app, config.max_body_bytes)(scope, receive, send)
+
+    @staticmethod
+    def refusal(scope: dict, config: UserConfig) -> JSONResponse | None:
+        path, headers = route_path(scope), scope["headers"]
+        if path in DOCS_PATHS and not config.docs:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        if path not in UNGUARDED and not authorized(headers, os.environ.get("PODPULSE_API_TOKEN")):
+            return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        length = content_length(headers)
+        if length == -1:
+            return JSONResponse({"detail": "Content-Length must be one whole number of bytes"}, status_code=400)
+        if length is not None and length > config.max_body_bytes:
+            return JSONResponse({"detail": f"the body takes {length} bytes, over the limit of "
+                                           f"{config.max_body_bytes} (max_body_bytes)"}, status_code=413)
+        return None
+
+
+app.add_middleware(Guard)
+
+
+def _echo(value):
+    """``value`` made JSON (as FastAPI would) when it is short and strict JSON (finite numbers,
+    text UTF-8 can write), else None: a 422 never fails on, or floods with, what it refused."""
+    try:
+        value = jsonable_encoder(value)
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        text.encode()
+    except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return None
+    return value if len(text) <= MAX_ECHO_CHARS else None
+
+
+def _text(value) -> str:
+    """``value`` as text UTF-8 can write (a lone surrogate becomes its escape)."""
+    return str(value).encode("utf-8", "backslashreplace").decode()
+
+
+def refused_detail(errors) -> list[dict]:
+    """FastAPI's 422 detail, made safe to send: ``loc`` and ``msg`` as writable text, ``input`` and
+    ``ctx`` only where :func:`_echo` keeps them."""
+    out = []
+    for error in errors:
+        item = {"type": _text(error.get("type")),
+                "loc": [x if isinstance(x, int) else _text(x) for x in error.get("loc", ())],
+                "msg": _text(error.get("msg"))}
+        for key in ("input", "ctx"):
+            kept = _echo(error.get(key)) if key in error else None
+            if kept is not None:
+                item[key] = kept
+        out.append(item)
+    return out
+
+
+@app.exception_handler(RequestValidationError)
+async def refused(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming the field, as FastAPI's own handler, but never a 500 for what the request held."""
+    return JSONResponse({"detail": refused_detail(exc.errors())}, status_code=422)
+
+
+def _matching(pattern: re.Pattern, what: str) -> AfterValidator:
+    """A validator refusing a value ``pattern`` does not match whole (``fullmatch``: no trailing newline)."""
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise ValueError(f"must be {what}")
+        return value
+    return AfterValidator(check)
+
+
+DeviceId = Annotated[str, PathParam(), _matching(DEVICE_ID, "1 to 64 of A-Z a-z 0-9 . _ : -")]
+Label = Annotated[str, _matching(LABEL, "1 to 64 printable characters")]
+Day = Annotated[date, Field(ge=FIRST_DAY, le=LAST_DAY)]
+Region = Annotated[str, Query(description="STATE-urban or STATE-rural, e.g. NSW-urban"),
+                   _matching(REGION, "STATE-urban or STATE-rural, e.g. NSW-urban")]
 
 
 class ScoreRow(BaseModel):
     """One device-hour: its context and the drain observed over its paired samples."""
 
-    model: str = Field(min_length=1, max_length=64)
-    firmware: str = Field(min_length=1, max_length=64)
+    model: Label
+    firmware: Label
     playback_h: float = Field(ge=0, le=1)
     anc: float = Field(ge=0, le=1)
     adaptive: float = Field(ge=0, le=1)
@@ -164,6 +322,19 @@ class TelemetryRequest(BaseModel):
     events: list[dict] = Field(min_length=1, max_length=MAX_EVENTS)
 
 
+def encoded(events: list[dict]) -> tuple[list[bytes | None], dict[int, str]]:
+    """Each event as JSON bytes for the contract's decoder; an event JSON cannot carry (a lone
+    surrogate in a string) is None there, with its reason by index."""
+    values, unwritable = [], {}
+    for i, event in enumerate(events):
+        try:
+            values.append(msgspec.json.encode(event))
+        except (TypeError, ValueError, OverflowError) as e:  # UnicodeEncodeError is a ValueError
+            values.append(None)
+            unwritable[i] = f"not writable as UTF-8 JSON ({type(e).__name__}: {_text(e)[:200]}) - at `$`"
+    return values, unwritable
+
+
 def serving(model, storage) -> None:
     """Export which battery-anomaly version this replica serves (the drift alert keys on it) and how
     many devices that version flagged per region (one query on the store; the training job wrote the
@@ -179,6 +350,8 @@ def serving(model, storage) -> None:
     metrics.anomalous_devices("battery-anomaly", version, counts)
 
 
+# serve.ingress copies the app, these routes included, when it decorates the class: what the
+# routes call must be defined above this line.
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.5},
     # Serve's default (5) makes the proxy back off and retry (25 ms, 50 ms, ...) as soon as
@@ -308,6 +481,15 @@ class PodPulseAPI:
             self.model = model
         return model
 
+    def privacy_floor(self, k: int | None) -> int:
+        """The k an analytics request runs with: its own, never below ``min_k`` (422 naming ``k``)."""
+        floor = self.config.min_k
+        if k is not None and k < floor:
+            raise RequestValidationError([{
+                "type": "greater_than_equal", "loc": ("query", "k"), "input": k, "ctx": {"ge": floor},
+                "msg": f"Input should be greater than or equal to {floor} (the privacy floor, min_k)"}])
+        return floor if k is None else k
+
     def pick(self) -> str:
         """Which version answers this request: the canary for ``canary_percent`` of them."""
         return "canary" if self.canary is not None and random.random() * 100 < self.config.canary_percent else "stable"
@@ -337,13 +519,13 @@ class PodPulseAPI:
 
     # A plain def: FastAPI runs it in a thread, so waiting for Kafka's acknowledgements
     # does not hold up the replica's event loop.
-    @app.post("/v1/telemetry", status_code=202, dependencies=[Auth])
+    @app.post("/v1/telemetry", status_code=202)
     def telemetry(self, body: TelemetryRequest) -> dict:
         """Validate with the event contract, produce the valid events to Kafka; 202 once Kafka
         acknowledged every one of them, else 503 with ``Retry-After`` and Kafka's reason."""
         if self.producer is None:
             raise HTTPException(status_code=503, detail="HTTP ingest is not configured (no Kafka topic)")
-        values = [msgspec.json.encode(e) for e in body.events]
+        values, unwritable = encoded(body.events)
         decoded = decode_batch(values)
         keys = decoded.table["device_id"].to_pylist()
         if keys:
@@ -356,17 +538,17 @@ class PodPulseAPI:
                                     detail=f"Kafka did not acknowledge the events; send the whole request "
                                            f"again later: {e}") from None
         return {"accepted": decoded.table.num_rows, "rejected": len(decoded.rejected),
-                "reasons": [{"index": r.index, "reason": r.reason} for r in decoded.rejected]}
+                "reasons": [{"index": r.index, "reason": unwritable.get(r.index, r.reason)} for r in decoded.rejected]}
 
-    @app.post("/v1/battery/score", dependencies=[Auth])
+    @app.post("/v1/battery/score")
     async def battery_score(self, body: ScoreRequest) -> dict:
         started = time.perf_counter()
         scored = await self.score((self.pick(), [r.model_dump() for r in body.rows]))
         metrics.scoring_latency("/v1/battery/score", time.perf_counter() - started)
         return scored
 
-    @app.get("/v1/devices/{device_id}/battery-health", dependencies=[Auth])
-    async def battery_health(self, device_id: Annotated[str, PathParam(pattern=DEVICE_ID)],
+    @app.get("/v1/devices/{device_id}/battery-health")
+    async def battery_health(self, device_id: DeviceId,
                              days: Annotated[int, Query(ge=1, le=90)] = 7) -> dict:
         def read() -> list[dict]:  # in a thread: the query must not hold up the event loop
             with open_reader(self.storage) as r:
@@ -391,9 +573,8 @@ class PodPulseAPI:
             {"day": d, "departure": max(x["departure"] for x in v), "imbalance": max(x["imbalance"] for x in v)}
             for d, v in per_day.items()]}
 
-    @app.get("/v1/forecast/usage", dependencies=[Auth])
-    def forecast(self, region: Annotated[str, Query(pattern=r"^[A-Z]{2,3}-(urban|rural)$",
-                                                    description="STATE-urban or STATE-rural, e.g. NSW-urban")]):
+    @app.get("/v1/forecast/usage")
+    def forecast(self, region: Region):
         week = self.week_ahead()
         state, cls = region.split("-")
         days = week.days(state, cls == "urban")
@@ -419,10 +600,14 @@ class PodPulseAPI:
             self._forecast = cached
         return cached[1]
 
-    @app.get("/v1/analytics/{query}", dependencies=[Auth])
-    def analytics(self, query: str, start: Annotated[date | None, Query(alias="from")] = None,
-                  end: Annotated[date | None, Query(alias="to")] = None,
-                  k: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict:
+    @app.get("/v1/analytics/{query}")
+    def analytics(self, query: str, start: Annotated[Day | None, Query(alias="from")] = None,
+                  end: Annotated[Day | None, Query(alias="to")] = None,
+                  k: Annotated[int | None, Query(ge=1, le=MAX_K)] = None) -> dict:
+        """Days from ``from`` to ``to`` (both included, 2000-01-01..2100-12-31; default: what the
+        store covers); cells under ``k`` devices suppressed. ``k`` defaults to the privacy floor
+        ``min_k`` (user_config) and may raise it, never lower it: a lower ``k`` is a 422 naming ``k``."""
+        k = self.privacy_floor(k)
         if query not in analytics.QUERIES:
             raise HTTPException(status_code=404, detail=f"no query {query!r}; try {', '.join(analytics.QUERIES)}")
         with open_reader(self.storage) as r:
@@ -437,17 +622,19 @@ class PodPulseAPI:
 def build(storage: dict | None = None, bootstrap: str | None = None, topic: str | None = None,
           registry: str = "podpulse-data/models", model_path: str | None = None, env: dict | None = None,
           canary_model_path: str | None = None, canary_percent: float = 0, score_batch_size: int | None = None,
-          score_batch_wait_s: float | None = None):
+          score_batch_wait_s: float | None = None, max_body_bytes: int | None = None, docs: bool | None = None,
+          min_k: int | None = None):
     """The application graph, for ``serve.run`` and ``podpulse serve``.
 
     ``env``: environment variables for the API replicas (``PODPULSE_API_TOKEN``),
     when they should not come from the nodes' own environment. The user_config keys
-    (:func:`parse_user_config`; batch settings None: the defaults) are checked here, so
-    a bad value is refused before anything is deployed.
+    (:func:`parse_user_config`; batch settings and guards None: the defaults) are checked
+    here, so a bad value is refused before anything is deployed.
     """
     user_config = {"model_path": model_path, "canary_model_path": canary_model_path, "canary_percent": canary_percent}
-    user_config |= {k: v for k, v in (("score_batch_size", score_batch_size),
-                                      ("score_batch_wait_s", score_batch_wait_s)) if v is not None}
+    optional = {"score_batch_size": score_batch_size, "score_batch_wait_s": score_batch_wait_s,
+                "max_body_bytes": max_body_bytes, "docs": docs, "min_k": min_k}
+    user_config |= {k: v for k, v in optional.items() if v is not None}
     parse_user_config(user_config)
     options = {"user_config": user_config}
     if env:
@@ -462,10 +649,10 @@ def api(args: dict):
 
 def run_local(storage: dict, registry: str, token: str, *, host: str = "127.0.0.1", port: int = 8000,
               bootstrap: str | None = None, topic: str | None = None, model_path: str | None = None,
-              name: str = "podpulse") -> str:
+              name: str = "podpulse", docs: bool = True) -> str:
     """Start the application on the connected Ray (``podpulse serve``, the demo, the benchmark);
-    returns its base URL."""
+    returns its base URL. A local server publishes its OpenAPI docs unless ``docs`` is False."""
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build(storage, bootstrap, topic, registry, model_path, env={"PODPULSE_API_TOKEN": token}),
+    serve.run(build(storage, bootstrap, topic, registry, model_path, env={"PODPULSE_API_TOKEN": token}, docs=docs),
               name=name, route_prefix="/")
     return f"http://{host}:{port}"

@@ -17,7 +17,9 @@ and v1/v2 → v3: ``spatial_audio = null`` (not reported, so unknown).
 
 A record with a ``schema_version`` newer than :data:`CURRENT_VERSION` is
 accepted when its known fields are valid; every field this reader does not
-know (of any version) is kept, as a JSON object in the ``extras`` column.
+know (of any version) is kept, as a JSON object in the ``extras`` column
+(at most :data:`MAX_EXTRAS_FIELDS` fields in :data:`MAX_EXTRAS_BYTES` bytes:
+more is a reject with the reason).
 
 Decoding
 --------
@@ -54,7 +56,7 @@ from podpulse import geo
 
 __all__ = [
     "CURRENT_VERSION", "V1_DEFAULTS", "V3_DEFAULTS", "NOISE_MODES", "CHARGING_STATES", "Event",
-    "ARROW_SCHEMA", "FIELDS", "MAX_EXTRAS_BYTES", "Rejected", "DecodedBatch", "decode_batch", "encode", "encoder",
+    "ARROW_SCHEMA", "FIELDS", "MAX_EXTRAS_BYTES", "MAX_EXTRAS_FIELDS", "Rejected", "DecodedBatch", "decode_batch", "encode", "encoder",
     "EventWindow", "DEFAULT_WINDOW", "WINDOW_REASON",
 ]
 
@@ -78,6 +80,7 @@ Celsius = Annotated[float, msgspec.Meta(ge=-20.0, le=80.0)]
 # (which no UTF-8 encoder can write).
 Label = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f-\x9f\ud800-\udfff]+$")]
 MAX_EXTRAS_BYTES = 4000  # the relational stores keep extras in a 4,000-character column
+MAX_EXTRAS_FIELDS = 64  # unknown fields a record may carry: a newer version adds a few, not hundreds
 INT64_MAX = 2**63 - 1
 
 
@@ -233,7 +236,10 @@ def _parse_checked(value: bytes) -> tuple[Event, str | None] | str:
         event = _lenient.decode(value)
     except msgspec.DecodeError as e:  # ValidationError is a DecodeError
         return str(e)
-    extras = encoder.encode({k: v for k, v in _any.decode(value).items() if k not in _KNOWN}).decode()
+    unknown = {k: v for k, v in _any.decode(value).items() if k not in _KNOWN}
+    if len(unknown) > MAX_EXTRAS_FIELDS:
+        return f"{len(unknown)} unknown fields, over {MAX_EXTRAS_FIELDS} - at `$`"
+    extras = encoder.encode(unknown).decode()
     if len(extras.encode()) > MAX_EXTRAS_BYTES:
         return f"unknown fields take {len(extras.encode())} bytes, over {MAX_EXTRAS_BYTES} - at `$`"
     return event, extras

@@ -1,6 +1,7 @@
 """The Serve application started for real (Ray Serve, TensorFlow models, DuckDB), over HTTP."""
 
 import json
+import math
 import re
 import threading
 import time
@@ -9,6 +10,8 @@ from collections import Counter
 
 import pytest
 import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench.report import build_store
 from bench.serve import ROW  # one device-hour row, the benchmark's too
@@ -530,3 +533,185 @@ def test_check_health_fails_only_when_the_replica_cannot_serve_its_user_config(s
         assert requests.get(f"{base}/healthz").json() == {"status": "ok"}
     finally:
         serve.delete("podpulse-health")
+
+
+# ---- hardening: the guard before the body, bounded input, the privacy floor, no 5xx for any input ----
+
+def raw_status(url: str, head: str, body: bytes = b"", timeout: float = 5.0) -> int:
+    """Send a request's head (and part of a body) on a socket and return the status the server
+    answers with, without sending the rest: a server that waits for the whole body times out."""
+    import socket
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    with socket.create_connection((where.hostname, where.port), timeout=timeout) as s:
+        s.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        return int(s.recv(4096).split(b" ", 2)[1])
+
+
+def test_the_token_and_the_body_size_are_checked_before_the_body_is_read(served):
+    """3 MB announced, 10 bytes sent: the answer comes from the headers alone (on main, FastAPI waited
+    for the body before its 401). Over max_body_bytes (4 MiB by default) announced: 413 at once."""
+    url, *_ = served
+    head = "POST /v1/battery/score HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: {n}\n{auth}"
+    assert raw_status(url, head.format(n=3_000_000, auth=""), b'{"rows": [') == 401
+    assert raw_status(url, head.format(n=3_000_000, auth="Authorization: Bearer nope\n"), b'{"rows": [') == 401
+    assert raw_status(url, head.format(n=5_000_000, auth=f"Authorization: Bearer {TOKEN}\n"), b'{"rows": [') == 413
+    wrong = requests.get(f"{url}/v1/analytics/usage_trend", headers={"Authorization": "Bearer t\u00e9st".encode()})
+    assert wrong.status_code == 401  # bytes that are not ASCII: refused, not a 500 from the comparison
+    assert requests.get(f"{url}/healthz").status_code == 200
+
+
+def test_the_docs_are_off_unless_configured(served):
+    url, *_ = served
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert requests.get(f"{url}{path}").status_code == 404, path
+        assert requests.get(f"{url}{path}", headers=AUTH).status_code == 404, path
+
+
+def test_dates_outside_the_window_are_a_422_naming_the_parameter(served):
+    url, *_ = served
+    for query in ("usage_trend", "state_overview", "exposure", "firmware_adoption"):
+        for params, name in (({"to": "9999-12-31"}, "to"), ({"from": "0001-01-01"}, "from")):
+            answer = requests.get(f"{url}/v1/analytics/{query}", params=params, headers=AUTH)
+            assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["query", name], answer.text
+    edge = requests.get(f"{url}/v1/analytics/usage_trend", params={"from": "2000-01-01", "to": "2100-12-31"},
+                        headers=AUTH)
+    assert edge.status_code == 200 and edge.json()["rows"], edge.text
+
+
+def test_k_may_raise_the_privacy_floor_never_lower_it(served):
+    url, *_ = served
+    for k in (1, 9):
+        low = requests.get(f"{url}/v1/analytics/usage_trend", params={"k": k}, headers=AUTH)
+        assert low.status_code == 422 and low.json()["detail"][0]["loc"] == ["query", "k"], low.text
+        assert "min_k" in low.json()["detail"][0]["msg"]
+    assert requests.get(f"{url}/v1/analytics/usage_trend", headers=AUTH).json()["k"] == 10
+    assert requests.get(f"{url}/v1/analytics/usage_trend", params={"k": 30}, headers=AUTH).json()["k"] == 30
+
+
+def test_hostile_values_get_a_4xx_or_a_reason_never_a_5xx(served):
+    url, *_ = served
+    nan = ('{"rows": [' + json.dumps(ROW)[:-1] + ', "anc": NaN}]}').encode()  # a bare NaN, as Python's json writes it
+    answer = requests.post(f"{url}/v1/battery/score", data=nan, headers=AUTH | {"Content-Type": "application/json"})
+    assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["body", "rows", 0, "anc"], answer.text
+    lone = requests.post(f"{url}/v1/battery/score", json={"rows": [dict(ROW, model="\ud800")]}, headers=AUTH)
+    assert lone.status_code == 422 and lone.json()["detail"][0]["loc"] == ["body", "rows", 0, "model"], lone.text
+    newline = requests.get(f"{url}/v1/devices/abcdef%0A/battery-health", headers=AUTH)
+    assert newline.status_code == 422 and newline.json()["detail"][0]["loc"] == ["path", "device_id"]
+    region = requests.get(f"{url}/v1/forecast/usage", params={"region": "NSW-urban\n"}, headers=AUTH)
+    assert region.status_code == 422 and region.json()["detail"][0]["loc"] == ["query", "region"]
+
+    events = [event(seq=10**30), event(model="\ud800"), event(**{f"x{i}": i for i in range(65)}), event()]
+    answer = requests.post(f"{url}/v1/telemetry", json={"events": events}, headers=AUTH)
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    assert body["accepted"] == 1 and [r["index"] for r in body["reasons"]] == [0, 1, 2], body
+    assert "seq" in body["reasons"][0]["reason"] and "UTF-8" in body["reasons"][1]["reason"]
+    assert "65 unknown fields, over 64" in body["reasons"][2]["reason"]
+
+
+def test_the_guards_follow_user_config(served):
+    """max_body_bytes, docs and min_k of the deployment's user_config, on an application of its own."""
+    from ray import serve
+
+    url, _, _, settings, first = served
+    serve.run(own_app(settings["storage"], settings["registry"], user_config={
+        "model_path": first["path"], "max_body_bytes": 2048, "docs": True, "min_k": 20}),
+        name="podpulse-guards", route_prefix="/guards")
+    try:
+        base = f"{url}/guards"
+        assert requests.post(f"{base}/v1/battery/score", json={"rows": [ROW] * 5}, headers=AUTH).status_code == 200
+        announced = requests.post(f"{base}/v1/battery/score", json={"rows": [ROW] * 20}, headers=AUTH)
+        assert announced.status_code == 413 and "max_body_bytes" in announced.json()["detail"], announced.text
+        chunks = (json.dumps({"rows": [ROW] * 20}).encode()[i:i + 500] for i in range(0, 5000, 500))
+        streamed = requests.post(f"{base}/v1/battery/score", data=chunks,  # chunked: no Content-Length
+                                 headers=AUTH | {"Content-Type": "application/json"})
+        assert streamed.status_code == 413, streamed.text
+        for path in ("/docs", "/openapi.json"):  # published, without the token
+            assert requests.get(f"{base}{path}").status_code == 200, path
+        assert requests.get(f"{base}/v1/analytics/usage_trend", headers=AUTH).json()["k"] == 20
+        assert requests.get(f"{base}/v1/analytics/usage_trend", params={"k": 15}, headers=AUTH).status_code == 422
+        assert requests.get(f"{base}/v1/analytics/usage_trend", params={"k": 25}, headers=AUTH).json()["k"] == 25
+    finally:
+        serve.delete("podpulse-guards")
+
+
+hostile_text = st.text(max_size=12) | st.sampled_from(
+    ["\ud800", "NaN", "Infinity", "-1", "1e400", "9" * 40, "9999-12-31", "0001-01-01", "2024-02-30", "abcdef\n",
+     "x' OR '1'='1", "\x00", "..", "%", "NSW-urban\n", "usage_trend"])
+json_value = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**30, 10**30) | st.floats() | hostile_text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(hostile_text, inner, max_size=3), max_leaves=8)
+
+
+def changed(record: dict, draw) -> dict:
+    """``record`` with a field replaced by a hostile value, a field dropped, or an unknown one added."""
+    key = draw(st.sampled_from(sorted(record)) | hostile_text)
+    if draw(st.booleans()):
+        return {k: v for k, v in record.items() if k != key}
+    return {**record, key: draw(json_value)}
+
+
+@st.composite
+def hostile_requests(draw) -> tuple[str, str, dict]:
+    """(method, path, requests keyword arguments) for one endpoint, with hostile parts."""
+    from urllib.parse import quote, urlencode
+
+    endpoint = draw(st.sampled_from(["telemetry", "score", "analytics", "device", "forecast"]))
+    if endpoint in ("telemetry", "score"):
+        key, path, good = {"telemetry": ("events", "/v1/telemetry", event),
+                           "score": ("rows", "/v1/battery/score", lambda: dict(ROW))}[endpoint]
+        items = [changed(good(), draw) if draw(st.booleans()) else draw(json_value)
+                 for _ in range(draw(st.integers(0, 3)))]
+        body = {key: items} if draw(st.integers(0, 3)) else draw(json_value)
+        return "POST", path, {"data": json.dumps(body)}  # NaN, Infinity and lone surrogates as Python writes them
+    params = draw(st.dictionaries(st.sampled_from(["from", "to", "k", "days", "region"]),
+                                  hostile_text | st.integers(-10**20, 10**20).map(str) | st.dates().map(str),
+                                  max_size=3))
+    name = draw(st.sampled_from(["usage_trend", "state_overview", "exposure", "ap-0011223344556677"]) | hostile_text)
+    name = quote(name, safe="", errors="surrogatepass")  # a lone surrogate's bytes too
+    path = {"analytics": f"/v1/analytics/{name}", "device": f"/v1/devices/{name}/battery-health",
+            "forecast": "/v1/forecast/usage"}[endpoint]
+    return "GET", f"{path}?{urlencode(params, errors='surrogatepass')}", {}
+
+
+@settings(max_examples=150, deadline=None)
+@given(hostile_requests())
+def test_no_request_gets_a_5xx(served, request_parts):
+    """Generated hostile bodies and parameters to every endpoint, through Serve: always an answer below 500."""
+    url, *_ = served
+    method, path, kwargs = request_parts
+    answer = requests.request(method, f"{url}{path}", headers=AUTH | {"Content-Type": "application/json"},
+                              timeout=30, **kwargs)
+    assert answer.status_code < 500, (method, path, kwargs, answer.status_code, answer.text[:500])
+
+
+def test_the_guard_settings_are_checked_like_the_rest_of_user_config():
+    """No Ray: parse_user_config on the guard keys."""
+    from deployments.app import MAX_BODY_BYTES, parse_user_config
+
+    assert parse_user_config(None).max_body_bytes == MAX_BODY_BYTES and parse_user_config({}).min_k == 10
+    assert parse_user_config({}).docs is False
+    config = parse_user_config({"max_body_bytes": 2048, "docs": True, "min_k": 20.0})
+    assert (config.max_body_bytes, config.docs, config.min_k) == (2048, True, 20)
+    for bad, message in [({"min_k": 1}, "min_k must be a whole number from 2 to 1000"),
+                         ({"min_k": True}, "min_k must be a whole number"),
+                         ({"max_body_bytes": 10}, "max_body_bytes must be a whole number from 1024"),
+                         ({"max_body_bytes": math.inf}, "max_body_bytes must be a whole number"),
+                         ({"docs": "yes"}, "docs must be true or false")]:
+        with pytest.raises(ValueError, match="refused user_config: " + message):
+            parse_user_config(bad)
+
+
+def test_a_422_repeats_only_short_json_safe_input():
+    """No Ray: the 422 handler's detail can always be sent, and never floods the client."""
+    from deployments.app import refused_detail
+
+    detail = refused_detail([{"type": "t", "loc": ("body", "\ud800", 0), "msg": "m", "input": math.nan,
+                              "ctx": {"error": ValueError("x")}},
+                             {"type": "t", "loc": ("query", "k"), "msg": "m", "input": "x" * 1000},
+                             {"type": "t", "loc": ("query", "k"), "msg": "m", "input": 5}])
+    json.dumps(detail, allow_nan=False, ensure_ascii=False).encode()  # sendable
+    assert detail[0]["loc"] == ["body", "\\ud800", 0] and "input" not in detail[0]
+    assert "input" not in detail[1] and detail[2]["input"] == 5

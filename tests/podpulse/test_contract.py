@@ -167,6 +167,7 @@ def good(**change) -> bytes:
     (good(model="AirPods\x00Pro"), ["model"]),
     (good(firmware="LONE").replace(b"LONE", b"\\ud800"), ["surrogate"]),  # a lone surrogate
     (good()[:-1] + b', "note": "' + b"x" * 5000 + b'"}', ["unknown fields take", "over 4000"]),
+    (good(**{f"x{i}": 0 for i in range(65)}), ["65 unknown fields, over 64 - at `$`"]),  # small, but many
     # inside the static bounds, outside the event-time window around now (no Kafka timestamp given)
     (good(event_time_ms=Y2099_MS), ["event_time_out_of_window: 2099-01-01T00:00:00Z is ", " days after the record "
                                     "reached Kafka (max future skew 1 day, exceeded by ", "$.event_time_ms"]),
