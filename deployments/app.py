@@ -49,7 +49,7 @@ from ray.serve.exceptions import RayServeException
 from starlette.middleware.body_limit import RequestBodyLimitResponder
 
 from podpulse import analytics, battery_model, forecast_model, metrics
-from podpulse.config import StorageConfig
+from podpulse.config import MIN_K, StorageConfig
 from podpulse.contract import decode_batch
 from podpulse.errors import BrokerError
 from podpulse.kafka import deliver, producer_config
@@ -107,7 +107,7 @@ class UserConfig:
     score_batch_wait_s: float = SCORE_BATCH_WAIT_S
     max_body_bytes: int = MAX_BODY_BYTES  # a longer request body: 413
     docs: bool = False  # serve /docs, /redoc and /openapi.json, without the token
-    min_k: int = analytics.DEFAULT_K  # the privacy floor: analytics refuse a lower k
+    min_k: int = MIN_K  # the privacy floor: analytics refuse a lower k
 
 
 USER_CONFIG_KEYS = tuple(UserConfig.__dataclass_fields__)
@@ -335,14 +335,15 @@ def encoded(events: list[dict]) -> tuple[list[bytes | None], dict[int, str]]:
     return values, unwritable
 
 
-def serving(model, storage) -> None:
+def serving(model, storage, min_k: int = MIN_K) -> None:
     """Export which battery-anomaly version this replica serves (the drift alert keys on it) and how
     many devices that version flagged per region (one query on the store; the training job wrote the
-    flagged device-days). A store that cannot be read is logged: the replica serves on regardless."""
+    flagged device-days), for regions of at least ``min_k`` devices. A store that cannot be read is
+    logged: the replica serves on regardless."""
     version = str(model.version)
     metrics.model_version("battery-anomaly", version)
     try:
-        counts = flagged_devices_by_region(storage, version)
+        counts = flagged_devices_by_region(storage, version, min_k)
     except Exception:  # any driver's error: the gauge is worth less than serving
         log.warning("cannot count the devices battery-anomaly %s flagged; "
                     "ray_podpulse_anomalous_devices is not set for it", version, exc_info=True)
@@ -413,7 +414,7 @@ class PodPulseAPI:
         self.score.set_max_batch_size(settings.score_batch_size)
         self.score.set_batch_wait_timeout_s(settings.score_batch_wait_s)
         if stable is not None:
-            await asyncio.to_thread(serving, stable, self.storage)
+            await asyncio.to_thread(serving, stable, self.storage, settings.min_k)
 
     @staticmethod
     def _load_configured(settings: UserConfig) -> tuple:
@@ -466,7 +467,7 @@ class PodPulseAPI:
             log.warning("cannot load battery-anomaly %s from %s", entry["version"], entry["path"], exc_info=True)
             raise HTTPException(status_code=503, detail=f"battery-anomaly {entry['version']}, the registry's latest, "
                                                         f"cannot be loaded from {entry['path']}: {e}") from None
-        serving(model, self.storage)
+        serving(model, self.storage, self.config.min_k)
         return model
 
     async def battery_model(self):
