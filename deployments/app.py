@@ -2,10 +2,11 @@
 
     serve run deployments.serve-config.yaml        # or: podpulse serve
 
-Every endpoint but ``/healthz`` needs ``Authorization: Bearer $PODPULSE_API_TOKEN``
-(read from the replicas' environment; with no token set, every call is refused). :class:`Guard`
-checks it from the headers, before any of the body is read, and bounds the body while it is read
-(``max_body_bytes``: 413). ``/docs``, ``/redoc`` and ``/openapi.json`` are off unless ``docs`` is set.
+Every endpoint but ``/healthz`` needs ``Authorization: Bearer TOKEN`` of a token with the
+route's scope (``deployments.tokens``: ``$PODPULSE_API_TOKENS_FILE``, re-read when it changes, and
+``$PODPULSE_API_TOKEN``, every scope; with neither, every call is refused). :class:`Guard` checks
+it from the headers, before any of the body is read (401, or 403 naming the scope), and bounds
+the body while it is read (``max_body_bytes``: 413). ``/docs``, ``/redoc`` and ``/openapi.json`` are off unless ``docs`` is set.
 A malformed request gets 422 naming the field; no input gets a 5xx.
 Models come from the registry, whose source of truth is the ``model_versions`` table
 (``podpulse.registry.latest``); what a version's files mean is its model module's
@@ -22,11 +23,9 @@ The deployments are thin: the logic is ``podpulse.battery_model``,
 # No `from __future__ import annotations` here: FastAPI reads the annotations of the
 # class-based routes at runtime to tell bodies from query parameters.
 import asyncio
-import hmac
 import json
 import logging
 import math
-import os
 import random
 import re
 import time
@@ -48,13 +47,15 @@ from ray import serve
 from ray.serve.exceptions import RayServeException
 from starlette.middleware.body_limit import RequestBodyLimitResponder
 
+from deployments.tokens import Tokens, allows, required_scope
 from podpulse import analytics, battery_model, forecast_model, metrics
 from podpulse.config import MIN_K, StorageConfig
 from podpulse.contract import decode_batch
 from podpulse.errors import BrokerError
 from podpulse.kafka import deliver, producer_config
 from podpulse.registry import flagged_devices_by_region, latest
-from storage.reader import open_reader
+from storage.base import StorageError
+from storage.reader import ReaderPool
 
 __all__ = ["app", "api", "build", "run_local", "PodPulseAPI", "UserConfig", "parse_user_config"]
 
@@ -89,6 +90,10 @@ MAX_ONGOING_REQUESTS = 256
 SCORE_BATCH_SIZE = 64
 SCORE_BATCH_WAIT_S = 0.001
 MAX_SCORE_BATCH_WAIT_S = 1.0
+# Read connections a replica holds at most (per backend): a burst of analytics reads queues for
+# them, and answers 503 after READ_WAIT_S, instead of taking the connections the writer needs.
+READ_CONNECTIONS = 4
+READ_WAIT_S = 10.0
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica's log
 
@@ -184,10 +189,13 @@ def replica_config() -> UserConfig:
     return getattr(servable, "config", None) or UserConfig()
 
 
-def authorized(headers: list[tuple[bytes, bytes]], token: str | None) -> bool:
-    """True when the one ``Authorization`` header is ``Bearer <token>``, compared in constant time."""
+TOKENS = Tokens()  # this replica's: the environment's token and the tokens file
+
+
+def caller_scopes(headers: list[tuple[bytes, bytes]]) -> frozenset[str] | None:
+    """The scopes of the one ``Authorization`` header's token; None without exactly one known token."""
     given = [value for name, value in headers if name.lower() == b"authorization"]
-    return bool(token) and len(given) == 1 and hmac.compare_digest(given[0], f"Bearer {token}".encode())
+    return TOKENS.scopes(given[0]) if len(given) == 1 else None
 
 
 def route_path(scope: dict) -> str:
@@ -230,9 +238,16 @@ class Guard:
         path, headers = route_path(scope), scope["headers"]
         if path in DOCS_PATHS and not config.docs:
             return JSONResponse({"detail": "Not Found"}, status_code=404)
-        if path not in UNGUARDED and not authorized(headers, os.environ.get("PODPULSE_API_TOKEN")):
-            return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
+        if path not in UNGUARDED:
+            scopes = caller_scopes(headers)
+            if scopes is None:
+                return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+            need = required_scope(path)
+            if not allows(scopes, need):
+                return JSONResponse({"detail": f"this token lacks the scope {need!r}"}, status_code=403,
+                                    headers={"WWW-Authenticate": f'Bearer scope="{need}"'})
+            scope.setdefault("state", {})["scopes"] = scopes
         length = content_length(headers)
         if length == -1:
             return JSONResponse({"detail": "Content-Length must be one whole number of bytes"}, status_code=400)
@@ -276,6 +291,14 @@ def refused_detail(errors) -> list[dict]:
                 item[key] = kept
         out.append(item)
     return out
+
+
+@app.exception_handler(StorageError)
+async def store_unavailable(request: Request, exc: StorageError) -> JSONResponse:
+    """A store that cannot be read now (down, or every read connection busy): 503, try again later."""
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": f"the store cannot be read now: {exc}"}, status_code=503,
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 @app.exception_handler(RequestValidationError)
@@ -381,6 +404,7 @@ class PodPulseAPI:
     def __init__(self, storage: dict | None = None, bootstrap: str | None = None, topic: str | None = None,
                  registry: str = "podpulse-data/models"):
         self.storage = StorageConfig(**storage) if storage else StorageConfig()
+        self.readers = ReaderPool(self.storage, size=READ_CONNECTIONS, wait_s=READ_WAIT_S)
         self.registry = registry
         self.topic = topic
         self.config = UserConfig()
@@ -414,7 +438,7 @@ class PodPulseAPI:
         self.score.set_max_batch_size(settings.score_batch_size)
         self.score.set_batch_wait_timeout_s(settings.score_batch_wait_s)
         if stable is not None:
-            await asyncio.to_thread(serving, stable, self.storage, settings.min_k)
+            await asyncio.to_thread(serving, stable, self.readers, settings.min_k)
 
     @staticmethod
     def _load_configured(settings: UserConfig) -> tuple:
@@ -447,7 +471,7 @@ class PodPulseAPI:
         """The latest version of ``name`` in ``model_versions`` (:func:`podpulse.registry.latest`);
         503 when none is registered or the registry cannot be read."""
         try:
-            entry = latest(self.storage, name)
+            entry = latest(self.readers, name)
         except Exception as e:  # any driver's error
             log.warning("cannot read the model registry (model_versions) for %s", name, exc_info=True)
             raise HTTPException(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
@@ -467,7 +491,7 @@ class PodPulseAPI:
             log.warning("cannot load battery-anomaly %s from %s", entry["version"], entry["path"], exc_info=True)
             raise HTTPException(status_code=503, detail=f"battery-anomaly {entry['version']}, the registry's latest, "
                                                         f"cannot be loaded from {entry['path']}: {e}") from None
-        serving(model, self.storage, self.config.min_k)
+        serving(model, self.readers, self.config.min_k)
         return model
 
     async def battery_model(self):
@@ -552,7 +576,7 @@ class PodPulseAPI:
     async def battery_health(self, device_id: DeviceId,
                              days: Annotated[int, Query(ge=1, le=90)] = 7) -> dict:
         def read() -> list[dict]:  # in a thread: the query must not hold up the event loop
-            with open_reader(self.storage) as r:
+            with self.readers.reader() as r:
                 columns = ["device_id", "day", "model", "firmware", "playback_h", "anc", "adaptive",
                            "transparency", "output_dba", "drain_left_pct", "drain_right_pct"]
                 return [dict(zip(columns, row)) for row in r.rows(  # device_id: checked by DEVICE_ID
@@ -602,22 +626,27 @@ class PodPulseAPI:
         return cached[1]
 
     @app.get("/v1/analytics/{query}")
-    def analytics(self, query: str, start: Annotated[Day | None, Query(alias="from")] = None,
+    def analytics(self, request: Request, query: str, start: Annotated[Day | None, Query(alias="from")] = None,
                   end: Annotated[Day | None, Query(alias="to")] = None,
                   k: Annotated[int | None, Query(ge=1, le=MAX_K)] = None) -> dict:
         """Days from ``from`` to ``to`` (both included, 2000-01-01..2100-12-31; default: what the
         store covers); cells under ``k`` devices suppressed. ``k`` defaults to the privacy floor
-        ``min_k`` (user_config) and may raise it, never lower it: a lower ``k`` is a 422 naming ``k``."""
+        ``min_k`` (user_config) and may raise it, never lower it: a lower ``k`` is a 422 naming ``k``.
+        Device ids (battery_health's outliers) only for a token with ``read:devices``."""
         k = self.privacy_floor(k)
         if query not in analytics.QUERIES:
             raise HTTPException(status_code=404, detail=f"no query {query!r}; try {', '.join(analytics.QUERIES)}")
-        with open_reader(self.storage) as r:
+        with self.readers.reader() as r:
             covered = analytics.data_range(r)
             if covered is None:
                 raise HTTPException(status_code=404, detail="the store holds no rollups yet")
             first = start or covered[0]
             stop = end + timedelta(days=1) if end else covered[1]
-            return analytics.QUERIES[query](r, first, stop, k).as_dict()
+            result = analytics.QUERIES[query](r, first, stop, k).as_dict()
+        if "outliers" in result["extra"] and not allows(request.state.scopes, "read:devices"):
+            result["extra"]["outliers"] = []
+            result["notes"].append("device ids (outliers) need a token with the read:devices scope")
+        return result
 
 
 def build(storage: dict | None = None, bootstrap: str | None = None, topic: str | None = None,

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import yaml
 
 from bench.cli import bench_app
+from deployments.tokens import new_token
 from podpulse.analytics import report_for
 from podpulse.broker import EmbeddedBroker
 from podpulse.config import INGEST_DEFAULTS as DEFAULTS
@@ -320,6 +322,29 @@ def serve(
                     bootstrap=bootstrap, topic=topic if bootstrap else None)
     out.print(f"PodPulse API on {url}  (OpenAPI docs: {url}/docs). Ctrl-C stops it.")
     serve_until_interrupted()
+
+
+class Scope(str, Enum):
+    """What an API token may do (``deployments.tokens.SCOPES``)."""
+
+    ingest = "ingest"
+    read_aggregates = "read:aggregates"
+    read_devices = "read:devices"
+    admin = "admin"
+
+
+@app.command()
+def token(
+    name: Annotated[str, typer.Option(help="Who the token is for (unique in the tokens file).")],
+    scope: Annotated[list[Scope], typer.Option(help="A scope, repeatable.")],
+) -> None:
+    """Make an API token: prints the token (give it to its holder) and the tokens-file entry
+    (append it to the file $PODPULSE_API_TOKENS_FILE names; the replicas pick it up within a second)."""
+    value, entry = new_token(name, [s.value for s in scope])
+    err.print("token (shown once; the file keeps only its SHA-256):")
+    print(value)
+    err.print("tokens-file entry:")
+    print(yaml.safe_dump([entry], sort_keys=False), end="")
 
 
 DbUrl = Annotated[str, typer.Option(

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from podpulse.config import MIN_K
 from podpulse.errors import ConfigError
-from storage.reader import run_queries
+from storage.reader import ReaderPool, config_of, run_queries
 from storage.router import StorageConfig, insert_rows
 
 __all__ = ["new_version", "register", "versions", "latest", "record_anomalies", "flagged_devices_by_region"]
@@ -64,7 +64,7 @@ def record_anomalies(config: StorageConfig, version: str, flagged: dict[str, np.
     return n
 
 
-def flagged_devices_by_region(config: StorageConfig, version: str, k: int = MIN_K) -> dict[str, int]:
+def flagged_devices_by_region(source: StorageConfig | ReaderPool, version: str, k: int = MIN_K) -> dict[str, int]:
     """Distinct devices a battery-anomaly version flagged, per region (``NSW-urban``, ``WA-rural``;
     ``unknown-...`` for devices without a state): one query joining ``anomalies`` to ``devices``.
 
@@ -72,17 +72,18 @@ def flagged_devices_by_region(config: StorageConfig, version: str, k: int = MIN_
     region with fewer than ``k`` devices in all is left out, as the reports leave it out."""
     if not _VERSION.fullmatch(version):
         raise ValueError(f"not a model version: {version!r}")
-    if config.routes["anomalies"] != config.routes["devices"]:
+    routes = config_of(source).routes
+    if routes["anomalies"] != routes["devices"]:
         raise ConfigError("anomalies and devices are routed to different backends: "
                           "the flagged devices cannot be joined to their regions")
-    rows = run_queries(config, {"r": f"""
+    rows = run_queries(source, {"r": f"""
         WITH regions AS (SELECT coalesce(state, '?') AS state, urban FROM devices
                          GROUP BY coalesce(state, '?'), urban HAVING count(*) >= {int(k)})
         SELECT d.state, d.urban, count(DISTINCT a.device_id)
         FROM anomalies a JOIN devices d ON d.device_id = a.device_id
         JOIN regions r ON r.state = coalesce(d.state, '?') AND r.urban = d.urban
         WHERE a.model_version = '{version}' AND a.flagged
-        GROUP BY d.state, d.urban"""})["r"]
+        GROUP BY d.state, d.urban"""}, kind="anomalies")["r"]
     counts: dict[str, int] = {}
     for state, urban, n in rows:
         region = f"{state or 'unknown'}-{'urban' if urban else 'rural'}"
@@ -102,15 +103,16 @@ def versions(config: StorageConfig, name: str) -> list[dict]:
     return [{"version": v, "path": p, "metrics": json.loads(m)} for v, p, m in rows]
 
 
-def latest(config: StorageConfig, name: str) -> dict | None:
+def latest(source: StorageConfig | ReaderPool, name: str) -> dict | None:
     """The version of ``name`` registered last (``created_at``; the version breaks a tie), or None
     when none is: ``{"version", "path", "metrics", "metadata"}``, the JSON columns parsed.
 
-    One query on the backend that keeps ``anomalies``; a store that cannot be read raises
+    One query on the backend that keeps ``anomalies`` (on a reader of its own, or one of ``source``'s
+    pool); a store that cannot be read raises
     (the driver's error, or :class:`~storage.base.StorageError`), never answers None."""
     sql = (f"SELECT version, path, metrics, metadata FROM model_versions WHERE name = '{_model_name(name)}' "
            "ORDER BY created_at DESC, version DESC LIMIT 1")
-    rows = run_queries(config, {"v": sql}, kind="anomalies")["v"]
+    rows = run_queries(source, {"v": sql}, kind="anomalies")["v"]
     if not rows:
         return None
     version, path, metrics, metadata = rows[0]

@@ -10,10 +10,12 @@ from collections import Counter
 
 import pytest
 import requests
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.report import build_store
+from deployments.tokens import new_token
 from bench.serve import ROW  # one device-hour row, the benchmark's too
 from podpulse.broker import free_port
 from podpulse.config import MIN_K
@@ -22,6 +24,8 @@ from storage.router import StorageConfig
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# Scoped tokens, from the tokens file the served fixture gives the replicas
+INGEST, AGGREGATES = new_token("gateway", ["ingest"]), new_token("product-team", ["read:aggregates"])
 
 
 def event(device_id: str = "ap-0011223344556677", **changes) -> dict:
@@ -69,9 +73,11 @@ def served(ray_local, broker, tmp_path_factory):
     train_usage_forecast(storage, registry=root / "models", epochs=5)
     broker.create_topic("serve-telemetry", 2)
     port = free_port()
+    (root / "tokens.yaml").write_text(yaml.safe_dump([INGEST[1], AGGREGATES[1]]))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = dict(storage=storage.as_dict(), bootstrap=broker.bootstrap, topic="serve-telemetry",
-                    registry=str(root / "models"), env={"PODPULSE_API_TOKEN": TOKEN})
+                    registry=str(root / "models"),
+                    env={"PODPULSE_API_TOKEN": TOKEN, "PODPULSE_API_TOKENS_FILE": str(root / "tokens.yaml")})
     serve.run(build(**settings), name="podpulse", route_prefix="/")
     yield f"http://127.0.0.1:{port}", root, storage, settings, first
     serve.shutdown()
@@ -715,3 +721,42 @@ def test_a_422_repeats_only_short_json_safe_input():
     json.dumps(detail, allow_nan=False, ensure_ascii=False).encode()  # sendable
     assert detail[0]["loc"] == ["body", "\\ud800", 0] and "input" not in detail[0]
     assert "input" not in detail[1] and detail[2]["input"] == 5
+
+
+def bearer(token) -> dict:
+    return {"Authorization": f"Bearer {token[0]}"}
+
+
+def test_each_token_reaches_only_its_scopes_and_device_ids_need_read_devices(served):
+    url, *_ = served
+    telemetry = {"events": [event("ap-scope-1", seq=1)]}
+    assert requests.post(f"{url}/v1/telemetry", json=telemetry, headers=bearer(INGEST)).status_code == 202
+    for path in ("/v1/analytics/state_overview", "/v1/devices/ap-1/battery-health"):
+        refused = requests.get(f"{url}{path}", headers=bearer(INGEST))
+        assert refused.status_code == 403 and "read:" in refused.json()["detail"], refused.text
+    assert requests.post(f"{url}/v1/telemetry", json=telemetry, headers=bearer(AGGREGATES)).status_code == 403
+    assert requests.get(f"{url}/v1/devices/ap-1/battery-health", headers=bearer(AGGREGATES)).status_code == 403
+    aggregates = requests.get(f"{url}/v1/analytics/battery_health", headers=bearer(AGGREGATES))
+    assert aggregates.status_code == 200 and aggregates.json()["extra"]["outliers"] == []
+    assert any("read:devices" in note for note in aggregates.json()["notes"])
+    admin = requests.get(f"{url}/v1/analytics/battery_health", headers=AUTH).json()
+    assert admin["extra"]["outliers"] and admin["rows"] == aggregates.json()["rows"]
+
+
+def test_a_token_is_rotated_by_rewriting_the_tokens_file_without_a_restart(served):
+    url, root, *_ = served
+    path, new = root / "tokens.yaml", new_token("product-team-2", ["read:aggregates"])
+    before = path.read_text()
+    try:
+        path.write_text(yaml.safe_dump([INGEST[1], new[1]]))  # product-team's token revoked, its successor added
+        deadline, codes = time.monotonic() + 20, (None, None)
+        while time.monotonic() < deadline and codes != (401, 200):
+            codes = tuple(requests.get(f"{url}/v1/analytics/state_overview", headers=bearer(t)).status_code
+                          for t in (AGGREGATES, new))
+            time.sleep(0.3)
+        assert codes == (401, 200)
+        path.write_text("- name: broken\n")  # a file that no longer reads keeps the tokens it had
+        time.sleep(2.5)
+        assert requests.get(f"{url}/v1/analytics/state_overview", headers=bearer(new)).status_code == 200
+    finally:
+        path.write_text(before)

@@ -1,5 +1,6 @@
 """The podpulse command line, run as a user runs it: in a subprocess."""
 
+import hashlib
 import json
 from pathlib import Path
 import signal
@@ -9,6 +10,7 @@ import sys
 import duckdb
 import msgspec
 import pytest
+import yaml
 from confluent_kafka.admin import AdminClient
 
 from podpulse import geo
@@ -218,3 +220,13 @@ def test_train_and_drift_from_the_command_line(tmp_path):
     assert trained["auc"] is None and Path(trained["path"], "model.keras").exists()
     report = json.loads(podpulse("drift", trained["path"], "--db", tmp_path / "s.duckdb", "--json").stdout)
     assert set(report["features"]) >= {"playback_h", "output_dba"} and isinstance(report["retrain"], bool)
+
+
+def test_token_prints_a_token_and_the_entry_holding_only_its_hash():
+    proc = podpulse("token", "--name", "gateway", "--scope", "ingest", "--scope", "read:devices")
+    token, *entry = proc.stdout.splitlines()
+    (made,) = yaml.safe_load("\n".join(entry))
+    assert made == {"name": "gateway", "sha256": hashlib.sha256(token.encode()).hexdigest(),
+                    "scopes": ["ingest", "read:devices"]}
+    bad = podpulse("token", "--name", "x", "--scope", "root", check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'root' is not one of" in bad.stderr

@@ -1,7 +1,9 @@
 """The storage reader: one interface per backend; PodPulse's queries rendered for Oracle parse as Oracle SQL."""
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 
+import duckdb
 import pytest
 import sqlglot
 
@@ -10,7 +12,7 @@ from podpulse.battery_model import FEATURE_SQL
 from podpulse.forecast_model import USAGE_SQL
 from podpulse.summary import QUERIES as SUMMARY_QUERIES
 from storage.base import StorageError
-from storage.reader import Reader, open_reader
+from storage.reader import Reader, ReaderPool, open_reader
 from storage.router import StorageConfig
 
 
@@ -66,3 +68,45 @@ def test_a_backend_without_sql_gets_a_clear_error():
                                    "anomalies": "d"})
     with pytest.raises(StorageError, match="raw_events are routed to cassandra, which has no SQL reader"):
         open_reader(config, "raw_events")
+
+
+def test_a_burst_of_reads_through_a_pool_never_holds_more_than_its_connections(pg_url):
+    """What a Serve replica does on every analytics request: 40 concurrent reads, a pool of 3."""
+    config = StorageConfig(backends={"pg": {"type": "postgresql", "url": pg_url}})
+    pool = ReaderPool(config, size=3, wait_s=30)
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'podpulse-pool-test'"
+
+    def read(_) -> tuple:
+        with pool.reader() as reader:
+            reader.rows("SELECT set_config('application_name', 'podpulse-pool-test', false)")
+            pid, _, seen = reader.rows(f"SELECT pg_backend_pid(), pg_sleep(0.05), ({sessions})")[0]
+            return pid, seen
+
+    try:
+        with ThreadPoolExecutor(max_workers=40) as threads:
+            done = list(threads.map(read, range(40)))
+    finally:
+        pool.close()
+    assert len(done) == 40
+    assert len({pid for pid, _ in done}) <= 3 and max(seen for _, seen in done) <= 3
+    with open_reader(config) as reader:  # the pool closed its connections
+        assert reader.rows(sessions)[0][0] == 0
+
+
+def test_a_pool_with_every_connection_busy_answers_a_storage_error_in_time(tmp_path):
+    config = StorageConfig.embedded(tmp_path / "x.duckdb")
+    duckdb.connect(str(tmp_path / "x.duckdb")).close()
+    pool = ReaderPool(config, size=1, wait_s=0.2)
+    with pool.reader() as held:
+        assert held.rows("SELECT 1") == [(1,)]
+        with pytest.raises(StorageError, match=r"all 1 read connections to embedded are busy \(waited 0.2 s\)"):
+            with pool.reader():
+                pass
+    with pool.reader() as again:  # released
+        assert again.rows("SELECT 2") == [(2,)]
+
+
+def test_a_dead_server_is_a_storage_error_naming_it():
+    config = StorageConfig(backends={"pg": {"type": "postgresql", "url": "postgresql://x@127.0.0.1:1/none"}})
+    with pytest.raises(StorageError, match="cannot read postgresql"):
+        open_reader(config)

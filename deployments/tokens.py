@@ -1,0 +1,137 @@
+"""Who may call the API: bearer tokens and their scopes.
+
+Two sources, read by every replica:
+
+- ``$PODPULSE_API_TOKENS_FILE``: a YAML list (a Kubernetes Secret mounted as a file, say) of
+  ``{name, sha256, scopes}``: the SHA-256 of a token (never the token itself) and what it may do.
+  The file is read again when it changes (checked at most once a second), so a token is added,
+  rotated or revoked without a restart; a file that no longer reads keeps the tokens it had.
+- ``$PODPULSE_API_TOKEN``: one token with every scope (``admin``), for one machine and the demo.
+
+Scopes: ``ingest`` (POST /v1/telemetry), ``read:aggregates`` (analytics, forecasts, scoring),
+``read:devices`` (per-device reads, and analytics' device ids) and ``admin`` (all of them).
+``podpulse token`` makes a token and its file entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+__all__ = ["SCOPES", "Token", "Tokens", "parse_tokens", "new_token", "required_scope", "allows"]
+
+SCOPES = ("ingest", "read:aggregates", "read:devices", "admin")
+RECHECK_S = 1.0  # how often a replica looks at the tokens file's modification time
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_BEARER = b"Bearer "
+log = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class Token:
+    name: str
+    sha256: bytes  # of the token's UTF-8 bytes, hex digits as ASCII
+    scopes: frozenset[str]
+
+
+def digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).hexdigest().encode()
+
+
+def parse_tokens(doc) -> tuple[Token, ...]:
+    """The tokens file's YAML document → tokens, or a ValueError naming the entry and the field."""
+    if not isinstance(doc, list):
+        raise ValueError("the tokens file must be a YAML list of {name, sha256, scopes}")
+    tokens, names = [], set()
+    for i, entry in enumerate(doc):
+        where = f"entry {i}"
+        if not isinstance(entry, dict) or set(entry) != {"name", "sha256", "scopes"}:
+            raise ValueError(f"{where}: must have exactly the keys name, sha256, scopes")
+        name, sha, scopes = entry["name"], entry["sha256"], entry["scopes"]
+        if not isinstance(name, str) or not name or name in names:
+            raise ValueError(f"{where}: name must be a unique non-empty string, got {name!r}")
+        if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
+            raise ValueError(f"{where} ({name}): sha256 must be 64 lowercase hex digits (podpulse token makes it)")
+        if not isinstance(scopes, list) or not scopes or not set(map(str, scopes)) <= set(SCOPES):
+            raise ValueError(f"{where} ({name}): scopes must be a non-empty list of {', '.join(SCOPES)}, got {scopes!r}")
+        names.add(name)
+        tokens.append(Token(name, sha.encode(), frozenset(scopes)))
+    return tuple(tokens)
+
+
+def new_token(name: str, scopes: list[str]) -> tuple[str, dict]:
+    """A fresh random token and its tokens-file entry (which holds only its SHA-256)."""
+    token = secrets.token_urlsafe(32)
+    entry = {"name": name, "sha256": digest(token.encode()).decode(), "scopes": sorted(set(scopes))}
+    parse_tokens([entry])  # the same checks the replicas make
+    return token, entry
+
+
+def required_scope(path: str) -> str:
+    """The scope a route path needs (the Guard checks it before the body is read)."""
+    if path == "/v1/telemetry":
+        return "ingest"
+    if path.startswith("/v1/devices/"):
+        return "read:devices"
+    return "read:aggregates"
+
+
+def allows(scopes: frozenset[str], scope: str) -> bool:
+    return scope in scopes or "admin" in scopes
+
+
+class Tokens:
+    """The tokens this process accepts, from the environment and the tokens file, kept current."""
+
+    def __init__(self, env=os.environ, clock=time.monotonic):
+        self.env, self.clock = env, clock
+        self._lock = threading.Lock()
+        self._file: tuple[str, float, tuple[Token, ...]] | None = None  # path, mtime, tokens
+        self._checked = -RECHECK_S
+
+    def scopes(self, authorization: bytes | None) -> frozenset[str] | None:
+        """The scopes of ``Authorization: Bearer <token>``; None when it names no token. Every
+        known digest is compared (in constant time), so the time taken says nothing of which matched."""
+        if not authorization or not authorization.startswith(_BEARER):
+            return None
+        given = digest(authorization[len(_BEARER):])
+        found = None
+        for token in self._known():
+            if hmac.compare_digest(given, token.sha256):
+                found = token.scopes
+        return found
+
+    def _known(self) -> tuple[Token, ...]:
+        shared = self.env.get("PODPULSE_API_TOKEN")
+        own = (Token("PODPULSE_API_TOKEN", digest(shared.encode()), frozenset({"admin"})),) if shared else ()
+        return own + self._from_file()
+
+    def _from_file(self) -> tuple[Token, ...]:
+        path = self.env.get("PODPULSE_API_TOKENS_FILE")
+        if not path:
+            return ()
+        with self._lock:
+            now = self.clock()
+            if self._file is not None and self._file[0] == path and now - self._checked < RECHECK_S:
+                return self._file[2]
+            self._checked = now
+            try:
+                mtime = Path(path).stat().st_mtime
+                if self._file is None or self._file[:2] != (path, mtime):
+                    self._file = (path, mtime, parse_tokens(yaml.safe_load(Path(path).read_text())))
+                    log.info("API tokens: %d from %s", len(self._file[2]), path)
+            except (OSError, ValueError, yaml.YAMLError) as e:
+                kept = self._file[2] if self._file is not None and self._file[0] == path else ()
+                log.error("API tokens: cannot read %s (%s); keeping the %d tokens read before", path, e, len(kept))
+                self._file = (path, -1.0, kept)
+            return self._file[2]

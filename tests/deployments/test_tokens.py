@@ -1,0 +1,75 @@
+"""Tokens and scopes, without Serve: the file's checks, the scopes a header gets, re-reading the file."""
+
+import os
+
+import pytest
+import yaml
+
+from deployments.tokens import SCOPES, Tokens, allows, new_token, parse_tokens, required_scope
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def bearer(token: str) -> bytes:
+    return f"Bearer {token}".encode()
+
+
+def test_the_tokens_file_names_the_entry_and_field_it_refuses():
+    _, good = new_token("gateway", ["ingest"])
+    assert parse_tokens([good])[0].scopes == {"ingest"}
+    for doc, words in [({"name": "x"}, "YAML list"), ([{**good, "extra": 1}], "entry 0: must have exactly"),
+                       ([good, good], "entry 1: name must be a unique"),
+                       ([{**good, "sha256": "abc"}], r"entry 0 \(gateway\): sha256 must be 64"),
+                       ([{**good, "scopes": ["root"]}], "scopes must be a non-empty list"),
+                       ([{**good, "scopes": []}], "scopes must be a non-empty list")]:
+        with pytest.raises(ValueError, match=words):
+            parse_tokens(doc)
+    with pytest.raises(ValueError, match="scopes"):
+        new_token("x", ["everything"])
+
+
+def test_routes_need_their_scope_and_admin_has_every_one():
+    assert [required_scope(p) for p in ("/v1/telemetry", "/v1/devices/ap-1/battery-health",
+                                        "/v1/analytics/usage_trend", "/v1/battery/score", "/v1/forecast/usage")] \
+        == ["ingest", "read:devices", "read:aggregates", "read:aggregates", "read:aggregates"]
+    assert all(allows(frozenset({"admin"}), s) for s in SCOPES)
+    assert not allows(frozenset({"read:aggregates"}), "read:devices")
+
+
+def test_a_header_gets_its_tokens_scopes_and_nothing_else(tmp_path):
+    ingest, entry = new_token("gateway", ["ingest"])
+    path = tmp_path / "tokens.yaml"
+    path.write_text(yaml.safe_dump([entry]))
+    assert "sha256" in path.read_text() and ingest not in path.read_text()  # the file holds no token
+    tokens = Tokens(env={"PODPULSE_API_TOKEN": "shared", "PODPULSE_API_TOKENS_FILE": str(path)})
+    assert tokens.scopes(bearer(ingest)) == {"ingest"}
+    assert tokens.scopes(bearer("shared")) == {"admin"}
+    for header in (None, b"", b"Bearer", bearer("nope"), ingest.encode(), b"Basic " + ingest.encode(),
+                   bearer(ingest) + b" ", "Bearer é".encode()):
+        assert tokens.scopes(header) is None, header
+    assert Tokens(env={}).scopes(bearer("")) is None  # no token configured: nothing is accepted
+
+
+def test_the_file_is_read_again_when_it_changes_and_a_broken_one_keeps_what_was_read(tmp_path):
+    (old, old_entry), (new, new_entry) = new_token("a", ["ingest"]), new_token("b", ["read:devices"])
+    path, clock = tmp_path / "tokens.yaml", Clock()
+    path.write_text(yaml.safe_dump([old_entry]))
+    tokens = Tokens(env={"PODPULSE_API_TOKENS_FILE": str(path)}, clock=clock)
+    assert tokens.scopes(bearer(old)) == {"ingest"}
+    path.write_text(yaml.safe_dump([new_entry]))
+    os.utime(path, (1, 1))
+    assert tokens.scopes(bearer(new)) is None  # checked at most once a second
+    clock.now += 1.5
+    assert tokens.scopes(bearer(new)) == {"read:devices"} and tokens.scopes(bearer(old)) is None
+    path.write_text("- name: [broken")
+    clock.now += 1.5
+    assert tokens.scopes(bearer(new)) == {"read:devices"}
+    path.unlink()
+    clock.now += 1.5
+    assert tokens.scopes(bearer(new)) == {"read:devices"}
