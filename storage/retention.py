@@ -32,7 +32,7 @@ from podpulse.config import StorageConfig
 from podpulse.errors import ConfigError
 from storage.router import open_backend
 
-__all__ = ["KIND_TABLES", "cutoffs", "apply_retention"]
+__all__ = ["KIND_TABLES", "cutoffs", "apply_retention", "parse_keep"]
 
 KIND_TABLES = {"raw_events": ("events",), "rollups": ("device_hourly", "device_firmware_daily"),
                "anomalies": ("anomalies",)}
@@ -69,6 +69,17 @@ def _expire(spec: Mapping, tables: dict[str, datetime]) -> dict[str, dict]:
         store.close()
     return {t: {"cutoff": cutoff.isoformat(), "by": "partition" if "partitions" in removed[t] else "delete",
                 **removed[t]} for t, cutoff in tables.items()}
+
+
+def parse_keep(pairs: list[str]) -> dict[str, int | str]:
+    """``["raw_events=30"]`` → ``{"raw_events": 30}``; the storage config judges kinds and days."""
+    out: dict[str, int | str] = {}
+    for pair in pairs:
+        kind, eq, days = pair.partition("=")
+        if not eq or not kind:
+            raise ConfigError(f"--keep takes KIND=DAYS (e.g. raw_events=30), got {pair!r}")
+        out[kind.strip()] = int(days) if days.strip().lstrip("-").isdigit() else days
+    return out
 
 
 def _utc(now: datetime) -> datetime:
