@@ -18,8 +18,8 @@ from podpulse.broker import EmbeddedBroker
 from podpulse.config import INGEST_DEFAULTS as DEFAULTS
 from podpulse.config import IngestConfig, StorageConfig
 from podpulse.console import (DemoProgressBars, err, ingest_with_progress, out, print_db_status, print_demo_result,
-                              print_drift, print_ingest_result, print_retention, print_summary, print_training, quiet_logs,
-                              run_simulation, serve_until_interrupted, write_report)
+                              print_drift, print_ingest_result, print_retention, print_summary, print_training,
+                              quiet_logs, run_simulation, serve_until_interrupted, write_report)
 from podpulse.demo import DemoOptions, run_demo
 from podpulse.drift import drift_report
 from podpulse.errors import ConfigError, PodPulseError

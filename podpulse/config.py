@@ -15,8 +15,8 @@ import yaml
 from podpulse.contract import EventWindow
 from podpulse.errors import ConfigError, StorageError
 
-__all__ = ["MIN_K", "IngestConfig", "INGEST_DEFAULTS", "GROUP_MODES", "StorageConfig", "KINDS", "EXPIRING", "DEFAULT_DUCKDB_PATH",
-           "CONSUMER_CPUS", "WRITER_CPUS"]
+__all__ = ["MIN_K", "IngestConfig", "INGEST_DEFAULTS", "GROUP_MODES", "StorageConfig", "KINDS", "EXPIRING",
+           "CASSANDRA_MAX_TTL_DAYS", "DEFAULT_DUCKDB_PATH", "CONSUMER_CPUS", "WRITER_CPUS"]
 
 GROUP_MODES = ("assign", "subscribe")
 # Ray resources of the ingest actors: the actors request them, the operator sizes its workers by them.

@@ -4,7 +4,8 @@ A partition holds one device's events of one day, newest first (288 a day at the
 five-minute interval); time-window compaction plus a TTL lets whole SSTables
 expire. With ``retention.raw_events`` set, each row gets its own TTL at insert:
 it expires that many days after its event time (not its write time), and a row
-already that old is not written at all (counted in ``expired_on_write``). Cassandra has no transactions, so exactly-once rests on
+already that old is not written at all (counted in ``expired_on_write``).
+Cassandra has no transactions, so exactly-once rests on
 idempotence: a write is an upsert by primary key ``((device_id, day), event_time,
 seq)``, so a redelivered batch overwrites itself and never duplicates a row (the
 consumed offsets live in the relational store). The CQL comes from pure functions;

@@ -130,7 +130,8 @@ def test_retention_runs_daily_on_the_mounted_storage_config(rendered, overlay, p
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == "storage"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == "storage"]
     assert mount["mountPath"] == "/etc/podpulse/storage" and volume["configMap"]["name"] == "podpulse-storage"
-    (config,) = [d for d in rendered[overlay] if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "podpulse-storage"]
+    (config,) = [d for d in rendered[overlay]
+                 if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "podpulse-storage"]
     assert "storage.yaml" in config["data"]
     assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
     assert set(container["resources"]) == {"requests", "limits"}
