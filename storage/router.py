@@ -113,13 +113,19 @@ class Storage:
         if fresh.num_rows:
             last = self.relational.last_samples(pc.unique(fresh["device_id"]).to_pylist())
             new = first_sightings(fresh, last, self.timeseries.stored_elsewhere)
+        expired_before = self._expired()
         if new.num_rows and not dry_run:
             self.timeseries.write_events(new)
         result = self.relational.commit(topic, new, next_offsets, start_offsets=start_offsets, dry_run=dry_run)
         if new.num_rows and dry_run:
             self.timeseries.write_events(new)
         return CommitResult(applied=result.applied, replayed=replayed + result.replayed,
-                            repeated=fresh.num_rows - new.num_rows + result.repeated)
+                            repeated=fresh.num_rows - new.num_rows + result.repeated,
+                            expired=self._expired() - expired_before)
+
+    def _expired(self) -> int:
+        """Raw events the time-series store left unwritten as already past their retention."""
+        return getattr(self.timeseries, "expired_on_write", 0)
 
     def close(self) -> None:
         self.relational.close()

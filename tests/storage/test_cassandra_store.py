@@ -28,7 +28,8 @@ from podpulse.simulator import FleetSpec, simulate
 from storage.base import StorageError
 from storage.cassandra_store import (CONSISTENCY_LEVELS, EVENT_COLUMNS, CassandraSettings, CassandraStore,
                                      add_columns_cql, insert_cql, keyspace_cql, recent_cql, row_ttls, table_cql)
-from storage.router import StorageConfig, open_storage
+from storage.duckdb_store import DuckDBStore
+from storage.router import Storage, StorageConfig, open_storage
 
 # What each Arrow type of the contract must become in CQL (written out here, not imported).
 EXPECTED_CQL = {pa.int8(): {"tinyint", "smallint"}, pa.int16(): {"smallint"}, pa.int32(): {"int"},
@@ -540,3 +541,26 @@ class TestAgainstCassandra:
         finally:
             store._session.execute("DROP KEYSPACE IF EXISTS podpulse_retention")
             store.close()
+
+    def test_a_commit_says_how_many_raw_events_were_past_their_retention(self, cassandra, tmp_path):
+        """Through the router: the rollups count every event, Cassandra keeps only the unexpired ones,
+        and the commit's result says how many it left out."""
+        settings = CassandraSettings(hosts=cassandra.hosts, port=cassandra.port, keyspace="podpulse_expired")
+        storage = Storage(CassandraStore(settings, retention_days=1), DuckDBStore(tmp_path / "core.duckdb"))
+        storage.setup()
+        try:
+            now = datetime.now(timezone.utc)
+            events = make_batch(FleetSpec(devices=3, hours=48, seed=4, start=now - timedelta(hours=48)))
+            events = events.sort_by([("kafka_partition", "ascending"), ("kafka_offset", "ascending")])
+            partitions = pc.unique(events["kafka_partition"]).to_pylist()
+            ends = {p: pc.max(events.filter(pc.equal(events["kafka_partition"], p))["kafka_offset"]).as_py() + 1
+                    for p in partitions}
+            result = storage.commit("t", events, ends)
+            stored = storage.timeseries._session.execute("SELECT count(*) AS n FROM podpulse_expired.events").one()
+            assert result.applied == events.num_rows and 0 < result.expired < events.num_rows
+            assert stored["n"] + result.expired == events.num_rows
+            hourly = storage.relational.con.execute("SELECT sum(events) FROM device_hourly").fetchone()[0]
+            assert hourly == events.num_rows  # rollups keep their own retention
+        finally:
+            storage.timeseries._session.execute("DROP KEYSPACE IF EXISTS podpulse_expired")
+            storage.close()
