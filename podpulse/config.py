@@ -15,8 +15,8 @@ import yaml
 from podpulse.contract import EventWindow
 from podpulse.errors import ConfigError, StorageError
 
-__all__ = ["MIN_K", "IngestConfig", "INGEST_DEFAULTS", "GROUP_MODES", "StorageConfig", "KINDS", "DEFAULT_DUCKDB_PATH",
-           "CONSUMER_CPUS", "WRITER_CPUS"]
+__all__ = ["MIN_K", "IngestConfig", "INGEST_DEFAULTS", "GROUP_MODES", "StorageConfig", "KINDS", "EXPIRING",
+           "CASSANDRA_MAX_TTL_DAYS", "DEFAULT_DUCKDB_PATH", "CONSUMER_CPUS", "WRITER_CPUS"]
 
 GROUP_MODES = ("assign", "subscribe")
 # Ray resources of the ingest actors: the actors request them, the operator sizes its workers by them.
@@ -26,8 +26,12 @@ MIN_K = 10
 DEFAULT_DUCKDB_PATH = "podpulse-data/podpulse.duckdb"
 KINDS = ("raw_events", "devices", "rollups", "offsets", "anomalies")
 TRANSACTIONAL = ("devices", "rollups", "offsets")
+# The kinds that may expire (``retention``). The registry and the offsets never do: they keep
+# first-seen dates and exactly-once.
+EXPIRING = ("raw_events", "rollups", "anomalies")
 RELATIONAL_TYPES = ("duckdb", "postgresql", "oracle")
 TYPES = (*RELATIONAL_TYPES, "cassandra")
+CASSANDRA_MAX_TTL_DAYS = 7300  # Cassandra caps a TTL at 20 years
 _SECRET_KEYS = {"password", "passwd", "secret", "token"}
 
 
@@ -43,6 +47,7 @@ def _thawed(d: Mapping) -> dict:
 class StorageConfig:
     backends: Mapping[str, Mapping] = field(default_factory=dict)
     routes: Mapping[str, str] = field(default_factory=dict)
+    retention: Mapping[str, int] = field(default_factory=dict)  # days kept per kind; absent: forever
 
     def __post_init__(self) -> None:
         if not self.backends:  # the embedded default
@@ -71,8 +76,14 @@ class StorageConfig:
         if len({self.routes[k] for k in TRANSACTIONAL}) != 1:
             raise StorageError("devices, rollups and offsets must route to the same backend "
                                "(they are written in one transaction)")
+        _check_retention(self.retention)
+        raw_store = self.backends[self.routes["raw_events"]]["type"]
+        if raw_store == "cassandra" and self.retention.get("raw_events", 0) > CASSANDRA_MAX_TTL_DAYS:
+            raise StorageError(f"retention.raw_events: Cassandra keeps a row at most {CASSANDRA_MAX_TTL_DAYS} "
+                               "days (its TTL cap)")
         object.__setattr__(self, "backends", _frozen(self.backends))
         object.__setattr__(self, "routes", _frozen(self.routes))
+        object.__setattr__(self, "retention", _frozen(self.retention))
 
     @classmethod
     def embedded(cls, path: str | Path = DEFAULT_DUCKDB_PATH) -> "StorageConfig":
@@ -91,12 +102,21 @@ class StorageConfig:
             raise StorageError(f"cannot read storage config {path}: {e.strerror}") from e
         except yaml.YAMLError as e:
             raise StorageError(f"storage config {path} is not valid YAML: {e}") from e
-        if not isinstance(doc, dict) or set(doc) - {"backends", "routes"}:
-            raise StorageError(f"storage config {path}: expected the keys 'backends' and 'routes'")
-        return cls(backends=doc.get("backends") or {}, routes=doc.get("routes") or {})
+        if not isinstance(doc, dict) or set(doc) - {"backends", "routes", "retention"}:
+            raise StorageError(f"storage config {path}: expected the keys 'backends', 'routes' "
+                               "and (optional) 'retention'")
+        return cls(backends=doc.get("backends") or {}, routes=doc.get("routes") or {},
+                   retention=doc.get("retention") or {})
+
+    def with_retention(self, days: Mapping[str, int]) -> "StorageConfig":
+        """This configuration with ``days`` replacing the retention of the kinds it names."""
+        return StorageConfig(**{**self.as_dict(), "retention": {**self.retention, **days}})
 
     def as_dict(self) -> dict:
-        return {"backends": _thawed(self.backends), "routes": dict(self.routes)}
+        out = {"backends": _thawed(self.backends), "routes": dict(self.routes)}
+        if self.retention:  # absent when unset: the documents written before retention stay as they were
+            out["retention"] = dict(self.retention)
+        return out
 
     def __reduce__(self):  # MappingProxyType does not pickle; Ray ships this to every actor
         return (_rebuild, (self.as_dict(),))
@@ -104,6 +124,21 @@ class StorageConfig:
 
 def _rebuild(d: dict) -> StorageConfig:
     return StorageConfig(**d)
+
+
+def _check_retention(retention) -> None:
+    """Whole days, more than 0, of a kind that may expire; each error names its key."""
+    if not isinstance(retention, Mapping):
+        raise StorageError(f"retention: expected a mapping of record kind to days, got {retention!r}")
+    for kind, days in retention.items():
+        if kind in ("devices", "offsets"):
+            raise StorageError(f"retention.{kind}: {kind} never expire (they keep first-seen dates and "
+                               f"exactly-once); only {', '.join(EXPIRING)} may")
+        if kind not in EXPIRING:
+            raise StorageError(f"retention.{kind}: unknown record kind; kinds that expire are "
+                               f"{', '.join(EXPIRING)}")
+        if type(days) is not int or days < 1:
+            raise StorageError(f"retention.{kind}: days must be a whole number of at least 1, got {days!r}")
 
 
 

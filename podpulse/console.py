@@ -21,7 +21,7 @@ from podpulse.simulator import simulate as generate
 
 __all__ = ["out", "err", "run_simulation", "print_summary", "ingest_with_progress", "print_ingest_result",
            "DemoProgressBars", "print_demo_result", "print_demo_summary", "print_demo_models", "write_report",
-           "print_report_tables", "print_training", "print_drift", "print_db_status", "quiet_logs",
+           "print_report_tables", "print_training", "print_drift", "print_db_status", "print_retention", "quiet_logs",
            "serve_until_interrupted"]
 
 out = Console()
@@ -242,6 +242,29 @@ def print_db_status(result: dict) -> None:
     out.print(f"current version {result['current']}, latest {result['latest']}")
     for m in result["pending"]:
         out.print(f"  pending {m['version']}: {m['description']}")
+
+
+def print_retention(result: dict) -> None:
+    """What a retention run removed, per backend and table."""
+    if not result["backends"]:
+        out.print("no retention configured: every record is kept (set retention in the storage config, "
+                  "or --keep KIND=DAYS)")
+        return
+    out.print(f"retention counted back from {result['now']}: "
+              + ", ".join(f"{kind} {days} days" for kind, days in result["retention"].items()))
+    for name, backend in result["backends"].items():
+        out.print(f"[bold]{name}[/] ({backend['type']})")
+        for table, r in backend["tables"].items():
+            out.print(f"  {table:<22} before {r['cutoff']}: {_removed(r)}")
+
+
+def _removed(r: dict) -> str:
+    if r["by"] == "ttl":
+        return "rows expire by the TTL they were written with"
+    if r["by"] == "partition":
+        parts = r["partitions"]
+        return f"{len(parts)} partitions dropped" + (f" ({', '.join(parts)})" if parts else "")
+    return f"{r['rows']:,} rows deleted"
 
 
 def quiet_logs(path: Path) -> Path:

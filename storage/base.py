@@ -42,6 +42,7 @@ class CommitResult:
     applied: int  # rows newly stored
     replayed: int  # rows dropped because their offsets were already stored
     repeated: int = 0  # rows dropped because their (device_id, seq) was already stored: sent again
+    expired: int = 0  # raw events older than the retention, not written by a store that applies it on write
 
 
 class TimeSeriesStore(ABC):

@@ -1,8 +1,11 @@
 """The fleet-scale time-series backend: raw events in Cassandra, by (device, UTC day).
 
 A partition holds one device's events of one day, newest first (288 a day at the
-five-minute interval); time-window compaction plus a default TTL lets whole
-SSTables expire. Cassandra has no transactions, so exactly-once rests on
+five-minute interval); time-window compaction plus a TTL lets whole SSTables
+expire. With ``retention.raw_events`` set, each row gets its own TTL at insert:
+it expires that many days after its event time (not its write time), and a row
+already that old is not written at all (counted in ``expired_on_write``).
+Cassandra has no transactions, so exactly-once rests on
 idempotence: a write is an upsert by primary key ``((device_id, day), event_time,
 seq)``, so a redelivered batch overwrites itself and never duplicates a row (the
 consumed offsets live in the relational store). The CQL comes from pure functions;
@@ -13,22 +16,25 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Iterable
 
+import numpy as np
 import pyarrow as pa
 
+from podpulse.config import CASSANDRA_MAX_TTL_DAYS
 from podpulse.contract import ARROW_SCHEMA
 from storage.base import RefusedRows, StorageError, TimeSeriesStore
 from storage.rollups import KAFKA_COLUMNS
 
 __all__ = ["CassandraSettings", "CassandraStore", "CONSISTENCY_LEVELS", "EVENT_COLUMNS",
-           "keyspace_cql", "table_cql", "add_columns_cql", "insert_cql", "recent_cql", "identity_cql"]
+           "keyspace_cql", "table_cql", "add_columns_cql", "insert_cql", "row_ttls", "recent_cql", "identity_cql"]
 
 CONSISTENCY_LEVELS = ("ANY", "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM",  # = the driver's
                       "EACH_QUORUM", "SERIAL", "LOCAL_SERIAL", "LOCAL_ONE")
-MAX_TTL_DAYS = 7300  # Cassandra caps a TTL at 20 years
+MAX_TTL_DAYS = CASSANDRA_MAX_TTL_DAYS  # Cassandra caps a TTL at 20 years
 _CQL_TYPES = {pa.int8(): "tinyint", pa.int16(): "smallint", pa.int32(): "int", pa.int64(): "bigint",
               pa.float64(): "double", pa.bool_(): "boolean", pa.string(): "text"}
 _KEYSPACE = re.compile(r"[a-z][a-z0-9_]{0,47}")
@@ -116,10 +122,18 @@ def add_columns_cql(s: CassandraSettings, existing: Iterable[str]) -> list[str]:
             if name not in have]
 
 
-def insert_cql(s: CassandraSettings) -> str:
-    """Upsert one event: the columns of :data:`EVENT_COLUMNS`, then ``day``."""
+def insert_cql(s: CassandraSettings, row_ttl: bool = False) -> str:
+    """Upsert one event: the columns of :data:`EVENT_COLUMNS`, then ``day``; with ``row_ttl``,
+    then the row's TTL in seconds (overriding the table's default)."""
     return (f"INSERT INTO {s.keyspace}.events ({', '.join([*_NAMES, 'day'])}) "
-            f"VALUES ({', '.join('?' * (len(_NAMES) + 1))})")
+            f"VALUES ({', '.join('?' * (len(_NAMES) + 1))})" + (" USING TTL ?" if row_ttl else ""))
+
+
+def row_ttls(event_ms: np.ndarray, retention_days: int, now_ms: int) -> np.ndarray:
+    """Seconds each row has left, counted from its event time: ``event + retention - now``,
+    rounded up, at most Cassandra's cap; 0 or less means already expired."""
+    left_ms = event_ms.astype(np.int64) + retention_days * 86_400_000 - now_ms
+    return np.minimum(-(-left_ms // 1000), MAX_TTL_DAYS * 86400)
 
 
 def identity_cql(s: CassandraSettings) -> str:
@@ -155,8 +169,12 @@ class CassandraStore(TimeSeriesStore):
     instead of written as null, so they leave no tombstones.
     """
 
-    def __init__(self, settings: CassandraSettings):
+    def __init__(self, settings: CassandraSettings, retention_days: int | None = None):
+        if retention_days is not None and not 1 <= retention_days <= MAX_TTL_DAYS:
+            raise StorageError(f"Cassandra retention must be 1 to {MAX_TTL_DAYS} days, got {retention_days}")
         self.settings = settings
+        self.retention_days = retention_days
+        self.expired_on_write = 0  # rows not written: older than the retention already
         self._cluster = self._session = self._insert = self._recent = self._identity = None
 
     def _auth(self, c):
@@ -191,7 +209,8 @@ class CassandraStore(TimeSeriesStore):
             for statement in add_columns_cql(s, (row["column_name"] for row in existing)):
                 session.execute(statement)
             self._insert, self._recent, self._identity = (
-                session.prepare(q) for q in (insert_cql(s), recent_cql(s), identity_cql(s)))
+                session.prepare(q) for q in (insert_cql(s, row_ttl=self.retention_days is not None),
+                                             recent_cql(s), identity_cql(s)))
             for prepared in (self._insert, self._recent, self._identity):
                 prepared.is_idempotent, prepared.consistency_level = True, level
         except errors as e:
@@ -208,6 +227,9 @@ class CassandraStore(TimeSeriesStore):
         missing = [name for name in _NAMES if name not in events.column_names]
         if missing:
             raise StorageError(f"events batch lacks columns: {', '.join(missing)}")
+        ttls = None
+        if self.retention_days is not None and events.num_rows:
+            events, ttls = self._unexpired(events)
         if events.num_rows == 0:
             return
         times = events["event_time"].cast(pa.timestamp("ms", tz="UTC"))
@@ -218,6 +240,8 @@ class CassandraStore(TimeSeriesStore):
             columns.append([c.query.UNSET_VALUE if v is None else v for v in values]
                            if column.null_count else values)
         columns.append(times.cast(pa.date32()).to_pylist())  # day: the UTC date
+        if ttls is not None:
+            columns.append(ttls.tolist())
         try:
             c.concurrent.execute_concurrent_with_args(self._session, self._insert, zip(*columns),
                                                       concurrency=self.settings.concurrency,
@@ -228,6 +252,14 @@ class CassandraStore(TimeSeriesStore):
             raise RefusedRows(f"the Cassandra driver refused a value: {e}") from e
         except errors as e:
             raise StorageError(f"Cassandra write of {events.num_rows} events failed: {e}") from e
+
+    def _unexpired(self, events: pa.Table) -> tuple[pa.Table, np.ndarray]:
+        """The rows still inside the retention, and their TTLs; counts the others as expired."""
+        event_ms = events["event_time"].cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).to_numpy()
+        ttls = row_ttls(event_ms, self.retention_days, int(time.time() * 1000))
+        keep = ttls > 0
+        self.expired_on_write += int((~keep).sum())
+        return events.filter(pa.array(keep)), ttls[keep]
 
     def stored_elsewhere(self, rows: pa.Table) -> list[tuple[str, int]]:
         """Point reads by primary key: rows stored from another (partition, offset) were sent again.

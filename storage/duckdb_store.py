@@ -15,7 +15,9 @@ construction.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
+from typing import Mapping
 
 import duckdb
 import pyarrow as pa
@@ -24,7 +26,7 @@ from storage.base import RefusedRows, StorageError, TimeSeriesStore
 from storage.commit import DryRun, TransactionalStore
 from storage.migrations import migrate_duckdb
 from storage.rollups import LAST_SAMPLE_QUERY
-from storage.schema import EVENT_COLUMNS
+from storage.schema import EVENT_COLUMNS, expiry_bound
 from storage.sql import upsert_sql
 
 __all__ = ["DuckDBStore"]
@@ -129,6 +131,17 @@ class DuckDBStore(TimeSeriesStore, TransactionalStore):
                         "WHERE e.device_id = b.device_id AND e.seq = b.seq)")
         finally:
             con.unregister("_events")
+
+    def expire(self, cutoffs: Mapping[str, datetime]) -> dict[str, dict]:
+        """DELETE the rows older than each table's cutoff, one transaction per table (never the
+        registry or the offsets). Row by row: DuckDB has no partitions to drop."""
+        removed = {}
+        for table, cutoff in cutoffs.items():
+            column, bound = expiry_bound(table, cutoff)
+            with self.transaction():
+                (rows,) = self.con.execute(f"DELETE FROM {table} WHERE {column} < ?", [bound]).fetchone()
+            removed[table] = {"rows": int(rows)}
+        return removed
 
     @contextmanager
     def transaction(self):

@@ -5,14 +5,17 @@ Rollups, devices and offsets are merged with ``MERGE`` statements run by
 (rows of the topic locked ``FOR UPDATE``). Raw events, when Oracle keeps them
 too, go in with an insert-only ``MERGE`` (idempotent by primary key). Tables
 are INTERVAL-partitioned by time and, when configured, in the In-Memory column
-store (see ``storage.schema``). Needs Oracle Database 23ai (BOOLEAN columns);
+store (see ``storage.schema``); retention drops whole interval partitions
+(:meth:`OracleStore.expire`). Needs Oracle Database 23ai (BOOLEAN columns);
 Oracle Database Free is enough.
 """
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
-from typing import Iterable
+from datetime import datetime, timezone
+from typing import Iterable, Mapping
 
 import pyarrow as pa
 from sqlalchemy import Boolean, Date, DateTime, String, create_engine, text
@@ -24,11 +27,12 @@ from storage.commit import DryRun, TransactionalStore
 from storage.migrations import migrate_engine
 from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE, HOURLY_KEY, HOURLY_MERGE,
                              LAST_SAMPLE_QUERY, last_sample_table)
-from storage.schema import EVENT_COLUMNS, OracleOptions, metadata
+from storage.schema import EVENT_COLUMNS, OracleOptions, expiry_bound, metadata
 from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, oracle_merge_sql
 
 __all__ = ["OracleStore", "oracle_url", "input_sizes", "EVENTS_MERGE", "HOURLY_MERGE_SQL", "FIRMWARE_MERGE_SQL", "DEVICES_MERGE_SQL",
-           "OFFSETS_MERGE_SQL"]
+           "OFFSETS_MERGE_SQL", "PARTITIONS_SQL", "DDL_LOCK_WAIT", "partition_high_value", "partitions_before",
+           "drop_partition_sql", "delete_before_sql"]
 
 EVENT_KEY = ("device_id", "seq", "event_time")
 EVENTS_MERGE = oracle_merge_sql("events", EVENT_KEY, {c: "keep" for c in EVENT_COLUMNS if c not in EVENT_KEY})
@@ -42,6 +46,12 @@ DATA_CODES = ("ORA-00001", "ORA-01400", "ORA-12899", "ORA-01438", "ORA-02290", "
 KEY_CHUNK = 500  # (device_id, seq) pairs, or device ids, per lookup
 MERGES = {"device_hourly": HOURLY_MERGE_SQL, "devices": DEVICES_MERGE_SQL, "device_firmware_daily": FIRMWARE_MERGE_SQL,
           "events": EVENTS_MERGE}
+# Retention: the interval partitions of a table with their upper bounds (a LONG: read as text);
+# the range section's own partition (p_first, INTERVAL = 'NO') stays, as Oracle requires.
+PARTITIONS_SQL = ("SELECT partition_name, high_value FROM user_tab_partitions "
+                  "WHERE table_name = :t AND interval = 'YES' ORDER BY partition_position")
+DDL_LOCK_WAIT = "ALTER SESSION SET ddl_lock_timeout = 60"  # wait for ingest's DML, not ORA-00054 at once
+_HIGH_VALUE = re.compile(r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})")
 OFFSETS_MERGE_NOW = OFFSETS_MERGE_SQL.replace(":updated_at", "SYS_EXTRACT_UTC(SYSTIMESTAMP)")
 
 
@@ -49,6 +59,29 @@ def stored_keys_sql(pairs: int) -> str:
     """The (device_id, seq) pairs of a list that the events table holds already."""
     binds = ", ".join(f"(:{2 * i + 1}, :{2 * i + 2})" for i in range(pairs))
     return f"SELECT DISTINCT device_id, seq FROM events WHERE (device_id, seq) IN ({binds})"
+
+
+def partition_high_value(text: str) -> datetime:
+    """``TIMESTAMP' 2026-11-02 00:00:00'`` (or ``TO_DATE(' 2026-11-02 00:00:00', ...)``), as
+    USER_TAB_PARTITIONS shows an upper bound → that UTC instant (Oracle keeps UTC TIMESTAMPs)."""
+    m = _HIGH_VALUE.search(text)
+    if not m:
+        raise StorageError(f"unexpected Oracle partition bound {text!r}")
+    return datetime.fromisoformat(m.group(1)).replace(tzinfo=timezone.utc)
+
+
+def partitions_before(rows: Iterable[tuple[str, str]], cutoff: datetime) -> list[str]:
+    """Of (partition name, high value) rows, the partitions that end by ``cutoff``: wholly older."""
+    return [name for name, high in rows if partition_high_value(high) <= cutoff]
+
+
+def drop_partition_sql(table: str, partition: str) -> str:
+    """Drop one partition, keeping the global primary-key index usable for the ingest meanwhile."""
+    return f'ALTER TABLE {table} DROP PARTITION "{partition}" UPDATE GLOBAL INDEXES'
+
+
+def delete_before_sql(table: str, column: str) -> str:
+    return f"DELETE FROM {table} WHERE {column} < :bound"
 
 
 def oracle_url(url: str, password: str | None = None):
@@ -142,6 +175,28 @@ class _Transaction:
         self._execute(table, f"INSERT INTO {table} ({', '.join(columns)}) "
                              f"VALUES ({', '.join(f':{i + 1}' for i in range(len(columns)))})", columns, rows)
 
+    def drop_partitions_before(self, table: str, cutoff: datetime) -> list[str]:
+        """Drop the interval partitions of ``table`` that end by ``cutoff``; gone already is fine
+        (ORA-02149: a second run got there first)."""
+        self.cur.execute(DDL_LOCK_WAIT)
+        self.cur.execute(PARTITIONS_SQL, t=table.upper())
+        dropped = []
+        for name in partitions_before(self.cur.fetchall(), cutoff):
+            try:
+                self.cur.execute(drop_partition_sql(table, name))
+                dropped.append(name)
+            except Exception as e:  # python-oracledb's DatabaseError
+                if "ORA-02149" not in str(e):
+                    raise
+        return dropped
+
+    def delete_before(self, table: str, cutoff: datetime) -> int:
+        column, bound = expiry_bound(table, cutoff)
+        if isinstance(bound, datetime):
+            bound = bound.astimezone(timezone.utc).replace(tzinfo=None)
+        self.cur.execute(delete_before_sql(table, column), bound=bound)
+        return self.cur.rowcount
+
     def _execute(self, table_name: str, sql: str, columns: list[str], rows: pa.Table) -> None:
         _input_sizes(self.cur, table_name, columns)
         self.cur.executemany(sql, _rows(rows, columns), batcherrors=False)
@@ -164,6 +219,19 @@ class OracleStore(TimeSeriesStore, TransactionalStore):
     def write_events(self, events: pa.Table) -> None:
         with self.transaction() as tx:
             tx.insert_events(events)
+
+    def expire(self, cutoffs: Mapping[str, datetime]) -> dict[str, dict]:
+        """Remove what is older than each table's cutoff (never the registry or the offsets). A
+        partitioned table loses whole interval partitions (``interval_days`` each): rows of the
+        partition the cutoff falls in stay until all of it is old. Each DROP commits by itself."""
+        removed = {}
+        for table, cutoff in cutoffs.items():
+            with self.transaction() as tx:
+                if "partition_by" in metadata.tables[table].info:
+                    removed[table] = {"partitions": tx.drop_partitions_before(table, cutoff)}
+                else:
+                    removed[table] = {"rows": tx.delete_before(table, cutoff)}
+        return removed
 
     @contextmanager
     def transaction(self):

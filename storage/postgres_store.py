@@ -4,13 +4,16 @@ A batch goes in with ``COPY`` (pyarrow writes the CSV in C++) into temporary
 staging tables, then one ``INSERT ... ON CONFLICT`` per table merges it, all in
 one transaction with the offsets. ``events`` and ``device_hourly`` are
 range-partitioned by month; a month's partition is created the first time a
-batch reaches it.
+batch reaches it, and dropped whole by retention (:meth:`PostgresStore.expire`)
+once all of it is older than the cutoff.
 """
 
 from __future__ import annotations
 
 import io
 from contextlib import contextmanager
+from datetime import datetime
+from typing import Mapping
 
 import psycopg
 import pyarrow as pa
@@ -24,7 +27,8 @@ from storage.base import RefusedRows, StorageError, TimeSeriesStore
 from storage.commit import DryRun, TransactionalStore
 from storage.migrations import migrate_engine
 from storage.rollups import LAST_SAMPLE_QUERY, last_sample_table
-from storage.schema import EVENT_COLUMNS, postgres_month_partition_ddl
+from storage.schema import (EVENT_COLUMNS, expiry_bound, metadata, month_end, postgres_month_partition,
+                            postgres_month_partition_ddl)
 from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, upsert_sql
 
 __all__ = ["PostgresStore", "engine_url"]
@@ -35,6 +39,9 @@ _CSV = pacsv.WriteOptions(include_header=False)
 # Raised by SQLAlchemy (wrapped) or by psycopg itself (COPY and the cursor are used directly).
 DATA_ERRORS = (DataError, IntegrityError, psycopg.DataError, psycopg.IntegrityError, pa.ArrowInvalid,
                pa.ArrowTypeError)
+PARTITIONS = ("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+              "WHERE i.inhparent = %s::regclass ORDER BY 1")
+RETENTION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('podpulse-retention'))"  # one run at a time
 STORED_KEYS = ("SELECT DISTINCT e.device_id, e.seq FROM events e JOIN unnest(%s::text[], %s::bigint[]) "
                "AS k(device_id, seq) ON e.device_id = k.device_id AND e.seq = k.seq")
 
@@ -53,6 +60,13 @@ def _first_line(e: Exception) -> str:
     """The server's message without SQLAlchemy's statement dump and background link."""
     orig = getattr(e, "orig", None) or e
     return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+
+
+def _no_partition(e: Exception) -> bool:
+    """A row reached a month whose partition is gone (retention dropped it after this store
+    created it): not a refused value; the next attempt creates the partition again."""
+    orig = getattr(e, "orig", None) or e
+    return getattr(orig, "sqlstate", None) == "23514" and "no partition of relation" in str(orig)
 
 
 OFFSETS_UPSERT = upsert_sql("kafka_offsets", OFFSETS_KEY, OFFSETS_MERGE,
@@ -106,6 +120,23 @@ class _Transaction:
     def store_offsets(self, topic: str, next_offsets: dict[int, int]) -> None:
         self.cur.executemany(OFFSETS_UPSERT, [(topic, int(p), int(o)) for p, o in sorted(next_offsets.items())])
 
+    def drop_partitions_before(self, table: str, cutoff: datetime) -> list[str]:
+        """Detach and drop the monthly partitions of ``table`` that end by ``cutoff``."""
+        self.cur.execute(RETENTION_LOCK)
+        self.cur.execute(PARTITIONS, [table])
+        old = [name for (name,) in self.cur.fetchall()
+               if (month := postgres_month_partition(name)) and month[0] == table
+               and month_end(*month[1:]) <= cutoff]
+        for name in old:
+            self.cur.execute(f"ALTER TABLE {table} DETACH PARTITION {name}")
+            self.cur.execute(f"DROP TABLE {name}")
+        return old
+
+    def delete_before(self, table: str, cutoff: datetime) -> int:
+        column, bound = expiry_bound(table, cutoff)
+        self.cur.execute(f"DELETE FROM {table} WHERE {column} < %s", [bound])
+        return self.cur.rowcount
+
 
 class PostgresStore(TimeSeriesStore, TransactionalStore):
     def __init__(self, url: str, password: str | None = None):
@@ -127,6 +158,20 @@ class PostgresStore(TimeSeriesStore, TransactionalStore):
         with self.transaction() as tx:
             tx.insert_events(events)
 
+    def expire(self, cutoffs: Mapping[str, datetime]) -> dict[str, dict]:
+        """Remove what is older than each table's cutoff, one short transaction per table (never
+        the registry or the offsets, so ingest may run meanwhile). A partitioned table loses whole
+        months only: rows of the month the cutoff falls in stay until all of that month is old."""
+        removed = {}
+        for table, cutoff in cutoffs.items():
+            with self.transaction() as tx:
+                if "partition_by" in metadata.tables[table].info:
+                    removed[table] = {"partitions": tx.drop_partitions_before(table, cutoff)}
+                else:
+                    removed[table] = {"rows": tx.delete_before(table, cutoff)}
+            self._forget_partitions(removed[table].get("partitions", []))
+        return removed
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -145,11 +190,17 @@ class PostgresStore(TimeSeriesStore, TransactionalStore):
             self._new_partitions = set()
             if isinstance(e, StorageError):
                 raise
+            if _no_partition(e):  # retention dropped a month this store had created: forget them all
+                self._partitions = set()
+                raise StorageError(f"PostgreSQL write failed, retry: {_first_line(e)}") from e
             if isinstance(e, DATA_ERRORS):
                 raise RefusedRows(f"PostgreSQL refused the batch: {_first_line(e)}") from e
             raise StorageError(f"PostgreSQL write failed: {_first_line(e)}") from e
         self._partitions |= self._new_partitions
         self._new_partitions = set()
+
+    def _forget_partitions(self, names: list[str]) -> None:
+        self._partitions -= {postgres_month_partition(name) for name in names}
 
     def _ensure_partitions(self, cur, table: str, times: pa.ChunkedArray) -> None:
         months = pa.table({"y": pc.year(times), "m": pc.month(times)}).group_by(["y", "m"]).aggregate([])

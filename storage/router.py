@@ -18,7 +18,8 @@ a password; ``password_env`` or ``password_file``; Oracle also ``inmemory``,
 ``memcompress``, ``priority``, ``interval_days``) and ``cassandra`` (raw events
 only; see ``storage.cassandra_store.CassandraSettings``). Devices, rollups and
 offsets must share one relational backend: they are written in one transaction.
-Credentials never sit in the file itself.
+Credentials never sit in the file itself. An optional ``retention`` maps
+``raw_events``, ``rollups`` and ``anomalies`` to days kept (``storage.retention``).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def password(spec: Mapping) -> str | None:
     return None
 
 
-def open_backend(spec: Mapping):
+def open_backend(spec: Mapping, raw_events_days: int | None = None):
+    """The store of one backend; ``raw_events_days``: the raw events' retention, for a store that
+    applies it as it writes (Cassandra's TTL per row)."""
     kind = spec["type"]
     if kind == "duckdb":
         return DuckDBStore(spec.get("path", DEFAULT_DUCKDB_PATH))
@@ -69,7 +72,7 @@ def open_backend(spec: Mapping):
         return OracleStore(spec["url"], password(spec), opts)
     settings = {k: (tuple(v) if k == "hosts" else dict(v) if isinstance(v, Mapping) else v)
                 for k, v in spec.items() if k != "type"}
-    return CassandraStore(CassandraSettings(**settings))
+    return CassandraStore(CassandraSettings(**settings), retention_days=raw_events_days)
 
 
 class Storage:
@@ -110,13 +113,19 @@ class Storage:
         if fresh.num_rows:
             last = self.relational.last_samples(pc.unique(fresh["device_id"]).to_pylist())
             new = first_sightings(fresh, last, self.timeseries.stored_elsewhere)
+        expired_before = self._expired()
         if new.num_rows and not dry_run:
             self.timeseries.write_events(new)
         result = self.relational.commit(topic, new, next_offsets, start_offsets=start_offsets, dry_run=dry_run)
         if new.num_rows and dry_run:
             self.timeseries.write_events(new)
         return CommitResult(applied=result.applied, replayed=replayed + result.replayed,
-                            repeated=fresh.num_rows - new.num_rows + result.repeated)
+                            repeated=fresh.num_rows - new.num_rows + result.repeated,
+                            expired=self._expired() - expired_before)
+
+    def _expired(self) -> int:
+        """Raw events the time-series store left unwritten as already past their retention."""
+        return getattr(self.timeseries, "expired_on_write", 0)
 
     def close(self) -> None:
         self.relational.close()
@@ -141,5 +150,6 @@ def open_storage(config: StorageConfig) -> Storage:
     for kind in ("offsets", "raw_events"):
         name = config.routes[kind]
         if name not in opened:
-            opened[name] = open_backend(config.backends[name])
+            days = config.retention.get("raw_events") if kind == "raw_events" else None
+            opened[name] = open_backend(config.backends[name], days)
     return Storage(opened[config.routes["raw_events"]], opened[config.routes["offsets"]])

@@ -15,7 +15,9 @@ extras are applied by :func:`create_table_ddl`:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
 
 import pyarrow as pa
 from sqlalchemy import (BigInteger, Boolean, Column, Date, DateTime, Double, Integer, MetaData,
@@ -25,12 +27,13 @@ from sqlalchemy.schema import CreateColumn, CreateTable
 
 from podpulse.contract import ARROW_SCHEMA
 from podpulse.errors import StorageError
-from storage.rollups import DEVICE_MERGE, FIRMWARE_KEY, HOURLY_MERGE, KAFKA_COLUMNS, SINCE_MIGRATION_4
+from storage.rollups import (DEVICE_MERGE, FIRMWARE_KEY, HOURLY_MERGE, KAFKA_COLUMNS, REPORT_UTC_OFFSET_H,
+                             SINCE_MIGRATION_4)
 
 __all__ = ["metadata", "events", "device_hourly", "device_firmware_daily", "devices", "kafka_offsets", "anomalies",
            "schema_version", "model_versions", "OracleOptions", "create_table_ddl", "table_as_of",
-           "add_columns_ddl", "postgres_month_partition_ddl",
-           "EVENT_COLUMNS"]
+           "add_columns_ddl", "postgres_month_partition_ddl", "postgres_month_partition", "month_end",
+           "EXPIRING_TABLES", "expiry_bound", "EVENT_COLUMNS"]
 
 metadata = MetaData()
 
@@ -60,7 +63,7 @@ events = Table(
     PrimaryKeyConstraint("device_id", "seq", "event_time"),
     # DuckDB keeps raw events without a key: the offsets stored in the same transaction make
     # them exactly-once, and an index would halve the ingest rate (measured).
-    info={"partition_by": "event_time", "duckdb_without_key": True},
+    info={"partition_by": "event_time", "duckdb_without_key": True, "expire_by": "event_time"},
 )
 events.c.spatial_audio.info["since_migration"] = 3  # event contract v3
 
@@ -81,7 +84,7 @@ device_hourly = Table(
     Column("hour", UtcTime, nullable=False),
     *(Column(c, _HOURLY_TYPES.get(c, Double())) for c in HOURLY_MERGE),
     PrimaryKeyConstraint("device_id", "hour"),
-    info={"partition_by": "hour"},
+    info={"partition_by": "hour", "expire_by": "hour"},
 )
 
 _DEVICE_TYPES = {"model": String(64), "firmware": String(64), "postcode": String(4), "state": String(3),
@@ -121,6 +124,7 @@ device_firmware_daily = Table(
     Column("firmware", String(64), nullable=False),
     Column("events", BigInteger),
     PrimaryKeyConstraint(*FIRMWARE_KEY),
+    info={"expire_by": "day"},
 )
 
 kafka_offsets = Table(
@@ -141,6 +145,7 @@ anomalies = Table(
     Column("flagged", Boolean),
     Column("reason", String(200)),
     PrimaryKeyConstraint("device_id", "day", "model_version"),
+    info={"expire_by": "day"},
 )
 
 model_versions = Table(
@@ -213,3 +218,34 @@ def postgres_month_partition_ddl(table: str, year: int, month: int) -> str:
     return (f"CREATE TABLE IF NOT EXISTS {table}_{year:04d}_{month:02d} PARTITION OF {table} "
             f"FOR VALUES FROM ('{year:04d}-{month:02d}-01 00:00:00+00') "
             f"TO ('{ny:04d}-{nm:02d}-01 00:00:00+00')")
+
+
+_MONTH_PARTITION = re.compile(r"(\w+)_(\d{4})_(\d{2})")
+
+
+def postgres_month_partition(name: str) -> tuple[str, int, int] | None:
+    """``events_2026_10`` → ("events", 2026, 10), as :func:`postgres_month_partition_ddl` names it;
+    None for another name."""
+    m = _MONTH_PARTITION.fullmatch(name)
+    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def month_end(year: int, month: int) -> datetime:
+    """Where a monthly partition ends (exclusive): the next month's first instant, UTC."""
+    return datetime(year + 1, 1, 1, tzinfo=timezone.utc) if month == 12 else \
+        datetime(year, month + 1, 1, tzinfo=timezone.utc)
+
+
+# The tables retention may expire, each by its time column (``info["expire_by"]``).
+EXPIRING_TABLES = {t.name: t.info["expire_by"] for t in metadata.sorted_tables if "expire_by" in t.info}
+
+
+def expiry_bound(table: str, cutoff: datetime) -> tuple[str, date | datetime]:
+    """The column and the value a row of ``table`` older than ``cutoff`` lies strictly below.
+
+    A DATE column holds report days (AEST): a day is older than the cutoff when it ended by
+    then, so the bound is the AEST date the cutoff falls on. A time column takes the cutoff."""
+    column = EXPIRING_TABLES[table]
+    if isinstance(metadata.tables[table].c[column].type, Date):
+        return column, (cutoff + timedelta(hours=REPORT_UTC_OFFSET_H)).date()
+    return column, cutoff

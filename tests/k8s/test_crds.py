@@ -83,6 +83,10 @@ INVALID = [
     ("AirPodsDataStream", ["spec", "workers", "memory"], "4GB"),
     ("AirPodsDataStream", ["spec", "rayVersion"], "2.60"),
     ("AirPodsDataStream", ["spec", "storage"], DELETE),
+    ("AirPodsDataStream", ["spec", "storage", "retention", "raw_events"], 0),
+    ("AirPodsDataStream", ["spec", "storage", "retention", "rollups"], "30"),
+    ("AirPodsDataStream", ["spec", "storage", "retention"], {"raw_events": 1, "rollups": 1, "anomalies": 1,
+                                                             "devices": 1}),
     # What the operator's policy refuses, as far as a schema can say it (tests/k8s/test_policy.py):
     ("AirPodsDataStream", ["spec", "storage", "backends", "core", "password_file"],
      "/var/run/secrets/kubernetes.io/serviceaccount/token"),
@@ -171,6 +175,13 @@ STORAGE_CASES = [
     # a route to nowhere:
     {"backends": {"pg": PG}, "routes": {"raw_events": "pg", "devices": "pg", "rollups": "pg", "offsets": "pg",
                                         "anomalies": "nowhere"}},
+    # retention: the registry and offsets never expire; days are whole and positive:
+    {"backends": {"pg": PG}, "routes": dict.fromkeys(["raw_events", "devices", "rollups", "offsets", "anomalies"],
+                                                     "pg"), "retention": {"raw_events": 30, "rollups": 400}},
+    {"backends": {"pg": PG}, "routes": dict.fromkeys(["raw_events", "devices", "rollups", "offsets", "anomalies"],
+                                                     "pg"), "retention": {"devices": 30}},
+    {"backends": {"pg": PG}, "routes": dict.fromkeys(["raw_events", "devices", "rollups", "offsets", "anomalies"],
+                                                     "pg"), "retention": {"raw_events": 0}},
     # a missing route:
     {"backends": {"pg": PG}, "routes": {"raw_events": "pg", "devices": "pg", "rollups": "pg", "offsets": "pg"}},
 ]

@@ -18,7 +18,7 @@ def test_every_base_manifest_validates(root, k8s_validate):
             for d in yaml.safe_load_all(f.read_text()) if d]
     assert {d["kind"] for _, d in docs} >= {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ClusterRole",
                                             "ClusterRoleBinding", "Deployment", "ConfigMap", "PersistentVolumeClaim",
-                                            "CustomResourceDefinition", "NetworkPolicy"}
+                                            "CustomResourceDefinition", "NetworkPolicy", "CronJob"}
     for name, doc in docs:
         k8s_validate(doc)
 
@@ -77,7 +77,7 @@ def _containers(node):
 @pytest.mark.parametrize("overlay, image", [("dev", "podpulse:2.60.0-py311-dev"),
                                             ("prod", "registry.example.com/podpulse/podpulse:2.60.0-py311-0.1.0")])
 def test_overlay_sets_one_image_everywhere_and_the_operator_passes_it_on(rendered, overlay, image):
-    assert set(images(rendered[overlay])) == {("Deployment", image), ("RayService", image)}
+    assert set(images(rendered[overlay])) == {("Deployment", image), ("RayService", image), ("CronJob", image)}
     (operator,) = [d for d in rendered[overlay] if d["kind"] == "Deployment"]
     (container,) = operator["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -114,6 +114,27 @@ def test_operator_runs_kopf_as_its_service_account(rendered, overlay):
         (subject,) = binding["subjects"]
         assert (subject["kind"], subject["name"], subject["namespace"]) == \
             ("ServiceAccount", account["metadata"]["name"], NAMESPACES[overlay])
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_retention_runs_daily_on_the_mounted_storage_config(rendered, overlay, parse_cli):
+    """The CronJob's command is a real `podpulse retention apply` reading the storage ConfigMap."""
+    (job,) = [d for d in rendered[overlay] if d["kind"] == "CronJob"]
+    spec = job["spec"]
+    assert spec["concurrencyPolicy"] == "Forbid" and spec["timeZone"] == "Etc/UTC"
+    pod = spec["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    name, params = parse_cli(container["command"])
+    assert name == "apply" and container["command"][:3] == ["podpulse", "retention", "apply"]
+    assert str(params["storage_file"]) == "/etc/podpulse/storage/storage.yaml" and params["json_out"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "storage"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "storage"]
+    assert mount["mountPath"] == "/etc/podpulse/storage" and volume["configMap"]["name"] == "podpulse-storage"
+    (config,) = [d for d in rendered[overlay]
+                 if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "podpulse-storage"]
+    assert "storage.yaml" in config["data"]
+    assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    assert set(container["resources"]) == {"requests", "limits"}
 
 
 def test_only_prod_brings_the_prometheus_operator_kinds(rendered):

@@ -40,7 +40,8 @@ def test_stream_creates_a_configmap_and_a_rayjob_owned_by_it(example, parse_cli,
     k8s_validate(config)
     # The ConfigMap is the --storage-config file, and PodPulse's router accepts it.
     assert yaml.safe_load(config["data"]["storage.yaml"]) == cr["spec"]["storage"]
-    StorageConfig(**yaml.safe_load(config["data"]["storage.yaml"]))
+    stored = StorageConfig(**yaml.safe_load(config["data"]["storage.yaml"]))
+    assert dict(stored.retention) == {"raw_events": 400}  # the ingest gives Cassandra rows their TTL
     # The entrypoint is a `podpulse ingest` the real CLI accepts, with the resource's settings.
     command, params = parse_cli(shlex.split(job["spec"]["entrypoint"]))
     assert command == "ingest"

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from datetime import timedelta
 from pathlib import Path
 import signal
 import subprocess
@@ -230,3 +231,56 @@ def test_token_prints_a_token_and_the_entry_holding_only_its_hash():
                     "scopes": ["ingest", "read:devices"]}
     bad = podpulse("token", "--name", "x", "--scope", "root", check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'root' is not one of" in bad.stderr
+
+
+@pytest.fixture
+def old_store(tmp_path, fixed_start):
+    """Three AEST days of a small fleet, starting 31 October 2026 (the retention tests' store)."""
+    from bench.report import build_store
+
+    path = tmp_path / "store.duckdb"
+    build_store(path, 20, 3, seed=3, start=fixed_start - timedelta(days=2))
+    return path
+
+
+def test_retention_apply_removes_what_is_older_and_says_what(tmp_path, old_store, fixed_start):
+    config = tmp_path / "storage.yaml"
+    config.write_text(f"backends: {{db: {{type: duckdb, path: '{old_store}'}}}}\n"
+                      "retention: {raw_events: 2, rollups: 2}\n")
+    now = fixed_start + timedelta(days=2)  # the cutoff: Monday 2 November 00:00 AEST
+    result = json.loads(podpulse("retention", "apply", "--storage-config", config, "--now", now.isoformat(),
+                                 "--json").stdout)
+    tables = result["backends"]["db"]["tables"]
+    assert set(tables) == {"events", "device_hourly", "device_firmware_daily"}  # anomalies: kept forever
+    assert all(t["by"] == "delete" and t["rows"] > 0 and t["cutoff"] == fixed_start.isoformat()
+               for t in tables.values())
+    with duckdb.connect(str(old_store), read_only=True) as con:
+        con.execute("SET TimeZone = 'UTC'")
+        oldest = con.execute("SELECT (SELECT min(event_time) FROM events), (SELECT min(hour) FROM device_hourly)"
+                             ).fetchone()
+    assert all(t >= fixed_start for t in oldest)
+    text = podpulse("retention", "apply", "--db", old_store, "--keep", "anomalies=30", "--keep", "raw_events=2",
+                    "--now", now.isoformat()).stdout
+    assert "events" in text and "0 rows deleted" in text  # idempotent, and --keep over the (embedded) config
+    assert "no retention configured" in podpulse("retention", "apply", "--db", old_store).stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--keep", "devices=30"], ["retention.devices", "never expire"]),
+    (["--keep", "offsets=30"], ["retention.offsets", "never expire"]),
+    (["--keep", "raw_events=0"], ["retention.raw_events", "at least 1, got 0"]),
+    (["--keep", "rollups=1.5"], ["retention.rollups", "whole number"]),
+    (["--keep", "events=3"], ["retention.events", "unknown record kind"]),
+    (["--keep", "raw_events"], ["--keep takes KIND=DAYS"]),
+    (["--keep", "raw_events=3", "--now", "yesterday"], ["--now", "ISO"]),
+])
+def test_retention_apply_bad_arguments_get_one_line(old_store, args, words):
+    proc = podpulse("retention", "apply", "--db", old_store, *args, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("podpulse: error:"), proc.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_retention_apply_needs_a_store(tmp_path):
+    proc = podpulse("retention", "apply", "--db", tmp_path / "none.duckdb", check=False)
+    assert proc.returncode == 1 and "no store at" in proc.stderr

@@ -27,7 +27,9 @@ from podpulse.errors import PodPulseError
 from podpulse.simulator import FleetSpec, simulate
 from storage.base import StorageError
 from storage.cassandra_store import (CONSISTENCY_LEVELS, EVENT_COLUMNS, CassandraSettings, CassandraStore,
-                                     add_columns_cql, insert_cql, keyspace_cql, recent_cql, table_cql)
+                                     add_columns_cql, insert_cql, keyspace_cql, recent_cql, row_ttls, table_cql)
+from storage.duckdb_store import DuckDBStore
+from storage.router import Storage, StorageConfig, open_storage
 
 # What each Arrow type of the contract must become in CQL (written out here, not imported).
 EXPECTED_CQL = {pa.int8(): {"tinyint", "smallint"}, pa.int16(): {"smallint"}, pa.int32(): {"int"},
@@ -388,6 +390,35 @@ def test_recent_walks_day_buckets_newest_first_until_the_limit(driver):
         store.recent(device, days=0)
 
 
+# --- retention: a TTL per row, from its event time ---------------------------------------------------
+
+DAY_MS = 86_400_000
+
+
+def test_a_rows_ttl_counts_from_its_event_time_not_its_write():
+    now = 1_800_000_000_000
+    event_ms = np.array([now, now - DAY_MS, now - 2 * DAY_MS + 1500, now - 2 * DAY_MS, now - 3 * DAY_MS])
+    assert row_ttls(event_ms, 2, now).tolist() == [2 * 86400, 86400, 2, 0, -86400]  # 2: 1.5 s, rounded up
+    assert row_ttls(np.array([now + DAY_MS]), 7300, now).tolist() == [7300 * 86400]  # Cassandra's cap
+
+
+def test_the_insert_binds_the_rows_ttl_last_only_under_retention():
+    assert insert_cql(DEFAULT, row_ttl=True) == insert_cql(DEFAULT) + " USING TTL ?"
+    assert "USING TTL" not in insert_cql(DEFAULT)
+
+
+def test_the_raw_events_retention_reaches_the_cassandra_store_only():
+    config = StorageConfig(backends={"db": {"type": "duckdb", "path": ":memory:"},
+                                     "raw": {"type": "cassandra", "hosts": ["h"]}},
+                           routes={"raw_events": "raw", "devices": "db", "rollups": "db", "offsets": "db",
+                                   "anomalies": "db"}, retention={"raw_events": 30, "rollups": 400})
+    storage = open_storage(config)
+    assert storage.timeseries.retention_days == 30
+    assert open_storage(StorageConfig(**{**config.as_dict(), "retention": {}})).timeseries.retention_days is None
+    with pytest.raises(StorageError, match="retention must be 1 to 7300 days"):
+        CassandraStore(DEFAULT, retention_days=0)
+
+
 # --- against a real Cassandra ---------------------------------------------------------------------
 
 class TestAgainstCassandra:
@@ -473,3 +504,63 @@ class TestAgainstCassandra:
         finally:
             store._session.execute("DROP KEYSPACE IF EXISTS podpulse_ttl")
             store.close()
+
+    def test_retention_gives_each_row_its_ttl_from_its_event_time(self, cassandra):
+        """Rows older than the retention are not written (counted as expired); the others expire
+        at event time + retention, whatever the table's default TTL."""
+        settings = CassandraSettings(hosts=cassandra.hosts, port=cassandra.port, keyspace="podpulse_retention",
+                                     ttl_days=400)
+        store = CassandraStore(settings, retention_days=2)
+        store.setup()
+        try:
+            now = datetime.now(timezone.utc)
+            events = make_batch(FleetSpec(devices=3, hours=72, seed=9, start=now - timedelta(hours=72)))
+            store.write_events(events)
+            event_ms = events["event_time"].cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).to_numpy()
+            age_s = now.timestamp() - event_ms / 1000
+            limit = 2 * 86400
+            assert (age_s > limit + 60).sum() <= store.expired_on_write <= (age_s > limit - 60).sum()
+            rows = list(store._session.execute("SELECT event_time, TTL(kafka_offset) AS t "
+                                               "FROM podpulse_retention.events"))
+            assert len(rows) + store.expired_on_write == events.num_rows
+            for row in rows:
+                left = row["event_time"].replace(tzinfo=timezone.utc) + timedelta(days=2) - now
+                assert abs(row["t"] - left.total_seconds()) < 60, row
+            # Rows a few seconds short of the retention are gone a few seconds later.
+            store._session.execute("TRUNCATE podpulse_retention.events")
+            store.expired_on_write = 0
+            soon = datetime.now(timezone.utc) - timedelta(days=2) + timedelta(seconds=3)
+            nearly = events.slice(0, 20)
+            nearly = nearly.set_column(nearly.schema.get_field_index("event_time"), "event_time",
+                                       pa.array([soon] * 20, nearly.schema.field("event_time").type))
+            store.write_events(nearly)
+            count = "SELECT count(*) AS n FROM podpulse_retention.events"
+            assert store._session.execute(count).one()["n"] == 20 and store.expired_on_write == 0
+            time.sleep(4.5)
+            assert store._session.execute(count).one()["n"] == 0
+        finally:
+            store._session.execute("DROP KEYSPACE IF EXISTS podpulse_retention")
+            store.close()
+
+    def test_a_commit_says_how_many_raw_events_were_past_their_retention(self, cassandra, tmp_path):
+        """Through the router: the rollups count every event, Cassandra keeps only the unexpired ones,
+        and the commit's result says how many it left out."""
+        settings = CassandraSettings(hosts=cassandra.hosts, port=cassandra.port, keyspace="podpulse_expired")
+        storage = Storage(CassandraStore(settings, retention_days=1), DuckDBStore(tmp_path / "core.duckdb"))
+        storage.setup()
+        try:
+            now = datetime.now(timezone.utc)
+            events = make_batch(FleetSpec(devices=3, hours=48, seed=4, start=now - timedelta(hours=48)))
+            events = events.sort_by([("kafka_partition", "ascending"), ("kafka_offset", "ascending")])
+            partitions = pc.unique(events["kafka_partition"]).to_pylist()
+            ends = {p: pc.max(events.filter(pc.equal(events["kafka_partition"], p))["kafka_offset"]).as_py() + 1
+                    for p in partitions}
+            result = storage.commit("t", events, ends)
+            stored = storage.timeseries._session.execute("SELECT count(*) AS n FROM podpulse_expired.events").one()
+            assert result.applied == events.num_rows and 0 < result.expired < events.num_rows
+            assert stored["n"] + result.expired == events.num_rows
+            hourly = storage.relational.con.execute("SELECT sum(events) FROM device_hourly").fetchone()[0]
+            assert hourly == events.num_rows  # rollups keep their own retention
+        finally:
+            storage.timeseries._session.execute("DROP KEYSPACE IF EXISTS podpulse_expired")
+            storage.close()

@@ -3,14 +3,17 @@ and a real round trip when PODPULSE_ORACLE_DSN points at one."""
 
 import os
 import re
+from datetime import datetime, timezone
 
 import pytest
 import sqlglot
 from sqlglot import exp
 
 from storage.migrations import MIGRATIONS, statements
-from storage.oracle_store import (DEVICES_MERGE_SQL, EVENTS_MERGE, FIRMWARE_MERGE_SQL, HOURLY_MERGE_SQL,
-                                  OFFSETS_MERGE_SQL)
+from storage.base import StorageError
+from storage.oracle_store import (DDL_LOCK_WAIT, DEVICES_MERGE_SQL, EVENTS_MERGE, FIRMWARE_MERGE_SQL,
+                                  HOURLY_MERGE_SQL, OFFSETS_MERGE_SQL, PARTITIONS_SQL, delete_before_sql,
+                                  drop_partition_sql, partition_high_value, partitions_before)
 from storage.schema import OracleOptions
 
 SUFFIX = re.compile(r"\) PARTITION BY RANGE \((\w+)\) INTERVAL \(NUMTODSINTERVAL\((\d+), 'DAY'\)\) "
@@ -103,4 +106,75 @@ def test_oracle_round_trip(tmp_path):
     again = store.commit(topic, t, {0: t.num_rows}, with_raw_events=True)
     assert (first.applied, again.applied, again.replayed) == (t.num_rows, 0, t.num_rows)
     assert store.committed_offsets(topic) == {0: t.num_rows}
+    store.close()
+
+
+# --- retention: drop whole interval partitions, DELETE the rest ---------------------------------------
+
+def test_retention_reads_the_interval_partitions_from_the_dictionary():
+    tree = sqlglot.parse_one(PARTITIONS_SQL, read="oracle")
+    assert isinstance(tree, exp.Select) and tree.find(exp.From).this.name == "user_tab_partitions"
+    assert [c.name for c in tree.expressions] == ["partition_name", "high_value"]
+    assert "interval = 'YES'" in PARTITIONS_SQL  # p_first, the range section's partition, stays
+
+
+@pytest.mark.parametrize("high_value", [
+    "TIMESTAMP' 2026-11-02 00:00:00'",  # how Oracle shows a TIMESTAMP bound
+    "TO_DATE(' 2026-11-02 00:00:00', 'SYYYY-MM-DD HH24:MI:SS', 'NLS_CALENDAR=GREGORIAN')",  # a DATE bound
+])
+def test_a_partition_bound_is_read_as_utc(high_value):
+    assert partition_high_value(high_value) == datetime(2026, 11, 2, tzinfo=timezone.utc)
+
+
+def test_only_partitions_that_end_by_the_cutoff_are_dropped():
+    rows = [("SYS_P101", "TIMESTAMP' 2026-10-31 00:00:00'"), ("SYS_P102", "TIMESTAMP' 2026-11-01 00:00:00'"),
+            ("SYS_P103", "TIMESTAMP' 2026-11-02 00:00:00'")]
+    cutoff = datetime(2026, 11, 1, 14, tzinfo=timezone.utc)  # inside SYS_P103: it stays whole
+    assert partitions_before(rows, cutoff) == ["SYS_P101", "SYS_P102"]
+    with pytest.raises(StorageError, match="unexpected Oracle partition bound"):
+        partitions_before([("SYS_P1", "MAXVALUE")], cutoff)
+
+
+DROP = re.compile(r'ALTER TABLE (\w+) DROP PARTITION "(\w+)" UPDATE GLOBAL INDEXES')
+
+
+def test_the_partition_drop_keeps_the_global_key_usable_and_deletes_parse():
+    # sqlglot cannot parse Oracle's partition clauses: the grammar is held by a pattern instead
+    m = DROP.fullmatch(drop_partition_sql("events", "SYS_P101"))
+    assert m and m.groups() == ("events", "SYS_P101")
+    assert sqlglot.parse_one(DDL_LOCK_WAIT, read="oracle").sql("oracle") == DDL_LOCK_WAIT
+    for table, column in (("device_firmware_daily", "day"), ("anomalies", "day")):
+        tree = sqlglot.parse_one(delete_before_sql(table, column), read="oracle")
+        assert isinstance(tree, exp.Delete) and tree.this.name == table
+        assert tree.find(exp.LT).this.name == column and tree.find(exp.Placeholder).name == "bound"
+
+
+@pytest.mark.skipif(not os.environ.get("PODPULSE_ORACLE_DSN"),
+                    reason="PODPULSE_ORACLE_DSN is not set: no Oracle to test against")
+def test_oracle_retention_drops_whole_partitions():
+    """Commit three days, expire with a cutoff inside the last: its partition stays, older ones go."""
+    from datetime import timedelta
+
+    import numpy as np
+    import pyarrow as pa
+
+    from podpulse.contract import decode_batch
+    from podpulse.simulator import FleetSpec, simulate
+    from storage.oracle_store import OracleStore
+
+    store = OracleStore(os.environ["PODPULSE_ORACLE_DSN"], os.environ.get("PODPULSE_ORACLE_PASSWORD"))
+    store.setup()
+    start = datetime(2026, 10, 30, tzinfo=timezone.utc)
+    values = [v for c in simulate(FleetSpec(devices=20, hours=72, seed=9, start=start)) for v in c.values]
+    t = decode_batch(values, window=None).table
+    t = t.append_column("kafka_partition", pa.array(np.zeros(t.num_rows, np.int32))).append_column(
+        "kafka_offset", pa.array(np.arange(t.num_rows), pa.int64()))
+    store.commit(f"test-retention-{os.getpid()}", t, {0: t.num_rows}, with_raw_events=True)
+    cutoff = start + timedelta(days=2, hours=6)
+    removed = store.expire({"events": cutoff, "device_hourly": cutoff, "anomalies": cutoff})
+    assert len(removed["events"]["partitions"]) >= 2 and "rows" in removed["anomalies"]
+    with store.engine.connect() as conn:
+        oldest = conn.exec_driver_sql("SELECT min(event_time) FROM events").scalar()
+    assert start + timedelta(days=2) <= oldest.replace(tzinfo=timezone.utc) < cutoff  # a day's granularity
+    assert store.expire({"events": cutoff})["events"]["partitions"] == []  # idempotent
     store.close()

@@ -25,6 +25,11 @@ def test_every_example_loads_and_survives_pickling(name):
     assert pickle.loads(pickle.dumps(c)).as_dict() == c.as_dict()
 
 
+def test_the_postgres_example_shows_a_retention():
+    c = StorageConfig.load(EXAMPLES / "postgres.yaml")
+    assert dict(c.retention) == {"raw_events": 90, "anomalies": 365}
+
+
 def test_the_fleet_example_puts_raw_events_in_cassandra_and_the_rest_in_oracle():
     c = StorageConfig.load(EXAMPLES / "oracle-cassandra.yaml")
     assert c.backends[c.routes["raw_events"]]["type"] == "cassandra"
