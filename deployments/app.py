@@ -60,7 +60,7 @@ from storage.reader import ReaderPool
 __all__ = ["app", "api", "build", "run_local", "PodPulseAPI", "UserConfig", "parse_user_config"]
 
 MAX_ROWS = 1000
-DEVICE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # pseudonymous ids, matched whole; anything else: 422, never SQL
+DEVICE_ID = battery_model.DEVICE_ID  # pseudonymous ids, matched whole; anything else: 422, never SQL
 REGION = re.compile(r"[A-Z]{2,3}-(urban|rural)")
 LABEL = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]{1,64}")  # as the contract's: no controls, lone surrogates
 MAX_EVENTS = 5000
@@ -577,11 +577,8 @@ class PodPulseAPI:
                              days: Annotated[int, Query(ge=1, le=90)] = 7) -> dict:
         def read() -> list[dict]:  # in a thread: the query must not hold up the event loop
             with self.readers.reader() as r:
-                columns = ["device_id", "day", "model", "firmware", "playback_h", "anc", "adaptive",
-                           "transparency", "output_dba", "drain_left_pct", "drain_right_pct"]
-                return [dict(zip(columns, row)) for row in r.rows(  # device_id: checked by DEVICE_ID
-                    f"SELECT * FROM ({battery_model.FEATURE_SQL}) f WHERE device_id = '{device_id}' "
-                    f"AND day >= (SELECT max(day) FROM ({battery_model.FEATURE_SQL}) g) - {days} ORDER BY day")]
+                return [dict(zip(battery_model.FEATURE_COLUMNS, row))
+                        for row in r.rows(battery_model.device_days_sql(device_id, days))]
 
         rows = await asyncio.to_thread(read)
         if not rows:
@@ -677,12 +674,13 @@ def api(args: dict):
     return build(**args)
 
 
-def run_local(storage: dict, registry: str, token: str, *, host: str = "127.0.0.1", port: int = 8000,
+def run_local(storage: dict, registry: str, token: str | None, *, host: str = "127.0.0.1", port: int = 8000,
               bootstrap: str | None = None, topic: str | None = None, model_path: str | None = None,
-              name: str = "podpulse", docs: bool = True) -> str:
+              name: str = "podpulse", docs: bool = True, tokens_file: str | None = None) -> str:
     """Start the application on the connected Ray (``podpulse serve``, the demo, the benchmark);
-    returns its base URL. A local server publishes its OpenAPI docs unless ``docs`` is False."""
+    returns its base URL. ``token``: an admin token; ``tokens_file``: scoped ones (deployments.tokens).
+    A local server publishes its OpenAPI docs unless ``docs`` is False."""
+    env = {k: v for k, v in (("PODPULSE_API_TOKEN", token), ("PODPULSE_API_TOKENS_FILE", tokens_file)) if v}
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build(storage, bootstrap, topic, registry, model_path, env={"PODPULSE_API_TOKEN": token}, docs=docs),
-              name=name, route_prefix="/")
+    serve.run(build(storage, bootstrap, topic, registry, model_path, env=env, docs=docs), name=name, route_prefix="/")
     return f"http://{host}:{port}"

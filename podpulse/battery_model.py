@@ -16,6 +16,7 @@ above ``threshold`` (default 3.5 robust standard deviations).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from podpulse.errors import ConfigError
 
-__all__ = ["NAME", "FEATURE_SQL", "Features", "BatteryModel", "features_from_rows", "robust_z", "metadata", "load",
+__all__ = ["NAME", "FEATURE_SQL", "FEATURE_COLUMNS", "device_days_sql", "Features", "BatteryModel", "features_from_rows", "robust_z", "metadata", "load",
            "score_rows"]
 
 NAME = "battery-anomaly"  # the registry's name of this model
@@ -38,7 +39,20 @@ SELECT h.device_id, CAST(h.hour + INTERVAL '10 hours' AS DATE) AS day, d.model, 
 FROM device_hourly h JOIN devices d USING (device_id)
 WHERE h.drain_playback_s > 0
 """
+FEATURE_COLUMNS = ("device_id", "day", "model", "firmware", "playback_h", "anc", "adaptive", "transparency",
+                   "output_dba", "drain_left_pct", "drain_right_pct")
 NUMERIC = ("playback_h", "anc", "adaptive", "transparency", "output_dba")
+DEVICE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # pseudonymous ids: what may reach SQL
+
+
+def device_days_sql(device_id: str, days: int) -> str:
+    """FEATURE_SQL's rows of one device's last ``days`` days of data. Both filters name the device,
+    so the store reads its rows by key (device_hourly's primary key starts with device_id), never
+    the fleet's."""
+    if not DEVICE_ID.fullmatch(device_id) or not isinstance(days, int) or days < 1:
+        raise ValueError(f"not a device id and a number of days: {device_id!r}, {days!r}")
+    return (f"SELECT * FROM ({FEATURE_SQL}) f WHERE device_id = '{device_id}' AND day >= "
+            f"(SELECT max(day) FROM ({FEATURE_SQL}) g WHERE device_id = '{device_id}') - {days} ORDER BY day")
 SCHEMA = ("models", "firmwares", "mean", "scale")  # what a saved version's feature_schema holds, for load()
 
 

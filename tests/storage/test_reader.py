@@ -7,8 +7,9 @@ import duckdb
 import pytest
 import sqlglot
 
+from bench.report import build_store
 from podpulse import analytics
-from podpulse.battery_model import FEATURE_SQL
+from podpulse.battery_model import FEATURE_SQL, device_days_sql
 from podpulse.forecast_model import USAGE_SQL
 from podpulse.summary import QUERIES as SUMMARY_QUERIES
 from storage.base import StorageError
@@ -110,3 +111,20 @@ def test_a_dead_server_is_a_storage_error_naming_it():
     config = StorageConfig(backends={"pg": {"type": "postgresql", "url": "postgresql://x@127.0.0.1:1/none"}})
     with pytest.raises(StorageError, match="cannot read postgresql"):
         open_reader(config)
+
+
+def test_a_device_read_uses_the_key_on_postgresql_not_a_scan_of_the_fleet(pg_url):
+    """GET /v1/devices/{id}/battery-health's query: with sequential scans priced out, PostgreSQL
+    still plans it, which it can only do when both filters reach device_hourly's primary key."""
+    config = StorageConfig(backends={"pg": {"type": "postgresql", "url": pg_url}})
+    build_store(config, devices=20, days=2, seed=3)  # monthly partitions to plan over
+    with open_reader(config) as reader:
+        reader.rows("SELECT set_config('enable_seqscan', 'off', false)")
+        plan = "\n".join(r[0] for r in reader.rows("EXPLAIN " + device_days_sql("ap-0011223344556677", 7)))
+    lines = plan.splitlines()
+    scans = [i for i, line in enumerate(lines) if " on device_hourly" in line]
+    assert len(scans) >= 2, plan  # the rows and the device's last day, each over its partitions
+    for i in scans:  # each reads by the key: an index scan whose condition names the device
+        assert "Index" in lines[i] and "Index Cond: ((device_id)::text = 'ap-0011223344556677'" in lines[i + 1], plan
+    with pytest.raises(ValueError):
+        device_days_sql("x' OR '1'='1", 7)
