@@ -23,12 +23,14 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from contextlib import AbstractContextManager
-from typing import Protocol
+from datetime import datetime
+from typing import Mapping, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.base import CommitResult, RelationalStore
+from storage.schema import metadata
 from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE, HOURLY_KEY, HOURLY_MERGE,
                              check_follows, device_updates, drop_replayed, firmware_days, first_sightings,
                              hourly_rollup)
@@ -56,6 +58,12 @@ class Transaction(Protocol):
 
     def store_offsets(self, topic: str, next_offsets: dict[int, int]) -> None:
         """Upsert the next offsets (never moving one back)."""
+
+    def delete_before(self, table: str, cutoff: datetime) -> int:
+        """Retention: DELETE the rows of ``table`` older than ``cutoff``; how many went."""
+
+    def drop_partitions_before(self, table: str, cutoff: datetime) -> list[str]:
+        """Retention on a partitioned table: drop the partitions wholly older than ``cutoff``."""
 
     def insert(self, table: str, rows: pa.Table) -> None:
         """Append ``rows`` to ``table`` (their columns, by name): the registry's and anomalies' writes."""
@@ -109,3 +117,22 @@ class TransactionalStore(RelationalStore):
     def last_samples(self, device_ids: list[str]) -> pa.Table:
         with self.transaction() as tx:
             return tx.last_samples(device_ids)
+
+    partitioned = True  # its partitioned tables (schema: partition_by) lose whole partitions
+
+    def expire(self, cutoffs: Mapping[str, datetime]) -> dict[str, dict]:
+        """Remove what is older than each table's cutoff, one short transaction per table (never the
+        registry or the offsets, so ingest may run meanwhile). A partitioned table loses whole
+        partitions only: rows of the partition the cutoff falls in stay until all of it is old."""
+        removed = {}
+        for table, cutoff in cutoffs.items():
+            with self.transaction() as tx:
+                if self.partitioned and "partition_by" in metadata.tables[table].info:
+                    removed[table] = {"partitions": tx.drop_partitions_before(table, cutoff)}
+                else:
+                    removed[table] = {"rows": tx.delete_before(table, cutoff)}
+            self.expired(removed[table].get("partitions", []))
+        return removed
+
+    def expired(self, partitions: list[str]) -> None:
+        """After :meth:`expire` dropped ``partitions`` (committed): forget what the store knew of them."""

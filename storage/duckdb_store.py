@@ -17,7 +17,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Mapping
 
 import duckdb
 import pyarrow as pa
@@ -83,6 +82,14 @@ class _Transaction:
         columns = ", ".join(rows.column_names)
         self.con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {self._view('_insert', rows)}")
 
+    def delete_before(self, table: str, cutoff: datetime) -> int:
+        column, bound = expiry_bound(table, cutoff)
+        (rows,) = self.con.execute(f"DELETE FROM {table} WHERE {column} < ?", [bound]).fetchone()
+        return int(rows)
+
+    def drop_partitions_before(self, table: str, cutoff: datetime) -> list[str]:
+        raise NotImplementedError("DuckDB has no partitions: expire() deletes rows")
+
     def close(self) -> None:
         for name in self.views:
             try:
@@ -98,6 +105,8 @@ class DuckDBStore(TimeSeriesStore, TransactionalStore):
     thread, and a checkpoint only every 256 MB of WAL (measured: a checkpoint per
     20k-event commit halved the write rate). Commits stay durable through the WAL.
     """
+
+    partitioned = False  # expire() deletes row by row: DuckDB has no partitions to drop
 
     def __init__(self, path: str | Path, *, threads: int = 1, checkpoint_threshold: str = "256MB",
                  memory_limit: str = "256MB"):
@@ -131,17 +140,6 @@ class DuckDBStore(TimeSeriesStore, TransactionalStore):
                         "WHERE e.device_id = b.device_id AND e.seq = b.seq)")
         finally:
             con.unregister("_events")
-
-    def expire(self, cutoffs: Mapping[str, datetime]) -> dict[str, dict]:
-        """DELETE the rows older than each table's cutoff, one transaction per table (never the
-        registry or the offsets). Row by row: DuckDB has no partitions to drop."""
-        removed = {}
-        for table, cutoff in cutoffs.items():
-            column, bound = expiry_bound(table, cutoff)
-            with self.transaction():
-                (rows,) = self.con.execute(f"DELETE FROM {table} WHERE {column} < ?", [bound]).fetchone()
-            removed[table] = {"rows": int(rows)}
-        return removed
 
     @contextmanager
     def transaction(self):

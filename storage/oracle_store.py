@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import pyarrow as pa
 from sqlalchemy import Boolean, Date, DateTime, String, create_engine, text
@@ -203,6 +203,8 @@ class _Transaction:
 
 
 class OracleStore(TimeSeriesStore, TransactionalStore):
+    """Expiry (``expire``) drops whole interval partitions (``interval_days`` each); each DROP commits by itself."""
+
     def __init__(self, url: str, password: str | None = None, options: OracleOptions | None = None):
         self.options = options or OracleOptions()
         self.engine = create_engine(oracle_url(url, password), pool_size=2, pool_pre_ping=True)
@@ -219,19 +221,6 @@ class OracleStore(TimeSeriesStore, TransactionalStore):
     def write_events(self, events: pa.Table) -> None:
         with self.transaction() as tx:
             tx.insert_events(events)
-
-    def expire(self, cutoffs: Mapping[str, datetime]) -> dict[str, dict]:
-        """Remove what is older than each table's cutoff (never the registry or the offsets). A
-        partitioned table loses whole interval partitions (``interval_days`` each): rows of the
-        partition the cutoff falls in stay until all of it is old. Each DROP commits by itself."""
-        removed = {}
-        for table, cutoff in cutoffs.items():
-            with self.transaction() as tx:
-                if "partition_by" in metadata.tables[table].info:
-                    removed[table] = {"partitions": tx.drop_partitions_before(table, cutoff)}
-                else:
-                    removed[table] = {"rows": tx.delete_before(table, cutoff)}
-        return removed
 
     @contextmanager
     def transaction(self):

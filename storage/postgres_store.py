@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Mapping
 
 import psycopg
 import pyarrow as pa
@@ -27,7 +26,7 @@ from storage.base import RefusedRows, StorageError, TimeSeriesStore
 from storage.commit import DryRun, TransactionalStore
 from storage.migrations import migrate_engine
 from storage.rollups import LAST_SAMPLE_QUERY, last_sample_table
-from storage.schema import (EVENT_COLUMNS, expiry_bound, metadata, month_end, postgres_month_partition,
+from storage.schema import (EVENT_COLUMNS, expiry_bound, month_end, postgres_month_partition,
                             postgres_month_partition_ddl)
 from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, upsert_sql
 
@@ -158,20 +157,6 @@ class PostgresStore(TimeSeriesStore, TransactionalStore):
         with self.transaction() as tx:
             tx.insert_events(events)
 
-    def expire(self, cutoffs: Mapping[str, datetime]) -> dict[str, dict]:
-        """Remove what is older than each table's cutoff, one short transaction per table (never
-        the registry or the offsets, so ingest may run meanwhile). A partitioned table loses whole
-        months only: rows of the month the cutoff falls in stay until all of that month is old."""
-        removed = {}
-        for table, cutoff in cutoffs.items():
-            with self.transaction() as tx:
-                if "partition_by" in metadata.tables[table].info:
-                    removed[table] = {"partitions": tx.drop_partitions_before(table, cutoff)}
-                else:
-                    removed[table] = {"rows": tx.delete_before(table, cutoff)}
-            self._forget_partitions(removed[table].get("partitions", []))
-        return removed
-
     def close(self) -> None:
         self.engine.dispose()
 
@@ -199,7 +184,7 @@ class PostgresStore(TimeSeriesStore, TransactionalStore):
         self._partitions |= self._new_partitions
         self._new_partitions = set()
 
-    def _forget_partitions(self, names: list[str]) -> None:
+    def expired(self, names: list[str]) -> None:  # partitions expire() dropped: create them again if needed
         self._partitions -= {postgres_month_partition(name) for name in names}
 
     def _ensure_partitions(self, cur, table: str, times: pa.ChunkedArray) -> None:
