@@ -443,8 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except typer.TyperException as e:
         ctx = getattr(e, "ctx", None)
-        if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
-            print(ctx.get_help())
+        if type(e).__name__ == "NoArgsIsHelpError":  # typer printed the help already
             return 2
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         print(f"podpulse: error: {e.format_message()}{hint}", file=sys.stderr)

@@ -73,6 +73,9 @@ def test_help_everywhere_and_memory_only_is_said():
     for cmd in ([], ["simulate"], ["broker"], ["bench"], ["bench", "simulate"]):
         assert "Usage" in podpulse(*cmd, "--help").stdout
     assert "MEMORY-ONLY" in podpulse("broker", "--help").stdout
+    for group in ([], ["db"], ["retention"]):  # no command: the help, once
+        bare = podpulse(*group, check=False)
+        assert bare.returncode == 2 and bare.stdout.count("Usage") == 1, bare.stdout
 
 
 def test_bench_simulate_json_reports_the_rate_and_its_baseline():
