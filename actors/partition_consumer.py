@@ -3,7 +3,8 @@
 The commit path, in order, for every batch:
 
 1. consume up to ``batch_size`` messages (or what arrives within ``linger_ms``);
-2. decode, validate, upcast and enrich them as one batch (the event contract);
+2. decode, validate, upcast and enrich them as one batch (the event contract),
+   and replace each device id by its pseudonym (``podpulse.pseudonyms``);
 3. produce the rejects to the dead-letter topic and flush: durable before step 5;
 4. hand the columnar batch and the next offsets to the StorageWriter, which
    stores both in one transaction;
@@ -66,6 +67,7 @@ class ShardConsumer:
         self.subscribed = partitions is None
         self.partitions = sorted(partitions or [])
         self.writer = writer
+        self.pseudonyms = config.storage.pseudonyms()
         group = {"partition.assignment.strategy": "cooperative-sticky"} if self.subscribed else {}
         self.consumer = Consumer({
             **client_config(config.bootstrap, config.kafka),
@@ -183,7 +185,7 @@ class ShardConsumer:
             except BrokerError as e:  # not acknowledged: nothing of this batch may be stored
                 self._failed("dead letters not delivered", e, partitions, offsets)
                 return
-        table = decoded.table.append_column(
+        table = self.pseudonyms.table(decoded.table).append_column(
             "kafka_partition", pa.array(partitions[decoded.rows], pa.int32())).append_column(
             "kafka_offset", pa.array(offsets[decoded.rows], pa.int64()))
         next_offsets = {}

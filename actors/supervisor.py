@@ -58,7 +58,7 @@ def shards(partitions: int, consumers: int) -> list[list[int]]:
 
 class Supervisor:
     def __init__(self, config: IngestConfig):
-        self.config = config
+        self.config = config.with_pseudonym_key()  # every consumer hashes ids with the same key
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.writer = None

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from podpulse.analytics import data_range, full_report
 from podpulse.contract import decode_batch
+from podpulse.pseudonyms import Pseudonyms
 from podpulse.simulator import Fleet, FleetSpec, simulate
 from storage.reader import open_reader
 from storage.router import StorageConfig, open_storage
@@ -31,27 +32,29 @@ from storage.router import StorageConfig, open_storage
 def build_store(path: Path | StorageConfig, devices: int, days: int, seed: int = 7,
                 start: datetime | None = None) -> int:
     """A store of a simulated fleet (a DuckDB file, or any storage configuration), written straight
-    to the store (not through Kafka, so no event-time window applies). ``start``: the simulator's
-    default, unless given."""
+    to the store (not through Kafka, so no event-time window applies), device ids hashed with the
+    store's pseudonym key as ingest does. ``start``: the simulator's default, unless given."""
     spec = FleetSpec(devices=devices, hours=24 * days, seed=seed, start=start)
-    storage = open_storage(path if isinstance(path, StorageConfig) else StorageConfig.embedded(path))
+    config = path if isinstance(path, StorageConfig) else StorageConfig.embedded(path)
+    pseudonyms = config.pseudonyms(create=True)
+    storage = open_storage(config)
     storage.setup()
     offset, pending, total = 0, [], 0
     for chunk in simulate(spec, Fleet.build(spec)):
         pending.extend(chunk.values)
         if len(pending) >= 100_000:
-            offset = _commit(storage, pending, offset)
+            offset = _commit(storage, pseudonyms, pending, offset)
             total += len(pending)
             pending = []
     if pending:
-        offset = _commit(storage, pending, offset)
+        offset = _commit(storage, pseudonyms, pending, offset)
         total += len(pending)
     storage.close()
     return total
 
 
-def _commit(storage, values: list[bytes], offset: int) -> int:
-    table = decode_batch(values, window=None).table
+def _commit(storage, pseudonyms: Pseudonyms, values: list[bytes], offset: int) -> int:
+    table = pseudonyms.table(decode_batch(values, window=None).table)
     n = table.num_rows
     table = table.append_column("kafka_partition", pa.array(np.zeros(n, np.int32))).append_column(
         "kafka_offset", pa.array(np.arange(offset, offset + n), pa.int64()))

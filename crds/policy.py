@@ -21,7 +21,7 @@ __all__ = ["InvalidSpec", "Refused", "Policy", "KAFKA_SETTINGS", "KAFKA_FILES", 
            "check_secrets", "check_storage_credentials", "check_kafka", "refuse"]
 
 # The Secrets the project's own docs and examples name: allowed unless the configuration says otherwise.
-DEFAULT_SECRETS = frozenset({"podpulse-credentials", "podpulse-kafka", "podpulse-oracle"})
+DEFAULT_SECRETS = frozenset({"podpulse-credentials", "podpulse-kafka", "podpulse-oracle", "podpulse-pseudonym-key"})
 # Admitting Secrets by label needs `get` on Secrets (RBAC cannot grant their metadata alone): off by default.
 DEFAULT_SECRET_LABEL = ""
 # password_env / username_env name variables of the credentials Secret (envFrom), never others of
@@ -134,8 +134,12 @@ def check_secrets(policy: Policy, named: Mapping[str, str], labels: Mapping[str,
 
 
 def check_storage_credentials(storage: dict) -> list[str]:
-    """Passwords come from the credentials Secret's variables, never from a file in the pod."""
+    """Passwords come from the credentials Secret's variables, never from a file in the pod; the
+    pseudonym key from pseudonymKeySecret, mounted by the operator."""
     problems = []
+    if "pseudonym_key_file" in storage:
+        problems.append(f"spec.storage.pseudonym_key_file {storage['pseudonym_key_file']!r} is refused: the key "
+                        "comes from pseudonymKeySecret")
     for name, backend in sorted((storage.get("backends") or {}).items()):
         where = f"spec.storage.backends.{name}"
         if "password_file" in backend:

@@ -35,6 +35,7 @@ from crds import policy
 from crds.policy import InvalidSpec, Policy, Refused
 from podpulse.config import CONSUMER_CPUS, INGEST_DEFAULTS, WRITER_CPUS, StorageConfig
 from podpulse.errors import StorageError
+from podpulse.pseudonyms import KEY_ENV
 
 __all__ = ["InvalidSpec", "Refused", "Policy", "DEFAULT_POLICY", "secret_refs", "stream_children", "stream_status",
            "schema_children", "schema_status", "deployer_patch", "deployer_removal", "deployer_status",
@@ -50,6 +51,7 @@ OWNER_LABEL, KIND_LABEL, HASH_LABEL = "podpulse.io/owner", "podpulse.io/owner-ki
 TARGET_LABEL = "podpulse.io/target-version"
 RAY_UID = 1000  # user "ray" of the rayproject/ray images
 STORAGE_DIR, KAFKA_DIR = "/etc/podpulse/storage", "/etc/podpulse/kafka"
+PSEUDONYM_DIR = "/etc/podpulse/pseudonym"  # the key of pseudonymKeySecret, as the file "key"
 
 # The ingest settings' defaults come from IngestConfig (tests/k8s/test_crds.py holds the CRD's equal).
 STREAM_DEFAULTS = {"batchSize": INGEST_DEFAULTS["batch_size"], "lingerMs": INGEST_DEFAULTS["linger_ms"],
@@ -141,13 +143,15 @@ TMP_VOLUME, TMP_MOUNT = {"name": "tmp", "emptyDir": {}}, {"name": "tmp", "mountP
 
 
 def _container(name: str, image: str, cpu, memory: str, ports: dict, env_from_secret: str | None = None,
-               mounts: list | None = None) -> dict:
+               mounts: list | None = None, env: dict | None = None) -> dict:
     c = {"name": name, "image": image,
          "ports": [{"containerPort": p, "name": n} for n, p in ports.items()],
          "resources": {"requests": {"cpu": str(cpu), "memory": memory}, "limits": {"cpu": str(cpu), "memory": memory}},
          "securityContext": copy.deepcopy(CONTAINER_SECURITY)}
     if env_from_secret:
         c["envFrom"] = [{"secretRef": {"name": env_from_secret}}]
+    if env:
+        c["env"] = [{"name": k, "value": v} for k, v in env.items()]
     c["volumeMounts"] = [copy.deepcopy(TMP_MOUNT), *(mounts or [])]
     return c
 
@@ -166,7 +170,8 @@ def secret_refs(cr: dict) -> dict[str, str]:
     spec = cr.get("spec") or {}
     if cr["kind"] == "AirPodsDataStream":
         refs = {"spec.kafkaConfigSecret.name": (spec.get("kafkaConfigSecret") or {}).get("name"),
-                "spec.credentialsSecret": spec.get("credentialsSecret")}
+                "spec.credentialsSecret": spec.get("credentialsSecret"),
+                "spec.pseudonymKeySecret": spec.get("pseudonymKeySecret")}
     elif cr["kind"] == "OracleDBSchemaManager":
         refs = {"spec.connectionSecret.name": (spec.get("connectionSecret") or {}).get("name")}
     else:
@@ -246,15 +251,21 @@ def stream_children(cr: dict, pol: Policy = DEFAULT_POLICY, secret_labels: Label
     secret = spec.get("credentialsSecret")
     # The driver (`podpulse ingest`) runs on the head and reads both files; the actors get the
     # parsed settings from it, and their credentials from the environment (envFrom).
-    volumes = [{"name": "storage", "configMap": {"name": name}}]
-    mounts = [{"name": "storage", "mountPath": STORAGE_DIR, "readOnly": True}]
+    # Every pod hashes device ids with the one key (podpulse.pseudonyms): the consumers read the file
+    # the driver names, at the same path on each pod.
+    key = [{"name": "pseudonym-key", "secret": {"secretName": spec["pseudonymKeySecret"], "defaultMode": 0o440,
+                                                "items": [{"key": "key", "path": "key"}]}}]
+    key_mount = [{"name": "pseudonym-key", "mountPath": PSEUDONYM_DIR, "readOnly": True}]
+    key_env = {KEY_ENV: f"{PSEUDONYM_DIR}/key"}
+    volumes = [{"name": "storage", "configMap": {"name": name}}, *key]
+    mounts = [{"name": "storage", "mountPath": STORAGE_DIR, "readOnly": True}, *key_mount]
     if "kafkaConfigSecret" in spec:
         volumes.append({"name": "kafka", "secret": {"secretName": spec["kafkaConfigSecret"]["name"]}})
         mounts.append({"name": "kafka", "mountPath": KAFKA_DIR, "readOnly": True})
     head = _pod(pod_labels, _container("ray-head", image, 1, "4Gi", {
-        "gcs": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080}, secret, mounts), volumes)
+        "gcs": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080}, secret, mounts, key_env), volumes)
     worker = _pod(pod_labels, _container("ray-worker", image, spec["workers"]["cpu"], spec["workers"]["memory"],
-                                         {"metrics": 8080}, secret), api_token=False)
+                                         {"metrics": 8080}, secret, key_mount, key_env), key, api_token=False)
     workers = math.ceil((spec["consumers"] * CONSUMER_CPUS + WRITER_CPUS) / spec["workers"]["cpu"])
     job = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": _metadata(cr, name, "ingest", digest),
            "spec": {

@@ -366,6 +366,19 @@ def token(
     print(yaml.safe_dump([entry], sort_keys=False), end="")
 
 
+@app.command()
+def pseudonym(
+    device: Annotated[list[str], typer.Argument(help="Device ids as the earbuds send them.")],
+    db: Db = DEFAULT_DB,
+    storage_file: StorageFile = None,
+) -> None:
+    """Print the pseudonym each device id is stored under (one per line): what the API's
+    /v1/devices/{id} paths and the stores know it by."""
+    pseudonyms = StorageConfig.from_options(storage_file, db).pseudonyms()
+    for d in device:
+        print(pseudonyms.of(d))
+
+
 DbUrl = Annotated[str, typer.Option(
     help="postgresql://USER@HOST/DB, oracle://USER@HOST:1521/?service_name=X or duckdb:///FILE; "
          "password from $PODPULSE_DB_PASSWORD or --password-file.")]

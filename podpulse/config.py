@@ -5,7 +5,8 @@ them, nothing here imports it."""
 from __future__ import annotations
 
 import numbers
-from dataclasses import MISSING, dataclass, field, fields
+import os
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
@@ -14,6 +15,7 @@ import yaml
 
 from podpulse.contract import EventWindow
 from podpulse.errors import ConfigError, StorageError
+from podpulse.pseudonyms import KEY_ENV, Pseudonyms
 
 __all__ = ["MIN_K", "IngestConfig", "INGEST_DEFAULTS", "GROUP_MODES", "StorageConfig", "KINDS", "EXPIRING",
            "CASSANDRA_MAX_TTL_DAYS", "DEFAULT_DUCKDB_PATH", "CONSUMER_CPUS", "WRITER_CPUS"]
@@ -48,6 +50,7 @@ class StorageConfig:
     backends: Mapping[str, Mapping] = field(default_factory=dict)
     routes: Mapping[str, str] = field(default_factory=dict)
     retention: Mapping[str, int] = field(default_factory=dict)  # days kept per kind; absent: forever
+    pseudonym_key_file: str = ""  # "" → $PODPULSE_PSEUDONYM_KEY_FILE, else beside the embedded database
 
     def __post_init__(self) -> None:
         if not self.backends:  # the embedded default
@@ -102,20 +105,39 @@ class StorageConfig:
             raise StorageError(f"cannot read storage config {path}: {e.strerror}") from e
         except yaml.YAMLError as e:
             raise StorageError(f"storage config {path} is not valid YAML: {e}") from e
-        if not isinstance(doc, dict) or set(doc) - {"backends", "routes", "retention"}:
+        if not isinstance(doc, dict) or set(doc) - {"backends", "routes", "retention", "pseudonym_key_file"}:
             raise StorageError(f"storage config {path}: expected the keys 'backends', 'routes' "
-                               "and (optional) 'retention'")
+                               "and (optional) 'retention' and 'pseudonym_key_file'")
         return cls(backends=doc.get("backends") or {}, routes=doc.get("routes") or {},
-                   retention=doc.get("retention") or {})
+                   retention=doc.get("retention") or {}, pseudonym_key_file=doc.get("pseudonym_key_file") or "")
 
     def with_retention(self, days: Mapping[str, int]) -> "StorageConfig":
         """This configuration with ``days`` replacing the retention of the kinds it names."""
         return StorageConfig(**{**self.as_dict(), "retention": {**self.retention, **days}})
 
+    def key_file(self) -> Path:
+        """Where the pseudonym key is: ``pseudonym_key_file``, else ``$PODPULSE_PSEUDONYM_KEY_FILE``,
+        else ``pseudonym.key`` beside the embedded database."""
+        if self.pseudonym_key_file or os.environ.get(KEY_ENV):
+            return Path(self.pseudonym_key_file or os.environ[KEY_ENV])
+        duckdb = [spec["path"] for spec in self.backends.values() if spec["type"] == "duckdb"]
+        return Path(duckdb[0] if duckdb else DEFAULT_DUCKDB_PATH).parent / "pseudonym.key"
+
+    def pseudonyms(self, *, create: bool = False) -> Pseudonyms:
+        """The device-id pseudonyms of this store (``create``: make a key if there is none yet)."""
+        return Pseudonyms.load(self.key_file(), create=create)
+
+    def with_key_file(self) -> "StorageConfig":
+        """This configuration naming its key file by absolute path: what a process elsewhere
+        (a Ray actor started in another directory, with another environment) must read."""
+        return StorageConfig(**{**self.as_dict(), "pseudonym_key_file": str(self.key_file().resolve())})
+
     def as_dict(self) -> dict:
         out = {"backends": _thawed(self.backends), "routes": dict(self.routes)}
         if self.retention:  # absent when unset: the documents written before retention stay as they were
             out["retention"] = dict(self.retention)
+        if self.pseudonym_key_file:
+            out["pseudonym_key_file"] = self.pseudonym_key_file
         return out
 
     def __reduce__(self):  # MappingProxyType does not pickle; Ray ships this to every actor
@@ -186,6 +208,13 @@ class IngestConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def with_pseudonym_key(self) -> "IngestConfig":
+        """This configuration naming the storage's pseudonym key by absolute path, the key made
+        first if there is none yet (the first ingest of a store makes it)."""
+        storage = self.storage.with_key_file()
+        storage.pseudonyms(create=True)
+        return replace(self, storage=storage)
 
     @property
     def dead_letter_topic(self) -> str:

@@ -89,7 +89,7 @@ class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=F
 
     # --- v1: carried by every version -------------------------------------
     schema_version: Annotated[int, msgspec.Meta(ge=1, le=1000)]
-    device_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{6,64}$")]  # pseudonym
+    device_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{6,64}$")]  # stored as its pseudonym
     seq: Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]  # per-device sequence number
     event_time_ms: Annotated[int, msgspec.Meta(ge=MIN_EVENT_TIME_MS, le=MAX_EVENT_TIME_MS)]
     model: Label

@@ -91,7 +91,7 @@ def run_demo(opts: DemoOptions, progress: DemoProgress) -> dict:
         "store": str(opts.storage_file) if opts.storage_file else str(opts.db.resolve()),
         "report": str(write_html(report_for(storage), place / "report"))}
     if opts.models:
-        truth = {t["device_id"]: t["fault"] for t in fleet.truth()}
+        truth = storage.pseudonyms().keys({t["device_id"]: t["fault"] for t in fleet.truth()})
         summary |= _models(storage, place / "models", truth, opts.port, progress)
     return summary
 

@@ -19,6 +19,7 @@ __all__ = ["run_ingest", "dead_letters"]
 def run_ingest(config: IngestConfig, *, until_caught_up: bool,
                on_status: Callable[[dict], None] | None = None, poll_s: float = 1.0) -> dict:
     """Run the pipeline; returns the supervisor's final summary. Ctrl-C stops it cleanly."""
+    config = config.with_pseudonym_key()  # a missing or bad key fails here, before Ray starts
     init_ray()
     supervisor = IngestSupervisor.remote(config)
     done = supervisor.run.remote(until_caught_up=until_caught_up)

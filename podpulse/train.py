@@ -103,8 +103,9 @@ def flagged_days(days: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def train_battery_anomaly(config: StorageConfig, *, truth_path: Path | None = None,
                           registry: Path = Path("podpulse-data/models"), epochs: int = 8,
                           truth: dict[str, str] | None = None, top: int = 10) -> dict:
-    """Train, evaluate against the injected faults (``truth_path`` or ``truth``: device → fault)
-    when given, register a version. The result names the ``top`` most anomalous devices.
+    """Train, evaluate against the injected faults when given, register a version. ``truth_path``:
+    the simulator's ground truth, by the ids it sent (mapped to pseudonyms here); ``truth``: device
+    → fault by the ids as stored. The result names the ``top`` most anomalous devices.
 
     The version's flagged device-days are written to ``anomalies`` before its
     ``metadata.json``, so a replica that finds the version in the registry finds them too."""
@@ -115,7 +116,8 @@ def train_battery_anomaly(config: StorageConfig, *, truth_path: Path | None = No
     model = BatteryModel.train(f, epochs=epochs)
     days = model.score_days(f)
     devices, score = model.by_device(days)
-    truth = truth if truth is not None else _truth(truth_path)
+    if truth is None and truth_path is not None:
+        truth = config.pseudonyms().keys(_truth(truth_path))
     metrics: dict = {"auc": None, "baseline_auc": None, "precision": None, "recall": None,
                      "device_days": int(len(days["score"])), "flagged_device_days": int(days["flagged"].sum())}
     if truth is not None:

@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from podpulse.broker import EmbeddedBroker
+from podpulse.pseudonyms import KEY_ENV, Pseudonyms
+
+# One pseudonym key for the session, outside the repository: the pipeline hashes device ids with it,
+# and tests map the ids they sent through it (``storage.pseudonyms()``) to compare with the stores.
+os.environ.setdefault(KEY_ENV, str(Path(tempfile.mkdtemp(prefix="podpulse-key-")) / "pseudonym.key"))
+Pseudonyms.load(os.environ[KEY_ENV], create=True)
 
 _topic_ids = itertools.count()
 

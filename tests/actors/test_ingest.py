@@ -42,7 +42,7 @@ def end_offsets(broker, topic, partitions):
 
 
 def assert_exactly_once(storage, valid_values, assert_rollups_match_raw):
-    expected = decode_batch(valid_values).table.select(["device_id", "seq"]).to_pylist()
+    expected = storage.pseudonyms().table(decode_batch(valid_values).table).select(["device_id", "seq"]).to_pylist()
     expected = Counter((r["device_id"], r["seq"]) for r in expected)
     r = run_queries(storage, {"events": "SELECT device_id, seq FROM events",
                                    "devices": "SELECT sum(events) FROM devices",

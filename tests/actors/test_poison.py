@@ -221,7 +221,7 @@ def test_ingest_started_while_the_database_is_down_waits_and_survives_a_restart(
     assert summary["restarts"] == 0
     causes = " ".join(summary["failures"])
     assert "waiting for the store" in causes and "cannot open the store" in causes, summary["failures"]
-    expected = Counter((r["device_id"], r["seq"])
-                       for r in decode_batch(produced["valid"]).table.select(["device_id", "seq"]).to_pylist())
+    sent = storage.pseudonyms().table(decode_batch(produced["valid"]).table)
+    expected = Counter((r["device_id"], r["seq"]) for r in sent.select(["device_id", "seq"]).to_pylist())
     assert stored_identities(storage) == expected
     assert_rollups_match_raw(storage)

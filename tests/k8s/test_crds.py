@@ -66,6 +66,8 @@ def _set(doc, path, value):
 
 DELETE = object()
 INVALID = [
+    ("AirPodsDataStream", ["spec", "pseudonymKeySecret"], DELETE),  # a stream without a stable key scrambles ids
+    ("AirPodsDataStream", ["spec", "pseudonymKeySecret"], "Not_A_Name"),
     ("AirPodsDataStream", ["spec", "partitions"], -1),
     ("AirPodsDataStream", ["spec", "partitions"], 0),
     ("AirPodsDataStream", ["spec", "partitions"], "12"),

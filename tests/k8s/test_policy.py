@@ -32,6 +32,11 @@ ATTACKS = {
                        "spec.credentialsSecret 'cluster-admin-token'"),
     "volume Secret": (lambda ex: stream_with(ex, kafkaConfigSecret={"name": "other-team-kafka"}),
                       "spec.kafkaConfigSecret.name 'other-team-kafka'"),
+    "pseudonym key Secret": (lambda ex: stream_with(ex, pseudonymKeySecret="other-team-key"),
+                             "spec.pseudonymKeySecret 'other-team-key'"),
+    "pseudonym_key_file": (lambda ex: stream_with(ex, storage={**ex("AirPodsDataStream")["spec"]["storage"],
+                                                               "pseudonym_key_file": TOKEN}),
+                           f"spec.storage.pseudonym_key_file '{TOKEN}'"),
     "password_file": (lambda ex: core_backend(ex, password_file=TOKEN),
                       f"spec.storage.backends.core.password_file '{TOKEN}'"),
     "password_env of the pod": (lambda ex: core_backend(ex, password_env="RAY_AUTH_TOKEN"),
@@ -73,6 +78,20 @@ def test_an_attackers_resource_is_refused_naming_the_field_and_value(example, va
     assert (status["phase"], ready["status"], ready["reason"]) == ("Refused", "False", "NotAllowed")
     assert named in ready["message"]
     validate_cr({**example(cr["kind"]), "status": status})  # the CRD admits the Refused phase
+
+
+def test_every_ingest_pod_reads_the_pseudonym_key_from_its_secret_at_one_path(example):
+    """The driver names the key file; consumers on any worker must find the same key there."""
+    _, job = children(example("AirPodsDataStream"))
+    cluster = job["spec"]["rayClusterSpec"]
+    for pod in [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]:
+        (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "pseudonym-key"]
+        assert volume["secret"] == {"secretName": "podpulse-pseudonym-key", "defaultMode": 0o440,
+                                    "items": [{"key": "key", "path": "key"}]}
+        (container,) = pod["spec"]["containers"]
+        assert {"name": "PODPULSE_PSEUDONYM_KEY_FILE", "value": "/etc/podpulse/pseudonym/key"} in container["env"]
+        assert {"name": "pseudonym-key", "mountPath": "/etc/podpulse/pseudonym", "readOnly": True} \
+            in container["volumeMounts"]
 
 
 @pytest.mark.parametrize("kind", ["AirPodsDataStream", "OracleDBSchemaManager"])
@@ -132,7 +151,8 @@ def test_a_secret_is_allowed_by_name_or_by_the_label(example):
     with pytest.raises(rc.Refused, match="team-db"):
         children(cr, labelled, labels={"team-db": None})  # no such Secret
     assert children(cr, labelled, labels={"team-db": {"podpulse.io/allowed": "true"}})
-    by_name = rc.Policy(image=rc.DEFAULT_IMAGE, secrets=frozenset({"team-db", "podpulse-kafka"}), secret_label="")
+    by_name = rc.Policy(image=rc.DEFAULT_IMAGE, secrets=frozenset({"team-db", "podpulse-kafka", "podpulse-pseudonym-key"}),
+                        secret_label="")
     assert by_name.unlisted(["team-db", "other"]) == []  # no label admits: nothing to look up
     assert children(cr, by_name)
     with pytest.raises(rc.Refused, match=r"PODPULSE_ALLOWED_SECRETS\)"):

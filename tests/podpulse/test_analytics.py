@@ -21,12 +21,19 @@ TZ = {s.code: s.utc_offset_h for s in geo.STATES}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, fixed_start):
+def store_path(tmp_path_factory, fixed_start):
     assert fixed_start == SPEC.start
     path = tmp_path_factory.mktemp("analytics") / "a.duckdb"
     build_store(path, SPEC.devices, 3, seed=SPEC.seed, start=fixed_start)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(store_path):
+    path = store_path
     values = [v for c in simulate(SPEC, Fleet.build(SPEC)) for v in c.values]
-    events = decode_batch(values, window=None).table.to_pylist()  # fixed dates: no event-time window
+    # fixed dates: no event-time window; ids as stored (build_store hashes them as ingest does)
+    events = StorageConfig.embedded(path).pseudonyms().table(decode_batch(values, window=None).table).to_pylist()
     for e in events:
         e["t"] = e["event_time"].astimezone(timezone.utc)
     with open_reader(StorageConfig.embedded(path)) as reader:
@@ -118,7 +125,7 @@ def test_exposure_against_the_who_guide(store):
     assert dist["over_guide"] == over > 0 and dist["total"] == sum(map(len, shown)) < len(weeks)
 
 
-def test_battery_health_cohorts_and_outliers(store):
+def test_battery_health_cohorts_and_outliers(store, store_path):
     reader, events = store
     by_device = defaultdict(list)
     for e in events:
@@ -146,7 +153,8 @@ def test_battery_health_cohorts_and_outliers(store):
     assert close(top["left_pct_per_h"], drains[top["device_id"]][2])
     # the injected fast-drain devices are the ones the cohort comparison puts first
     fleet = Fleet.build(SPEC)
-    faulty = {d for d, f in zip(fleet.device_id, fleet.fault) if f in (0, 1)}
+    pseudonyms = StorageConfig.embedded(store_path).pseudonyms()
+    faulty = {pseudonyms.of(d) for d, f in zip(fleet.device_id, fleet.fault) if f in (0, 1)}
     assert sum(o["device_id"] in faulty for o in result.extra["outliers"][:5]) >= 4
 
 

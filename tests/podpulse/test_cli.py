@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 from datetime import timedelta
 from pathlib import Path
 import signal
@@ -15,6 +16,7 @@ import yaml
 from confluent_kafka.admin import AdminClient
 
 from podpulse import geo
+from podpulse.pseudonyms import KEY_ENV, Pseudonyms
 
 CLI = [sys.executable, "-m", "podpulse.cli"]
 
@@ -234,6 +236,18 @@ def test_token_prints_a_token_and_the_entry_holding_only_its_hash():
                     "scopes": ["ingest", "read:devices"]}
     bad = podpulse("token", "--name", "x", "--scope", "root", check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'root' is not one of" in bad.stderr
+
+
+def test_pseudonym_prints_what_a_device_is_stored_as_and_a_missing_key_is_one_line(tmp_path):
+    key = tmp_path / "db" / "pseudonym.key"
+    made = Pseudonyms.load(key, create=True)
+    env = {k: v for k, v in os.environ.items() if k != KEY_ENV}  # the key beside the database
+    proc = subprocess.run([*CLI, "pseudonym", "ap-0011223344556677", "ap-1", "--db", str(tmp_path / "db" / "x.duckdb")],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.stdout.split() == [made.of("ap-0011223344556677"), made.of("ap-1")], proc.stderr
+    missing = subprocess.run([*CLI, "pseudonym", "ap-1", "--db", str(tmp_path / "none" / "x.duckdb")],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and KEY_ENV in missing.stderr
 
 
 @pytest.fixture
