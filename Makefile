@@ -49,7 +49,7 @@ $(INFRA)/%/.fetched: tests/infra/%/pom.xml
 # modules, at the versions tools/go.mod and go.sum pin, into $(TOOLS) (kept between runs: rebuilt only
 # when tools/go.mod or go.sum changes). Go's own caches (~/go/pkg/mod, ~/.cache/go-build) make a
 # rebuild after a change mostly a link. Cold, on 2 cores: etcd 2 min, kube-apiserver 11 min.
-GOBUILD := nice -n 19 go build -trimpath
+GOBUILD := nice -n 19 go build -trimpath -buildvcs=false
 kube: $(TOOLS)/etcd $(TOOLS)/kube-apiserver
 
 $(TOOLS)/etcd: tools/go.mod tools/go.sum
