@@ -9,8 +9,10 @@ No API calls, no clock, no randomness: the same input gives the same output, so
   blockOwnerDeletion, so Kubernetes deletes it with its resource.
 - An AIModelDeployer owns nothing: it rewrites the serve config of a RayService it
   does not own (deleting a deployer must never delete the RayService).
-- The API server checks types and ranges against the CRD schemas; the checks here
-  are the cross-field rules (the CEL rules of the CRDs, which tests cannot run).
+- The API server checks every rule about a resource's own fields (the CRD schemas and their
+  CEL rules, tested against a real kube-apiserver in tests/k8s/test_apiserver.py). The checks
+  here are those it cannot make: against the operator's own image and configuration, against
+  other objects (the RayService), and the storage routing as ``StorageConfig`` itself decides it.
 - What a resource may ask for (images, Secrets, Kafka settings, credentials) is the operator's
   policy (``crds/policy.py``, from its own configuration): outside it, the resource is Refused.
 
@@ -25,7 +27,6 @@ import copy
 import hashlib
 import json
 import math
-import re
 import shlex
 from collections.abc import Mapping
 
@@ -62,8 +63,6 @@ SCHEMA_DEFAULTS = {"backoffLimit": 2, "activeDeadlineSeconds": 900,
                    "connectionSecret": {"urlKey": "url", "passwordKey": "password"}}
 DEPLOYER_DEFAULTS = {"canaryPercent": 100, "rayService": {"application": "podpulse", "deployment": "PodPulseAPI"}}
 
-_DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-
 
 # ---- shared ---------------------------------------------------------------------------------------
 
@@ -82,12 +81,6 @@ def _digest(obj) -> str:
 def _check(ok, message: str) -> None:
     if not ok:
         raise InvalidSpec(message)
-
-
-def _check_name(cr: dict, longest: int) -> None:
-    name = cr["metadata"]["name"]
-    _check(_DNS1035.fullmatch(name) and len(name) <= longest,
-           f"name {name!r} must be a DNS-1035 label of at most {longest} characters")
 
 
 def owner_selector(cr: dict) -> str:
@@ -205,10 +198,6 @@ def stream_spec(cr: dict) -> dict:
     spec = _merged(STREAM_DEFAULTS, cr.get("spec") or {})
     if "kafkaConfigSecret" in spec:
         spec["kafkaConfigSecret"] = _merged({"key": "kafka.properties"}, spec["kafkaConfigSecret"])
-    _check_name(cr, 38)
-    _check(spec["consumers"] <= spec["partitions"], "consumers must not exceed partitions")
-    _check(not any("password" in k or "secret" in k for k in spec.get("kafka", {})),
-           "credentials go in kafkaConfigSecret, never in kafka settings")
     check_storage(spec["storage"])
     return spec
 
@@ -323,9 +312,7 @@ def stream_status(cr: dict, desired: list[dict], rayjobs: list[dict], now: str) 
 # ---- OracleDBSchemaManager → Job (podpulse db migrate) -------------------------------------------
 
 def schema_spec(cr: dict) -> dict:
-    spec = _merged(SCHEMA_DEFAULTS, cr.get("spec") or {})
-    _check_name(cr, 46)
-    return spec
+    return _merged(SCHEMA_DEFAULTS, cr.get("spec") or {})
 
 
 def migrate_argv(spec: dict) -> list[str]:

@@ -1,13 +1,16 @@
-"""Helpers for the Kubernetes tests: manifests, schemas, validation, rendered overlays.
+"""Helpers for the Kubernetes tests: manifests, schemas, validation, rendered overlays, an API server.
 
-No cluster is involved: built-in kinds are checked with kubernetes-validate (the
+Most tests need no cluster: built-in kinds are checked with kubernetes-validate (the
 Kubernetes OpenAPI schemas, offline, strict: unknown fields fail), PodPulse custom
 resources with jsonschema against their own CRD, and KubeRay kinds by validating their
-pod templates as core PodTemplates plus the structure KubeRay needs.
+pod templates as core PodTemplates plus the structure KubeRay needs. The ``kube`` fixture
+is a real control plane (etcd and kube-apiserver, ``tests/infra/kube.py``, built by
+``make kube``), started once per session by the first test that asks for it.
 """
 
 import copy
 import subprocess
+import time
 from pathlib import Path
 
 import jsonschema
@@ -32,6 +35,48 @@ def load_docs(path: Path) -> list[dict]:
 def load_one(path: Path) -> dict:
     (doc,) = load_docs(path)
     return doc
+
+
+@pytest.fixture(scope="session")
+def kube():
+    """etcd and kube-apiserver (Kubernetes 1.37, no nodes) for the session; ``kube.kubeconfig``
+    is the admin's kubeconfig, ``kube.api_client()`` a ``kubernetes`` client as the admin."""
+    from infra.kube import KubeControlPlane
+
+    with KubeControlPlane() as control_plane:
+        yield control_plane
+
+
+@pytest.fixture(scope="session")
+def kube_api(kube):
+    """A ``kubernetes`` ApiClient of the session's API server, as the admin (system:masters)."""
+    api = kube.api_client()
+    yield api
+    api.close()
+
+
+@pytest.fixture(scope="session")
+def podpulse_crds(kube_api) -> dict[str, dict]:
+    """PodPulse's three CRDs created on the session's API server and Established, and a namespace
+    ``podpulse``; kind → the CRD as the server returned it."""
+    from kubernetes import client  # heavy: only the tests that talk to the API server import it
+
+    ext = client.ApiextensionsV1Api(kube_api)
+    for kind, name in CRD_FILES.items():
+        ext.create_custom_resource_definition(load_one(ROOT / "crds" / name))
+    client.CoreV1Api(kube_api).create_namespace({"metadata": {"name": "podpulse"}})
+    deadline, crds = time.monotonic() + 30, {}
+    while len(crds) < len(CRD_FILES):
+        for kind, name in CRD_FILES.items():
+            crd = kube_api.sanitize_for_serialization(
+                ext.read_custom_resource_definition(load_one(ROOT / "crds" / name)["metadata"]["name"]))
+            conditions = {c["type"]: c for c in crd.get("status", {}).get("conditions", [])}
+            assert conditions.get("NonStructuralSchema", {}).get("status") != "True", conditions
+            if conditions.get("Established", {}).get("status") == "True":
+                crds[kind] = crd
+        assert time.monotonic() < deadline, f"not Established within 30 s: {set(CRD_FILES) - set(crds)}"
+        time.sleep(0.1)
+    return crds
 
 
 @pytest.fixture

@@ -115,10 +115,11 @@ def test_stream_handler_creates_follows_updates_and_prunes(cluster, example):
     (new_name,) = cluster.names("RayJob")
     assert new_name != job_name and cluster.names("ConfigMap") == [new_name]
     assert (status["phase"], status["observedGeneration"]) == ("Starting", 2)
-    # An invalid edit is reported and leaves the running job alone.
-    cr["spec"]["consumers"] = 99
+    # An invalid edit (a Ray the operator's own image does not carry) is reported and leaves the
+    # running job alone.
+    cr["spec"]["rayVersion"] = "2.59.0"
     status = run(op.reconcile_stream, cr)
-    assert status["phase"] == "Invalid" and "partitions" in status["conditions"][0]["message"]
+    assert status["phase"] == "Invalid" and "rayVersion 2.59.0" in status["conditions"][0]["message"]
     assert cluster.names("RayJob") == [new_name]
 
 

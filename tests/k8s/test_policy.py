@@ -5,6 +5,8 @@ to read a Secret they may not, to send the service-account token as a database p
 load code into librdkafka. Each is refused with a status naming the field and the value.
 """
 
+import re
+
 import pytest
 
 from crds import policy
@@ -189,12 +191,25 @@ def test_ssl_files_need_a_mounted_kafka_secret(example):
         children(cr)
 
 
+def _listed(rule: str) -> set[str]:
+    """The keys of the first ``k in [...]`` of a CEL rule."""
+    listed = rule.split("k in [", 1)[1].split("]", 1)[0]
+    return {k.strip(" '\n") for k in listed.split(",")}
+
+
 def test_operator_policy_checks_are_mirrored_in_the_crd(crd_schema):
     """The schema states what it can; the operator, which knows its configuration, decides."""
     spec = crd_schema("AirPodsDataStream")["properties"]["spec"]
-    (rule,) = spec["properties"]["kafka"]["x-kubernetes-validations"]
-    listed = rule["rule"].split("k in [", 1)[1].split("]", 1)[0]
-    assert {k.strip(" '\n") for k in listed.split(",")} == set(policy.KAFKA_SETTINGS) | policy.KAFKA_FILES
+    keys, *values = spec["properties"]["kafka"]["x-kubernetes-validations"]
+    assert _listed(keys["rule"]) == set(policy.KAFKA_SETTINGS) | policy.KAFKA_FILES
+    # One rule per value pattern: self.all(k, !(k in [KEYS]) || self[k].matches('^(?:PATTERN)$'))
+    patterns = {}
+    for rule in values:
+        pattern = re.fullmatch(r".*self\[k\]\.matches\('\^\(\?:(.*)\)\$'\)\)", rule["rule"]).group(1)
+        patterns.update(dict.fromkeys(_listed(rule["rule"]), pattern))
+    assert patterns == policy.KAFKA_SETTINGS
+    (files,) = [r for r in spec["x-kubernetes-validations"] if "ssl.*.location" in r.get("message", "")]
+    assert _listed(files["rule"]) == policy.KAFKA_FILES and f"'{rc.KAFKA_DIR}/'" in files["rule"]
     backend = spec["properties"]["storage"]["properties"]["backends"]["additionalProperties"]
     assert "!has(self.password_file)" in {r["rule"] for r in backend["x-kubernetes-validations"]}
     for key in ("password_env", "username_env"):
