@@ -172,3 +172,18 @@ def test_rayservice_containers_run_serve_as_measured_locally(root):
         for container in group["template"]["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, container["name"]
+
+
+def test_every_serve_container_reads_the_scoped_tokens_file_from_its_secret(root):
+    """Where a replica runs, $PODPULSE_API_TOKENS_FILE names the mounted tokens Secret (optional, so an
+    admin token alone still works; deployments/tokens.py re-reads it when the kubelet updates it)."""
+    spec = cluster_spec(yaml.safe_load((root / "deployments" / "rayservice.yaml").read_text()))
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "api-tokens"]
+        assert volume["secret"]["secretName"] == "podpulse-api-tokens" and volume["secret"]["optional"] is True
+        (container,) = pod["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "api-tokens"]
+        assert env["PODPULSE_API_TOKENS_FILE"]["value"] == f"{mount['mountPath']}/tokens.yaml" and mount["readOnly"]
+        assert env["PODPULSE_API_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
