@@ -48,6 +48,9 @@ class Result:
     suppressed: int = 0  # cells left out for having fewer than k devices
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # what a query adds beside its table
+    # The keys (the columns before "devices") of the suppressed cells, without their values: a cell
+    # listed here has 1 to k-1 devices, a cell neither here nor in ``rows`` has none.
+    suppressed_cells: list[list] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +72,8 @@ def _suppress(name: str, columns: list[str], rows: list[tuple], k: int, devices_
               notes: list[str] | None = None) -> Result:
     i = columns.index(devices_col)
     kept = [_clean(r) for r in rows if r[i] >= k]
-    return Result(name, columns, kept, k, len(rows) - len(kept), notes or [])
+    hidden = [_clean(r[:i]) for r in rows if r[i] < k]
+    return Result(name, columns, kept, k, len(hidden), notes or [], suppressed_cells=hidden)
 
 
 def _clean(row) -> list:
