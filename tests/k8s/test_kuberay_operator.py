@@ -59,7 +59,8 @@ def kuberay(kube, kube_api, kuberay_crds):
         getattr(core, {"ConfigMap": "create_namespaced_config_map",
                        "PersistentVolumeClaim": "create_namespaced_persistent_volume_claim"}[doc["kind"]])(NAMESPACE, doc)
     for name, data in {"podpulse-credentials": {"PODPULSE_PG_PASSWORD": "dummy"}, "podpulse-api": {"token": "dummy"},
-                       "podpulse-pseudonym-key": {"key": "0" * 64}}.items():
+                       "podpulse-pseudonym-key": {"key": "0" * 64},
+                       "podpulse-kafka": {"kafka.properties": "security.protocol=PLAINTEXT\n"}}.items():
         core.create_namespaced_secret(NAMESPACE, {"metadata": {"name": name}, "stringData": data})
 
     with FakeRayDashboard() as dashboard:
@@ -210,10 +211,26 @@ def report_ready(kuberay, cluster):
     return report_pods_ready(kuberay["core"], NAMESPACE, f"ray.io/cluster={cluster}")
 
 
+def stream_rayjob(example):
+    """The RayJob (and its ConfigMap) the PodPulse operator makes of the example AirPodsDataStream."""
+    from crds import reconcile as rc
+
+    config, job = rc.stream_children(example("AirPodsDataStream"))
+    for doc in (config, job):
+        doc["metadata"]["namespace"] = NAMESPACE
+        doc["metadata"].pop("ownerReferences")  # its AirPodsDataStream is not on this API server
+    return config, job
+
+
 @pytest.mark.parametrize("path, command", [("deploy/jobs/ray-job.train.yaml", "podpulse train"),
-                                           ("deploy/jobs/ray-job.backfill.yaml", "podpulse ingest")])
-def test_a_rayjob_gets_a_cluster_and_once_it_is_ready_a_submitter_job(kuberay, path, command):
-    doc = load_one(ROOT / path)
+                                           ("deploy/jobs/ray-job.backfill.yaml", "podpulse ingest"),
+                                           ("AirPodsDataStream's RayJob", "podpulse ingest")])
+def test_a_rayjob_gets_a_cluster_and_once_it_is_ready_a_submitter_job(kuberay, example, path, command):
+    if path.endswith(".yaml"):
+        doc = load_one(ROOT / path)
+    else:
+        config, doc = stream_rayjob(example)
+        kuberay["core"].create_namespaced_config_map(NAMESPACE, config)
     job = create(kuberay, doc)["metadata"]["name"]
     (cluster,) = wait_for(f"{path}: its RayCluster", lambda: owned_cluster(kuberay, "RayJob", job))
     name = cluster["metadata"]["name"]
@@ -230,5 +247,12 @@ def test_a_rayjob_gets_a_cluster_and_once_it_is_ready_a_submitter_job(kuberay, p
     assert c.image == doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
     env = env_of(c)
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"]["secret_key_ref"]["name"] == name
+    # The submitter pod is PodPulse's hardened template, KubeRay's command and env added to it.
+    written = doc["spec"]["submitterPodTemplate"]["spec"]
+    pod = submitter.spec.template.spec
+    assert pod.automount_service_account_token is False and pod.restart_policy == "Never"
+    assert pod.security_context.run_as_non_root is True and pod.security_context.seccomp_profile.type == "RuntimeDefault"
+    assert (c.security_context.read_only_root_filesystem, c.security_context.capabilities.drop) == (True, ["ALL"])
+    assert c.resources.to_dict()["limits"] == written["containers"][0]["resources"]["limits"]
     status = get(kuberay, "rayjobs", job)["status"]
     assert status["jobDeploymentStatus"] in ("Running", "Initializing"), status
