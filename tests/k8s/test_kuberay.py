@@ -76,6 +76,23 @@ def test_every_ray_pod_is_hardened(root, example, pod_templates):
         assert autoscaler == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}, where
 
 
+def test_every_rayjob_submits_from_a_hardened_pod_of_its_own(root, example, validate_pod_template):
+    """K8sJobMode: KubeRay runs `ray job submit` in a Job whose default pod has no securityContext
+    and mounts an API token (tests/k8s/test_kuberay_operator.py shows what it makes of ours)."""
+    for where, doc in ray_resources(root, example):
+        if doc["kind"] != "RayJob":
+            continue
+        template = doc["spec"]["submitterPodTemplate"]
+        validate_pod_template(template)
+        assert_hardened(template, where)
+        assert template["spec"]["automountServiceAccountToken"] is False, where
+        assert template["spec"]["restartPolicy"] == "Never", where  # KubeRay's Job retries by pods
+        (submitter,) = template["spec"]["containers"]
+        assert "command" not in submitter and "args" not in submitter, where  # KubeRay's own command
+        head = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert submitter["image"] == head["image"], where  # the same Ray as the cluster
+
+
 def test_the_migration_job_is_hardened(example, k8s_validate):
     (migrate,) = rc.schema_children(example("OracleDBSchemaManager"))
     assert_hardened(migrate["spec"]["template"], "migration Job")
