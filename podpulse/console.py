@@ -200,8 +200,9 @@ def print_report_tables(result: dict, max_rows: int = 25) -> None:
 
 def print_ingest_result(result: dict) -> None:
     w = result["writer"]
+    erased = f", {w['erased']:,} of erased devices" if w.get("erased") else ""
     out.print(f"stored {w.get('applied', 0):,} events ({w.get('replayed', 0):,} redelivered and "
-              f"{w.get('repeated', 0):,} sent twice, skipped) from {result['partitions']} partitions "
+              f"{w.get('repeated', 0):,} sent twice{erased}, skipped) from {result['partitions']} partitions "
               f"with {result['consumers']} consumers; dead-lettered "
               f"{result['dead_lettered'] + w.get('refused', 0):,}; lag {sum(result['lag'].values()):,}")
     _print_failures(result.get("failures", {}))
