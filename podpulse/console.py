@@ -21,8 +21,8 @@ from podpulse.simulator import simulate as generate
 
 __all__ = ["out", "err", "run_simulation", "print_summary", "ingest_with_progress", "print_ingest_result",
            "DemoProgressBars", "print_demo_result", "print_demo_summary", "print_demo_models", "write_report",
-           "print_report_tables", "print_training", "print_drift", "print_db_status", "print_retention", "quiet_logs",
-           "serve_until_interrupted"]
+           "print_report_tables", "print_training", "print_drift", "print_db_status", "print_retention", "print_erasure",
+           "quiet_logs", "serve_until_interrupted"]
 
 out = Console()
 err = Console(stderr=True)
@@ -261,6 +261,18 @@ def print_retention(result: dict) -> None:
         out.print(f"[bold]{name}[/] ({backend['type']})")
         for table, r in backend["tables"].items():
             out.print(f"  {table:<22} before {r['cutoff']}: {_removed(r)}")
+
+
+def print_erasure(result: dict) -> None:
+    """What erasing devices removed, per backend and table."""
+    out.print(f"erased {', '.join(result['devices'])}")
+    for name, backend in result["backends"].items():
+        extra = [f"{backend['partitions']:,} partitions deleted"] if "partitions" in backend else []
+        if "tombstones" in backend:
+            extra.append(f"{backend['tombstones']:,} tombstones kept (replays and backfills skip these devices)")
+        out.print(f"[bold]{name}[/] ({backend['type']})" + (": " + "; ".join(extra) if extra else ""))
+        for table, rows in backend["tables"].items():
+            out.print(f"  {table:<22} {rows:,} rows deleted")
 
 
 def _removed(r: dict) -> str:
