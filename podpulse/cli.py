@@ -446,7 +446,8 @@ def retention_apply(
 @app.command()
 def erase(
     device: Annotated[list[str], typer.Option(
-        "--device", metavar="ID", help="A device id as the store keeps it, repeatable.")],
+        "--device", metavar="ID", help="A device id as the store keeps it (its pseudonym: see "
+                                       "`podpulse pseudonym`), repeatable.")],
     db: Db = DEFAULT_DB,
     storage_file: StorageFile = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
