@@ -25,6 +25,7 @@ Credentials never sit in the file itself. An optional ``retention`` maps
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -42,7 +43,8 @@ from storage.postgres_store import PostgresStore
 from storage.rollups import drop_erased, drop_replayed, first_sightings
 from storage.schema import OracleOptions, erased_devices
 
-__all__ = ["StorageConfig", "Storage", "open_storage", "insert_rows", "erase_devices", "KINDS", "DEFAULT_DUCKDB_PATH"]
+__all__ = ["StorageConfig", "Storage", "open_storage", "opened", "insert_rows", "erase_devices", "KINDS",
+           "DEFAULT_DUCKDB_PATH"]
 
 DEVICE_ID_LENGTH = erased_devices.c.device_id.type.length  # the longest id a store keeps
 
@@ -194,11 +196,16 @@ def _utc(t: datetime) -> datetime:
 def insert_rows(config: StorageConfig, kind: str, table: str, rows: pa.Table) -> None:
     """Append ``rows`` to ``table`` on the relational backend that keeps ``kind`` (migrated first):
     the model registry and the anomalies a training run flags."""
-    store = open_backend(config.backends[config.routes[kind]])
+    with opened(open_backend(config.backends[config.routes[kind]])) as store, store.transaction() as tx:
+        tx.insert(table, rows)
+
+
+@contextmanager
+def opened(store):
+    """``store`` (a backend's store, or a :class:`Storage`) migrated for use, and closed after."""
     try:
         store.setup()
-        with store.transaction() as tx:
-            tx.insert(table, rows)
+        yield store
     finally:
         store.close()
 
@@ -213,12 +220,8 @@ def erase_devices(config: StorageConfig, device_ids: Iterable[str]) -> dict:
         raise StorageError(f"erase: name devices by their stored ids (1 to {DEVICE_ID_LENGTH} characters), "
                            f"got {bad[0] if bad else 'none'!r}")
     routes = config.routes
-    storage = open_storage(config)
-    try:
-        storage.setup()
+    with opened(open_storage(config)) as storage:
         removed = storage.erase(ids)
-    finally:
-        storage.close()
     core = routes["offsets"]
     backends = {core: {"type": config.backends[core]["type"], "tables": removed["relational"],
                        "tombstones": len(ids)}}
@@ -228,12 +231,8 @@ def erase_devices(config: StorageConfig, device_ids: Iterable[str]) -> dict:
         backends[raw] = {"type": config.backends[raw]["type"], "tables": tables,
                          **({"partitions": partitions} if partitions is not None else {})}
     if routes["anomalies"] not in backends:
-        store = open_backend(config.backends[routes["anomalies"]])
-        try:
-            store.setup()
+        with opened(open_backend(config.backends[routes["anomalies"]])) as store:
             tables = store.erase(ids)
-        finally:
-            store.close()
         backends[routes["anomalies"]] = {"type": config.backends[routes["anomalies"]]["type"], "tables": tables}
     return {"devices": ids, "backends": backends}
 

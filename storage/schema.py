@@ -31,8 +31,8 @@ from storage.rollups import (DEVICE_MERGE, FIRMWARE_KEY, HOURLY_MERGE, KAFKA_COL
                              SINCE_MIGRATION_4)
 
 __all__ = ["metadata", "events", "device_hourly", "device_firmware_daily", "devices", "kafka_offsets", "anomalies",
-           "schema_version", "model_versions", "erased_devices", "ERASED_FROM", "OracleOptions", "create_table_ddl", "table_as_of",
-           "add_columns_ddl", "postgres_month_partition_ddl", "postgres_month_partition", "month_end",
+           "schema_version", "model_versions", "erased_devices", "ERASED_FROM", "OracleOptions", "create_table_ddl",
+           "table_as_of", "add_columns_ddl", "postgres_month_partition_ddl", "postgres_month_partition", "month_end",
            "EXPIRING_TABLES", "expiry_bound", "EVENT_COLUMNS"]
 
 metadata = MetaData()

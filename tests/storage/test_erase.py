@@ -170,7 +170,8 @@ def test_an_erasure_cut_short_lets_nothing_back_and_running_it_again_finishes(tm
     storage.setup()
 
     def raw(device: str) -> int:
-        return storage.timeseries.con.execute("SELECT count(*) FROM events WHERE device_id = ?", [device]).fetchall()[0][0]
+        return storage.timeseries.con.execute("SELECT count(*) FROM events WHERE device_id = ?",
+                                              [device]).fetchall()[0][0]
 
     try:
         assert storage.relational.mark_erased([victim])[victim][0] == pc.min(mine["event_time"]).as_py()
@@ -225,3 +226,16 @@ def test_only_stored_ids_are_taken(tmp_path):
     for bad in ([], ["x" * 65], [""]):
         with pytest.raises(StorageError, match="stored ids"):
             erase_devices(config, bad)
+
+
+def test_flagged_device_days_routed_to_another_backend_go_too(tmp_path):
+    dbs = {name: {"type": "duckdb", "path": str(tmp_path / f"{name}.duckdb")} for name in ("core", "models")}
+    config = StorageConfig(backends=dbs, routes={"raw_events": "core", "devices": "core", "rollups": "core",
+                                                 "offsets": "core", "anomalies": "models"})
+    insert_rows(config, "anomalies", "anomalies", pa.table({
+        "device_id": ["ap-a-000001", "ap-b-000001"], "day": pa.array([START] * 2, pa.timestamp("us", tz="UTC")),
+        "model_version": ["v1"] * 2, "score": [0.9] * 2, "flagged": [True] * 2, "reason": ["drain"] * 2}))
+    result = erase_devices(config, ["ap-a-000001"])
+    assert result["backends"]["models"]["tables"]["anomalies"] == 1 and result["backends"]["core"]["tombstones"] == 1
+    left = run_queries(config, {"a": "SELECT device_id FROM anomalies"}, kind="anomalies")["a"]
+    assert left == [("ap-b-000001",)]
