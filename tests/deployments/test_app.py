@@ -762,6 +762,10 @@ def test_a_token_is_rotated_by_rewriting_the_tokens_file_without_a_restart(serve
         assert requests.get(f"{url}/v1/analytics/state_overview", headers=bearer(new)).status_code == 200
     finally:
         path.write_text(before)
+        deadline = time.monotonic() + 20  # the tests after this one use product-team's token again
+        while requests.get(f"{url}/v1/analytics/state_overview", headers=bearer(AGGREGATES)).status_code == 401 \
+                and time.monotonic() < deadline:
+            time.sleep(0.3)
 
 
 def test_a_device_timeline_is_its_rollups_hour_by_hour_for_read_devices_only(served):
@@ -814,10 +818,6 @@ def test_only_an_admin_token_erases_a_device(served):
     """Last in this module: it takes a device out of the store the other tests read."""
     url, _, storage, *_ = served
     device = run_queries(storage, {"d": "SELECT device_id FROM devices ORDER BY device_id LIMIT 1"})["d"][0][0]
-    deadline = time.monotonic() + 20  # the rotation test before this one restores the tokens file as it ends
-    while requests.get(f"{url}/v1/analytics/state_overview", headers=bearer(AGGREGATES)).status_code == 401 \
-            and time.monotonic() < deadline:
-        time.sleep(0.3)
     for token in (INGEST, AGGREGATES):
         refused = requests.delete(f"{url}/v1/devices/{device}", headers=bearer(token))
         assert refused.status_code == 403 and "'admin'" in refused.json()["detail"], refused.text
