@@ -445,9 +445,12 @@ def retention_apply(
 
 @app.command()
 def erase(
-    device: Annotated[list[str], typer.Option(
-        "--device", metavar="ID", help="A device id as the store keeps it (its pseudonym: see "
-                                       "`podpulse pseudonym`), repeatable.")],
+    device: Annotated[Optional[list[str]], typer.Option(
+        "--device", metavar="ID", help="A device id as the earbuds send it (hashed with the store's "
+                                       "pseudonym key, as ingest does), repeatable.")] = None,
+    pseudonym: Annotated[Optional[list[str]], typer.Option(
+        "--pseudonym", metavar="ID", help="A device id as the store keeps it (what the API and reports "
+                                          "show), repeatable.")] = None,
     db: Db = DEFAULT_DB,
     storage_file: StorageFile = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -458,12 +461,15 @@ def erase(
     and records a tombstone per id (an unknown one too) so that no replay or backfill brings them
     back. Safe to rerun. Models trained before keep what they learnt: train them again.
     """
+    if not device and not pseudonym:
+        raise ConfigError("name a device: --device ID (as sent) or --pseudonym ID (as stored)")
     if storage_file is None and not db.exists():
         raise ConfigError(f"no store at {db}: pass --db or --storage-config")
     from storage.router import erase_devices  # lazy: heavy, see the docstring
 
-    stored_ids = list(device)  # the ids as stored: where ingest pseudonymises, map the ids given here
-    result = erase_devices(StorageConfig.from_options(storage_file, db), stored_ids)
+    config = StorageConfig.from_options(storage_file, db)
+    stored_ids = [*(config.pseudonyms().of(d) for d in device or []), *(pseudonym or [])]
+    result = erase_devices(config, stored_ids)
     if json_out:
         print(json.dumps(result))
     else:
