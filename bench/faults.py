@@ -313,9 +313,10 @@ class Measured:
     letters: set = field(default_factory=set)  # distinct source (partition, offset)
     reasons: dict = field(default_factory=dict)  # (partition, offset) → first reason
     error: str | None = None
+    pseudonym: Callable[[str], str] = str  # a device id as sent → as stored (the store's pseudonym key)
 
     def lost_valid(self, traffic: Traffic) -> int:
-        return len(traffic.valid - self.stored_ids)
+        return len({(self.pseudonym(d), s) for d, s in traffic.valid} - self.stored_ids)
 
     @property
     def duplicated(self) -> int | None:
@@ -324,7 +325,7 @@ class Measured:
 
 def measure(storage: StorageConfig, bootstrap: str, topic: str) -> Measured:
     """The store's events and rollup count, and the dead-letter topic's sources."""
-    m = Measured()
+    m = Measured(pseudonym=storage.pseudonyms(create=True).of)  # the key ingest hashed the ids with
     deadline = time.monotonic() + 30
     while True:
         try:  # a killed writer's process may hold DuckDB's file lock for a moment
