@@ -5,7 +5,8 @@ Kubernetes OpenAPI schemas, offline, strict: unknown fields fail), PodPulse cust
 resources with jsonschema against their own CRD, and KubeRay kinds by validating their
 pod templates as core PodTemplates plus the structure KubeRay needs. The ``kube`` fixture
 is a real control plane (etcd and kube-apiserver, ``tests/infra/kube.py``, built by
-``make kube``), started once per session by the first test that asks for it.
+``make kube``), started once per session by the first test that asks for it; ``kuberay_crds``
+puts stand-ins for KubeRay's RayJob and RayService CRDs on it.
 """
 
 import copy
@@ -55,28 +56,60 @@ def kube_api(kube):
     api.close()
 
 
-@pytest.fixture(scope="session")
-def podpulse_crds(kube_api) -> dict[str, dict]:
-    """PodPulse's three CRDs created on the session's API server and Established, and a namespace
-    ``podpulse``; kind → the CRD as the server returned it."""
+def established(kube_api, definitions: dict[str, dict]) -> dict[str, dict]:
+    """Create each CustomResourceDefinition (kind → manifest) and wait until all are Established;
+    kind → the CRD as the server returned it."""
     from kubernetes import client  # heavy: only the tests that talk to the API server import it
 
     ext = client.ApiextensionsV1Api(kube_api)
-    for kind, name in CRD_FILES.items():
-        ext.create_custom_resource_definition(load_one(ROOT / "crds" / name))
-    client.CoreV1Api(kube_api).create_namespace({"metadata": {"name": "podpulse"}})
+    for definition in definitions.values():
+        ext.create_custom_resource_definition(definition)
     deadline, crds = time.monotonic() + 30, {}
-    while len(crds) < len(CRD_FILES):
-        for kind, name in CRD_FILES.items():
-            crd = kube_api.sanitize_for_serialization(
-                ext.read_custom_resource_definition(load_one(ROOT / "crds" / name)["metadata"]["name"]))
+    while len(crds) < len(definitions):
+        for kind, definition in definitions.items():
+            crd = kube_api.sanitize_for_serialization(ext.read_custom_resource_definition(definition["metadata"]["name"]))
             conditions = {c["type"]: c for c in crd.get("status", {}).get("conditions", [])}
             assert conditions.get("NonStructuralSchema", {}).get("status") != "True", conditions
             if conditions.get("Established", {}).get("status") == "True":
                 crds[kind] = crd
-        assert time.monotonic() < deadline, f"not Established within 30 s: {set(CRD_FILES) - set(crds)}"
+        assert time.monotonic() < deadline, f"not Established within 30 s: {set(definitions) - set(crds)}"
         time.sleep(0.1)
     return crds
+
+
+@pytest.fixture(scope="session")
+def podpulse_crds(kube_api) -> dict[str, dict]:
+    """PodPulse's three CRDs created on the session's API server and Established, and a namespace
+    ``podpulse``; kind → the CRD as the server returned it."""
+    from kubernetes import client
+
+    crds = established(kube_api, {kind: load_one(ROOT / "crds" / name) for kind, name in CRD_FILES.items()})
+    client.CoreV1Api(kube_api).create_namespace({"metadata": {"name": "podpulse"}})
+    return crds
+
+
+def stand_in_crd(kind: str, plural: str) -> dict:
+    """A CRD of KubeRay's group and version for ``kind`` that stores any spec and status (no schema
+    beyond that), with the status subresource KubeRay's own CRDs have."""
+    anything = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.ray.io"},
+            "spec": {"group": "ray.io", "scope": "Namespaced",
+                     "names": {"kind": kind, "plural": plural, "singular": kind.lower(), "listKind": f"{kind}List"},
+                     "versions": [{"name": "v1", "served": True, "storage": True, "subresources": {"status": {}},
+                                   "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                                       "spec": anything, "status": anything}}}}]}}
+
+
+@pytest.fixture(scope="session")
+def kuberay_crds(kube_api) -> dict[str, dict]:
+    """ray.io/v1 RayJob and RayService on the session's API server, Established; kind → the CRD.
+
+    A STAND-IN until KubeRay's generated CRDs land in the repository: the kinds exist and keep
+    whatever spec and status they are given, but nothing checks them against KubeRay's schema,
+    and no KubeRay operator acts on them (the tests write the status KubeRay would)."""
+    return established(kube_api, {"RayJob": stand_in_crd("RayJob", "rayjobs"),
+                                  "RayService": stand_in_crd("RayService", "rayservices")})
 
 
 @pytest.fixture
