@@ -269,8 +269,9 @@ def test_rbac_grants_exactly_what_the_operator_uses(cluster, rayservice, example
         | {("podpulse.io", f"{p}/status", "patch") for p in plurals} | {("", "events", "create")}
     assert used <= granted, used - granted
     assert granted - kopf_needs == used, (granted - kopf_needs) - used  # nothing granted that goes unused
-    assert rules(docs["ClusterRole"]) == {("apiextensions.k8s.io", "customresourcedefinitions", v)
-                                          for v in ("list", "watch")}
+    # kopf observes CRDs and namespaces (with a fixed --namespace too; test_operator_live.py runs it)
+    assert rules(docs["ClusterRole"]) == {(group, resource, v) for v in ("list", "watch") for group, resource in
+                                          [("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces")]}
     # The plurals the operator and the Role name are the CRDs' own.
     crd_plurals = {yaml.safe_load(f.read_text())["spec"]["names"]["plural"]
                    for f in (root / "crds").glob("podpulse.io_*")}
