@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from datetime import datetime, timezone
 
 import kopf
@@ -76,12 +77,17 @@ class Cluster:
 
 
 _cluster: Cluster | None = None
+_cluster_lock = threading.Lock()
 
 
 def cluster() -> Cluster:
+    """The one client. kopf runs these sync handlers in threads, so the first calls come at once (a
+    resource's create handler and its timer): unlocked, each made a client, and their discovery
+    caches (one file) were written and read over each other ("load cache error" in the log)."""
     global _cluster
-    if _cluster is None:
-        _cluster = Cluster()
+    with _cluster_lock:
+        if _cluster is None:
+            _cluster = Cluster()
     return _cluster
 
 
