@@ -102,7 +102,11 @@ def _plain(body) -> dict:
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.finalizer = "podpulse.io/finalizer"
-    settings.posting.level = logging.INFO  # Kubernetes events for handler results, not for debug noise
+    # Kubernetes events (kubectl describe) for what went wrong: a handler that failed or will retry.
+    # kopf 1.45 posts its object log as events only with posting.loggers, whatever the level.
+    # Successes stay in the log: the resync timer would post one per resource every resync.
+    settings.posting.loggers = True
+    settings.posting.level = logging.WARNING
 
 
 def _sync(plural: str, cr: dict, children: list[dict], status_of) -> dict:
