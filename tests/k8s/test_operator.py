@@ -2,7 +2,8 @@
 
 The double records every call the handlers make; the test then holds deploy/base/rbac.yaml
 to exactly those calls (plus what kopf itself does), so the Role grants nothing unused.
-kopf's own machinery (watching, posting events, patching status) is not exercised here.
+kopf's own machinery (watching, posting events, patching status) is not exercised here;
+test_operator_live.py runs the operator, kopf and all, against a real API server under this RBAC.
 """
 
 import copy
