@@ -86,7 +86,8 @@ def bench_report(
     days: Annotated[int, typer.Option(min=1)] = 7,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Full JSON report latency over a simulated fleet, beside one raw scan of its events."""
+    """Full JSON report latency over a simulated fleet, beside one raw scan of its events; and one
+    device's 30-day timeline, beside a read of its raw events by key."""
     run = _module("report").run
 
     result = run(devices=devices, days=days)
@@ -94,7 +95,9 @@ def bench_report(
         print(json.dumps(result))
     else:
         out.print(f"report: [bold]{result['seconds']}[/] s over {result['events_scanned']:,} events · "
-                  f"one raw scan: {result['raw_scan_seconds']} s")
+                  f"one raw scan: {result['raw_scan_seconds']} s\n"
+                  f"device timeline (30 days): [bold]{result['timeline_ms_p50']}[/] ms p50 · "
+                  f"its raw events by key: {result['device_raw_read_ms_p50']} ms")
 
 
 @bench_app.command("serve")

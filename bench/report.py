@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from podpulse.analytics import data_range, full_report
+from podpulse.analytics import data_range, device_timeline, full_report
 from podpulse.contract import decode_batch
 from podpulse.pseudonyms import Pseudonyms
 from podpulse.simulator import Fleet, FleetSpec, simulate
@@ -79,9 +79,22 @@ def run(devices: int = 20_000, days: int = 7, repeat: int = 3) -> dict:
                 report = json.dumps(full_report(reader, start, end), default=str)
                 reports.append(time.perf_counter() - t)
             covered = json.loads(report)["events_covered"]
+            # one device's last 30 days hour by hour (GET /v1/devices/{id}/timeline), beside the same
+            # device's raw events read by key
+            ids = [d for (d,) in reader.rows("SELECT device_id FROM devices ORDER BY device_id LIMIT 20")]
+            timelines, raw_reads = [], []
+            for device in ids:
+                t = time.perf_counter()
+                device_timeline(reader, device)
+                timelines.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                reader.rows(f"SELECT count(*), sum(playback_s) FROM events WHERE device_id = '{device}'")
+                raw_reads.append(time.perf_counter() - t)
     return {
         "devices": devices, "days": days, "events_scanned": covered,
         "seconds": round(float(np.median(reports)), 3),  # median of `repeat` runs
         "raw_scan_seconds": round(float(np.median(scans)), 3),
+        "timeline_ms_p50": round(float(np.median(timelines)) * 1000, 1),  # median over 20 devices
+        "device_raw_read_ms_p50": round(float(np.median(raw_reads)) * 1000, 1),
         "setup_seconds": round(setup, 1), "events_stored": events, "report_bytes": len(report),
     }

@@ -16,12 +16,18 @@ import posixpath
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 __all__ = ["InvalidSpec", "Refused", "Policy", "KAFKA_SETTINGS", "KAFKA_FILES", "check_images",
-           "check_secrets", "check_storage_credentials", "check_kafka", "refuse"]
+           "check_secrets", "check_storage_credentials", "check_kafka", "check_hosts", "refuse"]
 
 # The Secrets the project's own docs and examples name: allowed unless the configuration says otherwise.
 DEFAULT_SECRETS = frozenset({"podpulse-credentials", "podpulse-kafka", "podpulse-oracle", "podpulse-pseudonym-key"})
+# The hosts a resource may send data and credentials to (its Kafka bootstrap servers, its storage
+# backends): an entry starting with "." admits every name under it, any other entry one name.
+# In-cluster Services only, by default: a host of the resource's own choosing would receive the
+# telemetry and the credentials of the allowed Secrets (password_env).
+DEFAULT_HOSTS = (".svc", ".svc.cluster.local")
 # Admitting Secrets by label needs `get` on Secrets (RBAC cannot grant their metadata alone): off by default.
 DEFAULT_SECRET_LABEL = ""
 # password_env / username_env name variables of the credentials Secret (envFrom), never others of
@@ -88,17 +94,24 @@ class Policy:
     images: tuple[str, ...] = ()
     secrets: frozenset[str] = DEFAULT_SECRETS
     secret_label: str = DEFAULT_SECRET_LABEL
+    hosts: tuple[str, ...] = DEFAULT_HOSTS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], image: str) -> Policy:
-        """PODPULSE_ALLOWED_IMAGES and PODPULSE_ALLOWED_SECRETS (comma-separated), PODPULSE_ALLOWED_SECRET_LABEL.
+        """PODPULSE_ALLOWED_IMAGES, PODPULSE_ALLOWED_SECRETS and PODPULSE_ALLOWED_HOSTS (comma-separated),
+        PODPULSE_ALLOWED_SECRET_LABEL.
 
         Unset, each keeps its default; empty, images fall back to ``image``'s repository, and no
-        Secret is admitted by name (or by label)."""
-        secrets = env.get("PODPULSE_ALLOWED_SECRETS")
+        Secret is admitted by name (or by label), and no host."""
+        secrets, hosts = env.get("PODPULSE_ALLOWED_SECRETS"), env.get("PODPULSE_ALLOWED_HOSTS")
         return cls(image=image, images=tuple(_csv(env.get("PODPULSE_ALLOWED_IMAGES", ""))),
                    secrets=DEFAULT_SECRETS if secrets is None else frozenset(_csv(secrets)),
-                   secret_label=env.get("PODPULSE_ALLOWED_SECRET_LABEL", DEFAULT_SECRET_LABEL).strip())
+                   secret_label=env.get("PODPULSE_ALLOWED_SECRET_LABEL", DEFAULT_SECRET_LABEL).strip(),
+                   hosts=DEFAULT_HOSTS if hosts is None else tuple(h.lower() for h in _csv(hosts)))
+
+    def allows_host(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        return bool(host) and any(host == h or (h.startswith(".") and host.endswith(h)) for h in self.hosts)
 
     def allows_image(self, image: str) -> bool:
         repo = _repository(image)
@@ -124,6 +137,23 @@ def check_images(policy: Policy, spec: dict) -> list[str]:
         return []
     allowed = ", ".join(policy.images or (_repository(policy.image),))
     return [f"spec.image {image!r} is not an allowed image (allowed: {allowed}; PODPULSE_ALLOWED_IMAGES)"]
+
+
+def _host(address: str) -> str:
+    """``host`` of ``host:port``, ``[v6]:port`` or a URL's network location."""
+    return urlsplit(address if "//" in address else f"//{address}").hostname or ""
+
+
+def check_hosts(policy: Policy, spec: dict) -> list[str]:
+    """Every host a stream reaches: its bootstrap servers, its backends' URLs and Cassandra hosts."""
+    named = [("spec.bootstrap", _host(a.strip())) for a in str(spec.get("bootstrap", "")).split(",") if a.strip()]
+    for name, backend in sorted(((spec.get("storage") or {}).get("backends") or {}).items()):
+        if backend.get("url"):
+            named.append((f"spec.storage.backends.{name}.url", _host(str(backend["url"]))))
+        named += [(f"spec.storage.backends.{name}.hosts", _host(str(h))) for h in backend.get("hosts") or []]
+    allowed = ", ".join(policy.hosts) or "none"
+    return [f"{field} host {host!r} is not an allowed host (allowed: {allowed}; PODPULSE_ALLOWED_HOSTS)"
+            for field, host in named if not policy.allows_host(host)]
 
 
 def check_secrets(policy: Policy, named: Mapping[str, str], labels: Mapping[str, dict | None]) -> list[str]:

@@ -158,6 +158,18 @@ def _pod(labels: dict, container: dict, volumes: list | None = None, api_token: 
     return {"metadata": {"labels": labels}, "spec": spec}
 
 
+def _submitter(labels: dict, image: str) -> dict:
+    """The pod of a RayJob that runs `ray job submit` (K8sJobMode): KubeRay's default one has no
+    securityContext and mounts an API token. KubeRay sets its command and env; it needs neither
+    the API nor a port, and keeps KubeRay's default resources."""
+    container = {"name": "ray-job-submitter", "image": image,
+                 "resources": {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+                 "securityContext": copy.deepcopy(CONTAINER_SECURITY), "volumeMounts": [copy.deepcopy(TMP_MOUNT)]}
+    pod = _pod(labels, container, api_token=False)
+    pod["spec"]["restartPolicy"] = "Never"
+    return pod
+
+
 def secret_refs(cr: dict) -> dict[str, str]:
     """The Secrets a resource names, by field: the operator looks up the labels of those its list lacks."""
     spec = cr.get("spec") or {}
@@ -176,7 +188,7 @@ def _admit(cr: dict, spec: dict, pol: Policy, secret_labels: Labels | None) -> N
     """Refused unless the operator's policy allows the image, the Secrets and the settings."""
     problems = policy.check_images(pol, spec) + policy.check_secrets(pol, secret_refs(cr), secret_labels or {})
     if cr["kind"] == "AirPodsDataStream":
-        problems += policy.check_storage_credentials(spec["storage"])
+        problems += policy.check_storage_credentials(spec["storage"]) + policy.check_hosts(pol, spec)
         problems += policy.check_kafka(spec.get("kafka") or {}, KAFKA_DIR if "kafkaConfigSecret" in spec else None)
     policy.refuse(problems)
 
@@ -256,6 +268,7 @@ def stream_children(cr: dict, pol: Policy = DEFAULT_POLICY, secret_labels: Label
     worker = _pod(pod_labels, _container("ray-worker", image, spec["workers"]["cpu"], spec["workers"]["memory"],
                                          {"metrics": 8080}, secret, key_mount, key_env), key, api_token=False)
     workers = math.ceil((spec["consumers"] * CONSUMER_CPUS + WRITER_CPUS) / spec["workers"]["cpu"])
+    submitter = _submitter(pod_labels, image)
     job = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": _metadata(cr, name, "ingest", digest),
            "spec": {
                "entrypoint": shlex.join(ingest_argv(spec)),
@@ -264,6 +277,7 @@ def stream_children(cr: dict, pol: Policy = DEFAULT_POLICY, secret_labels: Label
                "backoffLimit": spec["maxRetries"],
                "shutdownAfterJobFinishes": True,
                "ttlSecondsAfterFinished": 600,  # keeps a finished cluster 10 minutes for its logs
+               "submitterPodTemplate": submitter,
                "rayClusterSpec": {
                    "rayVersion": spec["rayVersion"],
                    "authOptions": {"mode": "token"},  # KubeRay ≥ 1.5.1 makes the token Secret and injects it

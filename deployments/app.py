@@ -50,8 +50,8 @@ from starlette.middleware.body_limit import RequestBodyLimitResponder
 from deployments.tokens import Tokens, allows, required_scope
 from podpulse import analytics, battery_model, forecast_model, metrics
 from podpulse.config import MIN_K, StorageConfig
-from podpulse.contract import decode_batch
-from podpulse.errors import BrokerError
+from podpulse.contract import DEVICE_ID, decode_batch
+from podpulse.errors import BrokerError, ConfigError
 from podpulse.kafka import deliver, producer_config
 from podpulse.registry import flagged_devices_by_region, latest
 from storage.base import StorageError
@@ -60,7 +60,6 @@ from storage.reader import ReaderPool
 __all__ = ["app", "api", "build", "run_local", "PodPulseAPI", "UserConfig", "parse_user_config"]
 
 MAX_ROWS = 1000
-DEVICE_ID = battery_model.DEVICE_ID  # pseudonymous ids, matched whole; anything else: 422, never SQL
 REGION = re.compile(r"[A-Z]{2,3}-(urban|rural)")
 LABEL = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]{1,64}")  # as the contract's: no controls, lone surrogates
 MAX_EVENTS = 5000
@@ -594,6 +593,28 @@ class PodPulseAPI:
         return {"device_id": device_id, "model_version": scored["version"], "days": [
             {"day": d, "departure": max(x["departure"] for x in v), "imbalance": max(x["imbalance"] for x in v)}
             for d, v in per_day.items()]}
+
+    @app.get("/v1/devices/{device_id}/timeline")
+    async def timeline(self, device_id: DeviceId, start: Annotated[Day | None, Query(alias="from")] = None,
+                       end: Annotated[Day | None, Query(alias="to")] = None) -> dict:
+        """One device hour by hour (``podpulse.analytics.device_timeline``): AEST days ``from`` to ``to``,
+        both included, at most 92 (default: its last 30 days of data)."""
+        if start and end and end < start:
+            raise HTTPException(status_code=422, detail=f"'to' ({end}) is before 'from' ({start})")
+
+        def read() -> dict | None:  # in a thread: the queries must not hold up the event loop
+            with self.readers.reader() as r:
+                stop = end + timedelta(days=1) if end else None
+                return analytics.device_timeline(r, device_id, start, stop or (start + timedelta(days=30)
+                                                                                if start else None))
+
+        try:
+            found = await asyncio.to_thread(read)
+        except ConfigError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from None
+        if found is None:
+            raise HTTPException(status_code=404, detail=f"no device {device_id!r} in the store")
+        return found
 
     @app.get("/v1/forecast/usage")
     def forecast(self, region: Region):

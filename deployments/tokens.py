@@ -98,6 +98,7 @@ class Tokens:
         self._lock = threading.Lock()
         self._file: tuple[str, float, tuple[Token, ...]] | None = None  # path, mtime, tokens
         self._checked = -RECHECK_S
+        self._error = ""  # the last reason the file could not be read, logged once until it changes
 
     def scopes(self, authorization: bytes | None) -> frozenset[str] | None:
         """The scopes of ``Authorization: Bearer <token>``; None when it names no token. Every
@@ -129,9 +130,12 @@ class Tokens:
                 mtime = Path(path).stat().st_mtime
                 if self._file is None or self._file[:2] != (path, mtime):
                     self._file = (path, mtime, parse_tokens(yaml.safe_load(Path(path).read_text())))
+                    self._error = ""
                     log.info("API tokens: %d from %s", len(self._file[2]), path)
             except (OSError, ValueError, yaml.YAMLError) as e:
                 kept = self._file[2] if self._file is not None and self._file[0] == path else ()
-                log.error("API tokens: cannot read %s (%s); keeping the %d tokens read before", path, e, len(kept))
+                if str(e) != self._error:  # an optional Secret not created yet: said once, not every second
+                    self._error = str(e)
+                    log.error("API tokens: cannot read %s (%s); keeping the %d tokens read before", path, e, len(kept))
                 self._file = (path, -1.0, kept)
             return self._file[2]

@@ -25,13 +25,14 @@ from datetime import date, timedelta
 import numpy as np
 
 from podpulse import geo
+from podpulse.contract import DEVICE_ID
 from podpulse.config import MIN_K, StorageConfig
 from podpulse.errors import ConfigError
 from storage.reader import Reader, open_reader
 from storage.rollups import REPORT_UTC_OFFSET_H
 
 __all__ = ["Result", "usage_trend", "noise_habits", "mode_shares", "exposure", "battery_health",
-           "firmware_adoption", "listening_by_hour", "state_overview", "full_report", "data_range", "report_for", "QUERIES"]
+           "firmware_adoption", "listening_by_hour", "state_overview", "device_timeline", "full_report", "data_range", "report_for", "QUERIES"]
 
 DEFAULT_K = MIN_K
 AEST = f"INTERVAL '{REPORT_UTC_OFFSET_H} hours'"
@@ -48,6 +49,9 @@ class Result:
     suppressed: int = 0  # cells left out for having fewer than k devices
     notes: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # what a query adds beside its table
+    # The keys (the columns before "devices") of the suppressed cells, without their values: a cell
+    # listed here has 1 to k-1 devices, a cell neither here nor in ``rows`` has none.
+    suppressed_cells: list[list] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +73,8 @@ def _suppress(name: str, columns: list[str], rows: list[tuple], k: int, devices_
               notes: list[str] | None = None) -> Result:
     i = columns.index(devices_col)
     kept = [_clean(r) for r in rows if r[i] >= k]
-    return Result(name, columns, kept, k, len(rows) - len(kept), notes or [])
+    hidden = [_clean(r[:i]) for r in rows if r[i] < k]
+    return Result(name, columns, kept, k, len(hidden), notes or [], suppressed_cells=hidden)
 
 
 def _clean(row) -> list:
@@ -261,6 +266,54 @@ def state_overview(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Res
     return _suppress("state_overview", ["state", "devices", "listening_h_per_day", "cancelling_share",
                                         "drain_pct_per_h", "urban_share"], rows, k,
                      notes=["listening per device per day of the range; urban_share is of device-hours"])
+
+
+TIMELINE_MAX_DAYS = 92
+TIMELINE_HOURLY = ["hour", "state", "urban", "events", "listening_s", "in_ear_s", "anc_s", "adaptive_s",
+                   "transparency_s", "off_s", "output_dba", "output_dba_max", "ambient_dba", "dose_s",
+                   "battery_left_min", "battery_right_min", "battery_case_min"]
+
+
+def device_timeline(r: Reader, device_id: str, start: date | None = None, end: date | None = None) -> dict | None:
+    """One device, hour by hour, over the AEST days ``[start, end)`` (default: its last 30 days of data):
+    listening, in-ear time by noise-control mode, mean output and ambient level, sound dose, the lowest
+    battery of each bud and the case; the device-days an anomaly model scored; the days its firmware
+    changed. From the rollups, read by the device's key. None when the store knows no such device.
+    A personal record, not an aggregate: no k applies (the API asks for ``read:devices``)."""
+    if not DEVICE_ID.fullmatch(device_id):
+        raise ValueError(f"not a device id: {device_id!r}")
+    where = f"device_id = '{device_id}'"  # matched whole against DEVICE_ID: no quote can reach the SQL
+    seen = r.rows(f"SELECT {_local_day('last_seen')} FROM devices WHERE {where}")
+    if not seen or seen[0][0] is None:
+        return None
+    end = end or seen[0][0] + timedelta(days=1)
+    start = start or end - timedelta(days=30)
+    if not timedelta(days=1) <= end - start <= timedelta(days=TIMELINE_MAX_DAYS):
+        raise ConfigError(f"a timeline covers 1 to {TIMELINE_MAX_DAYS} days, not {(end - start).days}")
+    hours = r.rows(f"""
+        SELECT hour, state, urban, events, listening_s, in_ear_s, anc_s, adaptive_s, transparency_s, off_s,
+               output_dba_sum / nullif(output_samples, 0), output_dba_max,
+               ambient_dba_sum / nullif(ambient_samples, 0), dose_s,
+               battery_left_min, battery_right_min, battery_case_min
+        FROM device_hourly WHERE {where} AND {_window(start, end)} ORDER BY hour""")
+    scored = r.rows(f"""
+        SELECT {_local_day('day')}, model_version, score, flagged, reason FROM anomalies
+        WHERE {where} AND {_window(start, end, 'day')} ORDER BY 1, 2""")
+    firmware = r.rows(f"""
+        SELECT day, firmware FROM device_firmware_daily
+        WHERE {where} AND day >= DATE '{start.isoformat()}' AND day < DATE '{end.isoformat()}'
+        ORDER BY day, firmware""")
+    changes, running = [], None
+    for day, fw in firmware:
+        if fw != running:
+            changes.append({"day": day.isoformat(), "firmware": fw})
+            running = fw
+    return {"device_id": device_id, "from": start.isoformat(), "to": (end - timedelta(days=1)).isoformat(),
+            "days": "AEST (UTC+10), both ends included",
+            "hours": [dict(zip(TIMELINE_HOURLY, _clean(row))) for row in hours],
+            "anomalies": [dict(zip(["day", "model_version", "score", "flagged", "reason"], _clean(row)))
+                          for row in scored],
+            "firmware": changes}
 
 
 QUERIES = {q.__name__: q for q in (usage_trend, noise_habits, mode_shares, exposure, battery_health, firmware_adoption,

@@ -16,12 +16,12 @@ above ``threshold`` (default 3.5 robust standard deviations).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from podpulse.contract import DEVICE_ID
 from podpulse.errors import ConfigError
 
 __all__ = ["NAME", "FEATURE_SQL", "FEATURE_COLUMNS", "device_days_sql", "Features", "BatteryModel", "features_from_rows", "robust_z", "metadata", "load",
@@ -42,7 +42,6 @@ WHERE h.drain_playback_s > 0
 FEATURE_COLUMNS = ("device_id", "day", "model", "firmware", "playback_h", "anc", "adaptive", "transparency",
                    "output_dba", "drain_left_pct", "drain_right_pct")
 NUMERIC = ("playback_h", "anc", "adaptive", "transparency", "output_dba")
-DEVICE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # pseudonymous ids: what may reach SQL
 
 
 def device_days_sql(device_id: str, days: int) -> str:

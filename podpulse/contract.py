@@ -42,6 +42,7 @@ its device's attributes in the registry and create far-future partitions.
 from __future__ import annotations
 
 import numbers
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -57,7 +58,7 @@ from podpulse import geo
 __all__ = [
     "CURRENT_VERSION", "V1_DEFAULTS", "V3_DEFAULTS", "NOISE_MODES", "CHARGING_STATES", "Event",
     "ARROW_SCHEMA", "FIELDS", "MAX_EXTRAS_BYTES", "MAX_EXTRAS_FIELDS", "Rejected", "DecodedBatch", "decode_batch", "encode", "encoder",
-    "EventWindow", "DEFAULT_WINDOW", "WINDOW_REASON",
+    "EventWindow", "DEFAULT_WINDOW", "WINDOW_REASON", "DEVICE_ID",
 ]
 
 CURRENT_VERSION = 3
@@ -82,6 +83,10 @@ Label = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\x
 MAX_EXTRAS_BYTES = 4000  # the relational stores keep extras in a 4,000-character column
 MAX_EXTRAS_FIELDS = 64  # unknown fields a record may carry: a newer version adds a few, not hundreds
 INT64_MAX = 2**63 - 1
+
+
+# A device id as the stores and the API take it (pseudonyms included), matched whole: what may reach SQL.
+DEVICE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):

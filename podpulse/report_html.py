@@ -32,6 +32,7 @@ CHART_TITLES = {
 }
 MODES = (("anc", "#1f5f8b"), ("adaptive", "#4a9fd8"), ("transparency", "#f0a030"), ("off", "#b8b8b8"))
 NO_DATA = '<p class="nodata">no data</p>'
+SUPPRESSED, NO_DEVICES = "suppressed (< k)", "no devices"  # never shown as a number, least of all 0
 _NO_METADATA = {"Creator": None, "Date": None, "Format": None, "Type": None}
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#222;background:#fff;
@@ -114,6 +115,7 @@ def _noise(q: dict, group: str = "state", unit: str = "", xlabel: str = "state")
     recs = _records(q)
     if not recs:
         return None
+    hidden = {(key[0], bool(key[1])) for key in q.get("suppressed_cells") or []}
     bands = list(dict.fromkeys(r[group] for r in recs))
     fig, ax = _axes(3.8)
     ticks, labels = [], []
@@ -122,8 +124,9 @@ def _noise(q: dict, group: str = "state", unit: str = "", xlabel: str = "state")
             ticks.append(i + offset)
             labels.append(label)
             rec = next((r for r in recs if r[group] == band and bool(r["urban"]) == urban), None)
-            if rec is None:
-                ax.text(i + offset, 0.03, "suppressed", rotation=90, ha="center", fontsize=8, color="#777")
+            if rec is None:  # under k devices, or none at all: never drawn as a share of 0
+                why = "suppressed (< k)" if (band, urban) in hidden else "no devices"
+                ax.text(i + offset, 0.03, why, rotation=90, ha="center", fontsize=8, color="#777")
             bottom = 0.0
             for mode, colour in (MODES if rec else ()):
                 share = rec[mode] or 0.0
@@ -209,12 +212,34 @@ CHARTS = (("listening_by_hour", "Listening through the day", _listening),
 
 
 def _usage_summary(q: dict) -> str:
-    totals: dict[str, list[float]] = {}
+    """Listening per state, urban and rural: the sum of the day cells shown. A part with no day cell
+    shown says why: its cells were suppressed (1 to k-1 devices), or it had no devices at all."""
+    shown: dict[tuple[str, bool], float] = {}
     for r in _records(q):
-        totals.setdefault(str(r["state"]), [0.0, 0.0])[0 if r["urban"] else 1] += r["listening_h"] or 0.0
-    rows = sorted(([s, u, ru, u + ru] for s, (u, ru) in totals.items()), key=lambda row: -row[3])
+        key = (str(r["state"]), bool(r["urban"]))
+        shown[key] = shown.get(key, 0.0) + (r["listening_h"] or 0.0)
+    hidden = {(str(state), bool(urban)) for _, state, urban in q.get("suppressed_cells") or []}
+
+    def part(state: str, urban: bool):
+        return shown.get((state, urban), SUPPRESSED if (state, urban) in hidden else NO_DEVICES)
+
+    rows = []
+    for state in {s for s, _ in shown} | {s for s, _ in hidden}:
+        parts = [part(state, True), part(state, False)]
+        numbers = [p for p in parts if isinstance(p, float)]
+        rows.append([state, *parts, sum(numbers) if numbers else SUPPRESSED])
+    rows.sort(key=lambda row: (-row[3] if isinstance(row[3], float) else 0.0, row[0]))
     return _table(["state", "urban hours", "rural hours", "total hours"], rows) + (
-        '<p class="note">Sums the day cells shown; suppressed day cells are not counted.</p>' if rows else "")
+        f'<p class="note">Sums the day cells shown; a suppressed day cell (fewer than {_e(q.get("k"))} '
+        'devices) is not counted. "no devices": none was active there.</p>' if rows else "")
+
+
+def _table_of(q: dict) -> str:
+    """A query's table, its suppressed cells as rows that say so (keys only, never a value)."""
+    columns, rows = q.get("columns", []), [list(r) for r in q.get("rows") or []]
+    for key in q.get("suppressed_cells") or []:
+        rows.append([*key, SUPPRESSED, *([""] * (len(columns) - len(key) - 1))])
+    return _table(columns, rows)
 
 
 def _suppressed(q: dict) -> str:
@@ -238,12 +263,11 @@ def render_html(report: dict) -> str:
         fig, title = draw(queries.get(name) or {}), CHART_TITLES[name]
         out += [f"<h2>{_e(section)}</h2>", _svg(fig, name, title) if fig is not None
                 else f'<p class="nodata">{_e(title)}: no data</p>']
-    out += ["<h2>States</h2>", _table(queries.get("state_overview", {}).get("columns", []),
-                                      queries.get("state_overview", {}).get("rows") or []),
+        if (queries.get(name) or {}).get("suppressed"):
+            out.append(f'<p class="note">{_e(_suppressed(queries[name]))}: not drawn.</p>')
+    out += ["<h2>States</h2>", _table_of(queries.get("state_overview", {})),
             "<h2>Total listening per state over the range</h2>", _usage_summary(queries.get("usage_trend", {})),
-            "<h2>Noise control against ambient noise</h2>",
-            _table(queries.get("noise_habits", {}).get("columns", []),
-                   queries.get("noise_habits", {}).get("rows") or []),
+            "<h2>Noise control against ambient noise</h2>", _table_of(queries.get("noise_habits", {})),
             "<h2>Battery outliers</h2>"]
     outliers = (queries.get("battery_health", {}).get("extra") or {}).get("outliers") or []
     out.append(_table(list(outliers[0]), [list(o.values()) for o in outliers]) if outliers else NO_DATA)

@@ -6,6 +6,7 @@ import re
 import threading
 import time
 import uuid
+from datetime import date, timedelta
 from collections import Counter
 
 import pytest
@@ -760,3 +761,49 @@ def test_a_token_is_rotated_by_rewriting_the_tokens_file_without_a_restart(serve
         assert requests.get(f"{url}/v1/analytics/state_overview", headers=bearer(new)).status_code == 200
     finally:
         path.write_text(before)
+
+
+def test_a_device_timeline_is_its_rollups_hour_by_hour_for_read_devices_only(served):
+    import duckdb
+
+    url, root, _, _, trained = served
+    con = duckdb.connect(str(root / "s.duckdb"), read_only=True)
+    try:  # a device the trained model flagged on some day
+        (device,) = con.execute("SELECT min(device_id) FROM anomalies WHERE model_version = ?",
+                                [trained["version"]]).fetchone()
+    finally:
+        con.close()
+    answer = requests.get(f"{url}/v1/devices/{device}/timeline", headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    got = answer.json()
+    assert (date.fromisoformat(got["to"]) - date.fromisoformat(got["from"])).days == 29  # its last 30 days
+    con = duckdb.connect(str(root / "s.duckdb"), read_only=True)
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        start = f"TIMESTAMP '{got['from']} 00:00:00+00' - INTERVAL 10 HOUR"
+        hours, listening, low = con.execute(
+            f"SELECT count(*), sum(listening_s), min(battery_left_min) FROM device_hourly "
+            f"WHERE device_id = ? AND hour >= {start}", [device]).fetchone()
+        flagged = con.execute("SELECT count(*) FROM anomalies WHERE device_id = ? AND model_version = ?",
+                              [device, trained["version"]]).fetchone()[0]
+        firmware = con.execute("SELECT DISTINCT firmware FROM device_firmware_daily WHERE device_id = ?",
+                               [device]).fetchall()
+    finally:
+        con.close()
+    assert len(got["hours"]) == hours > 24 and math.isclose(sum(h["listening_s"] for h in got["hours"]), listening)
+    assert min(h["battery_left_min"] for h in got["hours"]) == low
+    assert all(got["hours"][i]["hour"] < got["hours"][i + 1]["hour"] for i in range(len(got["hours"]) - 1))
+    assert len([a for a in got["anomalies"] if a["model_version"] == trained["version"]]) == flagged > 0
+    assert {f["firmware"] for f in got["firmware"]} == {fw for (fw,) in firmware}
+    # a chosen window, and what is refused
+    week = requests.get(f"{url}/v1/devices/{device}/timeline", headers=AUTH,
+                        params={"from": got["from"], "to": str(date.fromisoformat(got["from"]) + timedelta(days=6))})
+    assert week.status_code == 200 and 0 < len(week.json()["hours"]) < len(got["hours"])
+    assert requests.get(f"{url}/v1/devices/{device}/timeline", headers=bearer(AGGREGATES)).status_code == 403
+    assert requests.get(f"{url}/v1/devices/{'0' * 32}/timeline", headers=AUTH).status_code == 404
+    too_long = requests.get(f"{url}/v1/devices/{device}/timeline", headers=AUTH,
+                            params={"from": "2026-01-01", "to": "2026-06-30"})
+    backwards = requests.get(f"{url}/v1/devices/{device}/timeline", headers=AUTH,
+                             params={"from": "2026-06-30", "to": "2026-06-01"})
+    assert too_long.status_code == 422 and "92 days" in too_long.json()["detail"]
+    assert backwards.status_code == 422 and "before" in backwards.json()["detail"]

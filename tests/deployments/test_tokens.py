@@ -73,3 +73,18 @@ def test_the_file_is_read_again_when_it_changes_and_a_broken_one_keeps_what_was_
     path.unlink()
     clock.now += 1.5
     assert tokens.scopes(bearer(new)) == {"read:devices"}
+
+
+def test_a_tokens_file_not_there_yet_is_said_once_and_read_when_it_appears(tmp_path, caplog):
+    """The RayService mounts the tokens Secret as optional: until it exists, no token from it, one
+    error in the log (not one a second), and its tokens count as soon as it is created."""
+    path, clock = tmp_path / "tokens.yaml", Clock()
+    tokens = Tokens(env={"PODPULSE_API_TOKENS_FILE": str(path)}, clock=clock)
+    made, entry = new_token("gateway", ["ingest"])
+    for _ in range(5):
+        assert tokens.scopes(bearer(made)) is None
+        clock.now += 1.5
+    assert sum("cannot read" in r.getMessage() for r in caplog.records) == 1
+    path.write_text(yaml.safe_dump([entry]))
+    clock.now += 1.5
+    assert tokens.scopes(bearer(made)) == {"ingest"}

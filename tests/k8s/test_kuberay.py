@@ -76,6 +76,23 @@ def test_every_ray_pod_is_hardened(root, example, pod_templates):
         assert autoscaler == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}, where
 
 
+def test_every_rayjob_submits_from_a_hardened_pod_of_its_own(root, example, validate_pod_template):
+    """K8sJobMode: KubeRay runs `ray job submit` in a Job whose default pod has no securityContext
+    and mounts an API token (tests/k8s/test_kuberay_operator.py shows what it makes of ours)."""
+    for where, doc in ray_resources(root, example):
+        if doc["kind"] != "RayJob":
+            continue
+        template = doc["spec"]["submitterPodTemplate"]
+        validate_pod_template(template)
+        assert_hardened(template, where)
+        assert template["spec"]["automountServiceAccountToken"] is False, where
+        assert template["spec"]["restartPolicy"] == "Never", where  # KubeRay's Job retries by pods
+        (submitter,) = template["spec"]["containers"]
+        assert "command" not in submitter and "args" not in submitter, where  # KubeRay's own command
+        head = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert submitter["image"] == head["image"], where  # the same Ray as the cluster
+
+
 def test_the_migration_job_is_hardened(example, k8s_validate):
     (migrate,) = rc.schema_children(example("OracleDBSchemaManager"))
     assert_hardened(migrate["spec"]["template"], "migration Job")
@@ -172,3 +189,18 @@ def test_rayservice_containers_run_serve_as_measured_locally(root):
         for container in group["template"]["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, container["name"]
+
+
+def test_every_serve_container_reads_the_scoped_tokens_file_from_its_secret(root):
+    """Where a replica runs, $PODPULSE_API_TOKENS_FILE names the mounted tokens Secret (optional, so an
+    admin token alone still works; deployments/tokens.py re-reads it when the kubelet updates it)."""
+    spec = cluster_spec(yaml.safe_load((root / "deployments" / "rayservice.yaml").read_text()))
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "api-tokens"]
+        assert volume["secret"]["secretName"] == "podpulse-api-tokens" and volume["secret"]["optional"] is True
+        (container,) = pod["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "api-tokens"]
+        assert env["PODPULSE_API_TOKENS_FILE"]["value"] == f"{mount['mountPath']}/tokens.yaml" and mount["readOnly"]
+        assert env["PODPULSE_API_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True

@@ -39,6 +39,17 @@ ATTACKS = {
     "pseudonym_key_file": (lambda ex: stream_with(ex, storage={**ex("AirPodsDataStream")["spec"]["storage"],
                                                                "pseudonym_key_file": TOKEN}),
                            f"spec.storage.pseudonym_key_file '{TOKEN}'"),
+    "bootstrap of the attacker's": (lambda ex: stream_with(ex, bootstrap="kafka-bootstrap.kafka.svc:9093,evil.example:9092"),
+                                    "spec.bootstrap host 'evil.example'"),
+    "storage url of the attacker's": (
+        lambda ex: core_backend(ex, url="oracle://podpulse@db.evil.example:1521/?service_name=X",
+                                password_env="PODPULSE_ORACLE_PASSWORD"),
+        "spec.storage.backends.core.url host 'db.evil.example'"),
+    "cassandra host by address": (
+        lambda ex: stream_with(ex, storage={**ex("AirPodsDataStream")["spec"]["storage"], "backends": {
+            **ex("AirPodsDataStream")["spec"]["storage"]["backends"],
+            "raw": {**ex("AirPodsDataStream")["spec"]["storage"]["backends"]["raw"], "hosts": ["203.0.113.9"]}}}),
+        "spec.storage.backends.raw.hosts host '203.0.113.9'"),
     "password_file": (lambda ex: core_backend(ex, password_file=TOKEN),
                       f"spec.storage.backends.core.password_file '{TOKEN}'"),
     "password_env of the pod": (lambda ex: core_backend(ex, password_env="RAY_AUTH_TOKEN"),
@@ -214,3 +225,15 @@ def test_operator_policy_checks_are_mirrored_in_the_crd(crd_schema):
     assert "!has(self.password_file)" in {r["rule"] for r in backend["x-kubernetes-validations"]}
     for key in ("password_env", "username_env"):
         assert backend["properties"][key]["pattern"] == f"^{policy.CREDENTIAL_ENV.pattern}$"
+
+
+def test_hosts_outside_the_cluster_are_allowed_only_by_the_operators_configuration(example):
+    cr = stream_with(example, bootstrap="broker-1.kafka.corp.example:9093,BROKER-2.kafka.corp.example.:9093")
+    with pytest.raises(rc.Refused, match=r"'broker-1.kafka.corp.example' is not an allowed host"):
+        children(cr)
+    corp = rc.Policy.from_env({"PODPULSE_ALLOWED_HOSTS": ".corp.example, oracle.db.svc, cassandra-0.cassandra.db.svc,"
+                                                         "cassandra-1.cassandra.db.svc,cassandra-2.cassandra.db.svc"},
+                              rc.DEFAULT_IMAGE)
+    assert children(cr, corp)  # a suffix admits every name under it; case and a final dot do not matter
+    assert not corp.allows_host("corp.example.evil") and not corp.allows_host("xcorp.example")
+    assert not rc.Policy.from_env({"PODPULSE_ALLOWED_HOSTS": ""}, rc.DEFAULT_IMAGE).allows_host("kafka.svc")

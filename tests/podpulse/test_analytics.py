@@ -54,6 +54,11 @@ def compare(result, expected: dict, key_cols, value_cols, k):
     visible = {key: v for key, v in expected.items() if v[0] >= k}
     assert set(got) == {tuple(str(x) if isinstance(x, date) else x for x in key) for key in visible}
     assert result.suppressed == len(expected) - len(visible)
+    # each suppressed cell by its key alone (under k, not absent), in the column order of the result
+    hidden = {tuple(str(x) if isinstance(x, date) else x for x in key) for key, v in expected.items() if v[0] < k}
+    assert len(result.suppressed_cells) == len(hidden)
+    assert {tuple(cell) for cell in result.suppressed_cells} == hidden
+    assert all(len(cell) == result.columns.index("devices") for cell in result.suppressed_cells)
     for key, v in visible.items():
         row = got[tuple(str(x) if isinstance(x, date) else x for x in key)]
         assert row["devices"] == v[0], key

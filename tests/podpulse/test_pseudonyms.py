@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from podpulse.config import IngestConfig, StorageConfig
-from podpulse.battery_model import DEVICE_ID
+from podpulse.contract import DEVICE_ID
 from podpulse.errors import ConfigError
 from podpulse.pseudonyms import KEY_ENV, Pseudonyms
 

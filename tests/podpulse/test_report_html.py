@@ -151,3 +151,32 @@ def test_missing_queries_render_no_data():
     page = render_html({"range": {}, "k": 10})
     _parse(page)
     assert "no data" in page
+
+
+def _rows_of_table_after(page: str, heading: str) -> list[list[str]]:
+    table = page[page.index(heading):].split("</table>")[0]
+    return [[html.unescape(re.sub("<[^>]+>", "", c)) for c in re.findall(r"<td[^>]*>(.*?)</td>", tr)]
+            for tr in re.findall(r"<tr>(.*?)</tr>", table) if "<td" in tr]
+
+
+def test_a_suppressed_cell_is_never_a_number_and_never_confused_with_no_devices():
+    report = _report()
+    report["usage_trend"] = {**_q("usage_trend", ["day", "state", "urban", "devices", "listening_h", "hours_per_device"],
+                                  [["2026-11-02", "NSW", True, 40, 80.0, 2.0], ["2026-11-03", "NSW", True, 41, 82.0, 2.0]],
+                                  suppressed=3),
+                             "suppressed_cells": [["2026-11-02", "NSW", False], ["2026-11-02", "TAS", True],
+                                                  ["2026-11-03", "TAS", True]]}
+    report["mode_shares"]["suppressed_cells"] = [["NSW", False]]
+    report["mode_shares"]["rows"] = report["mode_shares"]["rows"][:1]  # NSW rural suppressed
+    report["state_overview"]["suppressed_cells"] = [["TAS"]]
+    page = render_html(report)
+    totals = {r[0]: r[1:] for r in _rows_of_table_after(page, "Total listening per state")}
+    assert totals == {"NSW": ["162", "suppressed (< k)", "162"],  # the rural days were under k
+                      "TAS": ["suppressed (< k)", "no devices", "suppressed (< k)"]}  # no rural device at all
+    assert ["TAS", "suppressed (< k)", "", "", "", ""] in _rows_of_table_after(page, "<h2>States</h2>")
+    chart = page[page.index('aria-label="' + CHART_TITLES["mode_shares"]):].split("</svg>")[0]
+    assert "suppressed (&lt; k)" in chart and "no devices" not in chart  # only NSW: its rural cell is under k
+    report["mode_shares"]["suppressed_cells"] = []  # now NSW rural had nobody
+    chart = render_html(report)
+    chart = chart[chart.index('aria-label="' + CHART_TITLES["mode_shares"]):].split("</svg>")[0]
+    assert "no devices" in chart and "suppressed" not in chart
