@@ -92,7 +92,7 @@ class Writer:
         self.db_lock = asyncio.Lock()  # one store call at a time, off the event loop
         self.failures = FailureLog("writer", log)
         self.stats = {"batches": 0, "transactions": 0, "applied": 0, "replayed": 0, "repeated": 0,
-                      "refused": 0, "write_seconds": 0.0}
+                      "erased": 0, "refused": 0, "write_seconds": 0.0}
 
     async def commit(self, topic: str, events: pa.Table, next_offsets: dict[int, int],
                      start_offsets: dict[int, int | None] | None = None) -> dict:
@@ -191,6 +191,7 @@ class Writer:
         s["applied"] += result.applied
         s["replayed"] += replayed
         s["repeated"] += result.repeated
+        s["erased"] += result.erased  # rows of erased devices, dropped
         s["refused"] += refused
         metrics.batch_written(self.backend, seconds, result.applied, replayed)
         return {"transaction_rows": events.num_rows, "applied": result.applied, "refused": refused}

@@ -56,6 +56,7 @@ from podpulse.kafka import deliver, producer_config
 from podpulse.registry import flagged_devices_by_region, latest
 from storage.base import StorageError
 from storage.reader import ReaderPool
+from storage.router import erase_devices
 
 __all__ = ["app", "api", "build", "run_local", "PodPulseAPI", "UserConfig", "parse_user_config"]
 
@@ -242,7 +243,7 @@ class Guard:
             if scopes is None:
                 return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
                                     headers={"WWW-Authenticate": "Bearer"})
-            need = required_scope(path)
+            need = required_scope(path, scope.get("method", "GET"))
             if not allows(scopes, need):
                 return JSONResponse({"detail": f"this token lacks the scope {need!r}"}, status_code=403,
                                     headers={"WWW-Authenticate": f'Bearer scope="{need}"'})
@@ -615,6 +616,15 @@ class PodPulseAPI:
         if found is None:
             raise HTTPException(status_code=404, detail=f"no device {device_id!r} in the store")
         return found
+
+    @app.delete("/v1/devices/{device_id}")
+    async def erase_device(self, device_id: DeviceId) -> dict:
+        """Erase the device (its id as stored) from every store, with a tombstone that keeps replays
+        and backfills from bringing it back (``storage.router.erase_devices``); ``admin`` only. The
+        replica opens the store for this one write and closes it: erasures are rare."""
+        result = await asyncio.to_thread(erase_devices, self.storage, [device_id])
+        log.warning("erased device %s (rows removed per backend: %s)", device_id, result["backends"])
+        return result
 
     @app.get("/v1/forecast/usage")
     def forecast(self, region: Region):

@@ -9,7 +9,8 @@ Two sources, read by every replica:
 - ``$PODPULSE_API_TOKEN``: one token with every scope (``admin``), for one machine and the demo.
 
 Scopes: ``ingest`` (POST /v1/telemetry), ``read:aggregates`` (analytics, forecasts, scoring),
-``read:devices`` (per-device reads, and analytics' device ids) and ``admin`` (all of them).
+``read:devices`` (per-device reads, and analytics' device ids) and ``admin`` (all of them, and
+erasing a device: DELETE /v1/devices/{id}).
 ``podpulse token`` makes a token and its file entry.
 """
 
@@ -77,12 +78,12 @@ def new_token(name: str, scopes: list[str]) -> tuple[str, dict]:
     return token, entry
 
 
-def required_scope(path: str) -> str:
-    """The scope a route path needs (the Guard checks it before the body is read)."""
+def required_scope(path: str, method: str = "GET") -> str:
+    """The scope a request needs, from its path and method (the Guard checks it before the body is read)."""
     if path == "/v1/telemetry":
         return "ingest"
     if path.startswith("/v1/devices/"):
-        return "read:devices"
+        return "admin" if method == "DELETE" else "read:devices"
     return "read:aggregates"
 
 

@@ -24,7 +24,7 @@ from podpulse.broker import EmbeddedBroker
 from podpulse.config import INGEST_DEFAULTS as DEFAULTS
 from podpulse.config import IngestConfig, StorageConfig
 from podpulse.console import (DemoProgressBars, err, ingest_with_progress, out, print_db_status, print_demo_result,
-                              print_drift, print_ingest_result, print_retention, print_summary, print_training,
+                              print_drift, print_erasure, print_ingest_result, print_retention, print_summary, print_training,
                               quiet_logs, run_simulation, serve_until_interrupted, write_report)
 from podpulse.errors import ConfigError, PodPulseError
 from podpulse.kafka import settings_from
@@ -441,6 +441,33 @@ def retention_apply(
         print(json.dumps(result))
     else:
         print_retention(result)
+
+
+@app.command()
+def erase(
+    device: Annotated[list[str], typer.Option(
+        "--device", metavar="ID", help="A device id as the store keeps it (its pseudonym: see "
+                                       "`podpulse pseudonym`), repeatable.")],
+    db: Db = DEFAULT_DB,
+    storage_file: StorageFile = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Erase devices from every store, and print what went.
+
+    Removes their raw events, hourly and daily rollups, registry entries and flagged device-days,
+    and records a tombstone per id (an unknown one too) so that no replay or backfill brings them
+    back. Safe to rerun. Models trained before keep what they learnt: train them again.
+    """
+    if storage_file is None and not db.exists():
+        raise ConfigError(f"no store at {db}: pass --db or --storage-config")
+    from storage.router import erase_devices  # lazy: heavy, see the docstring
+
+    stored_ids = list(device)  # the ids as stored: where ingest pseudonymises, map the ids given here
+    result = erase_devices(StorageConfig.from_options(storage_file, db), stored_ids)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        print_erasure(result)
 
 
 def main(argv: list[str] | None = None) -> int:

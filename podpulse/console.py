@@ -21,8 +21,8 @@ from podpulse.simulator import simulate as generate
 
 __all__ = ["out", "err", "run_simulation", "print_summary", "ingest_with_progress", "print_ingest_result",
            "DemoProgressBars", "print_demo_result", "print_demo_summary", "print_demo_models", "write_report",
-           "print_report_tables", "print_training", "print_drift", "print_db_status", "print_retention", "quiet_logs",
-           "serve_until_interrupted"]
+           "print_report_tables", "print_training", "print_drift", "print_db_status", "print_retention", "print_erasure",
+           "quiet_logs", "serve_until_interrupted"]
 
 out = Console()
 err = Console(stderr=True)
@@ -200,8 +200,9 @@ def print_report_tables(result: dict, max_rows: int = 25) -> None:
 
 def print_ingest_result(result: dict) -> None:
     w = result["writer"]
+    erased = f", {w['erased']:,} of erased devices" if w.get("erased") else ""
     out.print(f"stored {w.get('applied', 0):,} events ({w.get('replayed', 0):,} redelivered and "
-              f"{w.get('repeated', 0):,} sent twice, skipped) from {result['partitions']} partitions "
+              f"{w.get('repeated', 0):,} sent twice{erased}, skipped) from {result['partitions']} partitions "
               f"with {result['consumers']} consumers; dead-lettered "
               f"{result['dead_lettered'] + w.get('refused', 0):,}; lag {sum(result['lag'].values()):,}")
     _print_failures(result.get("failures", {}))
@@ -260,6 +261,18 @@ def print_retention(result: dict) -> None:
         out.print(f"[bold]{name}[/] ({backend['type']})")
         for table, r in backend["tables"].items():
             out.print(f"  {table:<22} before {r['cutoff']}: {_removed(r)}")
+
+
+def print_erasure(result: dict) -> None:
+    """What erasing devices removed, per backend and table."""
+    out.print(f"erased {', '.join(result['devices'])}")
+    for name, backend in result["backends"].items():
+        extra = [f"{backend['partitions']:,} partitions deleted"] if "partitions" in backend else []
+        if "tombstones" in backend:
+            extra.append(f"{backend['tombstones']:,} tombstones kept (replays and backfills skip these devices)")
+        out.print(f"[bold]{name}[/] ({backend['type']})" + (": " + "; ".join(extra) if extra else ""))
+        for table, rows in backend["tables"].items():
+            out.print(f"  {table:<22} {rows:,} rows deleted")
 
 
 def _removed(r: dict) -> str:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Iterable, Mapping
 
 import pyarrow as pa
 
@@ -43,6 +45,7 @@ class CommitResult:
     replayed: int  # rows dropped because their offsets were already stored
     repeated: int = 0  # rows dropped because their (device_id, seq) was already stored: sent again
     expired: int = 0  # raw events older than the retention, not written by a store that applies it on write
+    erased: int = 0  # rows dropped because their device is erased (storage.schema.erased_devices)
 
 
 class TimeSeriesStore(ABC):
@@ -61,6 +64,12 @@ class TimeSeriesStore(ABC):
         partition or offset): events sent again. Asked before :meth:`write_events`, for the few
         rows ``storage.rollups.first_sightings`` suspects. A store that cannot tell answers []."""
         return []
+
+    def erase_events(self, days: Mapping[str, Iterable[date]]) -> dict[str, int]:
+        """Erasure: delete the raw events of each device on these UTC days (its time buckets);
+        ``{"events": rows removed, "partitions": buckets deleted}``. Implemented by a store that keeps
+        raw events alone (Cassandra); a relational store erases with ``TransactionalStore.erase``."""
+        raise NotImplementedError(f"{type(self).__name__} erases raw events with erase()")
 
     def close(self) -> None:
         """Release connections. Not guaranteed to be called (a process may die)."""
@@ -100,6 +109,21 @@ class RelationalStore(ABC):
         ``with_raw_events`` asks the store to insert the raw events in the same
         transaction (when it also plays the time-series role).
         """
+
+    @abstractmethod
+    def lookup(self, device_ids: list[str]) -> tuple[list[str], pa.Table]:
+        """Which of these devices are erased, and the latest sample of the others (one transaction):
+        what the router asks before it writes raw events to a separate time-series store."""
+
+    @abstractmethod
+    def erase(self, device_ids: Iterable[str]) -> dict[str, int]:
+        """Delete these devices' rows from every device-keyed table and record their tombstones, in one
+        transaction beside no commit; rows removed per table (``storage.commit.TransactionalStore.erase``)."""
+
+    @abstractmethod
+    def mark_erased(self, device_ids: Iterable[str]) -> dict[str, tuple[datetime, datetime]]:
+        """Record these devices' tombstones and return the registry's (first, last) event time of each:
+        the first step of an erasure whose raw events live in another store."""
 
     def close(self) -> None:
         """Release connections. Not guaranteed to be called (a process may die)."""

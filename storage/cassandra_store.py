@@ -18,8 +18,8 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Iterable
+from datetime import date, datetime, timedelta, timezone
+from typing import Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +30,8 @@ from storage.base import RefusedRows, StorageError, TimeSeriesStore
 from storage.rollups import KAFKA_COLUMNS
 
 __all__ = ["CassandraSettings", "CassandraStore", "CONSISTENCY_LEVELS", "EVENT_COLUMNS",
-           "keyspace_cql", "table_cql", "add_columns_cql", "insert_cql", "row_ttls", "recent_cql", "identity_cql"]
+           "keyspace_cql", "table_cql", "add_columns_cql", "insert_cql", "row_ttls", "recent_cql", "identity_cql",
+           "partition_count_cql", "delete_partition_cql"]
 
 CONSISTENCY_LEVELS = ("ANY", "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM",  # = the driver's
                       "EACH_QUORUM", "SERIAL", "LOCAL_SERIAL", "LOCAL_ONE")
@@ -142,6 +143,16 @@ def identity_cql(s: CassandraSettings) -> str:
             "WHERE device_id = ? AND day = ? AND event_time = ? AND seq = ?")
 
 
+def partition_count_cql(s: CassandraSettings) -> str:
+    """How many events one (device, day) partition holds."""
+    return f"SELECT count(*) AS n FROM {s.keyspace}.events WHERE device_id = ? AND day = ?"
+
+
+def delete_partition_cql(s: CassandraSettings) -> str:
+    """Erasure: delete one (device, day) partition whole (one partition tombstone)."""
+    return f"DELETE FROM {s.keyspace}.events WHERE device_id = ? AND day = ?"
+
+
 def recent_cql(s: CassandraSettings) -> str:
     """One device's events of one day bucket, newest first."""
     return (f"SELECT {', '.join(_NAMES)} FROM {s.keyspace}.events WHERE device_id = ? AND day = ? "
@@ -176,6 +187,7 @@ class CassandraStore(TimeSeriesStore):
         self.retention_days = retention_days
         self.expired_on_write = 0  # rows not written: older than the retention already
         self._cluster = self._session = self._insert = self._recent = self._identity = None
+        self._count = self._delete = None
 
     def _auth(self, c):
         s = self.settings
@@ -208,10 +220,11 @@ class CassandraStore(TimeSeriesStore):
                                        "WHERE keyspace_name = %s AND table_name = 'events'", (s.keyspace,))
             for statement in add_columns_cql(s, (row["column_name"] for row in existing)):
                 session.execute(statement)
-            self._insert, self._recent, self._identity = (
+            self._insert, self._recent, self._identity, self._count, self._delete = (
                 session.prepare(q) for q in (insert_cql(s, row_ttl=self.retention_days is not None),
-                                             recent_cql(s), identity_cql(s)))
-            for prepared in (self._insert, self._recent, self._identity):
+                                             recent_cql(s), identity_cql(s), partition_count_cql(s),
+                                             delete_partition_cql(s)))
+            for prepared in (self._insert, self._recent, self._identity, self._count, self._delete):
                 prepared.is_idempotent, prepared.consistency_level = True, level
         except errors as e:
             raise StorageError(f"Cassandra setup on {', '.join(s.hosts)} failed: {e}") from e
@@ -284,6 +297,25 @@ class CassandraStore(TimeSeriesStore):
                 out.append((device, seq))
         return out
 
+    def erase_events(self, days: Mapping[str, Iterable[date]]) -> dict[str, int]:
+        """Delete each device's partitions of these UTC days, whole: counted first (to say how many
+        events went), then one partition tombstone each. Idempotent: an empty or deleted partition
+        counts 0 and takes one more tombstone."""
+        c, errors = self._ready()
+        keys = sorted({(device, day) for device, some in days.items() for day in some})
+        if not keys:
+            return {"events": 0, "partitions": 0}
+        try:
+            counted = c.concurrent.execute_concurrent_with_args(
+                self._session, self._count, keys, concurrency=self.settings.concurrency, raise_on_first_error=True)
+            events = sum(result.one()["n"] for _, result in counted)
+            c.concurrent.execute_concurrent_with_args(self._session, self._delete, keys,
+                                                      concurrency=self.settings.concurrency,
+                                                      raise_on_first_error=True)
+        except errors as e:
+            raise StorageError(f"Cassandra erasure of {len(keys)} device-day partitions failed: {e}") from e
+        return {"events": int(events), "partitions": len(keys)}
+
     def recent(self, device_id: str, days: int = 1, limit: int = 100) -> list[dict]:
         """A device's newest events over the last ``days`` UTC day buckets (today first), newest first."""
         _, errors = self._ready()
@@ -305,4 +337,5 @@ class CassandraStore(TimeSeriesStore):
     def close(self) -> None:
         if self._cluster is not None:
             self._cluster.shutdown()
-        self._cluster = self._session = self._insert = self._recent = None
+        self._cluster = self._session = self._insert = self._recent = self._identity = None
+        self._count = self._delete = None

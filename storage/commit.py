@@ -5,44 +5,66 @@ open transaction) and :meth:`TransactionalStore.transaction` (how to open,
 commit or roll it back, and which of its errors mean "this value is refused");
 :func:`commit_batch` does the rest, in this order:
 
-1. read the stored offsets of the topic (locked against a second writer);
+1. read the stored offsets of the topic (locked against a second writer, and against an erasure);
 2. refuse a batch that starts past them (``OffsetGap``: an earlier one is missing);
 3. drop rows whose offsets are stored: a replay;
-4. read the registry's last sample of the batch's devices;
-5. drop events already stored or repeated in the batch, by ``(device_id, seq)``;
-6. insert the raw events, when this store keeps them;
-7. merge the hourly rollups, 8. the device registry, 9. the daily firmware rows;
-10. store the new offsets.
+4. drop rows of erased devices (one lookup of the batch's devices in ``erased_devices``);
+5. read the registry's last sample of the batch's devices;
+6. drop events already stored or repeated in the batch, by ``(device_id, seq)``;
+7. insert the raw events, when this store keeps them;
+8. merge the hourly rollups, 9. the device registry, 10. the daily firmware rows;
+11. store the new offsets.
 
-Rollups are computed only from the rows that survive 3 and 5, so a redelivered or
-re-sent event is never counted twice; the offsets are stored in the same
-transaction as what they cover.
+Rollups are computed only from the rows that survive 3, 4 and 6, so a redelivered or
+re-sent event is never counted twice, and an erased device never comes back; the
+offsets are stored in the same transaction as what they cover.
+
+Erasure (:meth:`TransactionalStore.erase`) is the same kind of template: one
+transaction that shuts commits out, deletes the devices' rows from every
+device-keyed table and records their tombstones.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from contextlib import AbstractContextManager
-from datetime import datetime
-from typing import Mapping, Protocol
+from datetime import datetime, timezone
+from typing import Iterable, Mapping, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.base import CommitResult, RelationalStore
-from storage.schema import metadata
+from storage.schema import ERASED_FROM, metadata
 from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE, HOURLY_KEY, HOURLY_MERGE,
-                             check_follows, device_updates, drop_replayed, firmware_days, first_sightings,
-                             hourly_rollup)
+                             check_follows, device_updates, drop_erased, drop_replayed, firmware_days,
+                             first_sightings, hourly_rollup)
 
-__all__ = ["Transaction", "TransactionalStore", "commit_batch"]
+__all__ = ["Transaction", "TransactionalStore", "commit_batch", "ERASED_KEY", "ERASED_MERGE", "tombstones"]
+
+ERASED_KEY = ("device_id",)
+ERASED_MERGE = {"erased_at": "keep"}  # an insert that keeps an existing tombstone: the first erasure's time
 
 
 class Transaction(Protocol):
     """What :func:`commit_batch` needs from a backend inside one open transaction."""
 
     def read_offsets(self, topic: str) -> dict[int, int]:
-        """The stored next offset per partition, locked until the transaction ends."""
+        """The stored next offset per partition, locked until the transaction ends (against another
+        commit of the topic, and against :meth:`lock_out_commits`)."""
+
+    def lock_out_commits(self) -> None:
+        """Erasure: hold off every commit, of every topic, until the transaction ends (and wait for
+        the ones running): the lock :meth:`read_offsets` takes, taken for all of them."""
+
+    def erased(self, device_ids: list[str]) -> list[str]:
+        """Which of these devices are erased (have a row in ``erased_devices``)."""
+
+    def device_spans(self, device_ids: list[str]) -> dict[str, tuple[datetime, datetime]]:
+        """The registry's first and last event time of each of these devices it holds."""
+
+    def delete_devices(self, table: str, device_ids: list[str]) -> int:
+        """Erasure: DELETE the rows of these devices from ``table``; how many went."""
 
     def last_samples(self, device_ids: list[str]) -> pa.Table:
         """The registry's latest sample of these devices (``storage.rollups.LAST_SAMPLE``)."""
@@ -74,18 +96,33 @@ def commit_batch(tx: Transaction, topic: str, events: pa.Table, next_offsets: di
     stored = tx.read_offsets(topic)  # 1.
     check_follows(stored, start_offsets)  # 2.
     fresh, replayed = drop_replayed(events, stored)  # 3.
+    erased = 0
+    if fresh.num_rows:
+        devices = pc.unique(fresh["device_id"]).to_pylist()
+        gone = tx.erased(devices)  # 4.
+        if gone:
+            fresh, dropped = drop_erased(fresh, gone)
+            erased, devices = dropped.num_rows, sorted(set(devices) - set(gone))
     new = fresh
     if fresh.num_rows:
-        last = tx.last_samples(pc.unique(fresh["device_id"]).to_pylist())  # 4.
-        new = first_sightings(fresh, last, tx.stored_keys if with_raw_events else _nothing)  # 5.
+        last = tx.last_samples(devices)  # 5.
+        new = first_sightings(fresh, last, tx.stored_keys if with_raw_events else _nothing)  # 6.
     if new.num_rows:
         if with_raw_events:
-            tx.insert_events(new)  # 6.
-        tx.merge("device_hourly", HOURLY_KEY, HOURLY_MERGE, hourly_rollup(new, last))  # 7.
-        tx.merge("devices", DEVICE_KEY, DEVICE_MERGE, device_updates(new))  # 8.
-        tx.merge("device_firmware_daily", FIRMWARE_KEY, FIRMWARE_MERGE, firmware_days(new))  # 9.
-    tx.store_offsets(topic, next_offsets)  # 10.
-    return CommitResult(applied=new.num_rows, replayed=replayed, repeated=fresh.num_rows - new.num_rows)
+            tx.insert_events(new)  # 7.
+        tx.merge("device_hourly", HOURLY_KEY, HOURLY_MERGE, hourly_rollup(new, last))  # 8.
+        tx.merge("devices", DEVICE_KEY, DEVICE_MERGE, device_updates(new))  # 9.
+        tx.merge("device_firmware_daily", FIRMWARE_KEY, FIRMWARE_MERGE, firmware_days(new))  # 10.
+    tx.store_offsets(topic, next_offsets)  # 11.
+    return CommitResult(applied=new.num_rows, replayed=replayed, repeated=fresh.num_rows - new.num_rows,
+                        erased=erased)
+
+
+def tombstones(device_ids: list[str], at: datetime | None = None) -> pa.Table:
+    """The ``erased_devices`` rows of these devices, erased ``at`` (default: now)."""
+    at = at or datetime.now(timezone.utc)
+    return pa.table({"device_id": pa.array(device_ids, pa.string()),
+                     "erased_at": pa.array([at] * len(device_ids), pa.timestamp("us", tz="UTC"))})
 
 
 def _nothing(_rows: pa.Table) -> list:
@@ -117,6 +154,40 @@ class TransactionalStore(RelationalStore):
     def last_samples(self, device_ids: list[str]) -> pa.Table:
         with self.transaction() as tx:
             return tx.last_samples(device_ids)
+
+    def lookup(self, device_ids: list[str]) -> tuple[list[str], pa.Table]:
+        with self.transaction() as tx:
+            gone = tx.erased(device_ids) if device_ids else []
+            last = tx.last_samples(sorted(set(device_ids) - set(gone)) if gone else device_ids)
+        return gone, last
+
+    def erase(self, device_ids: Iterable[str]) -> dict[str, int]:
+        """Erase devices (ids as stored), in ONE transaction that no commit runs beside
+        (:meth:`Transaction.lock_out_commits`): delete their rows from every device-keyed table
+        (``storage.schema.ERASED_FROM``: raw events, hourly and daily rollups, the registry, flagged
+        device-days) and record their tombstones, so a replay or a backfill never brings them back.
+        Rollups are per device, so fleet figures (computed from them at query time) equal a
+        recomputation from the raw events that remain. Idempotent: erasing again deletes nothing
+        more and keeps the first tombstone; an unknown id gets its tombstone too. Rows removed per table."""
+        ids = sorted(set(device_ids))
+        with self.transaction() as tx:
+            tx.lock_out_commits()
+            removed = {table: tx.delete_devices(table, ids) for table in ERASED_FROM}
+            tx.merge("erased_devices", ERASED_KEY, ERASED_MERGE, tombstones(ids))
+        return removed
+
+    def mark_erased(self, device_ids: Iterable[str]) -> dict[str, tuple[datetime, datetime]]:
+        """The first step of erasing devices whose raw events live in another store: record their
+        tombstones (from then on no commit applies a row of theirs; the router writes none to the
+        other store) and read the span of event times the registry knows of each, to find those raw
+        events by. Deletes nothing: :meth:`erase` does, last, so an erasure cut short can be run
+        again and still finds the spans."""
+        ids = sorted(set(device_ids))
+        with self.transaction() as tx:
+            tx.lock_out_commits()
+            tx.merge("erased_devices", ERASED_KEY, ERASED_MERGE, tombstones(ids))
+            spans = tx.device_spans(ids)
+        return spans
 
     partitioned = True  # its partitioned tables (schema: partition_by) lose whole partitions
 

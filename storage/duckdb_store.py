@@ -59,9 +59,28 @@ class _Transaction:
         return dict(self.con.execute(
             "SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = ?", [topic]).fetchall())
 
+    def _ids(self, device_ids: list[str]) -> str:
+        return self._view("_ids", pa.table({"device_id": pa.array(device_ids, pa.string())}))
+
     def last_samples(self, device_ids: list[str]) -> pa.Table:
-        self._view("_ids", pa.table({"device_id": pa.array(device_ids, pa.string())}))
-        return self.con.sql(f"{LAST_SAMPLE_QUERY} JOIN _ids USING (device_id)").to_arrow_table()
+        return self.con.sql(f"{LAST_SAMPLE_QUERY} JOIN {self._ids(device_ids)} USING (device_id)").to_arrow_table()
+
+    def lock_out_commits(self) -> None:
+        pass  # one process writes a DuckDB file (its lock), through one connection: no commit runs beside
+
+    def erased(self, device_ids: list[str]) -> list[str]:
+        return [d for (d,) in self.con.execute(
+            f"SELECT device_id FROM erased_devices JOIN {self._ids(device_ids)} USING (device_id)").fetchall()]
+
+    def device_spans(self, device_ids: list[str]) -> dict:
+        return {d: (first, last) for d, first, last in self.con.execute(
+            f"SELECT device_id, first_seen, last_seen FROM devices JOIN {self._ids(device_ids)} USING (device_id)"
+        ).fetchall()}
+
+    def delete_devices(self, table: str, device_ids: list[str]) -> int:
+        ((rows,),) = self.con.execute(f"DELETE FROM {table} WHERE device_id IN "
+                                      f"(SELECT device_id FROM {self._ids(device_ids)})").fetchall()
+        return int(rows)
 
     def stored_keys(self, rows: pa.Table) -> list[tuple[str, int]]:
         self._view("_keys", rows)

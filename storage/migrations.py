@@ -76,6 +76,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "model registry index", lambda dialect, opts: [
         create_table_ddl(schema.model_versions, dialect, opts)]),
     Migration(6, "firmware per device and day, so adoption needs no raw events", _firmware_days),
+    Migration(7, "erased devices: tombstones that keep replays from bringing them back", lambda dialect, opts: [
+        create_table_ddl(schema.erased_devices, dialect, opts)]),
 )
 LATEST = MIGRATIONS[-1].version
 

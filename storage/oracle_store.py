@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError, IntegrityError
 
 from storage.base import RefusedRows, StorageError, TimeSeriesStore
-from storage.commit import DryRun, TransactionalStore
+from storage.commit import ERASED_KEY, ERASED_MERGE, DryRun, TransactionalStore
 from storage.migrations import migrate_engine
 from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE, HOURLY_KEY, HOURLY_MERGE,
                              LAST_SAMPLE_QUERY, last_sample_table)
@@ -32,7 +32,8 @@ from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, oracle_merge_sql
 
 __all__ = ["OracleStore", "oracle_url", "input_sizes", "EVENTS_MERGE", "HOURLY_MERGE_SQL", "FIRMWARE_MERGE_SQL", "DEVICES_MERGE_SQL",
            "OFFSETS_MERGE_SQL", "PARTITIONS_SQL", "DDL_LOCK_WAIT", "partition_high_value", "partitions_before",
-           "drop_partition_sql", "delete_before_sql"]
+           "drop_partition_sql", "delete_before_sql", "ERASED_MERGE_SQL", "ERASURE_LOCK", "ERASED_SQL", "SPANS_SQL",
+           "delete_devices_sql", "in_list_sql"]
 
 EVENT_KEY = ("device_id", "seq", "event_time")
 EVENTS_MERGE = oracle_merge_sql("events", EVENT_KEY, {c: "keep" for c in EVENT_COLUMNS if c not in EVENT_KEY})
@@ -40,12 +41,16 @@ HOURLY_MERGE_SQL = oracle_merge_sql("device_hourly", HOURLY_KEY, HOURLY_MERGE)
 FIRMWARE_MERGE_SQL = oracle_merge_sql("device_firmware_daily", FIRMWARE_KEY, FIRMWARE_MERGE)
 DEVICES_MERGE_SQL = oracle_merge_sql("devices", DEVICE_KEY, DEVICE_MERGE)
 OFFSETS_MERGE_SQL = oracle_merge_sql("kafka_offsets", OFFSETS_KEY, OFFSETS_MERGE)
+ERASED_MERGE_SQL = oracle_merge_sql("erased_devices", ERASED_KEY, ERASED_MERGE)  # insert-only: keeps the first
+# Erasure: a commit locks its topic's offsets rows (SELECT ... FOR UPDATE, which also takes the table's
+# row-exclusive lock); EXCLUSIVE mode waits for those commits and holds off new ones until the erasure ends.
+ERASURE_LOCK = "LOCK TABLE kafka_offsets IN EXCLUSIVE MODE"
 # Oracle's refusals of a value (the same rows fail again): unique key, NULL into NOT NULL, value
 # too large for its column, number over its precision, check constraint, bind too long.
 DATA_CODES = ("ORA-00001", "ORA-01400", "ORA-12899", "ORA-01438", "ORA-02290", "ORA-01461")
 KEY_CHUNK = 500  # (device_id, seq) pairs, or device ids, per lookup
 MERGES = {"device_hourly": HOURLY_MERGE_SQL, "devices": DEVICES_MERGE_SQL, "device_firmware_daily": FIRMWARE_MERGE_SQL,
-          "events": EVENTS_MERGE}
+          "events": EVENTS_MERGE, "erased_devices": ERASED_MERGE_SQL}
 # Retention: the interval partitions of a table with their upper bounds (a LONG: read as text);
 # the range section's own partition (p_first, INTERVAL = 'NO') stays, as Oracle requires.
 PARTITIONS_SQL = ("SELECT partition_name, high_value FROM user_tab_partitions "
@@ -59,6 +64,19 @@ def stored_keys_sql(pairs: int) -> str:
     """The (device_id, seq) pairs of a list that the events table holds already."""
     binds = ", ".join(f"(:{2 * i + 1}, :{2 * i + 2})" for i in range(pairs))
     return f"SELECT DISTINCT device_id, seq FROM events WHERE (device_id, seq) IN ({binds})"
+
+
+def in_list_sql(sql: str, n: int) -> str:
+    """``sql`` with ``IN ({ids})`` bound to ``n`` positional values (at most :data:`KEY_CHUNK`)."""
+    return sql.format(ids=", ".join(f":{j + 1}" for j in range(n)))
+
+
+ERASED_SQL = "SELECT device_id FROM erased_devices WHERE device_id IN ({ids})"
+SPANS_SQL = "SELECT device_id, first_seen, last_seen FROM devices WHERE device_id IN ({ids})"
+
+
+def delete_devices_sql(table: str) -> str:
+    return f"DELETE FROM {table} WHERE device_id IN ({{ids}})"
 
 
 def partition_high_value(text: str) -> datetime:
@@ -140,14 +158,32 @@ class _Transaction:
                          t=topic)
         return {int(p): int(o) for p, o in self.cur.fetchall()}
 
-    def last_samples(self, device_ids: list[str]) -> pa.Table:
-        rows = []
+    def _by_ids(self, sql: str, device_ids: list[str], fetch: bool = True) -> list | int:
+        """``sql`` (with ``IN ({ids})``) run per chunk of ids: every row fetched, or the rows it changed."""
+        rows, changed = [], 0
         for i in range(0, len(device_ids), KEY_CHUNK):
             part = device_ids[i:i + KEY_CHUNK]
-            binds = ", ".join(f":{j + 1}" for j in range(len(part)))
-            self.cur.execute(f"{LAST_SAMPLE_QUERY} WHERE device_id IN ({binds})", part)
-            rows.extend(self.cur.fetchall())
-        return last_sample_table(rows)
+            self.cur.execute(in_list_sql(sql, len(part)), part)
+            if fetch:
+                rows.extend(self.cur.fetchall())
+            else:
+                changed += self.cur.rowcount
+        return rows if fetch else changed
+
+    def last_samples(self, device_ids: list[str]) -> pa.Table:
+        return last_sample_table(self._by_ids(f"{LAST_SAMPLE_QUERY} WHERE device_id IN ({{ids}})", device_ids))
+
+    def lock_out_commits(self) -> None:
+        self.cur.execute(ERASURE_LOCK)
+
+    def erased(self, device_ids: list[str]) -> list[str]:
+        return [d for (d,) in self._by_ids(ERASED_SQL, device_ids)]
+
+    def device_spans(self, device_ids: list[str]) -> dict:
+        return {d: (first, last) for d, first, last in self._by_ids(SPANS_SQL, device_ids)}
+
+    def delete_devices(self, table: str, device_ids: list[str]) -> int:
+        return self._by_ids(delete_devices_sql(table), device_ids, fetch=False)
 
     def stored_keys(self, rows: pa.Table) -> list[tuple[str, int]]:
         pairs = list(zip(rows["device_id"].to_pylist(), rows["seq"].to_pylist()))

@@ -41,6 +41,13 @@ DATA_ERRORS = (DataError, IntegrityError, psycopg.DataError, psycopg.IntegrityEr
 PARTITIONS = ("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
               "WHERE i.inhparent = %s::regclass ORDER BY 1")
 RETENTION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('podpulse-retention'))"  # one run at a time
+# Commits and erasures: each commit holds this lock shared (commits run beside each other, one per
+# topic by the topic's own lock), an erasure holds it exclusively: it waits for the running commits
+# and holds off new ones, whatever their topic (a topic with no offsets stored yet included, which
+# no lock on kafka_offsets' rows would cover). A pair of int4 keys: apart from the one-key locks above.
+ERASURE_KEY = "1886348400, 1701994867"  # "podp", "eras"
+COMMIT_LOCKS = f"SELECT pg_advisory_xact_lock_shared({ERASURE_KEY}), pg_advisory_xact_lock(hashtext(%s))"
+ERASURE_LOCK = f"SELECT pg_advisory_xact_lock({ERASURE_KEY})"
 STORED_KEYS = ("SELECT DISTINCT e.device_id, e.seq FROM events e JOIN unnest(%s::text[], %s::bigint[]) "
                "AS k(device_id, seq) ON e.device_id = k.device_id AND e.seq = k.seq")
 
@@ -80,13 +87,29 @@ class _Transaction:
         self.store, self.cur = store, cur
 
     def read_offsets(self, topic: str) -> dict[int, int]:
-        self.cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [topic])  # one writer per topic
+        self.cur.execute(COMMIT_LOCKS, [topic])  # one writer per topic, and no erasure meanwhile
         self.cur.execute("SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = %s", [topic])
         return dict(self.cur.fetchall())
 
     def last_samples(self, device_ids: list[str]) -> pa.Table:
         self.cur.execute(f"{LAST_SAMPLE_QUERY} WHERE device_id = ANY(%s)", [device_ids])
         return last_sample_table(self.cur.fetchall())
+
+    def lock_out_commits(self) -> None:
+        self.cur.execute(ERASURE_LOCK)
+
+    def erased(self, device_ids: list[str]) -> list[str]:
+        self.cur.execute("SELECT device_id FROM erased_devices WHERE device_id = ANY(%s)", [device_ids])
+        return [d for (d,) in self.cur.fetchall()]
+
+    def device_spans(self, device_ids: list[str]) -> dict:
+        self.cur.execute("SELECT device_id, first_seen, last_seen FROM devices WHERE device_id = ANY(%s)",
+                         [device_ids])
+        return {d: (first, last) for d, first, last in self.cur.fetchall()}
+
+    def delete_devices(self, table: str, device_ids: list[str]) -> int:
+        self.cur.execute(f"DELETE FROM {table} WHERE device_id = ANY(%s)", [device_ids])
+        return self.cur.rowcount
 
     def stored_keys(self, rows: pa.Table) -> list[tuple[str, int]]:
         self.cur.execute(STORED_KEYS, [rows["device_id"].to_pylist(), rows["seq"].to_pylist()])

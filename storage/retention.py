@@ -30,7 +30,7 @@ from typing import Mapping
 
 from podpulse.config import StorageConfig
 from podpulse.errors import ConfigError
-from storage.router import open_backend
+from storage.router import open_backend, opened
 
 __all__ = ["KIND_TABLES", "cutoffs", "apply_retention", "parse_keep"]
 
@@ -61,12 +61,8 @@ def apply_retention(config: StorageConfig, now: datetime | None = None) -> dict:
 def _expire(spec: Mapping, tables: dict[str, datetime]) -> dict[str, dict]:
     if spec["type"] == "cassandra":  # each row carries its TTL already (storage.cassandra_store)
         return {t: {"cutoff": cutoff.isoformat(), "by": "ttl"} for t, cutoff in tables.items()}
-    store = open_backend(spec)
-    try:
-        store.setup()
+    with opened(open_backend(spec)) as store:
         removed = store.expire(tables)
-    finally:
-        store.close()
     return {t: {"cutoff": cutoff.isoformat(), "by": "partition" if "partitions" in removed[t] else "delete",
                 **removed[t]} for t, cutoff in tables.items()}
 

@@ -19,7 +19,7 @@ from storage.base import OffsetGap
 __all__ = ["KAFKA_COLUMNS", "HOURLY_KEY", "HOURLY_MERGE", "DEVICE_KEY", "DEVICE_MERGE", "LAST_SAMPLE",
            "REPORT_UTC_OFFSET_H", "FIRMWARE_KEY", "FIRMWARE_MERGE", "firmware_days",
            "SINCE_MIGRATION_4", "LAST_SAMPLE_QUERY", "last_sample_table",
-           "drop_replayed", "check_follows", "first_sightings", "hourly_rollup", "device_updates"]
+           "drop_replayed", "drop_erased", "check_follows", "first_sightings", "hourly_rollup", "device_updates"]
 
 KAFKA_COLUMNS = [("kafka_partition", pa.int32()), ("kafka_offset", pa.int64())]
 
@@ -116,6 +116,15 @@ def drop_replayed(events: pa.Table, stored: dict[int, int]) -> tuple[pa.Table, i
     if keep.all():
         return events, 0
     return events.filter(pa.array(keep)), int((~keep).sum())
+
+
+def drop_erased(events: pa.Table, erased: Iterable[str]) -> tuple[pa.Table, pa.Table]:
+    """Split off the rows of erased devices: (the rows kept, the rows dropped)."""
+    gone = pa.array(list(erased), pa.string())
+    if events.num_rows == 0 or len(gone) == 0:
+        return events, events.slice(0, 0)
+    mask = pc.is_in(events["device_id"], value_set=gone)
+    return events.filter(pc.invert(mask)), events.filter(mask)
 
 
 def first_sightings(events: pa.Table, last: pa.Table | None,

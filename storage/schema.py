@@ -31,8 +31,8 @@ from storage.rollups import (DEVICE_MERGE, FIRMWARE_KEY, HOURLY_MERGE, KAFKA_COL
                              SINCE_MIGRATION_4)
 
 __all__ = ["metadata", "events", "device_hourly", "device_firmware_daily", "devices", "kafka_offsets", "anomalies",
-           "schema_version", "model_versions", "OracleOptions", "create_table_ddl", "table_as_of",
-           "add_columns_ddl", "postgres_month_partition_ddl", "postgres_month_partition", "month_end",
+           "schema_version", "model_versions", "erased_devices", "ERASED_FROM", "OracleOptions", "create_table_ddl",
+           "table_as_of", "add_columns_ddl", "postgres_month_partition_ddl", "postgres_month_partition", "month_end",
            "EXPIRING_TABLES", "expiry_bound", "EVENT_COLUMNS"]
 
 metadata = MetaData()
@@ -159,6 +159,14 @@ model_versions = Table(
     PrimaryKeyConstraint("name", "version"),
 )
 
+# Tombstones of erased devices (since migration 7): a commit drops every row of a device listed
+# here, so a replay or a backfill of old offsets never brings an erased device back.
+erased_devices = Table(
+    "erased_devices", metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("erased_at", UtcTime, nullable=False),
+)
+
 schema_version = Table(
     "podpulse_schema_version", metadata,
     Column("version", Integer, primary_key=True, autoincrement=False),
@@ -235,6 +243,10 @@ def month_end(year: int, month: int) -> datetime:
     return datetime(year + 1, 1, 1, tzinfo=timezone.utc) if month == 12 else \
         datetime(year, month + 1, 1, tzinfo=timezone.utc)
 
+
+# What erasing a device deletes: every table keyed by device (its raw events, rollups, registry
+# entry and flagged device-days). Training reads these same tables: it keeps no training table.
+ERASED_FROM = tuple(t.name for t in metadata.sorted_tables if "device_id" in t.c and t is not erased_devices)
 
 # The tables retention may expire, each by its time column (``info["expire_by"]``).
 EXPIRING_TABLES = {t.name: t.info["expire_by"] for t in metadata.sorted_tables if "expire_by" in t.info}

@@ -141,6 +141,26 @@ def test_in_the_cassandra_layout_an_event_sent_again_is_counted_once_and_a_crash
         storage.timeseries.close()
 
 
+def test_the_writer_counts_the_rows_of_erased_devices_it_dropped(tmp_path):
+    from storage.router import erase_devices
+
+    config = StorageConfig.embedded(tmp_path / "s.duckdb")
+    rows = batch(fleet_values(devices=20, hours=2), 0, 0)
+    erased = rows["device_id"][0].as_py()
+    erase_devices(config, [erased])  # before any of its events arrive
+
+    async def scenario():
+        writer = Writer(config)
+        result = await writer.commit("t", rows, {0: rows.num_rows}, {0: None})
+        stats = writer.get_stats()
+        await writer.close()
+        return result, stats
+
+    result, stats = asyncio.run(scenario())
+    mine = rows["device_id"].to_pylist().count(erased)
+    assert stats["erased"] == mine > 0 and result["applied"] == stats["applied"] == rows.num_rows - mine
+
+
 def test_the_writer_never_touches_the_database_in_its_constructor(tmp_path):
     """Ray never restarts an actor whose constructor raised: the writer connects on first use."""
     from podpulse.broker import free_port

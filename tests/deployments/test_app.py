@@ -21,6 +21,7 @@ from bench.serve import ROW  # one device-hour row, the benchmark's too
 from podpulse.broker import free_port
 from podpulse.config import MIN_K
 from podpulse.train import train_battery_anomaly, train_usage_forecast
+from storage.reader import run_queries
 from storage.router import StorageConfig
 
 TOKEN = "test-token"
@@ -761,6 +762,10 @@ def test_a_token_is_rotated_by_rewriting_the_tokens_file_without_a_restart(serve
         assert requests.get(f"{url}/v1/analytics/state_overview", headers=bearer(new)).status_code == 200
     finally:
         path.write_text(before)
+        deadline = time.monotonic() + 20  # the tests after this one use product-team's token again
+        while requests.get(f"{url}/v1/analytics/state_overview", headers=bearer(AGGREGATES)).status_code == 401 \
+                and time.monotonic() < deadline:
+            time.sleep(0.3)
 
 
 def test_a_device_timeline_is_its_rollups_hour_by_hour_for_read_devices_only(served):
@@ -807,3 +812,18 @@ def test_a_device_timeline_is_its_rollups_hour_by_hour_for_read_devices_only(ser
                              params={"from": "2026-06-30", "to": "2026-06-01"})
     assert too_long.status_code == 422 and "92 days" in too_long.json()["detail"]
     assert backwards.status_code == 422 and "before" in backwards.json()["detail"]
+
+
+def test_only_an_admin_token_erases_a_device(served):
+    """Last in this module: it takes a device out of the store the other tests read."""
+    url, _, storage, *_ = served
+    device = run_queries(storage, {"d": "SELECT device_id FROM devices ORDER BY device_id LIMIT 1"})["d"][0][0]
+    for token in (INGEST, AGGREGATES):
+        refused = requests.delete(f"{url}/v1/devices/{device}", headers=bearer(token))
+        assert refused.status_code == 403 and "'admin'" in refused.json()["detail"], refused.text
+    assert requests.delete(f"{url}/v1/devices/not%20an%20id", headers=AUTH).status_code == 422
+    answer = requests.delete(f"{url}/v1/devices/{device}", headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    backend = answer.json()["backends"]["embedded"]
+    assert backend["tables"]["devices"] == 1 and backend["tables"]["events"] > 0 and backend["tombstones"] == 1
+    assert requests.get(f"{url}/v1/devices/{device}/battery-health", headers=AUTH).status_code == 404

@@ -38,6 +38,7 @@ def test_routes_need_their_scope_and_admin_has_every_one():
     assert [required_scope(p) for p in ("/v1/telemetry", "/v1/devices/ap-1/battery-health",
                                         "/v1/analytics/usage_trend", "/v1/battery/score", "/v1/forecast/usage")] \
         == ["ingest", "read:devices", "read:aggregates", "read:aggregates", "read:aggregates"]
+    assert required_scope("/v1/devices/ap-1", "DELETE") == "admin"  # erasure
     assert all(allows(frozenset({"admin"}), s) for s in SCOPES)
     assert not allows(frozenset({"read:aggregates"}), "read:devices")
 

@@ -301,3 +301,20 @@ def test_retention_apply_bad_arguments_get_one_line(old_store, args, words):
 def test_retention_apply_needs_a_store(tmp_path):
     proc = podpulse("retention", "apply", "--db", tmp_path / "none.duckdb", check=False)
     assert proc.returncode == 1 and "no store at" in proc.stderr
+
+
+def test_erase_removes_a_device_from_the_store_and_says_what(tmp_path, old_store):
+    with duckdb.connect(str(old_store), read_only=True) as con:
+        device, events = con.execute("SELECT device_id, events FROM devices ORDER BY device_id LIMIT 1").fetchall()[0]
+    result = json.loads(podpulse("erase", "--db", old_store, "--device", device, "--device", "ap-unknown-0001",
+                                 "--json").stdout)
+    assert result["devices"] == sorted([device, "ap-unknown-0001"])
+    backend = result["backends"]["embedded"]
+    assert (backend["tables"]["events"], backend["tables"]["devices"], backend["tombstones"]) == (events, 1, 2)
+    with duckdb.connect(str(old_store), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM events WHERE device_id = ?", [device]).fetchall() == [(0,)]
+        assert con.execute("SELECT count(*) FROM erased_devices").fetchall() == [(2,)]
+    text = podpulse("erase", "--db", old_store, "--device", device).stdout  # again: nothing more to delete
+    assert device in text and "events" in text and "0 rows deleted" in text and "tombstone" in text
+    missing = podpulse("erase", "--db", tmp_path / "none.duckdb", "--device", device, check=False)
+    assert missing.returncode == 1 and "no store at" in missing.stderr

@@ -11,9 +11,11 @@ from sqlglot import exp
 
 from storage.migrations import MIGRATIONS, statements
 from storage.base import StorageError
-from storage.oracle_store import (DDL_LOCK_WAIT, DEVICES_MERGE_SQL, EVENTS_MERGE, FIRMWARE_MERGE_SQL,
-                                  HOURLY_MERGE_SQL, OFFSETS_MERGE_SQL, PARTITIONS_SQL, delete_before_sql,
-                                  drop_partition_sql, partition_high_value, partitions_before)
+from storage.oracle_store import (DDL_LOCK_WAIT, DEVICES_MERGE_SQL, ERASED_MERGE_SQL, ERASED_SQL, ERASURE_LOCK,
+                                  EVENTS_MERGE, FIRMWARE_MERGE_SQL, HOURLY_MERGE_SQL, OFFSETS_MERGE_SQL,
+                                  PARTITIONS_SQL, SPANS_SQL, delete_before_sql, delete_devices_sql,
+                                  drop_partition_sql, in_list_sql, partition_high_value, partitions_before)
+from storage.schema import ERASED_FROM
 from storage.schema import OracleOptions
 
 SUFFIX = re.compile(r"\) PARTITION BY RANGE \((\w+)\) INTERVAL \(NUMTODSINTERVAL\((\d+), 'DAY'\)\) "
@@ -65,6 +67,7 @@ def test_table_bodies_parse_as_oracle_sql():
     (DEVICES_MERGE_SQL, "devices", {"device_id"}),
     (OFFSETS_MERGE_SQL, "kafka_offsets", {"topic", "kafka_partition"}),
     (EVENTS_MERGE, "events", {"device_id", "seq", "event_time"}),
+    (ERASED_MERGE_SQL, "erased_devices", {"device_id"}),
 ])
 def test_merges_parse_and_join_on_the_primary_key(sql, table, key):
     tree = sqlglot.parse_one(sql, read="oracle")
@@ -80,6 +83,20 @@ def test_merge_rules_are_null_safe_and_additive():
     assert "t.battery_left_min = LEAST(" in HOURLY_MERGE_SQL
     assert "CASE WHEN s.last_seen >= t.last_seen THEN s.firmware ELSE t.firmware END" in DEVICES_MERGE_SQL
     assert "WHEN MATCHED" not in EVENTS_MERGE  # raw events: insert-only, idempotent by key
+    assert "WHEN MATCHED" not in ERASED_MERGE_SQL  # a tombstone keeps the first erasure's time
+
+
+def test_erasure_statements_parse_and_bind_one_id_each():
+    for sql, kind in [(ERASED_SQL, exp.Select), (SPANS_SQL, exp.Select),
+                      *((delete_devices_sql(t), exp.Delete) for t in ERASED_FROM)]:
+        bound = in_list_sql(sql, 3)
+        assert bound.endswith("device_id IN (:1, :2, :3)"), bound
+        tree = sqlglot.parse_one(re.sub(r":(\d)", r":b\1", bound), read="oracle")  # sqlglot reads named binds only
+        assert isinstance(tree, kind), bound
+        (values,) = list(tree.find_all(exp.In))
+        assert values.this.name == "device_id" and [p.name for p in values.expressions] == ["b1", "b2", "b3"]
+    # sqlglot has no LOCK TABLE: the statement that holds commits off is held by a pattern
+    assert re.fullmatch(r"LOCK TABLE kafka_offsets IN EXCLUSIVE MODE", ERASURE_LOCK)
 
 
 @pytest.mark.skipif(not os.environ.get("PODPULSE_ORACLE_DSN"),
@@ -106,6 +123,12 @@ def test_oracle_round_trip(tmp_path):
     again = store.commit(topic, t, {0: t.num_rows}, with_raw_events=True)
     assert (first.applied, again.applied, again.replayed) == (t.num_rows, 0, t.num_rows)
     assert store.committed_offsets(topic) == {0: t.num_rows}
+    victim = t["device_id"][0].as_py()
+    mine = sum(1 for d in t["device_id"].to_pylist() if d == victim)
+    removed = store.erase([victim])
+    assert (removed["events"], removed["devices"]) == (mine, 1)
+    backfill = store.commit(f"{topic}-backfill", t, {0: t.num_rows}, with_raw_events=True)
+    assert (backfill.erased, backfill.applied) == (mine, 0)
     store.close()
 
 
