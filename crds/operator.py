@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from datetime import datetime, timezone
 
 import kopf
@@ -76,12 +77,17 @@ class Cluster:
 
 
 _cluster: Cluster | None = None
+_cluster_lock = threading.Lock()
 
 
 def cluster() -> Cluster:
+    """The one client. kopf runs these sync handlers in threads, so the first calls come at once (a
+    resource's create handler and its timer): unlocked, each made a client, and their discovery
+    caches (one file) were written and read over each other ("load cache error" in the log)."""
     global _cluster
-    if _cluster is None:
-        _cluster = Cluster()
+    with _cluster_lock:
+        if _cluster is None:
+            _cluster = Cluster()
     return _cluster
 
 
@@ -96,7 +102,11 @@ def _plain(body) -> dict:
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.finalizer = "podpulse.io/finalizer"
-    settings.posting.level = logging.INFO  # Kubernetes events for handler results, not for debug noise
+    # Kubernetes events (kubectl describe) for what went wrong: a handler that failed or will retry.
+    # kopf 1.45 posts its object log as events only with posting.loggers, whatever the level.
+    # Successes stay in the log: the resync timer would post one per resource every resync.
+    settings.posting.loggers = True
+    settings.posting.level = logging.WARNING
 
 
 def _sync(plural: str, cr: dict, children: list[dict], status_of) -> dict:

@@ -5,8 +5,10 @@ Kubernetes 1.37) into ``.cache/tools/bin``. etcd keeps its data in a private
 directory on free loopback ports; kube-apiserver serves HTTPS on 127.0.0.1 with a
 certificate it makes itself (``--cert-dir``), authenticates one admin by a static
 token (group ``system:masters``), authorizes with RBAC, and signs service-account
-tokens with a key made here. No controller manager or scheduler runs: objects are
-stored and validated (schemas, CEL rules, admission), never acted on.
+tokens with a key made here. No scheduler runs, and by default no controller manager:
+objects are stored and validated (schemas, CEL rules, admission), never acted on.
+:class:`KubeControllerManager` runs kube-controller-manager (also built by ``make kube``)
+with its garbage collector only, for the tests that need owner references acted on.
 
     PYTHONPATH=tests python -m infra.kube     # run one in the foreground, print how to reach it
 """
@@ -27,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from infra.process import ServerProcess, ServiceError, free_port, port_open
 
-__all__ = ["Etcd", "KubeAPIServer", "KubeControlPlane", "tools_bin"]
+__all__ = ["Etcd", "KubeAPIServer", "KubeControlPlane", "KubeControllerManager", "tools_bin"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -135,6 +137,43 @@ class KubeAPIServer(ServerProcess):
         try:
             r = requests.get(f"{self.url}/readyz", headers={"Authorization": f"Bearer {self.token}"},
                              verify=str(self.ca_file), timeout=5)
+        except requests.RequestException:
+            return False
+        return r.status_code == 200
+
+
+class KubeControllerManager(ServerProcess):
+    """kube-controller-manager with only the controllers named (by default the garbage collector:
+    dependents of a deleted owner are deleted, foreground deletion waits for them), as the admin.
+
+    The garbage collector learns the API's resources at start and again every 30 s: start it
+    after the CustomResourceDefinitions whose objects it should collect."""
+
+    name = "kube-controller-manager"
+    start_timeout_s = 60.0
+
+    def __init__(self, kubeconfig: Path, root=None, controllers: tuple[str, ...] = ("garbage-collector-controller",)):
+        super().__init__(root)
+        self.binary = tools_bin("kube-controller-manager")
+        self.kubeconfig = kubeconfig
+        self.controllers = controllers
+        self.port = free_port()
+
+    def command(self) -> list[str]:
+        return [str(self.binary), "--kubeconfig", str(self.kubeconfig),
+                "--controllers", ",".join(self.controllers),
+                "--leader-elect=false",  # one instance, and no Lease objects in kube-system
+                "--bind-address", "127.0.0.1", "--secure-port", str(self.port), "--cert-dir", str(self.root / "certs"),
+                "--authentication-skip-lookup",  # no front-proxy CA to read from kube-system
+                "--profiling=false"]
+
+    def ready(self) -> bool:
+        # The certificate it makes itself at start, with the CA that signed it (as kube-apiserver's).
+        cert = self.root / "certs" / "kube-controller-manager.crt"
+        if not port_open("127.0.0.1", self.port) or not cert.exists():
+            return False
+        try:  # /healthz is served to anyone
+            r = requests.get(f"https://127.0.0.1:{self.port}/healthz", verify=str(cert), timeout=5)
         except requests.RequestException:
             return False
         return r.status_code == 200

@@ -2,7 +2,8 @@
 
 The double records every call the handlers make; the test then holds deploy/base/rbac.yaml
 to exactly those calls (plus what kopf itself does), so the Role grants nothing unused.
-kopf's own machinery (watching, posting events, patching status) is not exercised here.
+kopf's own machinery (watching, posting events, patching status) is not exercised here;
+test_operator_live.py runs the operator, kopf and all, against a real API server under this RBAC.
 """
 
 import copy
@@ -269,8 +270,9 @@ def test_rbac_grants_exactly_what_the_operator_uses(cluster, rayservice, example
         | {("podpulse.io", f"{p}/status", "patch") for p in plurals} | {("", "events", "create")}
     assert used <= granted, used - granted
     assert granted - kopf_needs == used, (granted - kopf_needs) - used  # nothing granted that goes unused
-    assert rules(docs["ClusterRole"]) == {("apiextensions.k8s.io", "customresourcedefinitions", v)
-                                          for v in ("list", "watch")}
+    # kopf observes CRDs and namespaces (with a fixed --namespace too; test_operator_live.py runs it)
+    assert rules(docs["ClusterRole"]) == {(group, resource, v) for v in ("list", "watch") for group, resource in
+                                          [("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces")]}
     # The plurals the operator and the Role name are the CRDs' own.
     crd_plurals = {yaml.safe_load(f.read_text())["spec"]["names"]["plural"]
                    for f in (root / "crds").glob("podpulse.io_*")}
