@@ -217,6 +217,25 @@ def test_an_oversized_reject_is_dead_lettered_truncated_and_ingest_goes_on(
     assert sum(stored_identities(storage).values()) == 200
 
 
+def _consumer_stats(supervisor) -> list[dict]:
+    return ray.get([c.get_stats.remote() for c in ray.get(supervisor.handles.remote())["consumers"] if c is not None])
+
+
+def _writer_stats(supervisor) -> dict:
+    writer = ray.get(supervisor.handles.remote())["writer"]
+    try:
+        return {} if writer is None else ray.get(writer.get_stats.remote(), timeout=30)
+    except ray.exceptions.RayError:  # being replaced: ask again
+        return {}
+
+
+def _wait_for(condition, what: str, deadline_s: float = 180) -> None:
+    end = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < end, f"no {what} within {deadline_s} s"
+        time.sleep(0.5)
+
+
 def test_ingest_started_while_the_database_is_down_waits_and_survives_a_restart(
         ray_local, broker, new_topic, produce_fleet, postgres, pg_url, assert_rollups_match_raw):
     """PostgreSQL is down when ingest starts: it waits, saying why, and proceeds when the database
@@ -230,11 +249,14 @@ def test_ingest_started_while_the_database_is_down_waits_and_survives_a_restart(
                                                           storage=storage, batch_size=500, linger_ms=20,
                                                           max_in_flight=1))
         done = supervisor.run.remote(until_caught_up=True)
-        time.sleep(6)  # consumers find the store down and wait
+        # consumers find the store down and wait, saying so (polled: actor start-up is slow on CI)
+        _wait_for(lambda: any("waiting for the store" in " ".join(s["failures"])
+                              for s in _consumer_stats(supervisor)), "a consumer waiting for the store")
         assert not ray.wait([done], timeout=0)[0], "ingest ended while the database was down"
     finally:
         postgres.start()
-    time.sleep(4)
+    _wait_for(lambda: ray.wait([done], timeout=0)[0] or _writer_stats(supervisor).get("applied", 0) > 0,
+              "a first write after the database came up")
     postgres.restart()  # mid-stream (or just after: either way it must not matter)
     summary = ray.get(done, timeout=240)
     ray.kill(supervisor)
