@@ -25,6 +25,7 @@ from datetime import date, timedelta
 import numpy as np
 
 from podpulse import geo
+from podpulse.cohort import Cohort
 from podpulse.contract import DEVICE_ID
 from podpulse.config import MIN_K, StorageConfig
 from podpulse.errors import ConfigError
@@ -88,13 +89,13 @@ def _clean(row) -> list:
     return out
 
 
-def usage_trend(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Result:
+def usage_trend(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: Cohort = Cohort()) -> Result:
     """Listening per AEST day, by state and urban/rural."""
     rows = r.rows(f"""
         SELECT {_local_day()} AS day, state, urban, count(DISTINCT device_id) AS devices,
                sum(listening_s) / 3600.0 AS listening_h,
                sum(listening_s) / 3600.0 / count(DISTINCT device_id) AS hours_per_device
-        FROM device_hourly WHERE {_window(start, end)}
+        FROM device_hourly WHERE {_window(start, end)}{cohort.sql()}
         GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 DESC""")
     return _suppress("usage_trend", ["day", "state", "urban", "devices", "listening_h", "hours_per_device"],
                      rows, k)
@@ -103,7 +104,7 @@ def usage_trend(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Result
 AMBIENT_BANDS = ((0, 45), (45, 55), (55, 65), (65, 75), (75, 200))
 
 
-def noise_habits(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Result:
+def noise_habits(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: Cohort = Cohort()) -> Result:
     """Noise-control mode shares of in-ear time, by the device-hour's mean ambient level."""
     band = " ".join(f"WHEN ambient_dba_sum / ambient_samples < {hi} THEN '{lo}-{hi}'"
                     for lo, hi in AMBIENT_BANDS[:-1])
@@ -112,40 +113,40 @@ def noise_habits(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Resul
                count(DISTINCT device_id) AS devices, sum(in_ear_s) / 3600.0 AS in_ear_h,
                sum(anc_s) / sum(in_ear_s) AS anc, sum(adaptive_s) / sum(in_ear_s) AS adaptive,
                sum(transparency_s) / sum(in_ear_s) AS transparency, sum(off_s) / sum(in_ear_s) AS off
-        FROM device_hourly WHERE {_window(start, end)} AND ambient_samples > 0
+        FROM device_hourly WHERE {_window(start, end)} AND ambient_samples > 0{cohort.sql()}
         GROUP BY 1, 2 ORDER BY min(ambient_dba_sum / ambient_samples), 2 DESC""")
     return _suppress("noise_habits", ["ambient_band", "urban", "devices", "in_ear_h", "anc", "adaptive",
                                       "transparency", "off"], rows, k)
 
 
-def mode_shares(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Result:
+def mode_shares(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: Cohort = Cohort()) -> Result:
     """Noise-control mode shares of in-ear time by state and urban/rural."""
     rows = r.rows(f"""
         SELECT state, urban, count(DISTINCT device_id) AS devices, sum(in_ear_s) / 3600.0 AS in_ear_h,
                sum(anc_s) / sum(in_ear_s) AS anc, sum(adaptive_s) / sum(in_ear_s) AS adaptive,
                sum(transparency_s) / sum(in_ear_s) AS transparency, sum(off_s) / sum(in_ear_s) AS off
-        FROM device_hourly WHERE {_window(start, end)} AND in_ear_s > 0
+        FROM device_hourly WHERE {_window(start, end)} AND in_ear_s > 0{cohort.sql()}
         GROUP BY 1, 2 ORDER BY 1, 2 DESC""")
     return _suppress("mode_shares", ["state", "urban", "devices", "in_ear_h", "anc", "adaptive", "transparency",
                                      "off"], rows, k)
 
 
-def _device_weeks(r: Reader, start: date, end: date) -> list[tuple]:
+def _device_weeks(r: Reader, start: date, end: date, cohort: Cohort) -> list[tuple]:
     return r.rows(f"""
         SELECT device_id, min(state), bool_or(urban), date_trunc('week', hour + {AEST}) AS week,
                sum(dose_s) AS dose_s
-        FROM device_hourly WHERE {_window(start, end)}
+        FROM device_hourly WHERE {_window(start, end)}{cohort.sql()}
         GROUP BY device_id, 4""")
 
 
-def exposure(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Result:
+def exposure(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: Cohort = Cohort()) -> Result:
     """Weekly sound exposure against the WHO guide (80 dBA for 40 h a week), by region.
 
     Rows: state, urban, devices, device-weeks, share of device-weeks over the
     guide, median weekly dose (% of the allowance). ``distribution``: the count
     of device-weeks per 10% band of dose, fleet-wide.
     """
-    weeks = _device_weeks(r, start, end)
+    weeks = _device_weeks(r, start, end, cohort)
     cells: dict[tuple, list] = {}
     for device, state, urban, _, dose in weeks:
         cells.setdefault((state, bool(urban)), []).append((device, float(dose) / WEEKLY_ALLOWANCE_S * 100))
@@ -172,26 +173,27 @@ def exposure(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Result:
     return result
 
 
-def _device_drain(r: Reader, start: date, end: date) -> list[tuple]:
+def _device_drain(r: Reader, start: date, end: date, cohort: Cohort) -> list[tuple]:
     return r.rows(f"""
         SELECT h.device_id, d.model, d.firmware,
                sum(h.drain_left_pct) / (sum(h.drain_playback_s) / 3600.0) AS left_per_h,
                sum(h.drain_right_pct) / (sum(h.drain_playback_s) / 3600.0) AS right_per_h,
                sum(h.drain_playback_s) / 3600.0 AS rated_h
         FROM device_hourly h JOIN devices d USING (device_id)
-        WHERE {_window(start, end, 'h.hour')}
+        WHERE {_window(start, end, 'h.hour')}{cohort.sql('h.device_id')}
         GROUP BY h.device_id, d.model, d.firmware
         HAVING sum(h.drain_playback_s) >= {MIN_DRAIN_PLAYBACK_S}""")
 
 
-def battery_health(r: Reader, start: date, end: date, k: int = DEFAULT_K, outliers: int = 10) -> Result:
+def battery_health(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: Cohort = Cohort(),
+                   outliers: int = 10) -> Result:
     """Drain per hour of playback by model and firmware; the devices furthest from their cohort.
 
     A device's drain is the mean of its two buds; its distance is the robust
     z-score against its model-and-firmware cohort ((x - median) / (1.4826 MAD)),
     on the worse bud. Cohorts with fewer than k devices are suppressed.
     """
-    devices = _device_drain(r, start, end)
+    devices = _device_drain(r, start, end, cohort)
     cohorts: dict[tuple, list] = {}
     for dev, model, fw, left, right, _ in devices:
         cohorts.setdefault((model, fw), []).append((dev, float(left), float(right)))
@@ -214,7 +216,7 @@ def battery_health(r: Reader, start: date, end: date, k: int = DEFAULT_K, outlie
     return result
 
 
-def firmware_adoption(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Result:
+def firmware_adoption(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: Cohort = Cohort()) -> Result:
     """Share of each day's devices on each firmware, among the versions shown (from the firmware
     rollup, so it needs no raw events: they may live in Cassandra).
 
@@ -223,7 +225,7 @@ def firmware_adoption(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> 
     version has 2)."""
     daily = r.rows(f"""
         SELECT day, firmware, count(DISTINCT device_id) AS devices FROM device_firmware_daily
-        WHERE day >= DATE '{start.isoformat()}' AND day < DATE '{end.isoformat()}'
+        WHERE day >= DATE '{start.isoformat()}' AND day < DATE '{end.isoformat()}'{cohort.sql()}
         GROUP BY 1, 2 ORDER BY 1, 2""")
     shown: dict = {}
     for day, _, devices in daily:
@@ -235,7 +237,7 @@ def firmware_adoption(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> 
                             f"shares are of the devices on the versions shown (each with at least {k})"])
 
 
-def listening_by_hour(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Result:
+def listening_by_hour(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: Cohort = Cohort()) -> Result:
     """Mean listening minutes per active device by local hour of day, urban vs rural."""
     offset = "CASE state " + " ".join(
         f"WHEN '{s.code}' THEN {int(s.utc_offset_h * 60)}" for s in geo.STATES) + " ELSE 600 END"
@@ -243,7 +245,7 @@ def listening_by_hour(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> 
         WITH local AS (
             SELECT device_id, urban, listening_s,
                    CAST(extract(hour FROM hour + {offset} * INTERVAL '1 minute') AS INTEGER) AS local_hour
-            FROM device_hourly WHERE {_window(start, end)})
+            FROM device_hourly WHERE {_window(start, end)}{cohort.sql()})
         SELECT local_hour, urban, count(DISTINCT device_id) AS devices,
                sum(listening_s) / 60.0 / count(DISTINCT device_id) AS minutes_per_device
         FROM local GROUP BY 1, 2 ORDER BY 1, 2 DESC""")
@@ -251,7 +253,7 @@ def listening_by_hour(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> 
                      notes=["local time is each state's standard time; half-hour zones round down"])
 
 
-def state_overview(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Result:
+def state_overview(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: Cohort = Cohort()) -> Result:
     """Per state: devices, listening per device-day, cancellation share, exposure, drain."""
     days = max((end - start).days, 1)
     rows = r.rows(f"""
@@ -261,7 +263,7 @@ def state_overview(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> Res
                sum(drain_left_pct + drain_right_pct) / 2 / nullif(sum(drain_playback_s) / 3600.0, 0)
                    AS drain_pct_per_h,
                avg(CASE WHEN urban THEN 1.0 ELSE 0.0 END) AS urban_share
-        FROM device_hourly WHERE {_window(start, end)}
+        FROM device_hourly WHERE {_window(start, end)}{cohort.sql()}
         GROUP BY state ORDER BY devices DESC""")
     return _suppress("state_overview", ["state", "devices", "listening_h_per_day", "cancelling_share",
                                         "drain_pct_per_h", "urban_share"], rows, k,
@@ -328,21 +330,24 @@ def data_range(r: Reader) -> tuple[date, date] | None:
     return lo, hi + timedelta(days=1)
 
 
-def full_report(r: Reader, start: date, end: date, k: int = DEFAULT_K) -> dict:
+def full_report(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: Cohort = Cohort()) -> dict:
     """Every query, as one JSON-ready object."""
     out = {"range": {"from": start.isoformat(), "to": (end - timedelta(days=1)).isoformat(),
                      "days": "AEST (UTC+10), both ends included"}, "k": k}
+    if cohort:
+        out["cohort"] = cohort.as_dict() | {"label": cohort.label()}
     for name, query in QUERIES.items():
-        out[name] = query(r, start, end, k).as_dict()
+        out[name] = query(r, start, end, k, cohort).as_dict()
     out["events_covered"] = int(r.rows(
-        f"SELECT coalesce(sum(events), 0) FROM device_hourly WHERE {_window(start, end)}")[0][0])
+        f"SELECT coalesce(sum(events), 0) FROM device_hourly WHERE {_window(start, end)}{cohort.sql()}")[0][0])
     return out
 
 
 def report_for(config: StorageConfig, first: date | None = None, last: date | None = None,
-               k: int = DEFAULT_K) -> dict:
+               k: int = DEFAULT_K, cohort: Cohort = Cohort()) -> dict:
     """:func:`full_report` over the AEST days ``first`` to ``last`` (both included; each defaults to
-    the end the store covers), read from the store that keeps the rollups."""
+    the end the store covers), read from the store that keeps the rollups, for the devices of
+    ``cohort`` (every device by default)."""
     with open_reader(config) as reader:
         covered = data_range(reader)
         if covered is None:
@@ -351,4 +356,4 @@ def report_for(config: StorageConfig, first: date | None = None, last: date | No
         end = last + timedelta(days=1) if last else covered[1]
         if end <= start:
             raise ConfigError(f"the last day ({end - timedelta(days=1)}) is before the first ({start})")
-        return full_report(reader, start, end, k)
+        return full_report(reader, start, end, k, cohort)

@@ -240,6 +240,21 @@ def demo(
         serve_until_interrupted()
 
 
+def cohort_of(pairs: list[str]):
+    """``--cohort FIELD=VALUE`` options as a :class:`podpulse.cohort.Cohort` (ConfigError naming the field)."""
+    from podpulse.cohort import Cohort
+
+    values = {}
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--cohort takes FIELD=VALUE, got {pair!r}")
+        if field.strip() in values:
+            raise ConfigError(f"--cohort {field.strip()} is given twice")
+        values[field.strip()] = value.strip()
+    return Cohort.parse(values)
+
+
 @app.command()
 def report(
     from_: Annotated[Optional[datetime], typer.Option(
@@ -250,17 +265,23 @@ def report(
     out_dir: Annotated[Optional[Path], typer.Option(
         "--out", help="Directory to write report.json / report.html.")] = None,
     k: Annotated[int, typer.Option(min=1, help="Suppress regional cells with fewer devices.")] = 10,
+    cohort: Annotated[Optional[list[str]], typer.Option(
+        help="Only the devices whose registered FIELD is VALUE, as FIELD=VALUE (repeat to narrow): "
+             "model, firmware, host_device, state, urban (true/false), schema_version, "
+             "first_seen_from, first_seen_to. E.g. --cohort 'model=AirPods Pro 2' --cohort state=QLD")] = None,
     db: Db = DEFAULT_DB,
     storage_file: StorageFile = None,
 ) -> None:
     """Fleet analytics over a date range: usage, noise habits, exposure, battery health, firmware."""
     if fmt not in ("table", "json", "html"):
         raise ConfigError(f"--format must be table, json or html, got {fmt!r}")
+    chosen = cohort_of(cohort or [])
     if storage_file is None and not db.exists():
         raise ConfigError(f"no store at {db}: run `podpulse demo` or `podpulse ingest` first, or pass --db")
     from podpulse.analytics import report_for  # lazy: heavy, see the docstring
 
-    result = report_for(StorageConfig.from_options(storage_file, db), from_ and from_.date(), to and to.date(), k)
+    result = report_for(StorageConfig.from_options(storage_file, db), from_ and from_.date(), to and to.date(), k,
+                        chosen)
     write_report(result, fmt, out_dir)
 
 
@@ -339,7 +360,7 @@ def serve(
     url = run_local(StorageConfig.from_options(storage_file, db).as_dict(), str(registry.resolve()), token,
                     host=host, port=port, bootstrap=bootstrap, topic=topic if bootstrap else None,
                     tokens_file=str(Path(tokens_file).resolve()) if tokens_file else None)
-    out.print(f"PodPulse API on {url}  (OpenAPI docs: {url}/docs). Ctrl-C stops it.")
+    out.print(f"PodPulse API on {url}  (fleet console: {url}/ · OpenAPI docs: {url}/docs). Ctrl-C stops it.")
     serve_until_interrupted()
 
 

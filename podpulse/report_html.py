@@ -256,7 +256,8 @@ def render_html(report: dict) -> str:
     out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
            f"<title>PodPulse report</title><style>{CSS}</style></head><body>",
            "<h1>PodPulse report</h1>",
-           f'<p class="meta">Days {_e(span.get("from"))} to {_e(span.get("to"))}: {_e(span.get("days"))}</p>',
+           f'<p class="meta">Days {_e(span.get("from"))} to {_e(span.get("to"))}: {_e(span.get("days"))}. '
+           f'Devices: {_e((report.get("cohort") or {}).get("label", "all devices"))}.</p>',
            f'<p class="meta">k = {_e(report.get("k"))}: every regional cell with fewer than k distinct '
            f'devices is left out. Events covered: {_e(report.get("events_covered"))}.</p>']
     for name, section, draw in CHARTS:

@@ -8,6 +8,7 @@ import pytest
 
 from bench.report import build_store
 from podpulse import analytics, geo
+from podpulse.cohort import Cohort
 from storage.reader import open_reader
 from podpulse.contract import decode_batch
 from podpulse.simulator import Fleet, FleetSpec, simulate
@@ -66,15 +67,19 @@ def compare(result, expected: dict, key_cols, value_cols, k):
             assert close(row[col], value), (key, col, row[col], value)
 
 
-@pytest.mark.parametrize("k", [1, 10])
-def test_usage_trend(store, k):
-    reader, events = store
+def expected_usage(events) -> dict:
     cells = defaultdict(lambda: [set(), 0.0])
     for e in events:
         c = cells[(day_of(e["t"]), e["state"], e["urban"])]
         c[0].add(e["device_id"])
         c[1] += e["playback_s"]
-    expected = {key: (len(d), s / 3600) for key, (d, s) in cells.items()}
+    return {key: (len(d), s / 3600) for key, (d, s) in cells.items()}
+
+
+@pytest.mark.parametrize("k", [1, 10])
+def test_usage_trend(store, k):
+    reader, events = store
+    expected = expected_usage(events)
     result = analytics.usage_trend(reader, START, END, k)
     compare(result, expected, ["day", "state", "urban"], ["listening_h"], k)
     if k == 10:
@@ -163,29 +168,79 @@ def test_battery_health_cohorts_and_outliers(store, store_path):
     assert sum(o["device_id"] in faulty for o in result.extra["outliers"][:5]) >= 4
 
 
-def test_firmware_adoption(store):
-    reader, events = store
+def expected_adoption(events) -> dict:
     cells = defaultdict(set)
     for e in events:
         cells[(day_of(e["t"]), e["firmware"])].add(e["device_id"])
     totals = defaultdict(int)
     for (d, _), devs in cells.items():
         totals[d] += len(devs)
-    expected = {key: (len(v), len(v) / totals[key[0]]) for key, v in cells.items()}
-    compare(analytics.firmware_adoption(reader, START, END, 1), expected, ["day", "firmware"], ["share"], 1)
+    return {key: (len(v), len(v) / totals[key[0]]) for key, v in cells.items()}
 
 
-def test_listening_by_local_hour(store):
+def test_firmware_adoption(store):
     reader, events = store
+    compare(analytics.firmware_adoption(reader, START, END, 1), expected_adoption(events), ["day", "firmware"],
+            ["share"], 1)
+
+
+def expected_listening_by_hour(events) -> dict:
     cells = defaultdict(lambda: [set(), 0.0])
     for (device, hour), rows in device_hours(events).items():
         local = int(((hour + timedelta(minutes=int(TZ[rows[0]["state"]] * 60))).hour))
         c = cells[(local, rows[0]["urban"])]
         c[0].add(device)
         c[1] += sum(e["playback_s"] for e in rows)
-    expected = {key: (len(d), s / 60 / len(d)) for key, (d, s) in cells.items()}
-    compare(analytics.listening_by_hour(reader, START, END, 10), expected, ["local_hour", "urban"],
-            ["minutes_per_device"], 10)
+    return {key: (len(d), s / 60 / len(d)) for key, (d, s) in cells.items()}
+
+
+def test_listening_by_local_hour(store):
+    reader, events = store
+    compare(analytics.listening_by_hour(reader, START, END, 10), expected_listening_by_hour(events),
+            ["local_hour", "urban"], ["minutes_per_device"], 10)
+
+
+# A cohort is chosen by what each device last reported (the devices table); in the simulator a
+# device keeps its model, state and area, so its events say the same. Firmware changes mid-range.
+COHORTS = {
+    "rural-QLD": (Cohort(state="QLD", urban=False), lambda e, last: e["state"] == "QLD" and not e["urban"]),
+    "Pro-2": (Cohort(model="AirPods Pro 2"), lambda e, last: e["model"] == "AirPods Pro 2"),
+    "on-7A305": (Cohort(firmware="7A305"), lambda e, last: last[e["device_id"]]["firmware"] == "7A305"),
+    "Pro-2-urban-NSW-iphone": (Cohort.parse({"model": "AirPods Pro 2", "state": "nsw", "urban": "urban",
+                                             "host_device": "iphone"}),
+                               lambda e, last: (e["model"], e["state"], e["urban"], e["host_device"])
+                               == ("AirPods Pro 2", "NSW", True, "iphone")),
+}
+
+
+@pytest.mark.parametrize("name", COHORTS)
+def test_a_cohort_counts_its_devices_and_no_others(store, name):
+    """Each query over a cohort equals the brute force over the cohort's devices' own events."""
+    reader, events = store
+    cohort, member = COHORTS[name]
+    last = {}
+    for e in sorted(events, key=lambda e: e["t"]):
+        last[e["device_id"]] = e
+    mine = [e for e in events if member(e, last)]
+    assert 0 < len({e["device_id"] for e in mine}) < len(last)
+    compare(analytics.usage_trend(reader, START, END, 1, cohort), expected_usage(mine), ["day", "state", "urban"],
+            ["listening_h"], 1)
+    compare(analytics.firmware_adoption(reader, START, END, 1, cohort), expected_adoption(mine),
+            ["day", "firmware"], ["share"], 1)
+    compare(analytics.listening_by_hour(reader, START, END, 1, cohort), expected_listening_by_hour(mine),
+            ["local_hour", "urban"], ["minutes_per_device"], 1)
+    report = analytics.full_report(reader, START, END, 1, cohort)
+    assert report["cohort"]["label"] == cohort.label()
+    assert report["events_covered"] == len(mine)
+
+
+def test_complementary_cohorts_add_up_to_the_fleet(store):
+    reader, events = store
+    both = [analytics.full_report(reader, START, END, 1, Cohort(urban=u))["events_covered"] for u in (True, False)]
+    assert sum(both) == analytics.full_report(reader, START, END, 1)["events_covered"] == len(events)
+    nobody = analytics.full_report(reader, START, END, 1, Cohort(model="AirPods Max"))
+    assert nobody["events_covered"] == 0
+    assert all(not nobody[q]["rows"] and not nobody[q]["suppressed_cells"] for q in analytics.QUERIES)
 
 
 def test_state_overview(store):

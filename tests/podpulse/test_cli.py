@@ -136,6 +136,10 @@ def test_demo_runs_the_main_job_and_prints_the_summary(tmp_path):
     narrow = json.loads(podpulse("report", "--format", "json", "--db", db, "--from", report["range"]["from"],
                                  "--to", report["range"]["from"]).stdout)
     assert 0 < narrow["events_covered"] < report["events_covered"]
+    parts = [json.loads(podpulse("report", "--format", "json", "--db", db, "--cohort", f"urban={area}").stdout)
+             for area in ("true", "false")]
+    assert [p["cohort"]["label"] for p in parts] == ["urban", "rural"]
+    assert 0 < parts[0]["events_covered"] and sum(p["events_covered"] for p in parts) == report["events_covered"]
     html = podpulse("report", "--format", "html", "--db", db, "--out", tmp_path / "r")
     assert (tmp_path / "r" / "report.html").exists() and "report written to" in html.stdout
     assert summary["devices"] == 400 and set(summary["listening"]) == {"urban", "rural"}
@@ -157,6 +161,9 @@ def test_demo_runs_the_main_job_and_prints_the_summary(tmp_path):
     (["demo", "--devices", "0"], ["--devices"]),
     (["report", "--format", "pdf"], ["--format"]),
     (["report", "--db", "/nonexistent/x.duckdb"], ["no store"]),
+    (["report", "--cohort", "state=Queensland"], ["state", "QLD"]),
+    (["report", "--cohort", "colour=white"], ["colour", "not a cohort field"]),
+    (["report", "--cohort", "model"], ["--cohort", "FIELD=VALUE"]),
 ])
 def test_bad_pipeline_arguments_get_one_line(args, words):
     proc = subprocess.run([*CLI, *args], capture_output=True, text=True)
