@@ -7,7 +7,7 @@ INFRA := .cache/infra
 TOOLS := .cache/tools/bin
 KUBERAY_CRDS := .cache/tools/kuberay-crds
 
-.PHONY: setup demo test bench tools infra kube
+.PHONY: setup demo test bench tools infra kube browser
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/podpulse demo
 
-test: setup tools infra kube
+test: setup tools infra kube browser
 	$(BIN)/python -m pytest
 
 # prometheus and promtool (alert-rule tests, the scrape test) and amtool (the Alertmanager
@@ -31,6 +31,14 @@ tools:
 	  $$sudo apt-get update -qq && \
 	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    prometheus prometheus-alertmanager; }
+
+# Debian's Chromium, which Playwright drives through the console (tests/deployments/test_console.py):
+# `playwright install` downloads browsers from a CDN this machine does not reach.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  sudo=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$sudo apt-get update -qq && \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
 # The real servers the tests start (tests/infra): Apache Kafka and Apache Cassandra from Maven
 # Central into $(INFRA) (kept between runs), and Debian's PostgreSQL, whose initdb makes each

@@ -41,14 +41,15 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import AfterValidator, BaseModel, Field
 from ray import serve
 from ray.serve.exceptions import RayServeException
 from starlette.middleware.body_limit import RequestBodyLimitResponder
 
 from deployments.tokens import Tokens, allows, required_scope
-from podpulse import analytics, battery_model, forecast_model, metrics
+from podpulse import analytics, battery_model, forecast_model, metrics, web
+from podpulse.cohort import Cohort
 from podpulse.config import MIN_K, StorageConfig
 from podpulse.contract import DEVICE_ID, decode_batch
 from podpulse.errors import BrokerError, ConfigError
@@ -71,7 +72,8 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 # nothing there, and date arithmetic near year 9999 overflows.
 FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(2100, 12, 31)
 MAX_K = 1000
-OPEN_PATHS = frozenset({"/healthz"})
+# The console's page and script hold no data (everything comes from the API, with a token).
+OPEN_PATHS = frozenset({"/healthz", "/"} | {f"/console/{name}" for name in web.ASSETS})
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 UNGUARDED = OPEN_PATHS | DOCS_PATHS  # DOCS_PATHS: only when user_config docs is set
 MAX_ECHO_CHARS = 200  # a 422 repeats the refused input only when it is short and JSON-safe
@@ -319,6 +321,7 @@ def _matching(pattern: re.Pattern, what: str) -> AfterValidator:
 DeviceId = Annotated[str, PathParam(), _matching(DEVICE_ID, "1 to 64 of A-Z a-z 0-9 . _ : -")]
 Label = Annotated[str, _matching(LABEL, "1 to 64 printable characters")]
 Day = Annotated[date, Field(ge=FIRST_DAY, le=LAST_DAY)]
+CohortText = Annotated[str | None, Query(description="as devices send it, e.g. AirPods Pro 2 or 7A305")]
 Region = Annotated[str, Query(description="STATE-urban or STATE-rural, e.g. NSW-urban"),
                    _matching(REGION, "STATE-urban or STATE-rural, e.g. NSW-urban")]
 
@@ -542,6 +545,21 @@ class PodPulseAPI:
     def healthz(self) -> dict:
         return {"status": "ok"}
 
+    @app.get("/", include_in_schema=False)
+    def console(self) -> Response:
+        """The fleet console (``podpulse.web``): sign in with a token; the views live in the URL."""
+        body, media = web.asset(None)
+        return Response(body, media_type=media, headers={"Content-Security-Policy": web.CONTENT_SECURITY_POLICY,
+                                                          "Cache-Control": "no-cache"})
+
+    @app.get("/console/{name}", include_in_schema=False)
+    def console_asset(self, name: str) -> Response:
+        if name not in web.ASSETS:
+            raise HTTPException(status_code=404, detail=f"no console file {name!r}")
+        body, media = web.asset(name)
+        return Response(body, media_type=media, headers={"Cache-Control": "max-age=3600",
+                                                          "X-Content-Type-Options": "nosniff"})
+
     # A plain def: FastAPI runs it in a thread, so waiting for Kafka's acknowledgements
     # does not hold up the replica's event loop.
     @app.post("/v1/telemetry", status_code=202)
@@ -656,21 +674,37 @@ class PodPulseAPI:
     @app.get("/v1/analytics/{query}")
     def analytics(self, request: Request, query: str, start: Annotated[Day | None, Query(alias="from")] = None,
                   end: Annotated[Day | None, Query(alias="to")] = None,
-                  k: Annotated[int | None, Query(ge=1, le=MAX_K)] = None) -> dict:
+                  k: Annotated[int | None, Query(ge=1, le=MAX_K)] = None,
+                  model: CohortText = None, firmware: CohortText = None, host_device: CohortText = None,
+                  state: Annotated[str | None, Query(description="a state's code, e.g. QLD")] = None,
+                  urban: Annotated[bool | None, Query(description="true: urban devices, false: rural")] = None,
+                  schema_version: Annotated[int | None, Query(ge=1, le=99)] = None,
+                  first_seen_from: Day | None = None, first_seen_to: Day | None = None) -> dict:
         """Days from ``from`` to ``to`` (both included, 2000-01-01..2100-12-31; default: what the
         store covers); cells under ``k`` devices suppressed. ``k`` defaults to the privacy floor
         ``min_k`` (user_config) and may raise it, never lower it: a lower ``k`` is a 422 naming ``k``.
+        The cohort fields (``model`` ... ``first_seen_to``, ``podpulse.cohort``) narrow the devices
+        counted, by what each device last reported; every cell still needs ``k`` devices.
         Device ids (battery_health's outliers) only for a token with ``read:devices``."""
         k = self.privacy_floor(k)
         if query not in analytics.QUERIES:
             raise HTTPException(status_code=404, detail=f"no query {query!r}; try {', '.join(analytics.QUERIES)}")
+        try:
+            cohort = Cohort(model=model, firmware=firmware, host_device=host_device, state=state, urban=urban,
+                            schema_version=schema_version, first_seen_from=first_seen_from,
+                            first_seen_to=first_seen_to)
+        except ConfigError as e:
+            field = str(e).split(":", 1)[0]
+            raise RequestValidationError([{"loc": ("query", field), "msg": str(e), "type": "value_error"}]) from None
         with self.readers.reader() as r:
             covered = analytics.data_range(r)
             if covered is None:
                 raise HTTPException(status_code=404, detail="the store holds no rollups yet")
             first = start or covered[0]
             stop = end + timedelta(days=1) if end else covered[1]
-            result = analytics.QUERIES[query](r, first, stop, k).as_dict()
+            result = analytics.QUERIES[query](r, first, stop, k, cohort).as_dict()
+        result["range"] = {"from": first.isoformat(), "to": (stop - timedelta(days=1)).isoformat()}
+        result["cohort"] = cohort.as_dict() | {"label": cohort.label()}
         if "outliers" in result["extra"] and not allows(request.state.scopes, "read:devices"):
             result["extra"]["outliers"] = []
             result["notes"].append("device ids (outliers) need a token with the read:devices scope")

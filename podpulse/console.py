@@ -130,7 +130,7 @@ def print_demo_models(s: dict, most: int = 5) -> None:
                       d.get("injected_fault") or "none")
     out.print(table)
     url, shown = serve["url"], serve["token_shown"]
-    out.print(f"Ray Serve: {url}  ·  OpenAPI docs {url}/docs")
+    out.print(f"Fleet console: {url}/  (sign in with the token below)  ·  OpenAPI docs {url}/docs")
     out.print(f"  export TOKEN={shown}", highlight=False)
     for path in (f"/v1/devices/{serve['worst_device']}/battery-health", "/v1/forecast/usage?region=NSW-urban",
                  "/v1/analytics/usage_trend"):
@@ -176,7 +176,8 @@ def write_report(result: dict, fmt: str, out_dir: Path | None, quiet: bool = Fal
 def print_report_tables(result: dict, max_rows: int = 25) -> None:
     out.print(f"[bold]PodPulse fleet report[/] {result['range']['from']} → {result['range']['to']} "
               f"(days {result['range']['days']}), k = {result['k']}, "
-              f"{result['events_covered']:,} events covered")
+              f"{result['events_covered']:,} events covered, "
+              f"{(result.get('cohort') or {}).get('label', 'all devices')}")
     for name, q in result.items():
         if not isinstance(q, dict) or "rows" not in q:
             continue

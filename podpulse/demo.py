@@ -121,5 +121,5 @@ def _models(storage: StorageConfig, registry: Path, truth: dict[str, str], port:
                           headers={"Authorization": f"Bearer {token}"}, timeout=60)
     health.raise_for_status()
     return {"battery_anomaly": battery, "usage_forecast": forecast,
-            "serve": {"url": url, "docs": f"{url}/docs", "token_shown": shown, "worst_device": worst,
+            "serve": {"url": url, "console": f"{url}/", "docs": f"{url}/docs", "token_shown": shown, "worst_device": worst,
                       "checked": health.json()}}

@@ -15,19 +15,15 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.report import build_store
 from deployments.tokens import new_token
 from bench.serve import ROW  # one device-hour row, the benchmark's too
 from podpulse.broker import free_port
 from podpulse.config import MIN_K
-from podpulse.train import train_battery_anomaly, train_usage_forecast
+from podpulse.train import train_battery_anomaly
 from storage.reader import run_queries
 from storage.router import StorageConfig
 
-TOKEN = "test-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-# Scoped tokens, from the tokens file the served fixture gives the replicas
-INGEST, AGGREGATES = new_token("gateway", ["ingest"]), new_token("product-team", ["read:aggregates"])
+from infra.served import AGGREGATES, AUTH, INGEST, TOKEN
 
 
 def event(device_id: str = "ap-0011223344556677", **changes) -> dict:
@@ -60,29 +56,6 @@ def read_topic(bootstrap: str, topic: str, wanted: set[bytes], timeout: float = 
         return got
     finally:
         consumer.close()
-
-
-@pytest.fixture(scope="module")
-def served(ray_local, broker, tmp_path_factory):
-    from ray import serve
-
-    from deployments.app import build
-
-    root = tmp_path_factory.mktemp("serve")
-    build_store(root / "s.duckdb", 250, 29, seed=71)
-    storage = StorageConfig.embedded(root / "s.duckdb")
-    first = train_battery_anomaly(storage, registry=root / "models", epochs=1)
-    train_usage_forecast(storage, registry=root / "models", epochs=5)
-    broker.create_topic("serve-telemetry", 2)
-    port = free_port()
-    (root / "tokens.yaml").write_text(yaml.safe_dump([INGEST[1], AGGREGATES[1]]))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = dict(storage=storage.as_dict(), bootstrap=broker.bootstrap, topic="serve-telemetry",
-                    registry=str(root / "models"),
-                    env={"PODPULSE_API_TOKEN": TOKEN, "PODPULSE_API_TOKENS_FILE": str(root / "tokens.yaml")})
-    serve.run(build(**settings), name="podpulse", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", root, storage, settings, first
-    serve.shutdown()
 
 
 def test_every_endpoint_answers(served, broker):

@@ -1,0 +1,275 @@
+"""The fleet console in a real browser: Playwright driving Debian's Chromium (/usr/bin/chromium,
+installed by `make test`) against the Serve application. Every number a table shows is checked
+against the API's JSON for the same view; nothing is fetched from outside the application;
+screenshots go to the test's temporary directory."""
+
+import math
+from datetime import date, timedelta
+from urllib.parse import urlencode, urlsplit
+
+import pytest
+import requests
+
+from bench.report import build_store
+from infra.served import AGGREGATES, AUTH, TOKEN
+from storage.router import StorageConfig
+
+CHROMIUM = "/usr/bin/chromium"
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+class Console:
+    """A browser tab on the console, recording every URL it asks for."""
+
+    def __init__(self, browser, base: str, shots):
+        self.base, self.shots = base.rstrip("/") + "/", shots
+        self.context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        self.page = self.context.new_page()
+        self.requested: list[str] = []
+        self.page.on("request", lambda r: self.requested.append(r.url))
+        self.errors: list[str] = []  # the page's uncaught errors and console.error lines
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.set_default_timeout(TIMEOUT_MS)
+
+    def open(self, query: dict | None = None):
+        self.page.goto(self.base + (f"?{urlencode(query)}" if query else ""))
+
+    def sign_in(self, token: str):
+        self.page.fill("#token", token)
+        self.page.click("#sign-in button[type=submit]")
+
+    def loaded(self, page: str, refused: bool = False):
+        """Wait for ``page`` drawn; unless ``refused`` (a request the API answers 4xx), with no error."""
+        self.page.wait_for_selector(f"body[data-loaded='{page}']")
+        if not refused:
+            failed = self.page.locator("section.side .error").all_inner_texts()
+            assert not failed and not self.errors, (failed, self.errors)
+
+    def table(self, query: str, side: str = "a") -> dict[str, list[list[str]]]:
+        rows = self.page.eval_on_selector_all(  # one round trip for the whole table
+            f"table[data-query='{query}'][data-side='{side}'] tbody tr",
+            "rows => rows.map(r => [r.dataset.kind, [...r.cells].map(c => c.innerText)])")
+        out = {"cell": [], "suppressed": []}
+        for kind, cells in rows:
+            out[kind].append(cells)
+        return out
+
+    def shot(self, name: str):
+        self.page.screenshot(path=str(self.shots / f"{name}.png"), full_page=True)
+
+    def outside(self) -> list[str]:
+        """What the tab asked of any origin but the application's."""
+        origin = urlsplit(self.base)[:2]
+        return [u for u in self.requested if urlsplit(u)[:2] != origin]
+
+
+@pytest.fixture
+def console(browser, served, tmp_path):
+    tab = Console(browser, served[0], tmp_path)
+    yield tab
+    tab.context.close()
+
+
+def shown(value, column) -> str:
+    """What the console prints for a value of the API (console.js, fmt)."""
+    if value is None:
+        return "—"
+    if column == "urban":
+        return "urban" if value else "rural"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.3f}" if not value.is_integer() else str(int(value))
+    return str(value)
+
+
+def same(table_rows: list[list[str]], result: dict) -> None:
+    """The table's cells are the API's rows, in order, each value as the console prints it (the last
+    decimal may differ: JavaScript and Python round a tie of the binary value differently)."""
+    assert len(table_rows) == len(result["rows"]), (table_rows, result["rows"])
+    for got, row in zip(table_rows, result["rows"]):
+        for text, value, column in zip(got, row, result["columns"]):
+            want = shown(value, column)
+            if isinstance(value, float) and not value.is_integer():
+                assert math.isclose(float(text), value, abs_tol=0.0011), (column, text, value)
+            else:
+                assert text == want, (column, text, value)
+
+
+def api(url: str, query: str, **params) -> dict:
+    response = requests.get(f"{url}/v1/analytics/{query}", params=params, headers=AUTH, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_the_page_needs_a_token_and_a_refused_one_signs_out(console, served):
+    url = served[0]
+    page = requests.get(f"{url}/", timeout=30)
+    assert page.status_code == 200 and "default-src 'none'" in page.headers["Content-Security-Policy"]
+    assert requests.get(f"{url}/console/plotly.min.js", timeout=30).status_code == 200
+    assert requests.get(f"{url}/console/secrets.txt", timeout=30).status_code == 401  # not a console file
+    console.open()
+    assert console.page.is_visible("#sign-in") and not console.page.is_visible("#console")
+    console.sign_in("not-a-token")
+    console.page.wait_for_selector("#sign-in-error:has-text('401')")
+    assert console.page.is_visible("#sign-in")
+    console.errors.clear()  # Chromium logs the 401 it was answered
+    console.sign_in(AGGREGATES[0])
+    console.loaded("overview")
+    same(console.table("state_overview")["cell"], api(url, "state_overview"))
+    assert console.outside() == []
+
+
+def test_each_page_shows_the_apis_numbers_for_the_filters_in_its_url(console, served):
+    url = served[0]
+    console.open()
+    console.sign_in(TOKEN)
+    console.loaded("overview")
+    tables = {"overview": ["state_overview", "usage_trend"], "listening": ["listening_by_hour"],
+              "noise": ["noise_habits", "mode_shares"], "exposure": ["exposure"],
+              "battery": ["battery_health"], "firmware": ["firmware_adoption", "battery_health"]}
+    for name, queries in tables.items():
+        console.page.click(f"nav a[data-page='{name}']")
+        console.loaded(name)
+        for query in queries:
+            same(console.table(query)["cell"], api(url, query))
+    console.shot("firmware")
+
+    # filters through the form land in the URL, and the tables follow them
+    console.page.click("nav a[data-page='overview']")
+    console.loaded("overview")
+    console.page.select_option("select[name='urban']", "true")
+    console.page.fill("input[name='from']", "2026-01-01")  # before the data: the store's first day is used
+    console.page.click("#filters button[type=submit]")
+    console.loaded("overview")
+    assert "urban=true" in console.page.url
+    urban = api(url, "usage_trend", urban="true", **{"from": "2026-01-01"})
+    assert urban["rows"] and all(row[2] is True for row in urban["rows"])
+    same(console.table("usage_trend")["cell"], urban)
+    # the shared URL opens the same view in a new tab (signed in there too)
+    shared = console.page.url
+    other = Console(console.context.browser, url, console.shots)
+    try:
+        other.page.goto(shared)
+        other.sign_in(TOKEN)
+        other.loaded("overview")
+        assert other.table("usage_trend") == console.table("usage_trend")
+    finally:
+        other.context.close()
+    assert console.outside() == []
+
+
+def test_suppressed_cells_say_so_and_an_empty_cohort_says_no_devices(console, served):
+    url = served[0]
+    console.open({"page": "overview"})
+    console.sign_in(TOKEN)
+    console.loaded("overview")
+    result = api(url, "usage_trend")
+    table = console.table("usage_trend")
+    assert len(table["suppressed"]) == len(result["suppressed_cells"]) > 0  # the small rural cells
+    for row, cell in zip(table["suppressed"], result["suppressed_cells"]):
+        assert row[:len(cell)] == [shown(v, c) for v, c in zip(cell, result["columns"])]
+        assert row[-1] == f"suppressed (< {result['k']} devices)"
+    console.open({"page": "battery", "model": "AirPods Max"})
+    console.loaded("battery")
+    assert console.table("battery_health") == {"cell": [], "suppressed": []}
+    assert console.page.is_visible("[data-empty='battery_health']")
+    # a bad filter value: the API's 422 names the field, shown where the page would be
+    console.open({"page": "battery", "state": "XX"})
+    console.loaded("battery", refused=True)
+    assert "state" in console.page.inner_text("section.side .error")
+
+
+def test_forecast_and_a_device_timeline(console, served):
+    url = served[0]
+    console.open({"page": "forecast", "state": "NSW", "urban": "true"})
+    console.sign_in(TOKEN)
+    console.loaded("forecast")
+    week = requests.get(f"{url}/v1/forecast/usage", params={"region": "NSW-urban"}, headers=AUTH, timeout=60).json()
+    same(console.table("forecast")["cell"], {"columns": ["day", "listening_hours"],
+                                             "rows": [[d["day"], d["listening_hours"]] for d in week["days"]]})
+    outliers = api(url, "battery_health")["extra"]["outliers"]
+    device = outliers[0]["device_id"]
+    console.open({"page": "device", "device": device})
+    console.loaded("device")
+    timeline = requests.get(f"{url}/v1/devices/{device}/timeline", headers=AUTH, timeout=60).json()
+    assert console.table("firmware_changes")["cell"] == [[f["day"], f["firmware"]] for f in timeline["firmware"]]
+    assert console.page.locator("section.side .chart.js-plotly-plot").count() == 2  # Plotly drew both charts
+    console.shot("device")
+    assert console.outside() == []
+
+
+@pytest.fixture(scope="module")
+def fleet(served, tmp_path_factory):
+    """A second application on the same Serve instance, under a route prefix: a store of 1,500
+    devices over the last 8 days, deployed with a privacy floor of 5 (the floor is configuration)."""
+    from ray import serve
+
+    from deployments.app import build
+
+    root = tmp_path_factory.mktemp("fleet")
+    build_store(root / "f.duckdb", 1500, 8, seed=17)
+    storage = StorageConfig.embedded(root / "f.duckdb")
+    serve.run(build(storage.as_dict(), registry=str(root / "models"), env={"PODPULSE_API_TOKEN": TOKEN}, min_k=5),
+              name="fleet", route_prefix="/fleet")
+    yield f"{served[0]}/fleet"
+    serve.delete("fleet")
+
+
+def test_drain_of_two_firmware_versions_in_rural_queensland_last_week(browser, fleet, tmp_path):
+    """The question of issue 17: how did drain per hour change between 7A294 and 7A305 on AirPods
+    Pro 2 in rural Queensland last week? Sign in, Battery, the cohort and the week, Apply."""
+    console = Console(browser, fleet, tmp_path)
+    try:
+        console.open()
+        console.sign_in(TOKEN)
+        console.loaded("overview")
+        console.page.click("nav a[data-page='battery']")
+        console.loaded("battery")
+        whole = api(fleet, "battery_health")
+        last = date.fromisoformat(whole["range"]["to"])
+        week = {"from": (last - timedelta(days=6)).isoformat(), "to": last.isoformat()}
+        console.page.fill("input[name='model']", "AirPods Pro 2")
+        console.page.select_option("select[name='state']", "QLD")
+        console.page.select_option("select[name='urban']", "false")
+        console.page.fill("input[name='from']", week["from"])
+        console.page.fill("input[name='to']", week["to"])
+        console.page.click("#filters button[type=submit]")
+        console.loaded("battery")
+        console.shot("rural-qld-pro2-drain")
+        answer = api(fleet, "battery_health", model="AirPods Pro 2", state="QLD", urban="false", **week)
+        assert answer["k"] == 5 and answer["cohort"]["label"] == "AirPods Pro 2, rural QLD"
+        versions = {row[1] for row in answer["rows"]}
+        assert {"7A294", "7A305"} <= versions, answer  # both versions have enough devices to be shown
+        same(console.table("battery_health")["cell"], answer)
+        # and side by side, one cohort per version
+        console.page.check("input[name='compare']")
+        console.page.fill("input[name='firmware']", "7A294")
+        for field, value in (("model", "AirPods Pro 2"), ("firmware", "7A305")):
+            console.page.fill(f"input[name='b.{field}']", value)
+        console.page.select_option("select[name='b.state']", "QLD")
+        console.page.select_option("select[name='b.urban']", "false")
+        console.page.click("#filters button[type=submit]")
+        console.loaded("battery")
+        console.shot("7A294-vs-7A305")
+        for side, version in (("a", "7A294"), ("b", "7A305")):
+            cells = console.table("battery_health", side)["cell"]
+            assert [row[1] for row in cells] == [version]
+            only = api(fleet, "battery_health", model="AirPods Pro 2", firmware=version, state="QLD", urban="false",
+                       **week)
+            same(cells, only)
+        assert console.outside() == []
+    finally:
+        console.context.close()
