@@ -159,7 +159,7 @@ def test_raw_events_in_cassandra_are_stored_once_across_a_consumer_kill(
         "raw": {"type": "cassandra", "hosts": [cassandra.hosts], "port": cassandra.port,
                 "keyspace": f"k_{topic.replace('-', '_')[:40].lower()}"}},
         routes={"raw_events": "raw", "devices": "pg", "rollups": "pg", "offsets": "pg", "anomalies": "pg"})
-    produced = produce_fleet(topic, FleetSpec(devices=1200, hours=8, seed=35))
+    produced = produce_fleet(topic, FleetSpec(devices=600, hours=8, seed=35))
     total = len(produced["valid"])
     supervisor = IngestSupervisor.remote(IngestConfig(
         bootstrap=kafka.bootstrap, topic=topic, consumers=2, storage=storage, batch_size=300,

@@ -123,3 +123,38 @@ def test_the_rendered_chart_is_accepted_by_the_api_server(kube, kube_api, kubera
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if line.strip()]
     assert len(lines) == len(applied) and all(line.endswith("(server dry run)") for line in lines), out.stdout
+
+
+def test_helm_installs_upgrades_and_uninstalls_the_release(kube, kube_api, kuberay_crds, helm):
+    """`helm install` for real against the session's API server (monitoring off: no Prometheus
+    Operator CRDs here), an upgrade that changes a value, and an uninstall that removes what the
+    release made. No kubelet: the operator's and Ray's pods stay unscheduled; this is Helm's side."""
+    from kubernetes import client
+
+    namespace, config = "podpulse-helm", ["--kubeconfig", str(kube.kubeconfig)]
+    helm("install", "podpulse", str(CHART), "-n", namespace, "--create-namespace", "--set", "monitoring.enabled=false",
+         "--set", "operator.resyncSeconds=45", *config)
+    apps, core = client.AppsV1Api(kube_api), client.CoreV1Api(kube_api)
+    (deployment,) = apps.list_namespaced_deployment(namespace).items
+    env = {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}
+    assert deployment.metadata.labels["app.kubernetes.io/managed-by"] == "Helm"
+    assert env["PODPULSE_RESYNC_SECONDS"] == "45"
+    rayservices = client.CustomObjectsApi(kube_api).list_namespaced_custom_object(
+        "ray.io", "v1", namespace, "rayservices")["items"]
+    assert [r["metadata"]["name"] for r in rayservices] == ["podpulse"]
+
+    helm("upgrade", "podpulse", str(CHART), "-n", namespace, "--reuse-values", "--set", "operator.resyncSeconds=60",
+         *config)
+    (deployment,) = apps.list_namespaced_deployment(namespace).items
+    assert {e.name: e.value for e in deployment.spec.template.spec.containers[0].env}["PODPULSE_RESYNC_SECONDS"] == "60"
+    listed = helm("list", "-n", namespace, "-o", "yaml", *config)
+    assert [(r["name"], r["revision"], r["status"]) for r in yaml.safe_load(listed.stdout)] == [
+        ("podpulse", "2", "deployed")]
+
+    # no --wait: the models PVC keeps its kubernetes.io/pvc-protection finalizer, whose controller does not
+    # run here (only the garbage collector does), so it stays Terminating
+    helm("uninstall", "podpulse", "-n", namespace, *config)
+    assert apps.list_namespaced_deployment(namespace).items == []
+    assert core.list_namespaced_config_map(namespace, label_selector="app.kubernetes.io/managed-by=Helm").items == []
+    assert all(c.metadata.deletion_timestamp for c in core.list_namespaced_persistent_volume_claim(namespace).items)
+    assert yaml.safe_load(helm("list", "-n", namespace, "-o", "yaml", *config).stdout) == []
