@@ -414,7 +414,7 @@ class PodPulseAPI:
         self.model = self.canary = None
         self.failure: str | None = None  # why the models user_config names could not be loaded
         self.generation = 0  # counts reconfigures: a registry lookup begun before one does not apply after it
-        self._forecast = None  # ((version, path), WeekAhead) of the latest usage-forecast, read once per version
+        self._forecast = None  # ((version, path), WeekAhead, evaluation) of the latest usage-forecast, read once per version
         self.producer = None
         if bootstrap and topic:
             self.producer = confluent_kafka.Producer(producer_config(
@@ -646,30 +646,34 @@ class PodPulseAPI:
 
     @app.get("/v1/forecast/usage")
     def forecast(self, region: Region):
-        week = self.week_ahead()
+        week, evaluation = self.week_ahead()
         state, cls = region.split("-")
         days = week.days(state, cls == "urban")
         if days is None:
             raise HTTPException(status_code=404, detail=f"no forecast for {region} (unknown, or fewer than "
                                                         f"{week.k} devices)")
         return {"region": region, "model_version": week.version,
-                "days": [{"day": day, "listening_hours": hours} for day, hours in days]}
+                "days": [{"day": day, "listening_hours": hours} for day, hours in days],
+                "evaluation": evaluation}
 
-    def week_ahead(self):
-        """The forecast the latest registered usage-forecast version publishes: the registry is
-        asked per request (a new version is served at once), its metadata read once per version."""
+    def week_ahead(self) -> tuple:
+        """The forecast the latest registered usage-forecast version publishes, and how that version
+        did on its held-out week: the registry is asked per request (a new version is served at
+        once), its metadata read once per version."""
         entry = self.registered("usage-forecast")
         key = (entry["version"], entry["path"])
         cached = self._forecast
         if cached is None or cached[0] != key:
+            # how the version did on its held-out week, beside seasonal naive (podpulse train's figures)
+            evaluation = {k: entry["metrics"].get(k) for k in ("mape", "baseline_mape", "baseline", "held_out")}
             try:
-                cached = (key, forecast_model.week_ahead(entry["path"]))
+                cached = (key, forecast_model.week_ahead(entry["path"]), evaluation)
             except Exception as e:
                 log.warning("cannot read usage-forecast %s at %s", *key, exc_info=True)
                 raise HTTPException(status_code=503, detail=f"usage-forecast {entry['version']}, the registry's "
                                                             f"latest, cannot be read: {e}") from None
             self._forecast = cached
-        return cached[1]
+        return cached[1], cached[2]
 
     @app.get("/v1/analytics/{query}")
     def analytics(self, request: Request, query: str, start: Annotated[Day | None, Query(alias="from")] = None,

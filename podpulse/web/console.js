@@ -249,6 +249,11 @@ async function forecast(host, _data, params) {
   const area = params.get("urban") === "false" ? "rural" : "urban";
   host.append(el("p", { class: "note" }, `region ${state}-${area} (the cohort's state and area; NSW urban by default)`));
   const week = await api("v1/forecast/usage", new URLSearchParams({ region: `${state}-${area}` }));
+  const e = week.evaluation || {};
+  if (e.mape !== undefined && e.mape !== null) {
+    host.append(el("p", { "data-evaluation": "" }, `On its held-out week (${e.held_out ? `${e.held_out.from} to ${e.held_out.to}` : "the last"}), ` +
+      `this version's error (MAPE) was ${e.mape.toFixed(1)}% against ${e.baseline_mape.toFixed(1)}% for ${e.baseline}.`));
+  }
   chart(host, `Listening hours forecast, model ${week.model_version}`, [{ type: "scatter", mode: "lines+markers",
     x: week.days.map((d) => d.day), y: week.days.map((d) => d.listening_hours) }]);
   host.append(table({ name: "forecast", columns: ["day", "listening_hours"],

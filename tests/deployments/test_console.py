@@ -200,6 +200,10 @@ def test_forecast_and_a_device_timeline(console, served):
     week = requests.get(f"{url}/v1/forecast/usage", params={"region": "NSW-urban"}, headers=AUTH, timeout=60).json()
     same(console.table("forecast")["cell"], {"columns": ["day", "listening_hours"],
                                              "rows": [[d["day"], d["listening_hours"]] for d in week["days"]]})
+    evaluation = week["evaluation"]
+    assert evaluation["mape"] > 0 and evaluation["baseline_mape"] > 0 and "seasonal naive" in evaluation["baseline"]
+    said = console.page.inner_text("[data-evaluation]")
+    assert f"{evaluation['mape']:.1f}%" in said and f"{evaluation['baseline_mape']:.1f}%" in said, said
     outliers = api(url, "battery_health")["extra"]["outliers"]
     device = outliers[0]["device_id"]
     console.open({"page": "device", "device": device})
