@@ -242,7 +242,7 @@ def demo(
 
 def cohort_of(pairs: list[str]):
     """``--cohort FIELD=VALUE`` options as a :class:`podpulse.cohort.Cohort` (ConfigError naming the field)."""
-    from podpulse.cohort import Cohort
+    from podpulse.cohort import Cohort  # lazy: it brings storage.rollups (pyarrow); a bad --cohort fails fast
 
     values = {}
     for pair in pairs:
