@@ -49,6 +49,7 @@ from starlette.middleware.body_limit import RequestBodyLimitResponder
 
 from deployments.tokens import Tokens, allows, required_scope
 from podpulse import analytics, battery_model, forecast_model, metrics, web
+from podpulse import cohort as cohorts
 from podpulse.cohort import Cohort
 from podpulse.config import MIN_K, StorageConfig
 from podpulse.contract import DEVICE_ID, decode_batch
@@ -309,6 +310,12 @@ async def refused(request: Request, exc: RequestValidationError) -> JSONResponse
     return JSONResponse({"detail": refused_detail(exc.errors())}, status_code=422)
 
 
+def refusal(where: str, e: ConfigError) -> RequestValidationError:
+    """A 422 for a :class:`ConfigError` whose message starts with the field it is about."""
+    field = str(e).split(":", 1)[0]
+    return RequestValidationError([{"loc": (where, field), "msg": str(e), "type": "value_error"}])
+
+
 def _matching(pattern: re.Pattern, what: str) -> AfterValidator:
     """A validator refusing a value ``pattern`` does not match whole (``fullmatch``: no trailing newline)."""
     def check(value: str) -> str:
@@ -342,6 +349,13 @@ class ScoreRow(BaseModel):
 
 class ScoreRequest(BaseModel):
     rows: list[ScoreRow] = Field(min_length=1, max_length=MAX_ROWS)
+
+
+class CohortRequest(BaseModel):
+    """A cohort to save: its name and its fields (``podpulse.cohort.Cohort``)."""
+
+    name: Annotated[str, _matching(cohorts.NAME, "1 to 64 of letters, digits, spaces and ._+()-")]
+    cohort: dict[str, str | int | bool | None] = Field(max_length=len(cohorts.COHORT_FIELDS))
 
 
 class TelemetryRequest(BaseModel):
@@ -675,6 +689,28 @@ class PodPulseAPI:
             self._forecast = cached
         return cached[1], cached[2]
 
+    @app.get("/v1/cohorts")
+    def list_cohorts(self) -> dict:
+        """The saved cohorts, oldest first: each name, its fields and its label."""
+        found = cohorts.saved(self.readers)
+        return {"cohorts": [{"name": n, "cohort": c.as_dict(), "label": c.label()} for n, c in found.items()]}
+
+    @app.post("/v1/cohorts", status_code=201)
+    def save_cohort(self, body: CohortRequest) -> dict:
+        """Save a cohort under a new name (409 when the name is taken); then ``?cohort=NAME`` on every
+        analytics query. The replica opens the store for this one write."""
+        try:
+            cohort = Cohort.parse(body.cohort)
+        except ConfigError as e:
+            raise refusal("body", e) from None
+        try:
+            cohorts.save(self.storage, body.name, cohort)
+        except ConfigError as e:
+            if "saved already" in str(e):
+                raise HTTPException(status_code=409, detail=str(e)) from None
+            raise refusal("body", e) from None
+        return {"name": body.name, "cohort": cohort.as_dict(), "label": cohort.label()}
+
     @app.get("/v1/analytics/{query}")
     def analytics(self, request: Request, query: str, start: Annotated[Day | None, Query(alias="from")] = None,
                   end: Annotated[Day | None, Query(alias="to")] = None,
@@ -683,7 +719,9 @@ class PodPulseAPI:
                   state: Annotated[str | None, Query(description="a state's code, e.g. QLD")] = None,
                   urban: Annotated[bool | None, Query(description="true: urban devices, false: rural")] = None,
                   schema_version: Annotated[int | None, Query(ge=1, le=99)] = None,
-                  first_seen_from: Day | None = None, first_seen_to: Day | None = None) -> dict:
+                  first_seen_from: Day | None = None, first_seen_to: Day | None = None,
+                  saved_name: Annotated[str | None, Query(alias="cohort", description="a saved cohort's name "
+                                                          "(GET /v1/cohorts), instead of the fields")] = None) -> dict:
         """Days from ``from`` to ``to`` (both included, 2000-01-01..2100-12-31; default: what the
         store covers); cells under ``k`` devices suppressed. ``k`` defaults to the privacy floor
         ``min_k`` (user_config) and may raise it, never lower it: a lower ``k`` is a 422 naming ``k``.
@@ -697,9 +735,17 @@ class PodPulseAPI:
             cohort = Cohort(model=model, firmware=firmware, host_device=host_device, state=state, urban=urban,
                             schema_version=schema_version, first_seen_from=first_seen_from,
                             first_seen_to=first_seen_to)
+            if saved_name is not None:
+                if cohort:
+                    raise ConfigError("cohort: give a saved cohort's name or the cohort's fields, not both")
+                if not cohorts.NAME.fullmatch(saved_name):
+                    raise ConfigError(f"cohort: {saved_name!r} is not a saved cohort's name")
+                found = cohorts.saved(self.readers, saved_name)
+                if not found:
+                    raise ConfigError(f"cohort: no saved cohort is named {saved_name!r} (GET /v1/cohorts lists them)")
+                cohort = found[saved_name]
         except ConfigError as e:
-            field = str(e).split(":", 1)[0]
-            raise RequestValidationError([{"loc": ("query", field), "msg": str(e), "type": "value_error"}]) from None
+            raise refusal("query", e) from None
         with self.readers.reader() as r:
             covered = analytics.data_range(r)
             if covered is None:

@@ -269,6 +269,8 @@ def report(
         help="Only the devices whose registered FIELD is VALUE, as FIELD=VALUE (repeat to narrow): "
              "model, firmware, host_device, state, urban (true/false), schema_version, "
              "first_seen_from, first_seen_to. E.g. --cohort 'model=AirPods Pro 2' --cohort state=QLD")] = None,
+    saved: Annotated[Optional[str], typer.Option(
+        help="Only the devices of the cohort saved under this name (POST /v1/cohorts, the console).")] = None,
     db: Db = DEFAULT_DB,
     storage_file: StorageFile = None,
 ) -> None:
@@ -276,12 +278,21 @@ def report(
     if fmt not in ("table", "json", "html"):
         raise ConfigError(f"--format must be table, json or html, got {fmt!r}")
     chosen = cohort_of(cohort or [])
+    if saved is not None and chosen:
+        raise ConfigError("give --saved or --cohort, not both")
     if storage_file is None and not db.exists():
         raise ConfigError(f"no store at {db}: run `podpulse demo` or `podpulse ingest` first, or pass --db")
     from podpulse.analytics import report_for  # lazy: heavy, see the docstring
 
-    result = report_for(StorageConfig.from_options(storage_file, db), from_ and from_.date(), to and to.date(), k,
-                        chosen)
+    config = StorageConfig.from_options(storage_file, db)
+    if saved is not None:
+        from podpulse.cohort import saved as saved_cohorts  # lazy: as cohort_of's
+
+        found = saved_cohorts(config, saved)
+        if not found:
+            raise ConfigError(f"--saved: no cohort is saved as {saved!r}")
+        chosen = found[saved]
+    result = report_for(config, from_ and from_.date(), to and to.date(), k, chosen)
     write_report(result, fmt, out_dir)
 
 

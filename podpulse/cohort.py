@@ -9,19 +9,29 @@ cell of a cohort still needs ``k`` devices.
 
 Values are checked against exact patterns before they reach SQL (and then quoted), so a filter
 cannot carry SQL; a bad value is a :class:`ConfigError` naming the field.
+
+A cohort can be saved under a name (the ``cohorts`` table of the relational store, beside the
+devices: :func:`save`, :func:`saved`), through the API and the console, and asked for by name.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, fields
-from datetime import date
+from datetime import date, datetime, timezone
+
+import pyarrow as pa
 
 from podpulse import geo
 from podpulse.errors import ConfigError
+from storage.reader import ReaderPool, run_queries
 from storage.rollups import REPORT_UTC_OFFSET_H
+from storage.router import StorageConfig, insert_rows, migrate_for
 
-__all__ = ["Cohort", "COHORT_FIELDS"]
+__all__ = ["Cohort", "COHORT_FIELDS", "NAME", "name_of", "save", "saved"]
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._()+-]{0,63}")  # a saved cohort's name: never a quote
 
 # Model names, firmware builds and host kinds as devices send them: letters, digits, spaces and
 # a few punctuation marks, never a quote.
@@ -132,3 +142,31 @@ class Cohort:
 
 
 COHORT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Cohort))
+
+
+def name_of(name) -> str:
+    """``name`` if it can be a saved cohort's name, else a ConfigError naming ``name``."""
+    if not (isinstance(name, str) and NAME.fullmatch(name)):
+        raise ConfigError(f"name: {name!r} is not a cohort name (letters, digits, spaces and ._+()-, at most 64)")
+    return name
+
+
+def saved(source: StorageConfig | ReaderPool, name: str | None = None) -> dict[str, Cohort]:
+    """The saved cohorts by name (only ``name``'s, when given: empty if there is none), oldest first."""
+    where = f" WHERE name = '{name_of(name)}'" if name is not None else ""  # checked: no quote in it
+    rows = run_queries(source, {"c": f"SELECT name, definition FROM cohorts{where} ORDER BY created_at, name"},
+                       kind="devices")["c"]
+    return {n: Cohort.parse(json.loads(d)) for n, d in rows}
+
+
+def save(config: StorageConfig, name: str, cohort: Cohort) -> None:
+    """Save ``cohort`` as ``name``; a name is saved once (ConfigError if taken: pick another)."""
+    name_of(name)
+    if not cohort:
+        raise ConfigError("cohort: give at least one field to save (every device needs no name)")
+    migrate_for(config, "devices")  # a store from before migration 8 gets its cohorts table
+    if saved(config, name):
+        raise ConfigError(f"name: a cohort named {name!r} is saved already")
+    insert_rows(config, "devices", "cohorts", pa.table({
+        "name": [name], "definition": [json.dumps(cohort.as_dict())],
+        "created_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC"))}))

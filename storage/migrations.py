@@ -78,6 +78,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "firmware per device and day, so adoption needs no raw events", _firmware_days),
     Migration(7, "erased devices: tombstones that keep replays from bringing them back", lambda dialect, opts: [
         create_table_ddl(schema.erased_devices, dialect, opts)]),
+    Migration(8, "saved cohorts: named filters over the devices", lambda dialect, opts: [
+        create_table_ddl(schema.cohorts, dialect, opts)]),
 )
 LATEST = MIGRATIONS[-1].version
 

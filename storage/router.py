@@ -200,6 +200,12 @@ def insert_rows(config: StorageConfig, kind: str, table: str, rows: pa.Table) ->
         tx.insert(table, rows)
 
 
+def migrate_for(config: StorageConfig, kind: str) -> None:
+    """Migrate the relational backend that keeps ``kind`` to the latest schema (a no-op when it is)."""
+    with opened(open_backend(config.backends[config.routes[kind]])):
+        pass
+
+
 @contextmanager
 def opened(store):
     """``store`` (a backend's store, or a :class:`Storage`) migrated for use, and closed after."""

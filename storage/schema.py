@@ -167,6 +167,14 @@ erased_devices = Table(
     Column("erased_at", UtcTime, nullable=False),
 )
 
+# Saved cohorts (since migration 8): a name for a filter over the devices (podpulse.cohort), JSON.
+cohorts = Table(
+    "cohorts", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("definition", String(2000), nullable=False),
+    Column("created_at", UtcTime, nullable=False),
+)
+
 schema_version = Table(
     "podpulse_schema_version", metadata,
     Column("version", Integer, primary_key=True, autoincrement=False),

@@ -61,6 +61,10 @@ function cohortParams(url, side) {
   const prefix = side === "a" ? "" : "b.";
   const out = new URLSearchParams();
   for (const key of ["from", "to"]) if (url.get(key)) out.set(key, url.get(key));
+  if (url.get(`${prefix}cohort`)) { // a saved cohort: by its name alone
+    out.set("cohort", url.get(`${prefix}cohort`));
+    return out;
+  }
   for (const [name] of COHORT) {
     const value = url.get(prefix + name);
     if (value) out.set(name, value);
@@ -103,11 +107,52 @@ function buildFilters() {
     event.preventDefault();
     const url = new URLSearchParams();
     url.set("page", view().page);
-    for (const [key, value] of new FormData($("#filters"))) if (value) url.set(key, value);
+    for (const [key, value] of new FormData($("#filters"))) if (value && key !== "save-as") url.set(key, value);
     if (!url.get("compare")) for (const key of [...url.keys()]) if (key.startsWith("b.")) url.delete(key);
     go(url);
   });
   $("#filters").compare.addEventListener("change", (event) => { $("#cohort-b").hidden = !event.target.checked; });
+  for (const select of document.querySelectorAll("select[data-saved]")) {
+    select.addEventListener("change", () => { // a saved cohort replaces the fields of its side
+      const prefix = select.dataset.saved === "a" ? "" : "b.";
+      for (const [name] of COHORT) $("#filters").elements[prefix + name].value = "";
+    });
+  }
+  $("#save-cohort").addEventListener("click", saveCohort);
+}
+
+async function savedCohorts() {
+  const { cohorts } = await api("v1/cohorts");
+  for (const select of document.querySelectorAll("select[data-saved]")) {
+    const chosen = select.value;
+    select.replaceChildren(el("option", { value: "" }, "none (the fields)"),
+                           ...cohorts.map((c) => el("option", { value: c.name, title: c.label }, c.name)));
+    select.value = chosen;
+  }
+}
+
+async function saveCohort() {
+  const form = $("#filters");
+  const name = form.elements["save-as"].value.trim();
+  const cohort = {};
+  for (const [field] of COHORT) if (form.elements[field].value) cohort[field] = form.elements[field].value;
+  try {
+    const response = await fetch("v1/cohorts", {
+      method: "POST", body: JSON.stringify({ name, cohort }),
+      headers: { Authorization: `Bearer ${token()}`, "Content-Type": "application/json" } });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      const detail = Array.isArray(body.detail) ? body.detail.map((d) => d.msg).join("; ") : body.detail;
+      throw new Error(`${response.status} ${detail || response.statusText}`);
+    }
+    $("#save-status").textContent = `saved: ${body.name} (${body.label})`;
+    const url = new URLSearchParams(location.search);
+    for (const [field] of COHORT) url.delete(field);
+    url.set("cohort", body.name);
+    go(url);
+  } catch (error) {
+    $("#save-status").textContent = `not saved: ${error.message}`;
+  }
 }
 
 function fillFilters(url) {
@@ -296,6 +341,7 @@ async function drawSide(host, page, params, url) {
 }
 
 async function show() {
+  delete document.body.dataset.loaded;
   if (!token()) {
     $("#console").hidden = true;
     $("#sign-out").hidden = true;
@@ -306,13 +352,13 @@ async function show() {
   $("#console").hidden = false;
   $("#sign-out").hidden = false;
   const { page, url } = view();
+  await savedCohorts().catch(() => {}); // the list is a convenience: a page still draws without it
   fillFilters(url);
   $("#device-field").hidden = page !== "device";
   for (const link of $("#pages").children) {
     if (link.dataset.page === page) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
-  delete document.body.dataset.loaded;
   const sides = $("#sides");
   sides.replaceChildren();
   document.title = `${PAGES[page].title} · PodPulse`;

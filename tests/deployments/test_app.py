@@ -639,7 +639,12 @@ def hostile_requests(draw) -> tuple[str, str, dict]:
     """(method, path, requests keyword arguments) for one endpoint, with hostile parts."""
     from urllib.parse import quote, urlencode
 
-    endpoint = draw(st.sampled_from(["telemetry", "score", "analytics", "device", "forecast"]))
+    endpoint = draw(st.sampled_from(["telemetry", "score", "analytics", "device", "forecast", "cohorts"]))
+    if endpoint == "cohorts":  # a cohort to save: hostile names, fields and values
+        fields = st.sampled_from(["model", "firmware", "state", "urban", "schema_version", "first_seen_from"])
+        body = {"name": draw(hostile_text | st.sampled_from(["rural", "Pro 2 (NSW)"])),
+                "cohort": draw(st.dictionaries(fields | hostile_text, json_value, max_size=3))}
+        return "POST", "/v1/cohorts", {"data": json.dumps(body if draw(st.integers(0, 3)) else draw(json_value))}
     if endpoint in ("telemetry", "score"):
         key, path, good = {"telemetry": ("events", "/v1/telemetry", event),
                            "score": ("rows", "/v1/battery/score", lambda: dict(ROW))}[endpoint]
@@ -647,7 +652,8 @@ def hostile_requests(draw) -> tuple[str, str, dict]:
                  for _ in range(draw(st.integers(0, 3)))]
         body = {key: items} if draw(st.integers(0, 3)) else draw(json_value)
         return "POST", path, {"data": json.dumps(body)}  # NaN, Infinity and lone surrogates as Python writes them
-    params = draw(st.dictionaries(st.sampled_from(["from", "to", "k", "days", "region"]),
+    params = draw(st.dictionaries(st.sampled_from(["from", "to", "k", "days", "region", "model", "state", "urban",
+                                                   "schema_version", "first_seen_from", "cohort"]),
                                   hostile_text | st.integers(-10**20, 10**20).map(str) | st.dates().map(str),
                                   max_size=3))
     name = draw(st.sampled_from(["usage_trend", "state_overview", "exposure", "ap-0011223344556677"]) | hostile_text)

@@ -277,3 +277,40 @@ def test_drain_of_two_firmware_versions_in_rural_queensland_last_week(browser, f
         assert console.outside() == []
     finally:
         console.context.close()
+
+
+def test_a_cohort_saved_in_the_console_is_listed_and_answers_by_name(console, served):
+    """Saved through the console's form, listed by the API, chosen by name on a page: its numbers
+    are the fields' numbers. Over HTTP: a taken name is 409, a bad field or name 422 naming it."""
+    url = served[0]
+    console.open({"page": "battery"})
+    console.sign_in(TOKEN)
+    console.loaded("battery")
+    console.page.fill("input[name='model']", "AirPods Pro 2")
+    console.page.select_option("select[name='urban']", "true")
+    console.page.fill("input[name='save-as']", "urban Pro 2")
+    console.page.click("#save-cohort")
+    console.page.wait_for_selector("#save-status:has-text('saved: urban Pro 2')")
+    console.loaded("battery")
+    assert "cohort=urban+Pro+2" in console.page.url and "model=" not in console.page.url
+    listed = requests.get(f"{url}/v1/cohorts", headers=AUTH, timeout=30).json()["cohorts"]
+    assert {"name": "urban Pro 2", "cohort": {"model": "AirPods Pro 2", "urban": True},
+            "label": "AirPods Pro 2, urban"} in listed
+    by_name = api(url, "battery_health", cohort="urban Pro 2")
+    assert by_name["rows"] == api(url, "battery_health", model="AirPods Pro 2", urban="true")["rows"]
+    same(console.table("battery_health")["cell"], by_name)
+    assert console.page.input_value("select[name='cohort']") == "urban Pro 2"
+
+    def post(body: dict) -> requests.Response:
+        return requests.post(f"{url}/v1/cohorts", json=body, headers=AUTH, timeout=30)
+    taken = post({"name": "urban Pro 2", "cohort": {"model": "AirPods Pro"}})
+    assert taken.status_code == 409 and "saved already" in taken.json()["detail"]
+    for body, field in [({"name": "x", "cohort": {"state": "XX"}}, "state"),
+                        ({"name": "x'--", "cohort": {"model": "AirPods Pro"}}, "name"),
+                        ({"name": "x", "cohort": {"colour": "white"}}, "colour")]:
+        refused = post(body)
+        assert refused.status_code == 422 and field in str(refused.json()["detail"]), refused.text
+    for params, words in [({"cohort": "nobody"}, "no saved cohort"), ({"cohort": "urban Pro 2", "state": "NSW"}, "not both")]:
+        refused = requests.get(f"{url}/v1/analytics/usage_trend", params=params, headers=AUTH, timeout=30)
+        assert refused.status_code == 422 and words in str(refused.json()["detail"]), refused.text
+    assert console.outside() == []

@@ -171,6 +171,7 @@ def test_demo_runs_the_main_job_and_prints_the_summary(tmp_path):
     (["report", "--cohort", "state=Queensland"], ["state", "QLD"]),
     (["report", "--cohort", "colour=white"], ["colour", "not a cohort field"]),
     (["report", "--cohort", "model"], ["--cohort", "FIELD=VALUE"]),
+    (["report", "--saved", "x", "--cohort", "state=QLD"], ["--saved", "not both"]),
 ])
 def test_bad_pipeline_arguments_get_one_line(args, words):
     proc = subprocess.run([*CLI, *args], capture_output=True, text=True)

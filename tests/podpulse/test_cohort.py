@@ -54,3 +54,22 @@ def test_whatever_is_given_is_refused_or_runs_as_a_filter(values):
     (count,) = db.execute(f"SELECT count(*) FROM devices WHERE true{cohort.sql()}").fetchone()
     assert count in (0, 1)
     assert db.execute("SELECT count(*) FROM devices").fetchone() == (1,)  # nothing else ran
+
+
+def test_a_cohort_is_saved_once_by_name_and_read_back(store_config):
+    """On the embedded DuckDB and on PostgreSQL: saved (the store migrated first), listed oldest first,
+    found by name; a taken name, a bad name and an empty cohort are refused naming the field."""
+    from podpulse.cohort import save, saved
+
+    rural = Cohort(model="AirPods Pro 2", state="QLD", urban=False)
+    save(store_config, "Pro 2 rural QLD", rural)
+    save(store_config, "new on 7A305", Cohort(firmware="7A305", first_seen_from=date(2026, 11, 1)))
+    assert list(saved(store_config)) == ["Pro 2 rural QLD", "new on 7A305"]
+    assert saved(store_config, "Pro 2 rural QLD") == {"Pro 2 rural QLD": rural}
+    assert saved(store_config, "nobody") == {}
+    for name, cohort, field in [("Pro 2 rural QLD", Cohort(model="x"), "name"), ("x'; DROP TABLE devices", rural, "name"),
+                                ("empty", Cohort(), "cohort")]:
+        with pytest.raises(ConfigError) as refused:
+            save(store_config, name, cohort)
+        assert str(refused.value).startswith(f"{field}:")
+    assert len(saved(store_config)) == 2
