@@ -55,7 +55,7 @@ from podpulse.config import MIN_K, StorageConfig
 from podpulse.contract import DEVICE_ID, decode_batch
 from podpulse.errors import BrokerError, ConfigError
 from podpulse.kafka import deliver, producer_config
-from podpulse.registry import flagged_devices_by_region, latest
+from podpulse.registry import flagged_devices_by_region, flagged_share_by_region, latest
 from storage.base import StorageError
 from storage.reader import ReaderPool
 from storage.router import erase_devices
@@ -484,9 +484,9 @@ class PodPulseAPI:
         if self.failure is not None:
             raise RuntimeError(f"this replica cannot serve its user_config: {self.failure}")
 
-    def registered(self, name: str) -> dict:
+    def registered(self, name: str, required: bool = True) -> dict | None:
         """The latest version of ``name`` in ``model_versions`` (:func:`podpulse.registry.latest`);
-        503 when none is registered or the registry cannot be read."""
+        503 when the registry cannot be read, and when none is registered (None if not ``required``)."""
         try:
             entry = latest(self.readers, name)
         except Exception as e:  # any driver's error
@@ -494,7 +494,7 @@ class PodPulseAPI:
             raise HTTPException(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
                                 detail=f"the model registry (model_versions) cannot be read "
                                        f"({type(e).__name__}; the replica's log has the cause)") from None
-        if entry is None:
+        if entry is None and required:
             raise HTTPException(status_code=503, detail=f"no {name} model in the registry (model_versions "
                                                         f"has none; train one: podpulse train --model {name})")
         return entry
@@ -688,6 +688,17 @@ class PodPulseAPI:
                                                             f"latest, cannot be read: {e}") from None
             self._forecast = cached
         return cached[1], cached[2]
+
+    @app.get("/v1/anomalies/regions")
+    def anomalies_by_region(self) -> dict:
+        """Per region of at least ``min_k`` devices: the devices the latest battery-anomaly version
+        flagged, and their share (what the ``ray_podpulse_anomalous_devices`` gauge counts)."""
+        entry, k = self.registered("battery-anomaly", required=False), self.config.min_k
+        if entry is None:
+            return {"model_version": None, "k": k, "regions": [],
+                    "note": "no battery-anomaly model is registered: nothing is flagged yet"}
+        return {"model_version": entry["version"], "k": k,
+                "regions": flagged_share_by_region(self.readers, entry["version"], k)}
 
     @app.get("/v1/cohorts")
     def list_cohorts(self) -> dict:

@@ -91,6 +91,25 @@ def flagged_devices_by_region(source: StorageConfig | ReaderPool, version: str, 
     return counts
 
 
+def flagged_share_by_region(source: StorageConfig | ReaderPool, version: str, k: int = MIN_K) -> list[dict]:
+    """Per region of at least ``k`` devices (the regions :func:`flagged_devices_by_region` counts):
+    its devices, the distinct devices ``version`` flagged there (the same count as the metric's) and
+    their share. Regions under ``k`` devices are left out whole."""
+    if not _VERSION.fullmatch(version):
+        raise ValueError(f"not a model version: {version!r}")
+    rows = run_queries(source, {"r": f"""
+        SELECT coalesce(state, '?') AS state, urban, count(*) AS devices FROM devices
+        GROUP BY coalesce(state, '?'), urban HAVING count(*) >= {int(k)} ORDER BY 1, 2 DESC"""},
+                       kind="devices")["r"]
+    flagged = flagged_devices_by_region(source, version, k)
+    out = []
+    for state, urban, devices in rows:
+        region = f"{'unknown' if state == '?' else state}-{'urban' if urban else 'rural'}"
+        n = flagged.get(region, 0)
+        out.append({"region": region, "devices": int(devices), "flagged_devices": n, "share": n / int(devices)})
+    return out
+
+
 def _model_name(name: str) -> str:
     if not name.replace("-", "").isalpha():
         raise ValueError(f"not a model name: {name!r}")

@@ -268,9 +268,22 @@ function drainChart(host, result) {
                arrayminus: rows.map((r) => r.p50_pct_per_h - r.p10_pct_per_h) } }]);
 }
 
-function battery(host, data) {
+async function battery(host, data) {
   drainChart(host, data.battery_health);
   host.append(table(data.battery_health, host.dataset.side));
+  const flagged = await api("v1/anomalies/regions");
+  if (!flagged.model_version) {
+    host.append(el("p", { class: "note" }, flagged.note));
+    return;
+  }
+  chart(host, `Share of devices flagged by battery-anomaly ${flagged.model_version} (whole fleet, by region)`,
+        [{ type: "bar", x: flagged.regions.map((r) => r.region), y: flagged.regions.map((r) => r.share) }],
+        { yaxis: { tickformat: ".1%" } });
+  host.append(table({ name: "flagged_by_region", columns: ["region", "devices", "flagged_devices", "share"],
+                      rows: flagged.regions.map((r) => [r.region, r.devices, r.flagged_devices, r.share]),
+                      suppressed_cells: [], k: flagged.k,
+                      notes: [`regions with fewer than ${flagged.k} devices are left out; not narrowed by the cohort`] },
+                    host.dataset.side));
   const outliers = data.battery_health.extra.outliers || [];
   if (outliers.length) {
     host.append(el("h3", {}, "Devices furthest from their model and firmware"));
@@ -317,6 +330,10 @@ async function device(host, _data, params, url) {
   const t = await api(`v1/devices/${encodeURIComponent(id)}/timeline`, query);
   const x = t.hours.map((h) => h.hour);
   chart(host, `Listening minutes per hour, ${t.from} to ${t.to}`, [{ type: "bar", x, y: t.hours.map((h) => h.listening_s / 60) }]);
+  chart(host, "Noise-control mode, minutes in ear per hour", MODES.map((m) => ({
+    type: "bar", name: m, x, y: t.hours.map((h) => h[`${m}_s`] / 60) })), { barmode: "stack" });
+  chart(host, "Output and ambient level (mean of the hour, dBA)", [["output_dba", "output"], ["ambient_dba", "ambient"]].map(([c, name]) => ({
+    type: "scatter", mode: "lines", name, x, y: t.hours.map((h) => h[c]) })));
   chart(host, "Battery (lowest of the hour, %)", ["battery_left_min", "battery_right_min", "battery_case_min"].map((c) => ({
     type: "scatter", mode: "lines", name: c.replace("battery_", "").replace("_min", ""), x, y: t.hours.map((h) => h[c]) })));
   host.append(el("h3", {}, "Firmware changes"));

@@ -12,6 +12,7 @@ import requests
 
 from bench.report import build_store
 from infra.served import AGGREGATES, AUTH, TOKEN
+from podpulse.registry import flagged_devices_by_region
 from storage.router import StorageConfig
 
 CHROMIUM = "/usr/bin/chromium"
@@ -145,6 +146,16 @@ def test_each_page_shows_the_apis_numbers_for_the_filters_in_its_url(console, se
         console.loaded(name)
         for query in queries:
             same(console.table(query)["cell"], api(url, query))
+        if name == "battery":  # the flagged shares: the API's, which count what the metric counts
+            flagged = requests.get(f"{url}/v1/anomalies/regions", headers=AUTH, timeout=30).json()
+            regions = flagged["regions"]
+            assert flagged["model_version"] and regions and all(r["devices"] >= flagged["k"] for r in regions)
+            same(console.table("flagged_by_region")["cell"], {
+                "columns": ["region", "devices", "flagged_devices", "share"],
+                "rows": [[r["region"], r["devices"], r["flagged_devices"], r["share"]] for r in regions]})
+            assert {r["region"]: r["flagged_devices"] for r in regions if r["flagged_devices"]} == \
+                flagged_devices_by_region(served[2], flagged["model_version"], flagged["k"])
+            console.shot("battery")
     console.shot("firmware")
 
     # filters through the form land in the URL, and the tables follow them
@@ -210,7 +221,7 @@ def test_forecast_and_a_device_timeline(console, served):
     console.loaded("device")
     timeline = requests.get(f"{url}/v1/devices/{device}/timeline", headers=AUTH, timeout=60).json()
     assert console.table("firmware_changes")["cell"] == [[f["day"], f["firmware"]] for f in timeline["firmware"]]
-    assert console.page.locator("section.side .chart.js-plotly-plot").count() == 2  # Plotly drew both charts
+    assert console.page.locator("section.side .chart.js-plotly-plot").count() == 4  # Plotly drew every chart
     console.shot("device")
     assert console.outside() == []
 
