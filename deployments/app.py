@@ -749,12 +749,7 @@ class PodPulseAPI:
             if saved_name is not None:
                 if cohort:
                     raise ConfigError("cohort: give a saved cohort's name or the cohort's fields, not both")
-                if not cohorts.NAME.fullmatch(saved_name):
-                    raise ConfigError(f"cohort: {saved_name!r} is not a saved cohort's name")
-                found = cohorts.saved(self.readers, saved_name)
-                if not found:
-                    raise ConfigError(f"cohort: no saved cohort is named {saved_name!r} (GET /v1/cohorts lists them)")
-                cohort = found[saved_name]
+                cohort = cohorts.named(self.readers, saved_name)
         except ConfigError as e:
             raise refusal("query", e) from None
         with self.readers.reader() as r:

@@ -286,12 +286,9 @@ def report(
 
     config = StorageConfig.from_options(storage_file, db)
     if saved is not None:
-        from podpulse.cohort import saved as saved_cohorts  # lazy: as cohort_of's
+        from podpulse.cohort import named  # lazy: as cohort_of's
 
-        found = saved_cohorts(config, saved)
-        if not found:
-            raise ConfigError(f"--saved: no cohort is saved as {saved!r}")
-        chosen = found[saved]
+        chosen = named(config, saved)
     result = report_for(config, from_ and from_.date(), to and to.date(), k, chosen)
     write_report(result, fmt, out_dir)
 

@@ -29,7 +29,7 @@ from storage.reader import ReaderPool, run_queries
 from storage.rollups import REPORT_UTC_OFFSET_H
 from storage.router import StorageConfig, insert_rows, migrate_for
 
-__all__ = ["Cohort", "COHORT_FIELDS", "NAME", "name_of", "save", "saved"]
+__all__ = ["Cohort", "COHORT_FIELDS", "NAME", "name_of", "named", "save", "saved"]
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._()+-]{0,63}")  # a saved cohort's name: never a quote
 
@@ -157,6 +157,16 @@ def saved(source: StorageConfig | ReaderPool, name: str | None = None) -> dict[s
     rows = run_queries(source, {"c": f"SELECT name, definition FROM cohorts{where} ORDER BY created_at, name"},
                        kind="devices")["c"]
     return {n: Cohort.parse(json.loads(d)) for n, d in rows}
+
+
+def named(source: StorageConfig | ReaderPool, name: str) -> Cohort:
+    """The cohort saved as ``name``; a ConfigError naming ``cohort`` when the name is not a saved one."""
+    if not (isinstance(name, str) and NAME.fullmatch(name)):
+        raise ConfigError(f"cohort: {name!r} is not a saved cohort's name")
+    found = saved(source, name)
+    if not found:
+        raise ConfigError(f"cohort: no saved cohort is named {name!r} (GET /v1/cohorts lists them)")
+    return found[name]
 
 
 def save(config: StorageConfig, name: str, cohort: Cohort) -> None:
