@@ -100,6 +100,42 @@ def bench_report(
                   f"its raw events by key: {result['device_raw_read_ms_p50']} ms")
 
 
+@bench_app.command("store")
+def bench_store(
+    db: Annotated[Path, typer.Option("--db", help="The DuckDB store to write (must not exist).")],
+    devices: Annotated[int, typer.Option(min=1)] = 5_000,
+    days: Annotated[int, typer.Option(min=1)] = 28,
+    seed: Annotated[int, typer.Option(help="Same seed, same fleet.")] = 7,
+    faults: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of devices with a fault.")] = 0.1,
+    fault_mix: Annotated[str, typer.Option(
+        help="strong, subtle, all, or kinds separated by commas (podpulse.simulator.FAULTS).")] = "subtle",
+    truth: Annotated[Optional[Path], typer.Option(help="Ground truth file (default: DB.truth.json).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Write a simulated fleet straight to a DuckDB store (not through Kafka) with its ground truth of
+    injected faults: the fleet that `podpulse train --truth` is measured on."""
+    from bench.report import build_store
+    from podpulse.simulator import Fleet, FleetSpec, fault_mix as mix_of
+
+    if db.exists():
+        raise ConfigError(f"{db} exists: give a new --db")
+    try:
+        spec = FleetSpec(devices=devices, hours=24 * days, seed=seed, fault_share=faults, fault_mix=mix_of(fault_mix))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    db.parent.mkdir(parents=True, exist_ok=True)
+    events = build_store(db, devices, days, seed=seed, start=spec.start, fault_share=faults, fault_mix=spec.fault_mix)
+    truth = truth or db.with_suffix(".truth.json")
+    truth.write_text(json.dumps(Fleet.build(spec).truth(), indent=1))
+    result = {"db": str(db), "truth": str(truth), "devices": devices, "days": days, "events": events,
+              "fault_mix": list(spec.fault_mix), "faulty_devices": round(devices * faults)}
+    if json_out:
+        print(json.dumps(result))
+    else:
+        out.print(f"{events:,} events of {devices:,} devices × {days} days → {db}; faults ({', '.join(spec.fault_mix)}) "
+                  f"→ {truth}\nnext: podpulse train --model battery-anomaly --db {db} --truth {truth} --json")
+
+
 @bench_app.command("serve")
 def bench_serve(
     rate: Annotated[int, typer.Option(min=1, help="Requests per second.")] = 200,

@@ -30,11 +30,12 @@ from storage.router import StorageConfig, open_storage
 
 
 def build_store(path: Path | StorageConfig, devices: int, days: int, seed: int = 7,
-                start: datetime | None = None) -> int:
+                start: datetime | None = None, **fleet) -> int:
     """A store of a simulated fleet (a DuckDB file, or any storage configuration), written straight
     to the store (not through Kafka, so no event-time window applies), device ids hashed with the
-    store's pseudonym key as ingest does. ``start``: the simulator's default, unless given."""
-    spec = FleetSpec(devices=devices, hours=24 * days, seed=seed, start=start)
+    store's pseudonym key as ingest does. ``start``: the simulator's default, unless given; ``fleet``:
+    more of :class:`FleetSpec` (``fault_share``, ``fault_mix``)."""
+    spec = FleetSpec(devices=devices, hours=24 * days, seed=seed, start=start, **fleet)
     config = path if isinstance(path, StorageConfig) else StorageConfig.embedded(path)
     pseudonyms = config.pseudonyms(create=True)
     storage = open_storage(config)

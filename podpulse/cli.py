@@ -103,6 +103,8 @@ def simulate(
         help="Start, ISO format (default: the Monday 00:00 AEST before now − the simulated hours).")] = None,
     interval: Annotated[int, typer.Option(min=60, max=3600, help="Sample interval, seconds.")] = 300,
     faults: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of devices with a fault.")] = 0.02,
+    fault_mix: Annotated[str, typer.Option(
+        help="Fault kinds: strong, subtle, all, or kinds separated by commas (podpulse.simulator).")] = "strong",
     malformed: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of records corrupted.")] = 0.0,
     v2_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of schema-v2 devices.")] = 0.6,
     partitions: Annotated[int, typer.Option(min=1, help="Partitions if the topic must be created.")] = 8,
@@ -113,9 +115,12 @@ def simulate(
     kafka_config: KafkaConfigFile = None,
 ) -> None:
     """Simulate an Australian AirPods Pro fleet into Kafka or a JSON-lines file."""
-    spec = FleetSpec(devices=devices, hours=hours, seed=seed, start=_start_time(start),
-                     interval_s=interval, fault_share=faults, malformed_rate=malformed,
-                     v2_share=v2_share)
+    try:
+        spec = FleetSpec(devices=devices, hours=hours, seed=seed, start=_start_time(start),
+                         interval_s=interval, fault_share=faults, fault_mix=fault_mix, malformed_rate=malformed,
+                         v2_share=v2_share)
+    except ValueError as e:
+        raise ConfigError(f"--fault-mix: {e}" if "fault mix" in str(e) else str(e)) from None
     fleet = Fleet.build(spec)
     summary = Summary(fleet)
     with open_sink(to, partitions, settings_from(kafka_setting, kafka_config)) as sink:

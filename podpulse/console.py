@@ -229,8 +229,20 @@ def print_training(model: str, result: dict) -> None:
     if model == "battery-anomaly":
         auc = ("n/a" if result["auc"] is None
                else f"{result['auc']:.3f} (IsolationForest {result['baseline_auc']:.3f})")
-        out.print(f"battery-anomaly {result['version']}: AUC {auc}, {result['flagged_device_days']:,} of "
-                  f"{result['device_days']:,} device-days flagged → {result['path']}")
+        out.print(f"battery-anomaly {result['version']}: AUC {auc}, {result['flagged_devices']:,} of "
+                  f"{result['devices']:,} devices flagged at score ≥ {result['threshold']} → {result['path']}")
+        if result.get("by_fault"):
+            table = Table(title="per fault kind, against the healthy devices")
+            for column in ("fault", "devices", "AUC", "IsolationForest AUC", "precision", "recall"):
+                table.add_column(column, justify="left" if column == "fault" else "right")
+
+            def cell(x):
+                return "n/a" if x is None else f"{x:.3f}"
+
+            for kind, f in [("all", result), *result["by_fault"].items()]:
+                table.add_row(kind, f"{f['devices'] if kind != 'all' else result['devices'] - result['healthy_devices']:,}",
+                              cell(f["auc"]), cell(f["baseline_auc"]), cell(f["precision"]), cell(f["recall"]))
+            out.print(table)
     else:
         out.print(f"usage-forecast {result['version']}: MAPE {result['mape']:.1f}% (seasonal naive "
                   f"{result['baseline_mape']:.1f}%) → {result['path']}")

@@ -15,8 +15,17 @@ is in an ear or on charge:
   an aged battery; buds recharge from the case, and the case gets plugged in
   when low or at night;
 - firmware versions roll out over time, one release falls inside the window;
-- a share of devices carries an injected fault (``fast_drain``, ``imbalance``
-  or ``stuck_sensor``), reported as ground truth by :meth:`Fleet.truth`;
+- a share of devices carries an injected fault, reported as ground truth by
+  :meth:`Fleet.truth` (kind, bud, onset day, size). ``fault_mix`` chooses the
+  kinds (:data:`FAULT_MIXES`). The strong ones act from the start:
+  ``fast_drain`` (both buds ×2), ``imbalance`` (one bud ×1.7), ``stuck_sensor``
+  (one bud reports the same level). The subtle ones begin on an onset day
+  between a quarter and 60% into the window, as a real battery's fault would:
+  ``subtle_drain`` (both buds +15% to +40%), ``growing_imbalance`` (one bud's
+  drain grows linearly to +30% to +60% by the end), ``cycle_wear`` (drain
+  grows by 1-3% with every full charge cycle of the buds), ``heat_drain`` (the
+  buds run 3-6 °C warmer in the ear and drain 5% more per degree) and
+  ``dropout`` (one bud's sensor reads 0% on 3% of samples, then recovers);
 - v1 and v2 devices are mixed; malformed records can be injected at a rate.
 
 The same seed and spec give the same events, byte for byte. Without an
@@ -39,7 +48,8 @@ import numpy as np
 from podpulse import geo
 from podpulse.contract import Event, encoder
 
-__all__ = ["FleetSpec", "Fleet", "Chunk", "Summary", "simulate", "FAULTS", "default_start"]
+__all__ = ["FleetSpec", "Fleet", "Chunk", "Summary", "simulate", "FAULTS", "STRONG_FAULTS", "SUBTLE_FAULTS",
+           "FAULT_MIXES", "FAULT_SIZE", "fault_mix", "default_start"]
 
 AEST = timedelta(hours=10)  # Sydney standard time, UTC+10 (daylight saving is not modelled)
 
@@ -68,7 +78,15 @@ FIRMWARE_AGE_DAYS = (400, 260, 150, 60)  # released this long before the start; 
 MAX_FIRMWARE = np.array([2, 4, 4, 4])  # one mid-window. The first model stops at 6F29.
 HOSTS = ("iphone", "ipad", "mac", "android", "watch")
 HOST_SHARE = (0.80, 0.05, 0.07, 0.06, 0.02)
-FAULTS = ("fast_drain", "imbalance", "stuck_sensor")
+STRONG_FAULTS = ("fast_drain", "imbalance", "stuck_sensor")
+SUBTLE_FAULTS = ("subtle_drain", "growing_imbalance", "cycle_wear", "heat_drain", "dropout")
+FAULTS = STRONG_FAULTS + SUBTLE_FAULTS
+FAULT_MIXES = {"strong": STRONG_FAULTS, "subtle": SUBTLE_FAULTS, "all": FAULTS}
+# the size each subtle fault is drawn with, uniformly (what Fleet.truth reports as "size")
+FAULT_SIZE = {"subtle_drain": (0.15, 0.40), "growing_imbalance": (0.30, 0.60), "cycle_wear": (0.01, 0.03),
+              "heat_drain": (3.0, 6.0)}
+HEAT_DRAIN_PER_C = 0.05
+DROPOUT_RATE = 0.03
 PROFILES = ("commuter", "desk", "evening")
 PROFILE_SHARE = {True: (0.5, 0.3, 0.2), False: (0.2, 0.4, 0.4)}  # by urban
 
@@ -101,6 +119,7 @@ class FleetSpec:
     seed: int = 7
     interval_s: int = 300
     fault_share: float = 0.02
+    fault_mix: tuple[str, ...] = STRONG_FAULTS  # the kinds, assigned in turn to the faulty devices
     malformed_rate: float = 0.0
     v2_share: float = 0.6
 
@@ -116,6 +135,7 @@ class FleetSpec:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        object.__setattr__(self, "fault_mix", fault_mix(self.fault_mix))
         if self.start is None:  # the whole simulated range (whole intervals) ends by now
             object.__setattr__(self, "start", default_start(self.steps * self.interval_s / 3600))
         if self.start.tzinfo is None:
@@ -128,6 +148,19 @@ class FleetSpec:
     @property
     def start_ms(self) -> int:
         return int(self.start.timestamp() * 1000)
+
+
+def fault_mix(kinds: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """A fault mix: a name of :data:`FAULT_MIXES`, or kinds of :data:`FAULTS` (a comma-separated string
+    or a sequence), in the order they are dealt to the faulty devices."""
+    if isinstance(kinds, str):
+        kinds = FAULT_MIXES.get(kinds) or tuple(k.strip() for k in kinds.split(",") if k.strip())
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in FAULTS]
+    if not kinds or unknown:
+        raise ValueError(f"a fault mix is one of {', '.join(FAULT_MIXES)} or kinds among {', '.join(FAULTS)}"
+                         + (f"; not {', '.join(map(repr, unknown))}" if unknown else ""))
+    return kinds
 
 
 def allocate(total: int, weights) -> np.ndarray:
@@ -166,8 +199,10 @@ class Fleet:
     fw_delay_ms: np.ndarray  # how long after a release this device installs it
     jitter_ms: np.ndarray  # offset of its samples inside the interval
     fault: np.ndarray  # -1 or index into FAULTS
-    fault_bud: np.ndarray  # 0 left, 1 right (imbalance, stuck_sensor)
+    fault_bud: np.ndarray  # 0 left, 1 right (the one-bud faults)
     conversation: np.ndarray  # conversation awareness switched on (reported by v2)
+    fault_onset_ms: np.ndarray  # when the fault begins (the start for the strong ones)
+    fault_size: np.ndarray  # FAULT_SIZE's draw, 0 where the kind has none
 
     @classmethod
     def build(cls, spec: FleetSpec) -> "Fleet":
@@ -189,8 +224,17 @@ class Fleet:
                            rng.choice(3, n, p=PROFILE_SHARE[False]))
         fault = np.full(n, -1, dtype=np.int8)
         faulty = rng.permutation(n)[: int(round(n * spec.fault_share))]
-        fault[faulty] = np.arange(len(faulty)) % len(FAULTS)
+        kinds = np.array([FAULTS.index(k) for k in spec.fault_mix], dtype=np.int8)
+        fault[faulty] = kinds[np.arange(len(faulty)) % len(kinds)]
         ids = rng.integers(0, 2**63, n, dtype=np.int64)
+        # drawn apart from the rest, so that a fleet's other attributes do not depend on its fault mix
+        details = np.random.default_rng([spec.seed, 2])
+        length_ms = spec.steps * spec.interval_s * 1000
+        onset = spec.start_ms + details.uniform(0.25, 0.60, n) * length_ms
+        onset = np.where(np.isin(fault, [FAULTS.index(k) for k in SUBTLE_FAULTS]), onset, spec.start_ms)
+        low_high = np.array([FAULT_SIZE.get(k, (0.0, 0.0)) for k in FAULTS] + [(0.0, 0.0)])
+        u = details.random(n)
+        size = low_high[fault, 0] + u * (low_high[fault, 1] - low_high[fault, 0])  # fault -1: the zero row
         return cls(
             spec=spec,
             device_id=np.array([f"ap-{x:016x}" for x in ids.tolist()], dtype=object),
@@ -210,17 +254,27 @@ class Fleet:
             fault=fault,
             fault_bud=rng.integers(0, 2, n),
             conversation=rng.random(n) < 0.4,
+            fault_onset_ms=onset.astype(np.int64),
+            fault_size=size,
         )
 
     def __len__(self) -> int:
         return len(self.device_id)
 
     def truth(self) -> list[dict]:
-        """Ground truth of the injected faults: one dict per faulty device."""
+        """Ground truth of the injected faults: one dict per faulty device (the AEST day of its onset;
+        ``bud`` for the one-bud kinds; ``size`` as :data:`FAULT_SIZE` draws it, else null)."""
         bud = ("left", "right")
-        return [{"device_id": self.device_id[i], "fault": FAULTS[self.fault[i]],
-                 "bud": None if self.fault[i] == 0 else bud[self.fault_bud[i]]}
-                for i in np.flatnonzero(self.fault >= 0)]
+        one_bud = {"imbalance", "stuck_sensor", "growing_imbalance", "dropout"}
+        out = []
+        for i in np.flatnonzero(self.fault >= 0).tolist():
+            kind = FAULTS[self.fault[i]]
+            onset = datetime.fromtimestamp(self.fault_onset_ms[i] / 1000, timezone.utc) + AEST
+            out.append({"device_id": self.device_id[i], "fault": kind,
+                        "bud": bud[self.fault_bud[i]] if kind in one_bud else None,
+                        "onset": onset.date().isoformat(),
+                        "size": round(float(self.fault_size[i]), 4) if kind in FAULT_SIZE else None})
+        return out
 
 
 @dataclass
@@ -255,6 +309,7 @@ def simulate(spec: FleetSpec, fleet: Fleet | None = None) -> Iterator[Chunk]:
     """Yield the fleet's events interval by interval, in event-time order."""
     fleet = fleet or Fleet.build(spec)
     rng = np.random.default_rng([spec.seed, 1])
+    rng_faults = np.random.default_rng([spec.seed, 3])  # apart: a fleet without dropouts draws the same
     n, step_s = len(fleet), spec.interval_s
     step_h = step_s / 3600.0
     tz_h = np.array([s.utc_offset_h for s in geo.STATES])[fleet.state]
@@ -267,6 +322,12 @@ def simulate(spec: FleetSpec, fleet: Fleet | None = None) -> Iterator[Chunk]:
     imbalance = fleet.fault == 1
     drain_mult[fleet.fault_bud[imbalance], np.flatnonzero(imbalance)] *= 1.7
     stuck = fleet.fault == 2
+    subtle = {k: np.flatnonzero(fleet.fault == FAULTS.index(k)) for k in SUBTLE_FAULTS}
+    end_ms = spec.start_ms + spec.steps * step_s * 1000
+    growth_span = np.maximum(end_ms - fleet.fault_onset_ms, 1)
+    cycles = np.zeros(n)  # full charge cycles of the buds since the fault's onset (cycle_wear)
+    dropout_bud = fleet.fault_bud
+    heat = np.zeros(n)  # °C the buds run warmer in the ear (heat_drain)
 
     battery = np.vstack([rng.uniform(40, 100, (2, n)), rng.uniform(20, 100, (1, n))])  # L, R, case
     stuck_value = np.round(battery[0]).astype(np.int64)
@@ -284,6 +345,19 @@ def simulate(spec: FleetSpec, fleet: Fleet | None = None) -> Iterator[Chunk]:
 
     for step in range(spec.steps):
         t_ms = spec.start_ms + step * step_s * 1000
+        started = t_ms >= fleet.fault_onset_ms
+        mult = drain_mult
+        if any(i.size for i in subtle.values()):
+            mult = drain_mult.copy()
+            i = subtle["subtle_drain"][started[subtle["subtle_drain"]]]
+            mult[:, i] *= 1.0 + fleet.fault_size[i]
+            i = subtle["growing_imbalance"][started[subtle["growing_imbalance"]]]
+            mult[fleet.fault_bud[i], i] *= 1.0 + fleet.fault_size[i] * (t_ms - fleet.fault_onset_ms[i]) / growth_span[i]
+            i = subtle["cycle_wear"]
+            mult[:, i] *= 1.0 + fleet.fault_size[i] * cycles[i]
+            i = subtle["heat_drain"][started[subtle["heat_drain"]]]
+            heat[i] = fleet.fault_size[i]
+            mult[:, i] *= 1.0 + HEAT_DRAIN_PER_C * heat[i]
         local_h = t_ms / 3_600_000 + tz_h
         hour = (local_h % 24).astype(np.int64)
         weekend = ((local_h // 24).astype(np.int64) + 3) % 7 >= 5  # 1970-01-01 was a Thursday
@@ -315,12 +389,13 @@ def simulate(spec: FleetSpec, fleet: Fleet | None = None) -> Iterator[Chunk]:
         rate_h = (7.0 + (playback / step_s) * (6.0 + 0.45 * (output - 60.0))
                   + np.select([mode == 1, mode == 3, mode == 2], [3.5, 2.8, 2.0], 0.0))
         ear = np.vstack([in_use, right_in]).astype(np.float64)
-        battery[:2] -= np.maximum(rate_h * step_h, 0.0) * drain_mult * (0.1 + 0.9 * ear) * in_use
+        battery[:2] -= np.maximum(rate_h * step_h, 0.0) * mult * (0.1 + 0.9 * ear) * in_use
         battery[:2] = np.maximum(battery[:2], 0.0)
         in_case = ~in_use
         room = np.where(in_case & (battery[2] > 0), np.minimum(100.0 - battery[:2], 11.0), 0.0)
         charging_buds = room.sum(axis=0) > 0.05
         battery[:2] += room
+        cycles += np.where(started, room.sum(axis=0) / 200.0, 0.0)
         battery[2] = np.maximum(battery[2] - room.sum(axis=0) / 2 / 4.5, 0.0)
         plug_now = ~plugged & (((battery[2] < 20) & (u[2] < 0.08))
                                | ((hour >= 21) & (battery[2] < 80) & (u[2] < 0.03)))
@@ -337,10 +412,14 @@ def simulate(spec: FleetSpec, fleet: Fleet | None = None) -> Iterator[Chunk]:
         reported = np.round(battery[:, active]).astype(np.int64)
         reported[0] = np.where(stuck[active] & (fleet.fault_bud[active] == 0), stuck_value[active], reported[0])
         reported[1] = np.where(stuck[active] & (fleet.fault_bud[active] == 1), stuck_value[active], reported[1])
+        if subtle["dropout"].size:
+            out = (fleet.fault[active] == FAULTS.index("dropout")) & started[active]
+            out &= rng_faults.random(active.size) < DROPOUT_RATE
+            reported[dropout_bud[active][out], np.flatnonzero(out)] = 0
         charging = np.where(in_use[active], 0, charging_buds[active].astype(np.int64) + 2 * plugged[active])
         v2 = fleet.v2[active]
-        temp = np.where(in_use[active], 32.0 + 0.6 * cancelling[active] + 0.03 * (output[active] - 60.0),
-                        28.0 + 2.0 * charging_buds[active]) + rng.normal(0.0, 0.3, (2, active.size))
+        temp = np.where(in_use[active], 32.0 + 0.6 * cancelling[active] + 0.03 * (output[active] - 60.0)
+                        + heat[active], 28.0 + 2.0 * charging_buds[active]) + rng.normal(0.0, 0.3, (2, active.size))
         temp = np.round(temp, 1).tolist()
         v2_list = v2.tolist()
 

@@ -6,9 +6,10 @@ model's evaluation needs the simulator's ground truth of injected faults
 (``--truth FILE``, written by ``podpulse simulate``); without it the metrics are
 null and say why. The usage forecast is scored on the store's own final week.
 
-A battery-anomaly version's flagged device-days (score at or over its
-threshold) go to the ``anomalies`` table, with the version and the dominant
-reason (``departure`` or ``imbalance``), for the serving replicas to count.
+A battery-anomaly version flags devices (score at or over its threshold); their
+device-days from the day the fault shows go to the ``anomalies`` table, with the
+version, the device's score and the statistic that decided it, for the serving
+replicas to count: the devices there are the devices training's figures count.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pyarrow as pa
 import ray
 
 from podpulse.analytics import DEFAULT_K
-from podpulse.battery_model import FEATURE_SQL, NUMERIC, BatteryModel, features_from_rows, robust_z
+from podpulse.battery_model import FEATURE_SQL, NUMERIC, BatteryModel, features_from_rows
 from podpulse.errors import ConfigError
 from podpulse.forecast_model import HORIZON, USAGE_SQL, holdout, series_from_rows
 from podpulse.registry import new_version, record_anomalies, register
@@ -30,7 +31,7 @@ from podpulse.runtime import init_ray
 from storage.reader import open_reader
 from storage.router import StorageConfig
 
-__all__ = ["read_sql", "read_features", "read_usage", "flagged_days", "train_battery_anomaly",
+__all__ = ["read_sql", "read_features", "read_usage", "evaluate", "train_battery_anomaly",
            "train_usage_forecast", "MODELS"]
 
 MODELS = ("battery-anomaly", "usage-forecast")
@@ -91,50 +92,70 @@ def _isolation_forest_scores(f, devices: np.ndarray) -> np.ndarray:
     return -forest.score_samples(x)  # higher: more anomalous
 
 
-def flagged_days(days: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The flagged device-days of :meth:`BatteryModel.score_days`, each with the reason that
-    dominates its score: ``departure`` (drain against the expected) or ``imbalance`` (left/right)."""
-    departure_wins = robust_z(days["departure"]) >= robust_z(days["imbalance"])  # score = the larger z
-    keep = days["flagged"]
-    return {"device_id": days["device_id"][keep], "day": days["day"][keep], "score": days["score"][keep],
-            "reason": np.where(departure_wins, "departure", "imbalance")[keep]}
+def evaluate(devices: dict[str, np.ndarray], baseline: np.ndarray, truth: dict[str, str]) -> dict:
+    """Device-level figures against the injected faults: ROC AUC of the score and of the baseline's,
+    precision and recall of the flagged devices, overall and per fault kind. A kind's AUC, precision and
+    recall set its devices against the healthy ones only (precision: its flagged devices over those plus
+    the flagged healthy ones), so each kind is judged as if it were the fleet's only fault."""
+    from sklearn.metrics import roc_auc_score  # lazy: 1 s to import
+
+    kinds = np.array([truth.get(d, "") for d in devices["device_id"].tolist()])
+    score, flagged = devices["score"], devices["flagged"]
+    healthy = kinds == ""
+
+    def figures(faulty: np.ndarray) -> dict:
+        pool = faulty | healthy
+        y = faulty[pool]
+        if y.all() or not y.any():
+            return {"devices": int(faulty.sum()), "auc": None, "baseline_auc": None, "precision": None,
+                    "recall": None}
+        hits = int((flagged & faulty).sum())
+        false = int((flagged & healthy).sum())
+        return {"devices": int(faulty.sum()), "auc": float(roc_auc_score(y, score[pool])),
+                "baseline_auc": float(roc_auc_score(y, baseline[pool])),
+                "precision": hits / (hits + false) if hits + false else 0.0, "recall": hits / int(faulty.sum())}
+
+    overall = figures(~healthy)
+    return {**{k: overall[k] for k in ("auc", "baseline_auc", "precision", "recall")},
+            "healthy_flagged": int((flagged & healthy).sum()), "healthy_devices": int(healthy.sum()),
+            "by_fault": {kind: figures(kinds == kind) for kind in sorted(set(kinds.tolist()) - {""})}}
 
 
 def train_battery_anomaly(config: StorageConfig, *, truth_path: Path | None = None,
                           registry: Path = Path("podpulse-data/models"), epochs: int = 8,
-                          truth: dict[str, str] | None = None, top: int = 10) -> dict:
+                          truth: dict[str, str] | None = None, top: int = 10,
+                          threshold: float | None = None) -> dict:
     """Train, evaluate against the injected faults when given, register a version. ``truth_path``:
     the simulator's ground truth, by the ids it sent (mapped to pseudonyms here); ``truth``: device
     → fault by the ids as stored. The result names the ``top`` most anomalous devices.
 
-    The version's flagged device-days are written to ``anomalies`` before its
+    The flagged devices (:meth:`BatteryModel.score_devices`) are the ones the figures count, and
+    their device-days go to ``anomalies`` (:meth:`BatteryModel.flagged_rows`) before the version's
     ``metadata.json``, so a replica that finds the version in the registry finds them too."""
-    from sklearn.metrics import precision_score, recall_score, roc_auc_score  # lazy: 1 s to import
-
     started = time.perf_counter()
     f = features_from_rows(read_features(config))
     model = BatteryModel.train(f, epochs=epochs)
-    days = model.score_days(f)
-    devices, score = model.by_device(days)
+    if threshold is not None:
+        model.threshold = threshold
+    days = model.device_days(f)
+    devices = model.score_devices(days)
+    score = devices["score"]
     if truth is None and truth_path is not None:
         truth = config.pseudonyms().keys(_truth(truth_path))
+    rows = model.flagged_rows(days, devices)
     metrics: dict = {"auc": None, "baseline_auc": None, "precision": None, "recall": None,
-                     "device_days": int(len(days["score"])), "flagged_device_days": int(days["flagged"].sum())}
+                     "devices": int(len(score)), "flagged_devices": int(devices["flagged"].sum()),
+                     "device_days": int(len(days["day"])), "flagged_device_days": int(len(rows["day"])),
+                     "threshold": model.threshold}
     if truth is not None:
-        y = np.array([d in truth for d in devices.tolist()])
-        if 0 < y.sum() < len(y):
-            flagged = score >= model.threshold
-            metrics.update(auc=float(roc_auc_score(y, score)),
-                           baseline_auc=float(roc_auc_score(y, _isolation_forest_scores(f, devices))),
-                           precision=float(precision_score(y, flagged, zero_division=0)),
-                           recall=float(recall_score(y, flagged, zero_division=0)))
+        metrics |= evaluate(devices, _isolation_forest_scores(f, devices["device_id"]), truth)
     else:
         metrics["note"] = "no --truth given: AUC, precision and recall need the injected faults"
     version = new_version()
     path = Path(registry).resolve() / "battery-anomaly" / version
     path.mkdir(parents=True)
     model.network.save(path / "model.keras")
-    record_anomalies(config, version, flagged_days(days))
+    record_anomalies(config, version, rows)
     metadata = {
         "name": "battery-anomaly", "version": version, "metrics": metrics,
         "data_window": {"from": str(min(f.day)), "to": str(max(f.day)), "device_hours": len(f)},
@@ -145,9 +166,9 @@ def train_battery_anomaly(config: StorageConfig, *, truth_path: Path | None = No
     (path / "metadata.json").write_text(json.dumps(metadata, indent=1))
     register(config, "battery-anomaly", version, path, metrics, metadata)
     worst = np.argsort(-score)[:top]
-    most_anomalous = [{"device_id": str(devices[i]), "score": round(float(score[i]), 2),
-                       "flagged": bool(score[i] >= model.threshold)}
-                      | ({"injected_fault": truth.get(str(devices[i]))} if truth is not None else {})
+    most_anomalous = [{"device_id": str(devices["device_id"][i]), "score": round(float(score[i]), 2),
+                       "flagged": bool(devices["flagged"][i]), "reason": str(devices["reason"][i])}
+                      | ({"injected_fault": truth.get(str(devices["device_id"][i]))} if truth is not None else {})
                       for i in worst]
     return {**metrics, "version": version, "path": str(path), "most_anomalous": most_anomalous,
             "seconds": round(time.perf_counter() - started, 1)}

@@ -61,6 +61,8 @@ def test_simulate_json_summary_counts_add_up(tmp_path):
     (["simulate", "--to", "/no/such/dir/x.jsonl"], ["/no/such/dir"]),
     (["simulate", "--to", "x.jsonl", "--start", "yesterday"], ["--start"]),
     (["simulate", "--to", "x.jsonl", "-X", "novalue"], ["key=value"]),
+    (["simulate", "--to", "x.jsonl", "--fault-mix", "slow_leak"], ["--fault-mix", "slow_leak", "subtle"]),
+    (["bench", "store", "--db", "s.duckdb", "--fault-mix", "subtle,nope"], ["fault mix", "nope"]),
     (["frobnicate"], ["frobnicate"]),
 ])
 def test_bad_arguments_get_one_line_not_a_traceback(tmp_path, args, words):

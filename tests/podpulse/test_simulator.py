@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from podpulse import geo
 from podpulse.contract import decode_batch
-from podpulse.simulator import FAULTS, FIRMWARE, Fleet, FleetSpec, Summary, allocate, default_start, simulate
+from podpulse.simulator import (FAULT_SIZE, FIRMWARE, STRONG_FAULTS, SUBTLE_FAULTS, Fleet, FleetSpec, Summary, allocate,
+                                default_start, fault_mix, simulate)
 
 UTC = timezone.utc
 
@@ -169,7 +170,7 @@ def drain_per_hour(decoded, fleet):
 def test_fast_drain_faults_drain_faster_and_are_in_the_truth(day):
     fleet, _, _, decoded = day
     truth = fleet.truth()
-    assert len(truth) == 40 and {t["fault"] for t in truth} == set(FAULTS)
+    assert len(truth) == 40 and {t["fault"] for t in truth} == set(STRONG_FAULTS)
     rate = drain_per_hour(decoded, fleet)
     fast = fleet.fault == 0
     healthy = fleet.fault == -1
@@ -220,3 +221,38 @@ def test_spec_rejects_nonsense():
         FleetSpec(devices=0)
     with pytest.raises(ValueError, match="malformed_rate"):
         FleetSpec(malformed_rate=2)
+
+
+def test_subtle_faults_begin_at_their_onset_with_their_documented_size():
+    """Each subtle kind's signature, before and after the onset the truth reports, on a small fleet."""
+    start = datetime(2026, 3, 1, 14, tzinfo=UTC)  # Monday 00:00 AEST
+    spec = FleetSpec(devices=500, hours=24 * 6, seed=5, start=start, fault_share=0.2, fault_mix="subtle", v2_share=1.0)
+    fleet, _, chunks = run(spec)
+    truth = fleet.truth()
+    assert len(truth) == 100 and {t["fault"] for t in truth} == set(SUBTLE_FAULTS)
+    days = {(start + timedelta(hours=10 + 24 * d)).date().isoformat() for d in range(1, 5)}
+    assert {t["onset"] for t in truth} <= days  # a quarter to 60% into the window
+    for t in truth:
+        low, high = FAULT_SIZE.get(t["fault"], (None, None))
+        assert t["size"] is None if low is None else low <= t["size"] <= high
+        assert (t["bud"] is None) == (t["fault"] in ("subtle_drain", "cycle_wear", "heat_drain"))
+    t = decode_batch([v for c in chunks for v in c.values], window=None).table
+    row = pc.index_in(t["device_id"], value_set=pa.array(fleet.device_id.tolist())).to_numpy()
+    ms = t["event_time"].cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).to_numpy()
+    after, of = ms >= fleet.fault_onset_ms[row], fleet.fault[row]
+    in_ear = pc.and_(t["in_ear_left"], t["in_ear_right"]).to_numpy(zero_copy_only=False).astype(bool)
+    temp = t["temp_left_c"].to_numpy(zero_copy_only=False)
+    heat, healthy = of == 3 + SUBTLE_FAULTS.index("heat_drain"), of == -1
+    warmer = np.nanmean(temp[heat & after & in_ear]) - np.nanmean(temp[heat & ~after & in_ear])
+    # before the onset, as warm as the healthy buds (whose onset is the start: they have no "before")
+    assert 2.5 < warmer < 6.5 and abs(np.nanmean(temp[heat & ~after & in_ear]) - np.nanmean(temp[healthy & in_ear])) < 0.5
+    dropout = of == 3 + SUBTLE_FAULTS.index("dropout")
+    zero = (t["battery_left"].to_numpy() == 0) | (t["battery_right"].to_numpy() == 0)
+    assert (zero & dropout & after & in_ear).sum() > 20 and (zero & dropout & ~after & in_ear).sum() == 0
+
+
+def test_a_fault_mix_is_a_name_or_known_kinds():
+    assert fault_mix("subtle") == SUBTLE_FAULTS and fault_mix("dropout, fast_drain") == ("dropout", "fast_drain")
+    for bad in ("", "slow_leak", "fast_drain,nope"):
+        with pytest.raises(ValueError, match="fault mix"):
+            FleetSpec(fault_mix=bad)

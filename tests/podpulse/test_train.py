@@ -71,9 +71,11 @@ def test_without_truth_the_metrics_say_why(ray_local, fleet_store):
 
 
 def assert_flagged_device_days_are_in_the_anomalies_table(root, config, truth, result):
-    """What training wrote to ``anomalies`` for ``result``'s version (a trained battery-anomaly model)."""
+    """What training wrote to ``anomalies`` for ``result``'s version (a trained battery-anomaly model): one
+    definition of a flagged device, for its figures, the table and the metric's counts."""
     import duckdb
 
+    from podpulse.battery_model import STATISTICS
     from podpulse.registry import flagged_devices_by_region
 
     con = duckdb.connect(str(root / "s.duckdb"), read_only=True)
@@ -85,45 +87,100 @@ def assert_flagged_device_days_are_in_the_anomalies_table(root, config, truth, r
                   for d, s, u in con.execute("SELECT device_id, state, urban FROM devices").fetchall()}
     finally:
         con.close()
-    # only the flagged device-days, one row each, as the AEST day that begins at 14:00 UTC
+    # the flagged devices' days, one row each, as the AEST day that begins at 14:00 UTC
     assert 0 < len(rows) == result["flagged_device_days"] < result["device_days"]
     assert len({(d, day) for d, day, *_ in rows}) == len(rows)
-    assert all(hour == 14 and flagged and reason in ("departure", "imbalance") and score >= 3.5
+    assert all(hour == 14 and flagged and reason in STATISTICS and score >= result["threshold"]
                for _, _, hour, flagged, reason, score in rows)
+    flagged = {d for d, *_ in rows}
+    assert len(flagged) == result["flagged_devices"]
+    # training's precision and recall count the same devices
+    fault = config.pseudonyms().keys({t["device_id"]: t["fault"] for t in json.loads(truth.read_text())})
+    hits = len(flagged & set(fault))
+    assert result["recall"] == hits / len(fault) and result["precision"] == hits / len(flagged)
     metadata = json.loads((root / "models" / "battery-anomaly" / result["version"] / "metadata.json").read_text())
     window = metadata["data_window"]
     assert all(window["from"] <= str(day) <= window["to"] for _, day, *_ in rows)
-    # a fast drain departs from the expected drain (which reason wins is tested on its own below)
-    fault = config.pseudonyms().keys({t["device_id"]: t["fault"] for t in json.loads(truth.read_text())})
-    fast = [r for d, _, _, _, r, _ in rows if fault.get(d) == "fast_drain"]
-    assert fast and fast.count("departure") > 0.8 * len(fast)
+    # a fast drain departs from the expected drain all along; a stuck sensor is one bud that never drains
+    reason = {d: r for d, _, _, _, r, _ in rows}
+    assert [reason[d] for d in flagged if fault.get(d) == "fast_drain"].count("drain") >= 0.8 * sum(
+        1 for d in flagged if fault.get(d) == "fast_drain") > 0
+    assert {reason[d] for d in flagged if fault.get(d) == "stuck_sensor"} == {"imbalance"}
     # what a serving replica exports: distinct devices per region, for regions of at least k devices
     expected: dict[str, int] = {}
-    for d in {d for d, *_ in rows}:
+    for d in flagged:
         expected[region[d]] = expected.get(region[d], 0) + 1
     assert flagged_devices_by_region(config, result["version"], k=1) == expected
+    assert sum(expected.values()) == result["flagged_devices"]
     size = Counter(region.values())
     assert flagged_devices_by_region(config, result["version"], k=12) == {r: n for r, n in expected.items()
                                                                           if size[r] >= 12}
 
 
-def test_the_flagged_days_carry_the_reason_that_dominates_their_score():
+def _days(series: dict[str, list[tuple[float, float]]], expected: float = 20.0) -> dict:
+    """Device-days as BatteryModel.device_days gives them: each device's (left, right) observed drains over
+    a constant expected drain, on consecutive days."""
     import numpy as np
 
-    from podpulse.battery_model import robust_z
-    from podpulse.train import flagged_days
+    ids, day, obs = [], [], []
+    for device, values in series.items():
+        for i, pair in enumerate(values):
+            ids.append(device)
+            day.append(f"2026-03-{i + 1:02d}")
+            obs.append(pair)
+    n = len(ids)
+    return {"device_id": np.array(ids), "day": np.array(day), "observed": np.array(obs, dtype=float),
+            "expected": np.full((n, 2), expected), "jumps": np.zeros(n)}
+
+
+def test_devices_are_flagged_by_the_statistic_their_fault_moves_and_from_the_day_it_shows():
+    """score_devices on made-up device-days: a healthy fleet with day-to-day noise and one device per fault."""
+    import numpy as np
+
+    from podpulse.battery_model import BatteryModel
 
     rng = np.random.default_rng(3)
-    departure, imbalance = rng.normal(0.1, 0.02, 200), rng.normal(0.05, 0.01, 200)
-    departure[[3, 7]] = 0.5  # two drain departures
-    imbalance[[5, 9]] = 0.4  # two left/right imbalances
-    score = np.maximum(robust_z(departure), robust_z(imbalance))
-    days = {"device_id": np.array([f"d{i}" for i in range(200)]), "day": np.array(["2025-03-01"] * 200),
-            "departure": departure, "imbalance": imbalance, "score": score, "flagged": score >= 3.5}
-    out = flagged_days(days)
-    assert dict(zip(out["device_id"].tolist(), out["reason"].tolist())) == {
-        "d3": "departure", "d7": "departure", "d5": "imbalance", "d9": "imbalance"}
-    assert out["score"].tolist() == score[[3, 5, 7, 9]].tolist()
+    days = 20
+    series = {}
+    for i in range(300):  # healthy: each its own level (battery health), noise of a few % a day
+        level = 20 * rng.uniform(1.0, 1.4)
+        noise = rng.normal(0, 0.04, days)
+        series[f"h{i:03d}"] = [(level * np.exp(e), level * np.exp(e)) for e in noise]
+    noise = rng.normal(0, 0.04, days)
+    series["fast"] = [(2.2 * 20 * np.exp(e), 2.2 * 20 * np.exp(e)) for e in noise]
+    series["step"] = [(24 * np.exp(e) * (1.25 if d >= 12 else 1), 24 * np.exp(e) * (1.25 if d >= 12 else 1))
+                      for d, e in enumerate(noise)]
+    series["lopsided"] = [(34 * np.exp(e), 20 * np.exp(e)) for e in noise]
+    series["growing"] = [(22 * np.exp(e) * (1 + 0.5 * max(d - 8, 0) / 11), 22 * np.exp(e)) for d, e in enumerate(noise)]
+    device_days = _days(series)
+    device_days["jumps"][device_days["device_id"] == "h007"] = 0  # a healthy device, no jumps
+    device_days["jumps"][np.flatnonzero(device_days["device_id"] == "h042")[[3, 9, 15]]] = 1  # a sensor dropping out
+    model = BatteryModel([], [], None, None)
+    scored = model.score_devices(device_days)
+    reason = dict(zip(scored["device_id"].tolist(), scored["reason"].tolist()))
+    flagged = set(scored["device_id"][scored["flagged"]].tolist())
+    assert {"fast", "step", "lopsided", "growing", "h042"} <= flagged and len(flagged) <= 5 + 3
+    assert (reason["fast"], reason["step"], reason["lopsided"], reason["growing"], reason["h042"]) == (
+        "drain", "drain_shift", "imbalance", "imbalance_shift", "sensor_jumps")
+    since = dict(zip(scored["device_id"].tolist(), scored["since"].tolist()))
+    assert since["step"] == "2026-03-13" and since["fast"] == "2026-03-01"
+    rows = model.flagged_rows(device_days, scored)
+    assert set(rows["device_id"].tolist()) == flagged  # the table's devices are the flagged ones
+    step_days = rows["day"][rows["device_id"] == "step"].tolist()
+    assert step_days == [f"2026-03-{d:02d}" for d in range(13, 21)]  # from the day the step shows
+
+
+def test_a_mostly_zero_feature_keeps_a_scale_of_its_own():
+    """robust_z on a feature that is 0 for most devices: the MAD is 0, the scale falls back to the mean
+    absolute deviation (not 1.0, which made such a feature unable to decide a flag)."""
+    import numpy as np
+
+    from podpulse.battery_model import robust_scale, robust_z
+
+    x = np.zeros(100)
+    x[:10] = 0.02
+    assert robust_scale(x) == 1.2533 * 0.002 and robust_z(x)[0] > 5
+    assert (robust_z(np.full(5, 3.0)) == 0).all() and robust_z(x, floor=1.0)[0] == 0.02
 
 
 def test_anomalies_are_written_and_counted_by_region_on_duckdb_and_postgresql(store_config):
