@@ -55,6 +55,7 @@ from podpulse.config import MIN_K, StorageConfig
 from podpulse.contract import DEVICE_ID, decode_batch
 from podpulse.errors import BrokerError, ConfigError
 from podpulse.kafka import deliver, producer_config
+from podpulse.drift import served_drift
 from podpulse.registry import flagged_devices_by_region, flagged_share_by_region, latest
 from storage.base import StorageError
 from storage.reader import ReaderPool
@@ -85,6 +86,7 @@ MAX_ECHO_CHARS = 200  # a 422 repeats the refused input only when it is short an
 DELIVERY_TIMEOUT_S = 10.0
 DELIVERY_WAIT_S = DELIVERY_TIMEOUT_S + 2.0
 RETRY_AFTER_S = 5
+DRIFT_INTERVAL_S = 3600.0  # how often a replica computes the served version's feature drift (user_config)
 # Requests in flight on one replica at most (see the deployment's options), so also the largest batch.
 MAX_ONGOING_REQUESTS = 256
 # Scoring batches (user_config score_batch_size, score_batch_wait_s): concurrent scoring requests
@@ -116,6 +118,7 @@ class UserConfig:
     max_body_bytes: int = MAX_BODY_BYTES  # a longer request body: 413
     docs: bool = False  # serve /docs, /redoc and /openapi.json, without the token
     min_k: int = MIN_K  # the privacy floor: analytics refuse a lower k
+    drift_interval_s: float = DRIFT_INTERVAL_S  # feature drift of the served version, this often; 0: never
 
 
 USER_CONFIG_KEYS = tuple(UserConfig.__dataclass_fields__)
@@ -161,9 +164,16 @@ def parse_user_config(config) -> UserConfig:
         problems.append(f"score_batch_wait_s must be seconds from 0 to {MAX_SCORE_BATCH_WAIT_S:g} (how long a "
                         f"batch waits for more requests; {SCORE_BATCH_WAIT_S:g} = 1 ms), got {wait!r}")
     guards = _guards(config, problems)
+    drift = config.get("drift_interval_s")
+    drift = DRIFT_INTERVAL_S if drift is None else drift
+    if not (_number(drift) and (drift == 0 or 1 <= drift <= 7 * 86_400)):
+        problems.append(f"drift_interval_s must be 0 (never) or seconds from 1 to {7 * 86_400} (how often a replica "
+                        f"computes the served version's feature drift), got {drift!r}")
+        drift = DRIFT_INTERVAL_S
     if problems:
         raise ValueError("refused user_config: " + "; ".join(problems))
-    return UserConfig(paths["model_path"], paths["canary_model_path"], percent, int(size), float(wait), **guards)
+    return UserConfig(paths["model_path"], paths["canary_model_path"], percent, int(size), float(wait), **guards,
+                      drift_interval_s=float(drift))
 
 
 def _guards(config: dict, problems: list[str]) -> dict:
@@ -429,6 +439,7 @@ class PodPulseAPI:
         self.failure: str | None = None  # why the models user_config names could not be loaded
         self.generation = 0  # counts reconfigures: a registry lookup begun before one does not apply after it
         self._forecast = None  # ((version, path), WeekAhead, evaluation) of the latest usage-forecast, read once per version
+        self._drift_task = None  # the feature drift schedule, started by the first reconfigure
         self.producer = None
         if bootstrap and topic:
             self.producer = confluent_kafka.Producer(producer_config(
@@ -456,6 +467,36 @@ class PodPulseAPI:
         self.score.set_batch_wait_timeout_s(settings.score_batch_wait_s)
         if stable is not None:
             await asyncio.to_thread(serving, stable, self.readers, settings.min_k)
+        if self._drift_task is None:  # Serve calls reconfigure first from the replica's event loop
+            self._drift_task = asyncio.get_running_loop().create_task(self._drift_schedule())
+
+    async def _drift_schedule(self) -> None:
+        """Every ``drift_interval_s`` (the first at once): :meth:`export_drift`, off the event loop. A
+        failure is logged and tried again at the next interval: the gauge is worth less than serving."""
+        while True:
+            interval = self.config.drift_interval_s
+            if interval > 0:
+                try:
+                    await asyncio.to_thread(self.export_drift)
+                except Exception:  # any driver's error, a version without a window, too little data
+                    log.warning("feature drift of the served battery-anomaly version not computed; "
+                                "trying again in %g s", interval, exc_info=True)
+            await asyncio.sleep(interval or 60)  # 0: look again in a minute whether it was switched on
+
+    def export_drift(self) -> dict | None:
+        """The served battery-anomaly version's feature drift (:func:`podpulse.drift.served_drift`: PSI
+        per feature of its newest days against its training window), set on the drift gauge; None when
+        no version is registered."""
+        if self.config.model_path:
+            meta = battery_model.metadata(self.config.model_path)
+        else:
+            entry = latest(self.readers, "battery-anomaly")
+            if entry is None:
+                return None
+            meta = entry["metadata"]
+        report = served_drift(self.readers, meta)
+        metrics.feature_drift("battery-anomaly", meta["version"], report["features"])
+        return report | {"version": meta["version"]}
 
     @staticmethod
     def _load_configured(settings: UserConfig) -> tuple:
@@ -771,7 +812,7 @@ def build(storage: dict | None = None, bootstrap: str | None = None, topic: str 
           registry: str = "podpulse-data/models", model_path: str | None = None, env: dict | None = None,
           canary_model_path: str | None = None, canary_percent: float = 0, score_batch_size: int | None = None,
           score_batch_wait_s: float | None = None, max_body_bytes: int | None = None, docs: bool | None = None,
-          min_k: int | None = None):
+          min_k: int | None = None, drift_interval_s: float | None = None):
     """The application graph, for ``serve.run`` and ``podpulse serve``.
 
     ``env``: environment variables for the API replicas (``PODPULSE_API_TOKEN``),
@@ -781,7 +822,7 @@ def build(storage: dict | None = None, bootstrap: str | None = None, topic: str 
     """
     user_config = {"model_path": model_path, "canary_model_path": canary_model_path, "canary_percent": canary_percent}
     optional = {"score_batch_size": score_batch_size, "score_batch_wait_s": score_batch_wait_s,
-                "max_body_bytes": max_body_bytes, "docs": docs, "min_k": min_k}
+                "max_body_bytes": max_body_bytes, "docs": docs, "min_k": min_k, "drift_interval_s": drift_interval_s}
     user_config |= {k: v for k, v in optional.items() if v is not None}
     parse_user_config(user_config)
     options = {"user_config": user_config}

@@ -4,7 +4,9 @@ Per numeric feature (:data:`podpulse.battery_model.NUMERIC`, as the model sees
 them: missing shares are 0), the population stability index of the most recent
 days in the store against the model's training window (``data_window`` in its
 ``metadata.json``). Rule of thumb: PSI < 0.1 stable, 0.1-0.2 moderate, > 0.2 a
-real shift: retrain.
+real shift: retrain. ``podpulse drift`` prints it once; every Serve replica
+computes it for the version it serves on a schedule (``drift_interval_s``) and
+sets the ``ray_podpulse_feature_drift_psi`` gauge the drift alert watches.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from podpulse.battery_model import NUMERIC, features_from_rows
+from podpulse.battery_model import FEATURE_COLUMNS, FEATURE_SQL, NUMERIC, features_from_rows
 from podpulse.errors import ConfigError
 from podpulse.train import read_features
+from storage.reader import run_queries
 
-__all__ = ["psi", "drift_report", "THRESHOLD", "EPSILON"]
+__all__ = ["psi", "drift_report", "served_drift", "compare", "window_of", "THRESHOLD", "EPSILON"]
 
 THRESHOLD = 0.2
 EPSILON = 1e-4  # the share given to an empty bin, so that its log stays finite
@@ -63,18 +66,46 @@ def psi(expected: np.ndarray, actual: np.ndarray, bins: int = 10) -> float:
     return float(np.sum((a - e) * np.log(a / e)))
 
 
+def window_of(meta: dict, where: str = "the version's metadata") -> tuple[np.datetime64, np.datetime64]:
+    """The training window (first and last AEST day) of a version's ``metadata.json`` contents."""
+    try:
+        window = meta["data_window"]
+        return np.datetime64(window["from"], "D"), np.datetime64(window["to"], "D")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot read the training window from {where}: {e}") from e
+
+
 def drift_report(config, model_dir: Path, *, recent_days: int = 7, bins: int = 10) -> dict:
-    """PSI per feature of the last ``recent_days`` days after the training window against the window.
+    """PSI per feature of the last ``recent_days`` days after the training window against the window
+    (:func:`compare`), the features read from the store by Ray Data."""
+    try:
+        meta = json.loads((Path(model_dir) / "metadata.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the training window from {model_dir}/metadata.json: {e}") from e
+    start, end = window_of(meta, f"{model_dir}/metadata.json")
+    return compare(features_from_rows(read_features(config)), start, end, recent_days=recent_days, bins=bins)
+
+
+def served_drift(source, meta: dict, *, recent_days: int = 7, bins: int = 10) -> dict:
+    """:func:`compare` for a served version (its ``metadata.json`` contents ``meta``), the features read
+    on ``source`` (a StorageConfig or a replica's ReaderPool) from the window's first day on: what a
+    Serve replica computes on its schedule (``drift_interval_s``) for the drift gauge."""
+    start, end = window_of(meta)
+    sql = f"SELECT * FROM ({FEATURE_SQL}) f WHERE day >= DATE '{start}'"  # a date from np.datetime64: safe
+    rows = run_queries(source, {"f": sql}, kind="rollups")["f"]
+    if not rows:
+        raise ConfigError(f"no device-hours with battery drain since {start} in the store")
+    f = features_from_rows(dict(zip(FEATURE_COLUMNS, map(np.array, zip(*rows)))))
+    return compare(f, start, end, recent_days=recent_days, bins=bins)
+
+
+def compare(f, start: np.datetime64, end: np.datetime64, *, recent_days: int = 7, bins: int = 10) -> dict:
+    """PSI per feature of the last ``recent_days`` days after the window ``start``..``end`` against the
+    window, over the features ``f``.
 
     With nothing newer than the window in the store, the window's last 2 days
     are compared with the rest of it, and ``note`` says so.
     """
-    try:
-        window = json.loads((Path(model_dir) / "metadata.json").read_text())["data_window"]
-        start, end = np.datetime64(window["from"], "D"), np.datetime64(window["to"], "D")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"cannot read the training window from {model_dir}/metadata.json: {e}") from e
-    f = features_from_rows(read_features(config))
     day = f.day.astype("datetime64[D]")
     newer = day > end
     if newer.any():

@@ -260,12 +260,22 @@ def model_version(model: str, version: str) -> None:
     m.set(1, {"model": model, "version": version})
 
 
+_drifted: dict[str, tuple[str, set[str]]] = {}  # model -> (version, features) of feature_drift's last call
+
+
 def feature_drift(model: str, version: str, psi: Mapping[str, float]) -> None:
     """PSI per feature of a model version (``drift_report(...)["features"]``).
 
     Call it from a process that stays up (a Serve replica, a detached actor): a
     process's gauges disappear about two report intervals after it ends, so a
-    short-lived CLI process (``podpulse drift``) is the wrong place to set them."""
+    short-lived CLI process (``podpulse drift``) is the wrong place to set them. The series of the
+    version set before for ``model`` go to 0: the alert must not fire for a version no longer served."""
     m = _metric("podpulse_feature_drift_psi")
+    with _lock:
+        old = _drifted.get(model)
+        _drifted[model] = (version, set(psi))
+    if old is not None and old[0] != version:
+        for feature in old[1]:
+            m.set(0.0, {"model": model, "version": old[0], "feature": feature})
     for feature, value in psi.items():
         m.set(float(value), {"model": model, "version": version, "feature": feature})

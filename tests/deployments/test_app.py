@@ -158,6 +158,29 @@ def test_replicas_export_scoring_latency_and_the_served_version(served):
     assert anomalous == {region: float(n) for region, n in expected.items()}, (anomalous, expected)
 
 
+def test_replicas_compute_the_served_versions_feature_drift_on_their_schedule(served):
+    """The drift gauge, set by the replica's first scheduled run (at start-up), equals the PSI computed here
+    from the same store for the version the replica serves: the registry's latest when the test begins."""
+    import ray
+
+    from podpulse.drift import served_drift
+    from podpulse.registry import latest
+
+    url, root, storage, _, first = served
+    entry = latest(storage, "battery-anomaly")
+    expected = served_drift(storage, entry["metadata"])["features"]
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, drift = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        drift = {s["feature"]: s["value"] for s in exported(text, "ray_podpulse_feature_drift_psi")
+                 if s["model"] == "battery-anomaly" and s["version"] == entry["version"]}
+        if set(drift) == set(expected):
+            break
+        time.sleep(1)
+    assert drift == pytest.approx(expected, rel=1e-9, abs=1e-12), (drift, expected)
+
+
 def test_a_missing_token_gets_401_and_a_malformed_body_422_naming_the_field(served):
     url, *_ = served
     assert requests.post(f"{url}/v1/battery/score", json={"rows": [ROW]}).status_code == 401
@@ -686,9 +709,13 @@ def test_the_guard_settings_are_checked_like_the_rest_of_user_config():
                          ({"min_k": True}, "min_k must be a whole number"),
                          ({"max_body_bytes": 10}, "max_body_bytes must be a whole number from 1024"),
                          ({"max_body_bytes": math.inf}, "max_body_bytes must be a whole number"),
-                         ({"docs": "yes"}, "docs must be true or false")]:
+                         ({"docs": "yes"}, "docs must be true or false"),
+                         ({"drift_interval_s": 0.5}, "drift_interval_s must be 0 .never. or seconds from 1"),
+                         ({"drift_interval_s": "hourly"}, "drift_interval_s must be"),
+                         ({"drift_interval_s": math.nan}, "drift_interval_s must be")]:
         with pytest.raises(ValueError, match="refused user_config: " + message):
             parse_user_config(bad)
+    assert parse_user_config({}).drift_interval_s == 3600 and parse_user_config({"drift_interval_s": 0}).drift_interval_s == 0
 
 
 def test_a_422_repeats_only_short_json_safe_input():

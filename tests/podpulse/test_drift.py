@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bench.report import build_store
-from podpulse.drift import THRESHOLD, drift_report, psi
+from podpulse.drift import THRESHOLD, drift_report, psi, served_drift
 from storage.router import StorageConfig
 
 
@@ -88,3 +88,18 @@ def test_report_asks_for_retraining_after_a_shift(ray_local, small_store, tmp_pa
     con.close()
     report = drift_report(StorageConfig.embedded(shifted), _model_dir(tmp_path, "m", "2026-11-02", "2026-11-03"))
     assert report["retrain"] is True and report["max_psi"] == report["features"]["output_dba"] > THRESHOLD
+
+
+def test_a_replica_computes_the_same_drift_as_the_command(ray_local, small_store):
+    """served_drift (a replica's reader, from the window's first day) and drift_report (Ray Data, the whole store)
+    read the same device-hours and give the same PSI; a version without a window is a ConfigError."""
+    from podpulse.errors import ConfigError
+
+    config = StorageConfig.embedded(small_store / "s.duckdb")
+    model = _model_dir(small_store, "m3", "2026-11-03", "2026-11-03")
+    meta = json.loads((model / "metadata.json").read_text())
+    assert served_drift(config, meta) == drift_report(config, model)
+    with pytest.raises(ConfigError, match="training window"):
+        served_drift(config, {"version": "v"})
+    with pytest.raises(ConfigError, match="no device-hours"):
+        served_drift(config, {"data_window": {"from": "2030-01-01", "to": "2030-01-02"}})
