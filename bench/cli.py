@@ -114,8 +114,8 @@ def bench_store(
 ) -> None:
     """Write a simulated fleet straight to a DuckDB store (not through Kafka) with its ground truth of
     injected faults: the fleet that `podpulse train --truth` is measured on."""
-    from bench.report import build_store
-    from podpulse.simulator import Fleet, FleetSpec, fault_mix as mix_of
+    from bench.report import build_store  # lazy, as _module's: the simulator and the store only when asked
+    from podpulse.simulator import Fleet, FleetSpec, fault_mix as mix_of  # lazy: as the line above
 
     if db.exists():
         raise ConfigError(f"{db} exists: give a new --db")
@@ -134,6 +134,30 @@ def bench_store(
     else:
         out.print(f"{events:,} events of {devices:,} devices × {days} days → {db}; faults ({', '.join(spec.fault_mix)}) "
                   f"→ {truth}\nnext: podpulse train --model battery-anomaly --db {db} --truth {truth} --json")
+
+
+@bench_app.command("detect")
+def bench_detect(
+    seeds: Annotated[int, typer.Option(min=1)] = 5,
+    devices: Annotated[int, typer.Option(min=100)] = 2_000,
+    days: Annotated[int, typer.Option(min=14, help="The release is in the middle.")] = 21,
+    regression: Annotated[float, typer.Option(min=0.5, max=3.0, help="The regressed firmware's drain multiplier.")] = 1.25,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Firmware regression detection over seeds: delay after the rollout and false alarms, beside an
+    unpaired comparison without usage control."""
+    result = _module("detect").run(seeds=seeds, devices=devices, days=days, regression=regression)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        base = result["baseline"]
+        out.print(f"firmware regression ×{regression}: detected {result['detected']} of "
+                  f"{result['detected'] + result['missed']} (model, seed) rollouts, median "
+                  f"[bold]{result['delay_days_median']}[/] days after the release (max {result['delay_days_max']}) "
+                  f"with {result['devices_at_detection_median']} devices; false alarms "
+                  f"[bold]{result['false_alarms']}[/] in {result['daily_runs_without_regression']} daily runs "
+                  f"without one\nunpaired baseline: detected {base['detected']}, median {base['delay_days_median']} "
+                  f"days, false alarms {base['false_alarms']}")
 
 
 @bench_app.command("serve")

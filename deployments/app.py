@@ -48,7 +48,7 @@ from ray.serve.exceptions import RayServeException
 from starlette.middleware.body_limit import RequestBodyLimitResponder
 
 from deployments.tokens import Tokens, allows, required_scope
-from podpulse import analytics, battery_model, forecast_model, metrics, web
+from podpulse import analytics, battery_model, forecast_model, metrics, regressions, web
 from podpulse import cohort as cohorts
 from podpulse.cohort import Cohort
 from podpulse.config import MIN_K, StorageConfig
@@ -471,17 +471,25 @@ class PodPulseAPI:
             self._drift_task = asyncio.get_running_loop().create_task(self._drift_schedule())
 
     async def _drift_schedule(self) -> None:
-        """Every ``drift_interval_s`` (the first at once): :meth:`export_drift`, off the event loop. A
-        failure is logged and tried again at the next interval: the gauge is worth less than serving."""
+        """Every ``drift_interval_s`` (the first at once), off the event loop: :meth:`export_drift` and
+        the latest firmware findings' gauge. A failure is logged and tried again at the next interval:
+        the gauges are worth less than serving."""
         while True:
             interval = self.config.drift_interval_s
             if interval > 0:
-                try:
-                    await asyncio.to_thread(self.export_drift)
-                except Exception:  # any driver's error, a version without a window, too little data
-                    log.warning("feature drift of the served battery-anomaly version not computed; "
-                                "trying again in %g s", interval, exc_info=True)
+                for what, export in (("feature drift of the served battery-anomaly version", self.export_drift),
+                                     ("firmware regressions", self.export_regressions)):
+                    try:
+                        await asyncio.to_thread(export)
+                    except Exception:  # any driver's error, a version without a window, too little data
+                        log.warning("%s not exported; trying again in %g s", what, interval, exc_info=True)
             await asyncio.sleep(interval or 60)  # 0: look again in a minute whether it was switched on
+
+    def export_regressions(self) -> list[dict]:
+        """The store's latest firmware findings on the ``ray_podpulse_firmware_regression`` gauge."""
+        findings = regressions.recorded(self.readers)
+        metrics.firmware_regressions(findings)
+        return findings
 
     def export_drift(self) -> dict | None:
         """The served battery-anomaly version's feature drift (:func:`podpulse.drift.served_drift`: PSI
@@ -740,6 +748,14 @@ class PodPulseAPI:
                     "note": "no battery-anomaly model is registered: nothing is flagged yet"}
         return {"model_version": entry["version"], "k": k,
                 "regions": flagged_share_by_region(self.readers, entry["version"], k)}
+
+    @app.get("/v1/firmware/regressions")
+    def firmware_regressions(self) -> dict:
+        """The latest ``podpulse detect`` run's comparisons of each firmware version with the one before
+        it on a model (:mod:`podpulse.regressions`), regressions first. Counts and effects only."""
+        findings = regressions.recorded(self.readers)
+        return {"detected_at": findings[0]["detected_at"] if findings else None, "findings": findings,
+                **({} if findings else {"note": "no findings: run podpulse detect on the store"})}
 
     @app.get("/v1/cohorts")
     def list_cohorts(self) -> dict:

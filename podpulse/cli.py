@@ -24,7 +24,7 @@ from podpulse.broker import EmbeddedBroker
 from podpulse.config import INGEST_DEFAULTS as DEFAULTS
 from podpulse.config import IngestConfig, StorageConfig
 from podpulse.console import (DemoProgressBars, err, ingest_with_progress, out, print_db_status, print_demo_result,
-                              print_drift, print_erasure, print_ingest_result, print_retention, print_summary, print_training,
+                              print_drift, print_erasure, print_findings, print_ingest_result, print_retention, print_summary, print_training,
                               quiet_logs, run_simulation, serve_until_interrupted, write_report)
 from podpulse.errors import ConfigError, PodPulseError
 from podpulse.kafka import settings_from
@@ -348,6 +348,34 @@ def drift(
         print(json.dumps(result, default=str))
     else:
         print_drift(result)
+
+
+@app.command()
+def detect(
+    min_k: Annotated[int, typer.Option(min=2, help="Devices that must have run both versions.")] = 10,
+    min_effect: Annotated[float, typer.Option(min=0.0, max=1.0, help=(
+        "A finding needs its interval's lower end above this relative drain change."))] = 0.05,
+    confidence: Annotated[float, typer.Option(min=0.5, max=0.9999, help="Of the interval.")] = 0.99,
+    db: Db = DEFAULT_DB,
+    storage_file: StorageFile = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Compare each firmware version's battery drain with the version before it, device by device, with
+    the usage mix controlled for; keep the findings in the store (GET /v1/firmware/regressions)."""
+    if storage_file is None and not db.exists():
+        raise ConfigError(f"no store at {db}: run `podpulse demo` or `podpulse ingest` first, or pass --db")
+    from podpulse.regressions import detect as run_detect, record  # lazy: as the others
+
+    config = StorageConfig.from_options(storage_file, db)
+    findings = run_detect(config, min_k=min_k, min_effect=min_effect, confidence=confidence)
+    detected_at = record(config, findings)
+    result = {"detected_at": detected_at.isoformat(), "min_k": min_k, "min_effect": min_effect,
+              "confidence": confidence, "findings": [f.as_dict() for f in findings],
+              "regressions": sum(f.regression for f in findings)}
+    if json_out:
+        print(json.dumps(result, default=str))
+    else:
+        print_findings(result)
 
 
 @app.command()

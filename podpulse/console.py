@@ -248,6 +248,20 @@ def print_training(model: str, result: dict) -> None:
                   f"{result['baseline_mape']:.1f}%) → {result['path']}")
 
 
+def print_findings(result: dict) -> None:
+    table = Table(title=f"firmware against the version before it, per model ({result['confidence']:.0%} intervals)")
+    for column in ("model", "firmware", "before", "devices", "drain change", "interval", "p", "listening h/day",
+                   "regression"):
+        table.add_column(column, justify="left" if column in ("model", "firmware", "before") else "right")
+    for f in result["findings"]:
+        table.add_row(f["model"], f["firmware"], f["baseline_firmware"], f"{f['devices']:,}", f"{f['drain_change']:+.1%}",
+                      f"{f['ci_low']:+.1%} .. {f['ci_high']:+.1%}", f"{f['p_value']:.4f}",
+                      f"{f['listening_change_h']:+.2f}", "[bold red]yes[/]" if f["regression"] else "")
+    out.print(table if result["findings"] else "no firmware version has a predecessor run by enough of the same devices")
+    out.print(f"{result['regressions']} regression(s): drain up by more than {result['min_effect']:.0%} at "
+              f"{result['confidence']:.0%} confidence; kept in the store as of {result['detected_at']}")
+
+
 def print_drift(result: dict) -> None:
     for name, value in result["features"].items():
         out.print(f"{name:>14}: PSI {value:.3f}")

@@ -37,7 +37,13 @@ ray_podpulse_scoring_latency_seconds_bucket  histogram  endpoint, le (+ _sum, _c
 ray_podpulse_anomalous_devices               gauge      model, version, region
 ray_podpulse_model_info                      gauge      model, version
 ray_podpulse_feature_drift_psi               gauge      model, version, feature
+ray_podpulse_firmware_regression             gauge      model, firmware, baseline
 ===========================================  =========  ==========================
+
+Firmware regressions are exported by the API replicas from the store's latest
+``podpulse detect`` findings (``firmware_findings``), on the drift schedule:
+the relative drain change of each version found regressed against the one
+before it, 0 for a finding no longer raised.
 
 Consumer lag is measured by the IngestSupervisor: the partition's high
 watermark minus the next offset stored with the data. **On the embedded Tansu
@@ -69,7 +75,7 @@ __all__ = [
     "PREFIX", "METRICS", "MetricSpec", "exported_name", "exported_series",
     "events_consumed", "events_stored", "events_dead_lettered", "consumer_lag", "partition_counts",
     "backend_label", "batch_written", "write_failed", "failure",
-    "scoring_latency", "anomalous_devices", "model_version", "feature_drift",
+    "scoring_latency", "anomalous_devices", "model_version", "feature_drift", "firmware_regressions",
 ]
 
 PREFIX = "ray_"  # added by Ray's exporter to every application metric
@@ -125,6 +131,10 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("podpulse_feature_drift_psi", "gauge",
                "Population stability index of a model feature, recent days against the training window.",
                ("model", "version", "feature")),
+    MetricSpec("podpulse_firmware_regression", "gauge",
+               "Relative battery drain change of a firmware version found regressed against the version "
+               "before it on a model (podpulse detect's latest findings); 0 once no longer found.",
+               ("model", "firmware", "baseline")),
 )}
 
 
@@ -258,6 +268,25 @@ def model_version(model: str, version: str) -> None:
     if old is not None and old != version:
         m.set(0, {"model": model, "version": old})
     m.set(1, {"model": model, "version": version})
+
+
+_regressed: set[tuple[str, str, str]] = set()  # (model, firmware, baseline) set above 0
+
+
+def firmware_regressions(findings) -> None:
+    """The regressions among ``findings`` (mappings with model, firmware, baseline_firmware,
+    drain_change, regression): their drain change; the ones set before and not found now go to 0."""
+    m = _metric("podpulse_firmware_regression")
+    now = {(f["model"], f["firmware"], f["baseline_firmware"]): float(f["drain_change"]) for f in findings
+           if f["regression"]}
+    with _lock:
+        gone = _regressed - set(now)
+        _regressed.clear()
+        _regressed.update(now)
+    for model, firmware, baseline in gone:
+        m.set(0.0, {"model": model, "firmware": firmware, "baseline": baseline})
+    for (model, firmware, baseline), change in now.items():
+        m.set(change, {"model": model, "firmware": firmware, "baseline": baseline})
 
 
 _drifted: dict[str, tuple[str, set[str]]] = {}  # model -> (version, features) of feature_drift's last call

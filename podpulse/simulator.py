@@ -14,7 +14,9 @@ is in an ear or on charge:
 - bud batteries drain faster with noise cancellation, higher output level and
   an aged battery; buds recharge from the case, and the case gets plugged in
   when low or at night;
-- firmware versions roll out over time, one release falls inside the window;
+- firmware versions roll out over time, one release falls inside the window (7A305, in the middle);
+  ``regressed_firmware`` ships one version whose buds drain ``regression`` times as
+  fast (:meth:`Fleet.firmware_truth`);
 - a share of devices carries an injected fault, reported as ground truth by
   :meth:`Fleet.truth` (kind, bud, onset day, size). ``fault_mix`` chooses the
   kinds (:data:`FAULT_MIXES`). The strong ones act from the start:
@@ -120,6 +122,8 @@ class FleetSpec:
     interval_s: int = 300
     fault_share: float = 0.02
     fault_mix: tuple[str, ...] = STRONG_FAULTS  # the kinds, assigned in turn to the faulty devices
+    regressed_firmware: str | None = None  # a FIRMWARE version whose buds drain `regression` times as fast
+    regression: float = 1.25
     malformed_rate: float = 0.0
     v2_share: float = 0.6
 
@@ -131,6 +135,9 @@ class FleetSpec:
             (0 <= self.fault_share <= 1, "fault_share must be between 0 and 1"),
             (0 <= self.malformed_rate <= 1, "malformed_rate must be between 0 and 1"),
             (0 <= self.v2_share <= 1, "v2_share must be between 0 and 1"),
+            (self.regressed_firmware in (None, *FIRMWARE),
+             f"regressed_firmware must be one of {', '.join(FIRMWARE)}, got {self.regressed_firmware!r}"),
+            (0.5 <= self.regression <= 3, "regression must be a drain multiplier from 0.5 to 3"),
         ]
         for ok, message in checks:
             if not ok:
@@ -261,6 +268,20 @@ class Fleet:
     def __len__(self) -> int:
         return len(self.device_id)
 
+    def firmware_truth(self) -> dict | None:
+        """The regressed firmware, if the spec ships one: its version, drain multiplier, release (the
+        AEST day its rollout starts; releases before the window started before it) and the models that
+        can run it."""
+        spec = self.spec
+        if spec.regressed_firmware is None:
+            return None
+        i = FIRMWARE.index(spec.regressed_firmware)
+        release_ms = (spec.start_ms - FIRMWARE_AGE_DAYS[i] * 86_400_000 if i < len(FIRMWARE_AGE_DAYS)
+                      else spec.start_ms + int(spec.hours * 3_600_000 / 2))
+        release = datetime.fromtimestamp(release_ms / 1000, timezone.utc) + AEST
+        return {"firmware": spec.regressed_firmware, "drain": spec.regression, "release": release.date().isoformat(),
+                "models": [m for m, top in zip(MODELS, MAX_FIRMWARE.tolist()) if top >= i]}
+
     def truth(self) -> list[dict]:
         """Ground truth of the injected faults: one dict per faulty device (the AEST day of its onset;
         ``bud`` for the one-bud kinds; ``size`` as :data:`FAULT_SIZE` draws it, else null)."""
@@ -316,6 +337,7 @@ def simulate(spec: FleetSpec, fleet: Fleet | None = None) -> Iterator[Chunk]:
     releases = [spec.start_ms - d * 86_400_000 for d in FIRMWARE_AGE_DAYS]
     releases.append(spec.start_ms + int(spec.hours * 3_600_000 / 2))
     max_fw = MAX_FIRMWARE[fleet.model]
+    regressed = None if spec.regressed_firmware is None else FIRMWARE.index(spec.regressed_firmware)
     adaptive_ok = HAS_ADAPTIVE[fleet.model]
     drain_mult = np.ones((2, n)) / fleet.health
     drain_mult[:, fleet.fault == 0] *= 2.0  # fast_drain: both buds
@@ -346,9 +368,13 @@ def simulate(spec: FleetSpec, fleet: Fleet | None = None) -> Iterator[Chunk]:
     for step in range(spec.steps):
         t_ms = spec.start_ms + step * step_s * 1000
         started = t_ms >= fleet.fault_onset_ms
+        fw_all = np.maximum(np.minimum(sum((t_ms >= r + fleet.fw_delay_ms).astype(np.int64) for r in releases) - 1,
+                                       max_fw), 0)
         mult = drain_mult
+        if regressed is not None:
+            mult = np.where(fw_all == regressed, drain_mult * spec.regression, drain_mult)
         if any(i.size for i in subtle.values()):
-            mult = drain_mult.copy()
+            mult = mult.copy()
             i = subtle["subtle_drain"][started[subtle["subtle_drain"]]]
             mult[:, i] *= 1.0 + fleet.fault_size[i]
             i = subtle["growing_imbalance"][started[subtle["growing_imbalance"]]]
@@ -406,9 +432,7 @@ def simulate(spec: FleetSpec, fleet: Fleet | None = None) -> Iterator[Chunk]:
         if active.size == 0:
             continue
         seq[active] += 1
-        fw_idx = np.minimum(sum((t_ms >= r + fleet.fw_delay_ms[active]).astype(np.int64)
-                                for r in releases) - 1, max_fw[active])
-        fw_idx = np.maximum(fw_idx, 0)
+        fw_idx = fw_all[active]
         reported = np.round(battery[:, active]).astype(np.int64)
         reported[0] = np.where(stuck[active] & (fleet.fault_bud[active] == 0), stuck_value[active], reported[0])
         reported[1] = np.where(stuck[active] & (fleet.fault_bud[active] == 1), stuck_value[active], reported[1])

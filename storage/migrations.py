@@ -80,6 +80,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         create_table_ddl(schema.erased_devices, dialect, opts)]),
     Migration(8, "saved cohorts: named filters over the devices", lambda dialect, opts: [
         create_table_ddl(schema.cohorts, dialect, opts)]),
+    Migration(9, "firmware regression findings", lambda dialect, opts: [
+        create_table_ddl(schema.firmware_findings, dialect, opts)]),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -31,7 +31,7 @@ from storage.rollups import (DEVICE_MERGE, FIRMWARE_KEY, HOURLY_MERGE, KAFKA_COL
                              SINCE_MIGRATION_4)
 
 __all__ = ["metadata", "events", "device_hourly", "device_firmware_daily", "devices", "kafka_offsets", "anomalies",
-           "schema_version", "model_versions", "erased_devices", "ERASED_FROM", "OracleOptions", "create_table_ddl",
+           "schema_version", "model_versions", "erased_devices", "firmware_findings", "ERASED_FROM", "OracleOptions", "create_table_ddl",
            "table_as_of", "add_columns_ddl", "postgres_month_partition_ddl", "postgres_month_partition", "month_end",
            "EXPIRING_TABLES", "expiry_bound", "EVENT_COLUMNS"]
 
@@ -173,6 +173,25 @@ cohorts = Table(
     Column("name", String(64), primary_key=True),
     Column("definition", String(2000), nullable=False),
     Column("created_at", UtcTime, nullable=False),
+)
+
+# Firmware regression findings (since migration 9): one row per model and version compared with its
+# predecessor, per `podpulse detect` run (podpulse.regressions); the latest run's are the current ones.
+firmware_findings = Table(
+    "firmware_findings", metadata,
+    Column("detected_at", UtcTime, nullable=False),
+    Column("model", String(64), nullable=False),
+    Column("firmware", String(64), nullable=False),
+    Column("baseline_firmware", String(64), nullable=False),
+    Column("devices", BigInteger, nullable=False),
+    Column("drain_change", Double, nullable=False),
+    Column("ci_low", Double, nullable=False),
+    Column("ci_high", Double, nullable=False),
+    Column("p_value", Double, nullable=False),
+    Column("listening_change_h", Double, nullable=False),
+    Column("first_day", String(10), nullable=False),
+    Column("regression", Boolean, nullable=False),
+    PrimaryKeyConstraint("detected_at", "model", "firmware"),
 )
 
 schema_version = Table(

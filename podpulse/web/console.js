@@ -292,7 +292,7 @@ async function battery(host, data) {
   }
 }
 
-function firmware(host, data) {
+async function firmware(host, data) {
   const byVersion = groupBy(records(data.firmware_adoption), (r) => r.firmware);
   chart(host, "Share of each day's devices per firmware", [...byVersion].map(([name, rows]) => ({
     type: "scatter", mode: "lines", name, x: rows.map((r) => r.day), y: rows.map((r) => r.share) })),
@@ -300,6 +300,19 @@ function firmware(host, data) {
   host.append(table(data.firmware_adoption, host.dataset.side));
   drainChart(host, data.battery_health);
   host.append(table(data.battery_health, host.dataset.side));
+  const found = await api("v1/firmware/regressions");
+  host.append(el("h3", {}, "Each version against the one before it, on the same devices (podpulse detect)"));
+  if (!found.findings.length) {
+    host.append(el("p", { class: "note" }, found.note));
+    return;
+  }
+  const columns = ["model", "firmware", "baseline_firmware", "devices", "drain_change", "ci_low", "ci_high",
+                   "p_value", "regression"];
+  host.append(table({ name: "firmware_regressions", columns, rows: found.findings.map((f) => columns.map((c) => f[c])),
+                      suppressed_cells: [],
+                      notes: [`detected ${found.detected_at}; drain change per hour of the same use, usage mix ` +
+                              "controlled for; the whole fleet, not narrowed by the cohort"] },
+                    host.dataset.side));
 }
 
 async function forecast(host, _data, params) {

@@ -75,6 +75,8 @@ def test_every_endpoint_answers(served, broker):
     assert health["device_id"] == some and health["days"]
     forecast = requests.get(f"{url}/v1/forecast/usage", params={"region": "NSW-urban"}, headers=AUTH).json()
     assert len(forecast["days"]) == 7 and all(d["listening_hours"] >= 0 for d in forecast["days"])
+    none = requests.get(f"{url}/v1/firmware/regressions", headers=AUTH).json()  # podpulse detect never ran here
+    assert none["findings"] == [] and none["detected_at"] is None and "podpulse detect" in none["note"]
     good = event()
     answer = requests.post(f"{url}/v1/telemetry", json={"events": [good, dict(good, battery_left=300)]},
                            headers=AUTH)

@@ -229,14 +229,18 @@ def test_forecast_and_a_device_timeline(console, served):
 @pytest.fixture(scope="module")
 def fleet(served, tmp_path_factory):
     """A second application on the same Serve instance, under a route prefix: a store of 1,500
-    devices over the last 8 days, deployed with a privacy floor of 5 (the floor is configuration)."""
+    devices over the last 8 days, deployed with a privacy floor of 5 (the floor is configuration),
+    whose mid-window firmware (7A305) drains 25% faster, and podpulse detect's findings on it."""
     from ray import serve
 
     from deployments.app import build
 
+    from podpulse import regressions
+
     root = tmp_path_factory.mktemp("fleet")
-    build_store(root / "f.duckdb", 1500, 8, seed=17)
+    build_store(root / "f.duckdb", 1500, 8, seed=17, regressed_firmware="7A305", regression=1.25)
     storage = StorageConfig.embedded(root / "f.duckdb")
+    regressions.record(storage, regressions.detect(storage, min_k=5))  # what podpulse detect keeps
     serve.run(build(storage.as_dict(), registry=str(root / "models"), env={"PODPULSE_API_TOKEN": TOKEN}, min_k=5),
               name="fleet", route_prefix="/fleet")
     yield f"{served[0]}/fleet"
@@ -285,6 +289,18 @@ def test_drain_of_two_firmware_versions_in_rural_queensland_last_week(browser, f
             only = api(fleet, "battery_health", model="AirPods Pro 2", firmware=version, state="QLD", urban="false",
                        **week)
             same(cells, only)
+        # why: the firmware page shows podpulse detect's findings, as the API gives them
+        console.page.uncheck("input[name='compare']")
+        console.page.click("nav a[data-page='firmware']")
+        console.loaded("firmware")
+        found = requests.get(f"{fleet}/v1/firmware/regressions", headers=AUTH, timeout=30).json()
+        columns = ["model", "firmware", "baseline_firmware", "devices", "drain_change", "ci_low", "ci_high",
+                   "p_value", "regression"]
+        same(console.table("firmware_regressions")["cell"],
+             {"columns": columns, "rows": [[f[c] for c in columns] for f in found["findings"]]})
+        pro2 = [f for f in found["findings"] if f["model"] == "AirPods Pro 2" and f["firmware"] == "7A305"]
+        assert pro2 and pro2[0]["regression"] and pro2[0]["ci_low"] < 0.25 < pro2[0]["ci_high"] + 0.02, pro2
+        console.shot("firmware-regressions")
         assert console.outside() == []
     finally:
         console.context.close()

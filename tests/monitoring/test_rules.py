@@ -51,7 +51,7 @@ def test_the_rules_unit_tests_pass_and_show_each_alert_firing_and_not_firing():
             cases.setdefault(case["alertname"], set()).add(bool(case.get("exp_alerts")))
     alerts = {r["alert"] for r in rules()}
     assert alerts == {"PodPulseConsumerLagGrowing", "PodPulseDeadLetterRateHigh", "PodPulseNoEventsConsumed",
-                      "PodPulseScoringLatencyHigh", "PodPulseModelDrift"}
+                      "PodPulseScoringLatencyHigh", "PodPulseModelDrift", "PodPulseFirmwareRegression"}
     assert cases == {a: {True, False} for a in alerts}
 
 

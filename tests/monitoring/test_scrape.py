@@ -173,6 +173,9 @@ def record_every_metric() -> None:
     metrics.model_version("names-model", "v2")  # a live swap: v1 goes to 0
     metrics.anomalous_devices("names-model", "v2", {"NSW-urban": 3})
     metrics.feature_drift("names-model", "v2", {"playback_h": 0.3})
+    found = {"model": "names-model", "firmware": "F2", "baseline_firmware": "F1", "drain_change": 0.2, "regression": True}
+    metrics.firmware_regressions([found, dict(found, firmware="F3", baseline_firmware="F2")])
+    metrics.firmware_regressions([found])  # a later detect run no longer finds F3: it goes to 0
     time.sleep(3)  # outlive a report interval (1 s in the tests' Ray): gauges vanish with the process
 
 
@@ -186,6 +189,8 @@ def test_every_metric_is_exported_under_its_documented_name_and_the_rules_evalua
     regions = prometheus.api("query", query='ray_podpulse_anomalous_devices{model="names-model"}')["result"]
     assert {(r["metric"]["version"], r["metric"]["region"]): float(r["value"][1]) for r in regions} == {
         ("v1", "NSW-urban"): 0.0, ("v1", "WA-rural"): 0.0, ("v2", "NSW-urban"): 3.0}  # the replaced version zeroed
+    firmware = prometheus.api("query", query='ray_podpulse_firmware_regression{model="names-model"}')["result"]
+    assert {r["metric"]["firmware"]: float(r["value"][1]) for r in firmware} == {"F2": 0.2, "F3": 0.0}
     # the real rules loaded, and evaluate against the real series without error
     deadline = time.monotonic() + 30
     while True:
@@ -193,4 +198,4 @@ def test_every_metric_is_exported_under_its_documented_name_and_the_rules_evalua
         if all(r["health"] != "unknown" for r in loaded) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert len(loaded) == 5 and all(r["health"] == "ok" and not r.get("lastError") for r in loaded), loaded
+    assert len(loaded) == 6 and all(r["health"] == "ok" and not r.get("lastError") for r in loaded), loaded
