@@ -3,16 +3,18 @@
 Features, per device-hour with paired drain samples (``device_hourly`` joined
 with ``devices``): hours of playback over the paired samples, the shares of
 in-ear time in each noise-control mode, the mean output level while playing,
-model and firmware (one-hot). Bud temperature and charge-cycle age are not in
-the rollups yet, so the model does not use them.
+model and firmware (one-hot). The buds' temperature while playing (rollups
+since migration 10, v2 devices) is not an input of the network, so that a
+warmer bud cannot explain away its own extra drain: it is judged on its own.
 
 The network predicts the % each bud drains in that hour. Summed per device-day,
 observed over expected gives a log ratio per bud; a device is judged on its
 series of days (:data:`STATISTICS`, :func:`device_statistics`): its level
 against the fleet's (a battery that always drains fast, one bud faster than the
 other), the largest step in it from one day on against its own day-to-day noise
-(a fault that begins or grows: the simulator's subtle faults), and hours in
-which one bud's reading fell far more than its twin's (a sensor that drops out).
+(a fault that begins or grows: the simulator's subtle faults), hours in which
+one bud's reading fell far more than its twin's (a sensor that drops out), and
+the largest rise in its buds' daily temperature (a battery running hot).
 Its score is the largest of them, in robust standard deviations; a device is
 flagged at ``threshold`` (:data:`THRESHOLD`) or over. That flag is the one
 definition of a flagged device: training's precision and recall count it, its
@@ -43,12 +45,13 @@ SELECT h.device_id, CAST(h.hour + INTERVAL '10 hours' AS DATE) AS day, d.model, 
        h.anc_s / nullif(h.in_ear_s, 0) AS anc, h.adaptive_s / nullif(h.in_ear_s, 0) AS adaptive,
        h.transparency_s / nullif(h.in_ear_s, 0) AS transparency,
        h.output_dba_sum / nullif(h.output_samples, 0) AS output_dba,
-       h.drain_left_pct, h.drain_right_pct
+       h.drain_left_pct, h.drain_right_pct,
+       h.temp_c_sum / nullif(h.temp_samples, 0) AS temp_c
 FROM device_hourly h JOIN devices d USING (device_id)
 WHERE h.drain_playback_s > 0
 """
 FEATURE_COLUMNS = ("device_id", "day", "model", "firmware", "playback_h", "anc", "adaptive", "transparency",
-                   "output_dba", "drain_left_pct", "drain_right_pct")
+                   "output_dba", "drain_left_pct", "drain_right_pct", "temp_c")
 NUMERIC = ("playback_h", "anc", "adaptive", "transparency", "output_dba")
 
 
@@ -73,6 +76,7 @@ class Features:
     model: np.ndarray
     firmware: np.ndarray
     y: np.ndarray  # (n, 2): % drained, left and right
+    temp: np.ndarray | None = None  # the buds' mean °C while playing (NaN: not measured, v1)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -83,7 +87,8 @@ def features_from_rows(rows: dict[str, np.ndarray]) -> Features:
     numeric = np.column_stack([np.nan_to_num(np.asarray(rows[c], dtype=np.float64)) for c in NUMERIC])
     return Features(np.asarray(rows["device_id"]), np.asarray(rows["day"]), numeric,
                     np.asarray(rows["model"]), np.asarray(rows["firmware"]),
-                    np.column_stack([rows["drain_left_pct"], rows["drain_right_pct"]]).astype(np.float64))
+                    np.column_stack([rows["drain_left_pct"], rows["drain_right_pct"]]).astype(np.float64),
+                    np.asarray(rows["temp_c"], dtype=np.float64) if "temp_c" in rows else None)
 
 
 class BatteryModel:
@@ -148,7 +153,8 @@ class BatteryModel:
     def device_days(self, f: Features) -> dict[str, np.ndarray]:
         """Observed and expected drain per device-day, sorted by device then day: ``device_id``,
         ``day``, ``observed`` and ``expected`` ((n, 2): % drained, left and right), ``jumps`` (hours in
-        which one bud's reading fell JUMP_PCT points more than its twin's)."""
+        which one bud's reading fell JUMP_PCT points more than its twin's) and ``temp`` (the buds' mean
+        °C while playing; NaN where not measured)."""
         expected = self.expected(f)
         keys = np.char.add(np.char.add(f.device_id.astype(str), "|"), f.day.astype(str))
         uniq, inverse = np.unique(keys, return_inverse=True)  # sorted: by device, then ISO day
@@ -156,9 +162,15 @@ class BatteryModel:
         np.add.at(observed, inverse, f.y)
         np.add.at(expect, inverse, expected)
         jumps = np.bincount(inverse, weights=np.abs(f.y[:, 0] - f.y[:, 1]) > JUMP_PCT, minlength=len(uniq))
+        temp = np.full(len(uniq), np.nan)
+        if f.temp is not None:
+            known = ~np.isnan(f.temp)
+            hours = np.bincount(inverse[known], minlength=len(uniq))
+            total = np.bincount(inverse[known], weights=f.temp[known], minlength=len(uniq))
+            temp = np.where(hours > 0, total / np.maximum(hours, 1), np.nan)
         split = np.char.partition(uniq.astype(str), "|")
         return {"device_id": split[:, 0], "day": split[:, 2], "observed": observed, "expected": expect,
-                "jumps": jumps}
+                "jumps": jumps, "temp": temp}
 
     def score_devices(self, days: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One score per device: the largest of :func:`device_statistics`, the levels as robust z-scores
@@ -166,7 +178,7 @@ class BatteryModel:
         definition of a flagged device, for training's figures, ``anomalies`` and the metric."""
         stats = device_statistics(days)
         floors = {"sensor_jumps": JUMP_FLOOR}
-        z = np.column_stack([stats[name] if name.endswith("_shift") else robust_z(stats[name], floors.get(name, MIN_NOISE))
+        z = np.column_stack([stats[name] if name in IN_NOISE_UNITS else robust_z(stats[name], floors.get(name, MIN_NOISE))
                              for name in STATISTICS])
         z[~stats["judged"]] = 0.0  # too few judged days to say anything
         best = z.argmax(axis=1)
@@ -196,8 +208,11 @@ class BatteryModel:
 # ``imbalance`` the left-right difference over the window (one bud drains faster, or its sensor is stuck);
 # ``imbalance_shift`` the largest change of that difference from one day on.
 # ``sensor_jumps`` the hours in which one bud's reading fell JUMP_PCT points more than the other's, both in
-# the ears: no battery drains so, a sensor that reads 0 for a moment does.
-STATISTICS = ("drain", "drain_shift", "imbalance", "imbalance_shift", "sensor_jumps")
+# the ears: no battery drains so, a sensor that reads 0 for a moment does;
+# ``temp_shift`` the largest rise of its buds' daily temperature while playing, from one day on (v2 only).
+STATISTICS = ("drain", "drain_shift", "imbalance", "imbalance_shift", "sensor_jumps", "temp_shift")
+IN_NOISE_UNITS = ("drain_shift", "imbalance_shift", "temp_shift")  # scored as they are
+MIN_TEMP_NOISE = 0.2  # °C: a day's mean temperature is known to about this
 JUMP_PCT = 20.0
 JUMP_FLOOR = 0.5  # sensor_jumps' z-score scale is at least this: two such hours, and a device is flagged
 MIN_EXPECTED_PCT = 5.0  # a device-day is judged when each bud was expected to drain at least this
@@ -255,7 +270,7 @@ def device_statistics(days: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     ids, starts, counts = np.unique(d["device_id"], return_index=True, return_counts=True)
     ends = starts + counts
     out = {name: np.zeros(len(devices)) for name in STATISTICS}
-    since = {name: first_day.copy() for name in ("drain_shift", "imbalance_shift")}
+    since = {name: first_day.copy() for name in ("drain_shift", "imbalance_shift", "temp_shift")}
     out["sensor_jumps"] = np.bincount(owner, weights=days["jumps"], minlength=len(devices))
     if len(ids):
         pos = np.searchsorted(devices, ids)
@@ -269,6 +284,14 @@ def device_statistics(days: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out["drain_shift"][pos], out["imbalance_shift"][pos] = rise, turn
         for name, change in (("drain_shift", at), ("imbalance_shift", at_side)):
             since[name][pos] = np.where(change >= 0, d["day"][np.maximum(change, 0)], first_day[pos])
+    measured = ~np.isnan(days["temp"])
+    if measured.any():
+        t_ids, t_starts, t_counts = np.unique(days["device_id"][measured], return_index=True, return_counts=True)
+        t_pos = np.searchsorted(devices, t_ids)
+        warmer, t_at = _largest_step(days["temp"][measured], t_starts, t_starts + t_counts, MIN_TEMP_NOISE,
+                                     signed=True)
+        out["temp_shift"][t_pos] = warmer
+        since["temp_shift"][t_pos] = np.where(t_at >= 0, days["day"][measured][np.maximum(t_at, 0)], first_day[t_pos])
     # the levels: over the whole window (every day, judged or not), so a short window still judges them
     total_obs, total_exp = np.zeros((len(devices), 2)), np.zeros((len(devices), 2))
     np.add.at(total_obs, owner, days["observed"])

@@ -82,6 +82,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         create_table_ddl(schema.cohorts, dialect, opts)]),
     Migration(9, "firmware regression findings", lambda dialect, opts: [
         create_table_ddl(schema.firmware_findings, dialect, opts)]),
+    Migration(10, "bud temperature and charge in the hourly rollups", lambda dialect, opts:
+              add_columns_ddl(schema.device_hourly, 10, dialect)),
 )
 LATEST = MIGRATIONS[-1].version
 

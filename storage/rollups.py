@@ -18,7 +18,7 @@ from storage.base import OffsetGap
 
 __all__ = ["KAFKA_COLUMNS", "HOURLY_KEY", "HOURLY_MERGE", "DEVICE_KEY", "DEVICE_MERGE", "LAST_SAMPLE",
            "REPORT_UTC_OFFSET_H", "FIRMWARE_KEY", "FIRMWARE_MERGE", "firmware_days",
-           "SINCE_MIGRATION_4", "LAST_SAMPLE_QUERY", "last_sample_table",
+           "SINCE_MIGRATION_4", "SINCE_MIGRATION_10", "LAST_SAMPLE_QUERY", "last_sample_table",
            "drop_replayed", "drop_erased", "check_follows", "first_sightings", "hourly_rollup", "device_updates"]
 
 KAFKA_COLUMNS = [("kafka_partition", pa.int32()), ("kafka_offset", pa.int64())]
@@ -39,7 +39,11 @@ HOURLY_MERGE = {
     "drain_left_pct": "sum", "drain_right_pct": "sum",  # % dropped between consecutive samples,
     "drain_playback_s": "sum",  # both buds in, nothing charging; and the playback over those pairs
     "drain_case_pct": "sum",  # % the case dropped between consecutive samples while not on charge
+    # since migration 10:
+    "temp_c_sum": "sum", "temp_samples": "sum",  # the buds' mean temperature while both in and playing (v2)
+    "charge_pct": "sum",  # % the buds rose between consecutive samples, both together: / 200 = charge cycles
 }
+SINCE_MIGRATION_10 = ("temp_c_sum", "temp_samples", "charge_pct")
 SINCE_MIGRATION_4 = ("dose_s", "drain_left_pct", "drain_right_pct", "drain_playback_s", "drain_case_pct",
                      "last_seq", "last_battery_left", "last_battery_right", "last_battery_case",
                      "last_in_ear_left", "last_in_ear_right", "last_charging")
@@ -223,9 +227,13 @@ def _drain(events: pa.Table, last: pa.Table | None) -> dict[str, np.ndarray]:
     def drop(c: str, mask: np.ndarray) -> np.ndarray:
         return np.where(mask, np.maximum(prev[c] - cur[c], 0.0), 0.0)
 
+    def rise(c: str) -> np.ndarray:
+        return np.where(follows, np.maximum(cur[c] - prev[c], 0.0), 0.0)
+
     out = {"drain_left_pct": drop("battery_left", worn), "drain_right_pct": drop("battery_right", worn),
            "drain_playback_s": np.where(worn, events["playback_s"].to_numpy()[order], 0.0),
-           "drain_case_pct": drop("battery_case", case_off)}
+           "drain_case_pct": drop("battery_case", case_off),
+           "charge_pct": rise("battery_left") + rise("battery_right")}
     back = np.empty(n, dtype=np.int64)
     back[order] = np.arange(n)  # to the batch's own row order
     return {k: v[back] for k, v in out.items()}
@@ -242,6 +250,9 @@ def hourly_rollup(events: pa.Table, last: pa.Table | None = None) -> pa.Table:
     playing = pc.greater(events["playback_s"], 0)
     mode = events["noise_mode"]
     hour = pc.floor_temporal(events["event_time"], unit="hour")
+    temp = pc.divide(pc.add(events["temp_left_c"], events["temp_right_c"]), 2.0)  # null unless both known
+    both_in = pc.and_(events["in_ear_left"], events["in_ear_right"])
+    warm = pc.fill_null(pc.and_(pc.and_(both_in, playing), pc.is_valid(temp)), False)
     work = pa.table({
         "device_id": events["device_id"], "hour": hour,
         "state": events["state"], "urban": events["urban"],
@@ -259,6 +270,8 @@ def hourly_rollup(events: pa.Table, last: pa.Table | None = None) -> pa.Table:
         "battery_case_min": events["battery_case"],
         "dose_s": pc.multiply(events["playback_s"], pc.power(
             2.0, pc.divide(pc.subtract(events["output_dba"], 80.0), 3.0))),
+        "temp_c_sum": pc.if_else(warm, temp, 0.0),
+        "temp_samples": warm.cast(pa.int64()),
         **_drain(events, last),
     })
     rule = {"sum": "sum", "max": "max", "min": "min"}

@@ -28,7 +28,7 @@ from sqlalchemy.schema import CreateColumn, CreateTable
 from podpulse.contract import ARROW_SCHEMA
 from podpulse.errors import StorageError
 from storage.rollups import (DEVICE_MERGE, FIRMWARE_KEY, HOURLY_MERGE, KAFKA_COLUMNS, REPORT_UTC_OFFSET_H,
-                             SINCE_MIGRATION_4)
+                             SINCE_MIGRATION_4, SINCE_MIGRATION_10)
 
 __all__ = ["metadata", "events", "device_hourly", "device_firmware_daily", "devices", "kafka_offsets", "anomalies",
            "schema_version", "model_versions", "erased_devices", "firmware_findings", "ERASED_FROM", "OracleOptions", "create_table_ddl",
@@ -77,7 +77,7 @@ def table_as_of(table: Table, migration: int) -> Table:
 _HOURLY_TYPES = {"state": String(3), "urban": Boolean(), "events": BigInteger(),
                  "output_samples": BigInteger(), "ambient_samples": BigInteger(),
                  "battery_left_min": SmallInteger(), "battery_right_min": SmallInteger(),
-                 "battery_case_min": SmallInteger()}
+                 "battery_case_min": SmallInteger(), "temp_samples": BigInteger()}
 device_hourly = Table(
     "device_hourly", metadata,
     Column("device_id", String(64), nullable=False),
@@ -103,6 +103,8 @@ for _table in (device_hourly, devices):
     for _name in SINCE_MIGRATION_4:
         if _name in _table.c:
             _table.c[_name].info["since_migration"] = 4
+for _name in SINCE_MIGRATION_10:
+    device_hourly.c[_name].info["since_migration"] = 10
 
 
 def add_columns_ddl(table: Table, migration: int, dialect: str) -> list[str]:

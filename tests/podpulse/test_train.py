@@ -130,7 +130,7 @@ def _days(series: dict[str, list[tuple[float, float]]], expected: float = 20.0) 
             obs.append(pair)
     n = len(ids)
     return {"device_id": np.array(ids), "day": np.array(day), "observed": np.array(obs, dtype=float),
-            "expected": np.full((n, 2), expected), "jumps": np.zeros(n)}
+            "expected": np.full((n, 2), expected), "jumps": np.zeros(n), "temp": np.full(n, np.nan)}
 
 
 def test_devices_are_flagged_by_the_statistic_their_fault_moves_and_from_the_day_it_shows():
@@ -153,17 +153,21 @@ def test_devices_are_flagged_by_the_statistic_their_fault_moves_and_from_the_day
     series["lopsided"] = [(34 * np.exp(e), 20 * np.exp(e)) for e in noise]
     series["growing"] = [(22 * np.exp(e) * (1 + 0.5 * max(d - 8, 0) / 11), 22 * np.exp(e)) for d, e in enumerate(noise)]
     device_days = _days(series)
+    warm = np.flatnonzero(device_days["device_id"] == "h100")
+    device_days["temp"][np.flatnonzero(device_days["device_id"] == "h099")] = 32 + rng.normal(0, 0.2, days)
+    device_days["temp"][warm] = 32 + rng.normal(0, 0.2, days) + 4 * (np.arange(days) >= 10)  # 4 °C warmer from day 11
     device_days["jumps"][device_days["device_id"] == "h007"] = 0  # a healthy device, no jumps
     device_days["jumps"][np.flatnonzero(device_days["device_id"] == "h042")[[3, 9, 15]]] = 1  # a sensor dropping out
     model = BatteryModel([], [], None, None)
     scored = model.score_devices(device_days)
     reason = dict(zip(scored["device_id"].tolist(), scored["reason"].tolist()))
     flagged = set(scored["device_id"][scored["flagged"]].tolist())
-    assert {"fast", "step", "lopsided", "growing", "h042"} <= flagged and len(flagged) <= 5 + 3
-    assert (reason["fast"], reason["step"], reason["lopsided"], reason["growing"], reason["h042"]) == (
-        "drain", "drain_shift", "imbalance", "imbalance_shift", "sensor_jumps")
+    assert {"fast", "step", "lopsided", "growing", "h042", "h100"} <= flagged and len(flagged) <= 6 + 3
+    assert "h099" not in flagged  # its temperature is steady
+    assert (reason["fast"], reason["step"], reason["lopsided"], reason["growing"], reason["h042"], reason["h100"]) == (
+        "drain", "drain_shift", "imbalance", "imbalance_shift", "sensor_jumps", "temp_shift")
     since = dict(zip(scored["device_id"].tolist(), scored["since"].tolist()))
-    assert since["step"] == "2026-03-13" and since["fast"] == "2026-03-01"
+    assert (since["step"], since["h100"], since["fast"]) == ("2026-03-13", "2026-03-11", "2026-03-01")
     rows = model.flagged_rows(device_days, scored)
     assert set(rows["device_id"].tolist()) == flagged  # the table's devices are the flagged ones
     step_days = rows["day"][rows["device_id"] == "step"].tolist()
