@@ -113,7 +113,8 @@ def bench_store(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Write a simulated fleet straight to a DuckDB store (not through Kafka) with its ground truth of
-    injected faults: the fleet that `podpulse train --truth` is measured on."""
+    injected faults (DB.truth.json) and each device's behaviour profile (DB.profiles.json): the fleet
+    that `podpulse train --truth` and `--profiles` are measured on."""
     from bench.report import build_store  # lazy, as _module's: the simulator and the store only when asked
     from podpulse.simulator import Fleet, FleetSpec, fault_mix as mix_of  # lazy: as the line above
 
@@ -126,8 +127,12 @@ def bench_store(
     db.parent.mkdir(parents=True, exist_ok=True)
     events = build_store(db, devices, days, seed=seed, start=spec.start, fault_share=faults, fault_mix=spec.fault_mix)
     truth = truth or db.with_suffix(".truth.json")
-    truth.write_text(json.dumps(Fleet.build(spec).truth(), indent=1))
-    result = {"db": str(db), "truth": str(truth), "devices": devices, "days": days, "events": events,
+    fleet = Fleet.build(spec)
+    truth.write_text(json.dumps(fleet.truth(), indent=1))
+    profiles = db.with_suffix(".profiles.json")
+    profiles.write_text(json.dumps(fleet.profiles()))
+    result = {"db": str(db), "truth": str(truth), "profiles": str(profiles), "devices": devices, "days": days,
+              "events": events,
               "fault_mix": list(spec.fault_mix), "faulty_devices": round(devices * faults)}
     if json_out:
         print(json.dumps(result))

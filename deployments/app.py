@@ -749,6 +749,18 @@ class PodPulseAPI:
         return {"model_version": entry["version"], "k": k,
                 "regions": flagged_share_by_region(self.readers, entry["version"], k)}
 
+    @app.get("/v1/segments")
+    def segments(self) -> dict:
+        """The latest listening-segments version: its segments (names, shares, cancelling share per
+        ambient band), segment shares per region (regions of at least k devices) and its evaluation."""
+        entry = self.registered("listening-segments", required=False)
+        if entry is None:
+            return {"version": None, "segments": [], "by_region": [],
+                    "note": "no listening-segments model is registered: podpulse train --model listening-segments"}
+        meta = entry["metadata"]
+        return {"version": entry["version"], **meta.get("summary", {}), "evaluation": entry["metrics"],
+                "data_window": meta.get("data_window")}
+
     @app.get("/v1/firmware/regressions")
     def firmware_regressions(self) -> dict:
         """The latest ``podpulse detect`` run's comparisons of each firmware version with the one before

@@ -29,6 +29,7 @@ from podpulse.cohort import Cohort
 from podpulse.contract import DEVICE_ID
 from podpulse.config import MIN_K, StorageConfig
 from podpulse.errors import ConfigError
+from podpulse.registry import latest
 from storage.reader import Reader, open_reader
 from storage.rollups import REPORT_UTC_OFFSET_H
 
@@ -356,4 +357,17 @@ def report_for(config: StorageConfig, first: date | None = None, last: date | No
         end = last + timedelta(days=1) if last else covered[1]
         if end <= start:
             raise ConfigError(f"the last day ({end - timedelta(days=1)}) is before the first ({start})")
-        return full_report(reader, start, end, k, cohort)
+        report = full_report(reader, start, end, k, cohort)
+    report["segments"] = segments_section(config)
+    return report
+
+
+def segments_section(config: StorageConfig) -> dict | None:
+    """The latest listening-segments version's summary (its own data window and k, whole fleet, not the
+    report's range or cohort), or None when none is registered."""
+    entry = latest(config, "listening-segments")
+    if entry is None:
+        return None
+    meta = entry["metadata"]
+    return {"version": entry["version"], "data_window": meta.get("data_window"), **meta.get("summary", {}),
+            "evaluation": entry["metrics"]}

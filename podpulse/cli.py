@@ -300,10 +300,13 @@ def report(
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Option(help="battery-anomaly or usage-forecast.")],
+    model: Annotated[str, typer.Option(help="battery-anomaly, usage-forecast or listening-segments.")],
     truth: Annotated[Optional[Path], typer.Option(
         help="battery-anomaly: ground truth of injected faults (from `podpulse simulate`) for AUC, "
              "precision and recall.")] = None,
+    profiles: Annotated[Optional[Path], typer.Option(
+        help="listening-segments: the simulator's behaviour profile of each device (from `podpulse bench "
+             "store`), to score the segments against.")] = None,
     registry: Annotated[Path, typer.Option(help="Model registry directory.")] = Path("podpulse-data/models"),
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs (default per model).")] = None,
     db: Db = DEFAULT_DB,
@@ -322,6 +325,16 @@ def train(
     extra = {"epochs": epochs} if epochs else {}
     if model == "battery-anomaly":
         result = train_battery_anomaly(config, truth_path=truth, registry=registry, **extra)
+    elif model == "listening-segments":
+        from podpulse.segments import train_segments  # lazy: as the line above
+
+        known = None
+        if profiles is not None:
+            try:
+                known = config.pseudonyms().keys(json.loads(profiles.read_text()))
+            except (OSError, ValueError, AttributeError) as e:
+                raise ConfigError(f"--profiles: cannot read {profiles}: {e}") from None
+        result = train_segments(config, registry=registry, profiles=known, **extra)
     else:
         result = train_usage_forecast(config, registry=registry, **extra)
     if json_out:

@@ -243,6 +243,15 @@ def print_training(model: str, result: dict) -> None:
                 table.add_row(kind, f"{f['devices'] if kind != 'all' else result['devices'] - result['healthy_devices']:,}",
                               cell(f["auc"]), cell(f["baseline_auc"]), cell(f["precision"]), cell(f["recall"]))
             out.print(table)
+    elif model == "listening-segments":
+        def ari(x):
+            return "n/a" if x is None else f"{x:.3f}"
+
+        out.print(f"listening-segments {result['version']}: {result['k']} segments ({', '.join(result['names'])}); "
+                  f"silhouette {result['silhouette']:.3f} (k-means on the raw features {result['baseline_silhouette']:.3f}), "
+                  f"stability ARI {result['stability_ari']:.3f} ({result['baseline_stability_ari']:.3f}), "
+                  f"against the simulator's profiles ARI {ari(result['profiles_ari'])} "
+                  f"({ari(result['baseline_profiles_ari'])}) → {result['path']}")
     else:
         out.print(f"usage-forecast {result['version']}: MAPE {result['mape']:.1f}% (seasonal naive "
                   f"{result['baseline_mape']:.1f}%) → {result['path']}")

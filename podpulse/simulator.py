@@ -282,6 +282,10 @@ class Fleet:
         return {"firmware": spec.regressed_firmware, "drain": spec.regression, "release": release.date().isoformat(),
                 "models": [m for m, top in zip(MODELS, MAX_FIRMWARE.tolist()) if top >= i]}
 
+    def profiles(self) -> dict[str, str]:
+        """Each device's behaviour profile (``commuter``, ``desk``, ``evening``): the truth segments meet."""
+        return {d: PROFILES[p] for d, p in zip(self.device_id.tolist(), self.profile.tolist())}
+
     def truth(self) -> list[dict]:
         """Ground truth of the injected faults: one dict per faulty device (the AEST day of its onset;
         ``bud`` for the one-bud kinds; ``size`` as :data:`FAULT_SIZE` draws it, else null)."""

@@ -34,7 +34,7 @@ from storage.router import StorageConfig
 __all__ = ["read_sql", "read_features", "read_usage", "evaluate", "train_battery_anomaly",
            "train_usage_forecast", "MODELS"]
 
-MODELS = ("battery-anomaly", "usage-forecast")
+MODELS = ("battery-anomaly", "usage-forecast", "listening-segments")  # the last: podpulse.segments
 
 
 def read_sql(config: StorageConfig, sql: str) -> dict[str, np.ndarray]:

@@ -1,5 +1,5 @@
 """The Serve application of tests/deployments, started once for the package: a demo-like store
-(250 devices × 29 days), both models trained, the admin token and a scoped tokens file."""
+(250 devices × 29 days), the three models trained, the admin token and a scoped tokens file."""
 
 import pytest
 import yaml
@@ -7,6 +7,7 @@ import yaml
 from bench.report import build_store
 from infra.served import AGGREGATES, INGEST, TOKEN
 from podpulse.broker import free_port
+from podpulse.segments import train_segments
 from podpulse.train import train_battery_anomaly, train_usage_forecast
 from storage.router import StorageConfig
 
@@ -22,6 +23,7 @@ def served(ray_local, broker, tmp_path_factory):
     storage = StorageConfig.embedded(root / "s.duckdb")
     first = train_battery_anomaly(storage, registry=root / "models", epochs=1)
     train_usage_forecast(storage, registry=root / "models", epochs=5)
+    train_segments(storage, registry=root / "models", epochs=3, k_min=5)
     broker.create_topic("serve-telemetry", 2)
     port = free_port()
     (root / "tokens.yaml").write_text(yaml.safe_dump([INGEST[1], AGGREGATES[1]]))

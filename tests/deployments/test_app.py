@@ -75,6 +75,10 @@ def test_every_endpoint_answers(served, broker):
     assert health["device_id"] == some and health["days"]
     forecast = requests.get(f"{url}/v1/forecast/usage", params={"region": "NSW-urban"}, headers=AUTH).json()
     assert len(forecast["days"]) == 7 and all(d["listening_hours"] >= 0 for d in forecast["days"])
+    segments = requests.get(f"{url}/v1/segments", headers=AUTH).json()
+    assert segments["version"] and segments["k"] == 5 and len(segments["segments"]) == segments["evaluation"]["k"]
+    assert sum(s["share"] for s in segments["segments"]) == pytest.approx(1.0)
+    assert segments["by_region"] and all(r["devices"] >= 5 for r in segments["by_region"])
     none = requests.get(f"{url}/v1/firmware/regressions", headers=AUTH).json()  # podpulse detect never ran here
     assert none["findings"] == [] and none["detected_at"] is None and "podpulse detect" in none["note"]
     good = event()
