@@ -77,7 +77,9 @@ def bench_ingest(
         out.print(f"pipeline: [bold]{result['events_per_s']:,}[/] events/s durable · raw consume: "
                   f"{result['raw_consume_events_per_s']:,} events/s · ratio {result['ratio']} · "
                   f"lost {result['lost']} · duplicated {result['duplicated']} · "
-                  f"peak RSS {result['peak_rss_mb']:,} MB")
+                  f"peak RSS {result['peak_rss_mb']:,} MB\n"
+                  f"per million events: {result['cpu_s_per_million_events']:,} CPU-seconds · bytes per event: "
+                  f"{result['message_bytes_per_event']} on the wire, {result['stored_bytes_per_event']} stored")
 
 
 @bench_app.command("report")

@@ -9,7 +9,9 @@ In one run:
    into a fresh embedded store, until every event is durable and its offset
    stored;
 4. lost and duplicated events: distinct (device_id, seq) in the store against
-   what was produced; peak RSS of the driver plus every Ray process.
+   what was produced; peak RSS of the driver plus every Ray process; their CPU
+   seconds per million events, and bytes per event on the wire and in the store
+   (the figures that carry across machines).
 
     podpulse bench ingest --events 1000000 --json
 """
@@ -44,21 +46,24 @@ from storage.router import StorageConfig, password
 EVENTS_PER_DEVICE_DAY = 40  # about what the simulator emits
 
 
-def preload(bootstrap: str, topic: str, events: int, partitions: int, seed: int = 7) -> None:
-    """Produce exactly ``events`` simulated events, each a distinct (device_id, seq)."""
+def preload(bootstrap: str, topic: str, events: int, partitions: int, seed: int = 7) -> int:
+    """Produce exactly ``events`` simulated events, each a distinct (device_id, seq); returns the bytes of
+    their keys and values."""
     ensure_topic(client_config(bootstrap), topic, partitions)
     producer = Producer(producer_config(bootstrap))
     devices = max(100, events // EVENTS_PER_DEVICE_DAY)
     spec = FleetSpec(devices=devices, hours=24 * 7, seed=seed, fault_share=0.0)
-    left = events
+    left, size = events, 0
     for chunk in simulate(spec, Fleet.build(spec)):
         produce(producer, topic, chunk.keys[:left], chunk.values[:left])
+        size += sum(map(len, chunk.keys[:left])) + sum(map(len, chunk.values[:left]))
         left -= min(left, len(chunk.values))
         if left == 0:
             break
     flush(producer)
     if left:
         raise RuntimeError(f"the simulator produced {events - left} events, fewer than {events}")
+    return size
 
 
 def raw_consume(bootstrap: str, topic: str, partitions: int, events: int) -> float:
@@ -74,38 +79,53 @@ def raw_consume(bootstrap: str, topic: str, partitions: int, events: int) -> flo
     return events / elapsed
 
 
-class PeakRss:
-    """Samples the RSS of this process and all its descendants (Ray's included), minus excluded pids."""
+class Usage:
+    """Samples this process and all its descendants (Ray's included), minus excluded pids: the peak of
+    their summed RSS, and the CPU seconds (user + system) they spent while sampled. A process's CPU is
+    its last sample's less its first (0 for one born meanwhile): one that ends between two samples
+    loses at most a period's worth."""
 
     def __init__(self, exclude: set[int], period_s: float = 0.2):
         self.exclude, self.period_s, self.peak = exclude, period_s, 0
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _sample(self, first: bool = False) -> int:
         me = psutil.Process()
         total = 0
         for p in [me, *me.children(recursive=True)]:
             if p.pid in self.exclude:
                 continue
             try:
-                total += p.memory_info().rss
+                with p.oneshot():
+                    total += p.memory_info().rss
+                    times = p.cpu_times()
             except psutil.Error:
-                pass
+                continue
+            cpu = times.user + times.system
+            self._first.setdefault(p.pid, cpu if first else 0.0)
+            self._last[p.pid] = cpu
         return total
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self._last[pid] - self._first[pid] for pid in self._last)
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
             self.peak = max(self.peak, self._sample())
 
-    def __enter__(self) -> "PeakRss":
-        self.peak = self._sample()
+    def __enter__(self) -> "Usage":
+        self.peak = self._sample(first=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self.peak = max(self.peak, self._sample())
 
 
 @contextmanager
@@ -175,7 +195,7 @@ def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_
         topic = f"bench-ingest-{int(time.time())}"
         # in a child process that exits before measuring: the driver's RSS is then the pipeline's
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pool.submit(preload, bootstrap, topic, events, partitions).result()
+            message_bytes = pool.submit(preload, bootstrap, topic, events, partitions).result()
         raw = raw_consume(bootstrap, topic, partitions, events)
         init_ray()
         with tempfile.TemporaryDirectory(prefix="podpulse-bench-") as tmp, \
@@ -189,7 +209,7 @@ def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_
                 if not first_progress and 0 < status["total_lag"] < events:
                     first_progress.append(time.perf_counter())
 
-            with PeakRss(exclude) as rss:
+            with Usage(exclude) as rss:
                 started, wall_started = time.perf_counter(), time.time()
                 result = run_ingest(config, until_caught_up=True, poll_s=0.5, on_status=watch)
                 total = time.perf_counter() - started
@@ -197,6 +217,10 @@ def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_
             elapsed = result["caught_up_at"] - wall_started
             startup = (first_progress[0] if first_progress else started) - started
             rows, distinct, counted = stored_events(storage)
+            store_file = Path(tmp) / "bench.duckdb"
+            stored_bytes = (store_file.stat().st_size + (store_file.with_name(store_file.name + ".wal").stat().st_size
+                            if store_file.with_name(store_file.name + ".wal").exists() else 0)
+                            if storage_file is None else None)
         return {
             "events": events,
             "events_per_s": round(events / elapsed),
@@ -206,6 +230,11 @@ def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_
             "duplicated": rows - distinct,
             "double_counted": counted - distinct,  # events the rollups counted more than once
             "peak_rss_mb": round(rss.peak / 2**20),
+            # what carries across machines: CPU per million events (the driver and every Ray process, the
+            # broker left out, over the run and its shutdown), and bytes per event on the wire and stored
+            "cpu_s_per_million_events": round(rss.cpu_s / events * 1e6, 1),
+            "message_bytes_per_event": round(message_bytes / events, 1),
+            "stored_bytes_per_event": round(stored_bytes / events, 1) if stored_bytes is not None else None,
             "seconds": round(elapsed, 2),
             "seconds_with_shutdown": round(total, 2),
             "startup_s": round(startup, 2),  # until the first batch was durable (Ray actors starting)

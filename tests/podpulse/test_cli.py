@@ -190,6 +190,9 @@ def test_bench_ingest_reports_the_pipeline_beside_the_raw_ceiling_and_loses_noth
     assert result["events"] == 20_000 and result["lost"] == 0 and result["duplicated"] == 0
     assert result["events_per_s"] > 0 and result["raw_consume_events_per_s"] > 0
     assert result["peak_rss_mb"] > 100  # the driver and every Ray process were counted
+    # ingest costs CPU somewhere among them; a simulated event is a few hundred bytes of JSON
+    assert result["cpu_s_per_million_events"] > 0 and 150 < result["message_bytes_per_event"] < 1000
+    assert 0 < result["stored_bytes_per_event"] < 10_000
 
 
 def test_demo_fills_postgresql_through_a_storage_config(tmp_path, pg_url):
