@@ -181,7 +181,10 @@ def bench_serve(
         print(json.dumps(result))
     else:
         out.print(f"Serve: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms at {result['rps']} req/s "
-                  f"({result['errors']} errors) · in-process: p50 {result['direct_p50_ms']} ms")
+                  f"({result['errors']} errors) · in-process: p50 {result['direct_p50_ms']} ms\n"
+                  f"batch scoring ({result['batch_rows']:,}-row requests, {result['batch_clients']} senders): "
+                  f"[bold]{result['batch_rows_per_s']:,}[/] rows/s, p50 {result['batch_p50_ms']} ms "
+                  f"({result['batch_errors']} errors) · in-process: {result['direct_batch_rows_per_s']:,} rows/s")
 
 
 @bench_app.command("faults")

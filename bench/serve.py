@@ -8,7 +8,10 @@ in the same run:
 - figure: ``rate`` requests a second for ``seconds`` seconds, open loop: each request
   is sent at its scheduled time whether or not earlier ones have answered, and its
   latency runs from that scheduled time (a slow server cannot hide queueing by
-  slowing the client down). p50/p99 latency and the rate achieved.
+  slowing the client down). p50/p99 latency and the rate achieved;
+- batch scoring: requests of ``batch_rows`` rows (1,000, the most a request may carry)
+  from ``batch_clients`` senders back to back for as long, rows/s, beside the same
+  rows scored in-process (``direct_batch_rows_per_s``).
 
 The client (one asyncio loop, keep-alive connections) runs on the same 2-core
 machine as Ray Serve, so its CPU is part of what is measured.
@@ -61,7 +64,30 @@ async def open_loop(url: str, body: dict, headers: dict, rate: float, seconds: f
         return latencies, errors, time.perf_counter() - start
 
 
-def run(rate: int = 200, seconds: float = 10.0, devices: int = 300, days: int = 3) -> dict:
+async def closed_loop(url: str, body: dict, headers: dict, clients: int, seconds: float) -> tuple[np.ndarray, int, float]:
+    """``clients`` senders, each posting ``body`` again as soon as it is answered, for ``seconds``: the
+    latencies of the requests answered, the errors, and the wall time."""
+    latencies, errors = [], 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as session:
+        async def sender(end: float) -> None:
+            nonlocal errors
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                try:
+                    async with session.post(url, json=body, headers=headers) as r:
+                        await r.read()
+                        errors += r.status != 200
+                except aiohttp.ClientError:
+                    errors += 1
+                latencies.append(time.perf_counter() - t)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(sender(start + seconds) for _ in range(clients)))
+        return np.array(latencies), errors, time.perf_counter() - start
+
+
+def run(rate: int = 200, seconds: float = 10.0, devices: int = 300, days: int = 3, batch_rows: int = 1000,
+        batch_clients: int = 4) -> dict:
     with tempfile.TemporaryDirectory(prefix="podpulse-bench-serve-") as tmp:
         storage = StorageConfig.embedded(Path(tmp) / "s.duckdb")
         build_store(Path(tmp) / "s.duckdb", devices, days)
@@ -79,6 +105,14 @@ def run(rate: int = 200, seconds: float = 10.0, devices: int = 300, days: int = 
         url, headers = f"{base}/v1/battery/score", {"Authorization": f"Bearer {TOKEN}"}
         asyncio.run(open_loop(url, {"rows": [ROW]}, headers, 20, 2))  # warm up: connections, first batches
         latencies, errors, elapsed = asyncio.run(open_loop(url, {"rows": [ROW]}, headers, rate, seconds))
+        # batch scoring: requests of batch_rows rows from batch_clients senders, beside the same rows in-process
+        rows = [dict(ROW, drain_left_pct=ROW["drain_left_pct"] + i % 7) for i in range(batch_rows)]
+        t = time.perf_counter()
+        for _ in range(5):
+            score_rows(model, rows)
+        direct_batch = 5 * batch_rows / (time.perf_counter() - t)
+        batch, batch_errors, batch_elapsed = asyncio.run(
+            closed_loop(url, {"rows": rows}, headers, batch_clients, seconds))
         serve.delete("podpulse-bench")
     ms = latencies * 1000
     return {
@@ -87,5 +121,9 @@ def run(rate: int = 200, seconds: float = 10.0, devices: int = 300, days: int = 
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
         "rps": round(len(ms) / elapsed, 1),
         "direct_p50_ms": round(float(np.percentile(np.array(direct) * 1000, 50)), 2),
+        "batch_rows": batch_rows, "batch_clients": batch_clients, "batch_requests": len(batch),
+        "batch_errors": batch_errors, "batch_rows_per_s": round(len(batch) * batch_rows / batch_elapsed),
+        "batch_p50_ms": round(float(np.percentile(batch * 1000, 50)), 1) if len(batch) else None,
+        "direct_batch_rows_per_s": round(direct_batch),
         "model_version": trained["version"],
     }

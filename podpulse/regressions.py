@@ -146,7 +146,8 @@ def _compare(rows, devices, firmwares, day, of_model, old, new, rng, min_k, conf
         expected = np.maximum(_usage(rows, mine) @ beta, 0.0)
         observed = rows["drain_pct"][mine].astype(np.float64)
         sums = [np.bincount(index, weights=w, minlength=len(both)) for w in (observed, expected)]
-        days = np.array([len(np.unique(day[mine][index == i])) for i in range(len(both))], dtype=np.float64)
+        device_days = np.unique(np.column_stack([index, day[mine].astype(np.int64)]), axis=0)
+        days = np.bincount(device_days[:, 0], minlength=len(both)).astype(np.float64)
         listening = np.bincount(index, weights=rows["listening_h"][mine].astype(np.float64), minlength=len(both))
         per_side.append((sums[0], sums[1], listening / np.maximum(days, 1)))
     (obs_old, exp_old, listen_old), (obs_new, exp_new, listen_new) = per_side
