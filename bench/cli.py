@@ -64,13 +64,15 @@ def bench_ingest(
     batch_size: Annotated[int, typer.Option(min=1)] = 20_000,
     bootstrap: Annotated[Optional[str], typer.Option(
         help="A Kafka to use instead of the embedded broker.")] = None,
+    profile: Annotated[Optional[Path], typer.Option(
+        help="Record py-spy profiles (speedscope) of the driver and each ingest actor into this directory.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Ingest throughput into the durable store, beside the raw consume rate of the same topic."""
     run = _module("ingest").run
 
     result = run(events=events, partitions=partitions, consumers=consumers,
-                 batch_size=batch_size, bootstrap=bootstrap, storage_file=storage_file)
+                 batch_size=batch_size, bootstrap=bootstrap, storage_file=storage_file, profile=profile)
     if json_out:
         print(json.dumps(result))
     else:
@@ -80,6 +82,9 @@ def bench_ingest(
                   f"peak RSS {result['peak_rss_mb']:,} MB\n"
                   f"per million events: {result['cpu_s_per_million_events']:,} CPU-seconds · bytes per event: "
                   f"{result['message_bytes_per_event']} on the wire, {result['stored_bytes_per_event']} stored")
+        for p in result.get("profiles", []):
+            busiest = ", ".join(f"{f['function']} {f['share']:.0%}" for f in p["top_own"][:3])
+            out.print(f"{p['role']}: active {p['active_s']} s, busiest {busiest} → {p['file']}")
 
 
 @bench_app.command("report")

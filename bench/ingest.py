@@ -18,10 +18,16 @@ In one run:
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,6 +134,83 @@ class Usage:
         self.peak = max(self.peak, self._sample())
 
 
+ROLES = ("ShardConsumer", "Writer", "Supervisor")  # the ingest actors' classes (actors/), which py-spy records
+
+
+class Profiles:
+    """py-spy (``record --nonblocking``, speedscope format) on the driver and on each ingest actor's
+    process as it appears (Ray titles it ``ray::ROLE...``), into ``directory``; stopped with SIGINT on
+    exit, which makes py-spy write its file. ``top()``: each file's functions by own samples."""
+
+    def __init__(self, directory: Path, period_s: float = 0.2):
+        self.directory, self.period_s = Path(directory), period_s
+        self.recorders: dict[int, tuple[str, subprocess.Popen, Path]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _start(self, pid: int, role: str) -> None:
+        out = self.directory / f"{role}-{pid}.speedscope.json"
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid),
+                                 "--format", "speedscope", "--rate", "100", "--nonblocking", "-o", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.recorders[pid] = (role, proc, out)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            for child in psutil.Process().children(recursive=True):
+                if child.pid in self.recorders:
+                    continue
+                try:
+                    title = " ".join(child.cmdline())
+                except psutil.Error:
+                    continue
+                role = next((r for r in ROLES if title.startswith(f"ray::{r}")), None)
+                if role:
+                    self._start(child.pid, role)
+
+    def __enter__(self) -> "Profiles":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._start(os.getpid(), "driver")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        for _, proc, _ in self.recorders.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for _, proc, _ in self.recorders.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def top(self, n: int = 6) -> list[dict]:
+        """Per recorded process: its role, file, the seconds py-spy saw its threads active (idle ones are
+        not sampled), and the ``n`` functions with the largest share of them as the innermost frame."""
+        out = []
+        for role, _, path in self.recorders.values():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            frames = data["shared"]["frames"]
+            own: dict[str, float] = {}
+            total = 0.0
+            for profile in data["profiles"]:
+                for stack, weight in zip(profile["samples"], profile["weights"]):
+                    total += weight
+                    if stack:
+                        f = frames[stack[-1]]
+                        key = f"{f['name']} ({Path(f.get('file', '?')).name}:{f.get('line', '?')})"
+                        own[key] = own.get(key, 0.0) + weight
+            best = sorted(own.items(), key=lambda kv: -kv[1])[:n]
+            out.append({"role": role, "file": str(path), "active_s": round(total, 1),
+                        "top_own": [{"function": k, "share": round(v / total, 3)} for k, v in best] if total else []})
+        return sorted(out, key=lambda r: (r["role"], r["file"]))
+
+
 @contextmanager
 def bench_storage(storage_file, tmp: str):
     """The store to measure, empty: a temporary DuckDB file, or a throwaway PostgreSQL schema
@@ -188,7 +271,9 @@ def stored_events(storage: StorageConfig) -> tuple[int, int, int]:
 
 
 def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_size: int = 20_000,
-        bootstrap: str | None = None, storage_file: str | None = None) -> dict:
+        bootstrap: str | None = None, storage_file: str | None = None, profile: Path | None = None) -> dict:
+    """``profile``: a directory for py-spy's speedscope files of the driver and each ingest actor (the
+    result then names their busiest functions; sampling costs the pipeline a little CPU)."""
     broker = None if bootstrap else EmbeddedBroker().start()
     try:
         bootstrap = bootstrap or broker.bootstrap
@@ -209,7 +294,8 @@ def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_
                 if not first_progress and 0 < status["total_lag"] < events:
                     first_progress.append(time.perf_counter())
 
-            with Usage(exclude) as rss:
+            profiles = Profiles(profile) if profile else None
+            with Usage(exclude) as rss, (profiles or nullcontext()):
                 started, wall_started = time.perf_counter(), time.time()
                 result = run_ingest(config, until_caught_up=True, poll_s=0.5, on_status=watch)
                 total = time.perf_counter() - started
@@ -244,7 +330,7 @@ def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_
             "write_seconds": result["writer"]["write_seconds"],
             "store": "embedded DuckDB" if storage_file is None else str(storage_file),
             "broker": "embedded Tansu" if broker else bootstrap,
-        }
+        } | ({"profiles": profiles.top()} if profiles else {})
     finally:
         if broker:
             broker.stop()

@@ -182,9 +182,9 @@ def test_bad_pipeline_arguments_get_one_line(args, words):
     assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr
 
 
-def test_bench_ingest_reports_the_pipeline_beside_the_raw_ceiling_and_loses_nothing():
+def test_bench_ingest_reports_the_pipeline_beside_the_raw_ceiling_and_loses_nothing(tmp_path):
     result = json.loads(podpulse("bench", "ingest", "--events", 20_000, "--partitions", 4, "--json",
-                                 timeout=600).stdout)
+                                 "--profile", tmp_path / "profiles", timeout=600).stdout)
     assert set(result) >= {"events", "events_per_s", "raw_consume_events_per_s", "ratio", "lost",
                            "duplicated", "peak_rss_mb"}
     assert result["events"] == 20_000 and result["lost"] == 0 and result["duplicated"] == 0
@@ -193,6 +193,11 @@ def test_bench_ingest_reports_the_pipeline_beside_the_raw_ceiling_and_loses_noth
     # ingest costs CPU somewhere among them; a simulated event is a few hundred bytes of JSON
     assert result["cpu_s_per_million_events"] > 0 and 150 < result["message_bytes_per_event"] < 1000
     assert 0 < result["stored_bytes_per_event"] < 10_000
+    # py-spy recorded the driver and each ingest actor, and says where their time went
+    roles = {p["role"] for p in result["profiles"]}
+    assert {"driver", "ShardConsumer", "Writer", "Supervisor"} <= roles, result["profiles"]
+    writer = next(p for p in result["profiles"] if p["role"] == "Writer")
+    assert Path(writer["file"]).exists() and writer["top_own"] and writer["active_s"] > 0
 
 
 def test_demo_fills_postgresql_through_a_storage_config(tmp_path, pg_url):
