@@ -2,7 +2,9 @@
 
 The commit path, in order, for every batch:
 
-1. consume up to ``batch_size`` messages (or what arrives within ``linger_ms``);
+1. consume about ``batch_size`` events (or what arrives within ``linger_ms``): as
+   many messages as that, divided by the events per message of the last batch
+   (a device upload carries many);
 2. decode, validate, upcast and enrich them as one batch (the event contract),
    and replace each device id by its pseudonym (``podpulse.pseudonyms``);
 3. produce the rejects to the dead-letter topic and flush: durable before step 5;
@@ -46,7 +48,7 @@ from ray.exceptions import RayError
 
 from podpulse import metrics
 from podpulse.config import CONSUMER_CPUS, IngestConfig
-from podpulse.contract import decode_batch
+from podpulse.contract import decode_batch, upload_with
 from podpulse.dead_letters import DeadLetter, DeadLetterTopic
 from podpulse.errors import BrokerError
 from podpulse.failures import FailureLog
@@ -83,6 +85,7 @@ class ShardConsumer:
         self.dlq = DeadLetterTopic(config.bootstrap, config.dead_letter_topic, config.kafka).sink()
         self.failures = FailureLog("consumer", log)
         self.backoff = BACKOFF_S[0]
+        self.per_message = 50.0  # events per message in the last batch (uploads carry many; a guess until then)
         self.positions: dict[int, int] = {}  # next offset expected per partition
         self.inflight: deque = deque()
         self.at_end: set[int] = set()  # partitions whose end was reached, nothing newer seen
@@ -102,7 +105,8 @@ class ShardConsumer:
         try:
             while not self._stop.is_set():
                 with self._busy:
-                    messages = self.consumer.consume(self.config.batch_size, self.config.linger_ms / 1000)
+                    count = max(1, int(self.config.batch_size / self.per_message))
+                    messages = self.consumer.consume(count, self.config.linger_ms / 1000)
                     if messages:
                         self._handle(messages)
                     self._settle(block=False)
@@ -179,6 +183,7 @@ class ShardConsumer:
             return
         values = list(map(Message.value, messages))
         decoded = decode_batch(values, received_ms=_timestamps(messages), window=self.config.window)  # 2.
+        self.per_message = max(1.0, len(decoded) / len(messages))
         if decoded.rejected:  # 3.
             try:
                 self._dead_letter(messages, decoded.rejected)
@@ -222,7 +227,8 @@ class ShardConsumer:
 
     def _dead_letter(self, messages: list[Message], rejected) -> None:
         """Send the rejects and wait for the broker's acknowledgement (raises BrokerError otherwise)."""
-        self.dlq.send([DeadLetter(m.key(), m.value(), r.reason, "decode", self.topic, m.partition(), m.offset())
+        self.dlq.send([DeadLetter(m.key(), m.value() if r.sample is None else upload_with(m.value(), [r.sample]),
+                                  r.reason, "decode", self.topic, m.partition(), m.offset(), r.sample)
                        for r in rejected for m in (messages[r.index],)])
         self.stats["dead_lettered"] += len(rejected)
         metrics.events_dead_lettered(self.topic, (messages[r.index].partition() for r in rejected))

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from podpulse.errors import ConfigError
+from podpulse.simulator import Shape
 
 __all__ = ["bench_app"]
 
@@ -66,18 +67,22 @@ def bench_ingest(
         help="A Kafka to use instead of the embedded broker.")] = None,
     profile: Annotated[Optional[Path], typer.Option(
         help="Record py-spy profiles (speedscope) of the driver and each ingest actor into this directory.")] = None,
+    shape: Annotated[Shape, typer.Option(
+        help="event: one sample per message; upload: 50-sample device uploads.")] = Shape.event,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Ingest throughput into the durable store, beside the raw consume rate of the same topic."""
     run = _module("ingest").run
 
-    result = run(events=events, partitions=partitions, consumers=consumers,
-                 batch_size=batch_size, bootstrap=bootstrap, storage_file=storage_file, profile=profile)
+    result = run(events=events, partitions=partitions, consumers=consumers, batch_size=batch_size,
+                 bootstrap=bootstrap, storage_file=storage_file, profile=profile, shape=shape.value)
     if json_out:
         print(json.dumps(result))
     else:
+        uploads = (f" ({result['messages_per_s']:,} uploads/s; raw {result['raw_consume_messages_per_s']:,})"
+                   if result["shape"] == "upload" else "")
         out.print(f"pipeline: [bold]{result['events_per_s']:,}[/] events/s durable · raw consume: "
-                  f"{result['raw_consume_events_per_s']:,} events/s · ratio {result['ratio']} · "
+                  f"{result['raw_consume_events_per_s']:,} events/s{uploads} · ratio {result['ratio']} · "
                   f"lost {result['lost']} · duplicated {result['duplicated']} · "
                   f"peak RSS {result['peak_rss_mb']:,} MB\n"
                   f"per million events: {result['cpu_s_per_million_events']:,} CPU-seconds · bytes per event: "

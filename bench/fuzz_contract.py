@@ -51,9 +51,9 @@ except ImportError:  # pragma: no cover - reported by main()
 
 if atheris is not None:
     with atheris.instrument_imports(include=["podpulse"]):  # coverage feedback from PodPulse's code only
-        from podpulse.contract import ARROW_SCHEMA, DEFAULT_WINDOW, decode_batch
+        from podpulse.contract import ARROW_SCHEMA, DEFAULT_WINDOW, DEVICE_FIELDS, decode_batch
 else:  # pragma: no cover
-    from podpulse.contract import ARROW_SCHEMA, DEFAULT_WINDOW, decode_batch
+    from podpulse.contract import ARROW_SCHEMA, DEFAULT_WINDOW, DEVICE_FIELDS, decode_batch
 
 MAX_BATCH = 16
 DAY_MS = 86_400_000
@@ -81,11 +81,19 @@ def batch_of(data: bytes, now_ms: int):
 def check(values, received=None, window=DEFAULT_WINDOW) -> None:
     decoded = decode_batch(values, received_ms=received, window=window)
     n, rows = len(values), decoded.rows.tolist()
-    rejected = [r.index for r in decoded.rejected]
-    if decoded.table.num_rows + len(decoded.rejected) != n:
-        raise Broken(f"{decoded.table.num_rows} rows + {len(decoded.rejected)} rejects for {n} values")
-    if sorted(rows + rejected) != list(range(n)) or len(rows) != decoded.table.num_rows:
-        raise Broken(f"rows {rows} and rejected {rejected} do not cover the {n} values once each")
+    if len(rows) != decoded.table.num_rows or len(decoded.samples) != len(rows):
+        raise Broken(f"{len(rows)} row positions for {decoded.table.num_rows} rows")
+    covered: dict[int, list[int]] = {}  # per value: -1 (an event or the whole value) or its samples' indexes
+    for i, k in zip(rows, decoded.samples.tolist()):
+        covered.setdefault(i, []).append(k)
+    for r in decoded.rejected:
+        covered.setdefault(r.index, []).append(-1 if r.sample is None else r.sample)
+    for i in range(n):
+        seen = sorted(covered.pop(i, []))
+        if seen != [-1] and (not seen or seen != list(range(len(seen)))):
+            raise Broken(f"value {i} is covered by {seen}: not once as a whole, nor once per sample")
+    if covered:
+        raise Broken(f"rows or rejects for values that do not exist: {sorted(covered)}")
     if decoded.table.schema != ARROW_SCHEMA:
         raise Broken(f"table schema {decoded.table.schema} is not the contract's")
     if not all(isinstance(r.reason, str) and r.reason for r in decoded.rejected):
@@ -108,7 +116,14 @@ def seeds(now_ms: int) -> list[bytes]:
 
     valid = [enc(good), enc(v1), enc(v3), enc(good | {"schema_version": 7, "new_field": [1, {"a": None}]})]
     body = enc(good)[:-1]
+    envelope = {k: v for k, v in v3.items() if k in DEVICE_FIELDS}
+    sample = {k: v for k, v in v3.items() if k not in DEVICE_FIELDS}
+    valid.append(enc(envelope | {"samples": [sample | {"seq": s} for s in range(5)]}))  # a device upload
     nasty = [
+        enc(envelope | {"samples": [sample, sample | {"battery_left": 101}, 7, None, sample | {"model": "x"}]}),
+        enc(envelope | {"samples": []}), enc(envelope | {"samples": {"seq": 1}}), enc({"samples": [sample]}),
+        enc(envelope | {"seq": 4, "samples": [sample]}), enc(envelope | {"samples": [sample] * 1001}),
+        enc(envelope | {"postcode": "0001", "samples": [sample, sample]}),
         b"\n".join(valid),  # a batch of valid events
         b"\n".join([valid[0], b"", b"{", valid[1], b"null", valid[2]]),
         body + b', "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # deep nesting

@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import psutil
 from confluent_kafka import Consumer, Producer, TopicPartition
 from sqlalchemy import create_engine
@@ -52,28 +53,32 @@ from storage.router import StorageConfig, password
 EVENTS_PER_DEVICE_DAY = 40  # about what the simulator emits
 
 
-def preload(bootstrap: str, topic: str, events: int, partitions: int, seed: int = 7) -> int:
-    """Produce exactly ``events`` simulated events, each a distinct (device_id, seq); returns the bytes of
-    their keys and values."""
+def preload(bootstrap: str, topic: str, events: int, partitions: int, seed: int = 7, shape: str = "event") -> dict:
+    """Produce ``events`` simulated events (for uploads: the whole uploads that hold the first ``events``),
+    each a distinct (device_id, seq); returns the events, messages and bytes of keys and values produced."""
     ensure_topic(client_config(bootstrap), topic, partitions)
     producer = Producer(producer_config(bootstrap))
     devices = max(100, events // EVENTS_PER_DEVICE_DAY)
-    spec = FleetSpec(devices=devices, hours=24 * 7, seed=seed, fault_share=0.0)
-    left, size = events, 0
+    spec = FleetSpec(devices=devices, hours=24 * 7, seed=seed, fault_share=0.0, shape=shape)
+    made = {"events": 0, "messages": 0, "bytes": 0}
     for chunk in simulate(spec, Fleet.build(spec)):
-        produce(producer, topic, chunk.keys[:left], chunk.values[:left])
-        size += sum(map(len, chunk.keys[:left])) + sum(map(len, chunk.values[:left]))
-        left -= min(left, len(chunk.values))
-        if left == 0:
+        per = np.ones(len(chunk.values), np.int64) if chunk.samples is None else chunk.samples
+        take = int(np.searchsorted(np.cumsum(per), events - made["events"])) + 1  # reaches `events`
+        keys, values = chunk.keys[:take], chunk.values[:take]
+        produce(producer, topic, keys, values)
+        made["bytes"] += sum(map(len, keys)) + sum(map(len, values))
+        made["messages"] += len(values)
+        made["events"] += int(per[:take].sum())
+        if made["events"] >= events:
             break
     flush(producer)
-    if left:
-        raise RuntimeError(f"the simulator produced {events - left} events, fewer than {events}")
-    return size
+    if made["events"] < events:
+        raise RuntimeError(f"the simulator produced {made['events']} events, fewer than {events}")
+    return made
 
 
 def raw_consume(bootstrap: str, topic: str, partitions: int, events: int) -> float:
-    """Events/s of confluent-kafka reading the topic with no processing."""
+    """Messages/s of confluent-kafka reading the topic's first ``events`` messages with no processing."""
     consumer = Consumer({**client_config(bootstrap), "group.id": "bench-raw",
                          "enable.auto.commit": False, "fetch.max.bytes": 64 * 1024 * 1024})
     consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
@@ -271,8 +276,10 @@ def stored_events(storage: StorageConfig) -> tuple[int, int, int]:
 
 
 def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_size: int = 20_000,
-        bootstrap: str | None = None, storage_file: str | None = None, profile: Path | None = None) -> dict:
-    """``profile``: a directory for py-spy's speedscope files of the driver and each ingest actor (the
+        bootstrap: str | None = None, storage_file: str | None = None, profile: Path | None = None,
+        shape: str = "event") -> dict:
+    """``shape``: ``event`` (one sample per message) or ``upload`` (50-sample device uploads; the raw
+    consume baseline then counts the same uploads' samples). ``profile``: a directory for py-spy's speedscope files of the driver and each ingest actor (the
     result then names their busiest functions; sampling costs the pipeline a little CPU)."""
     broker = None if bootstrap else EmbeddedBroker().start()
     try:
@@ -280,8 +287,10 @@ def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_
         topic = f"bench-ingest-{int(time.time())}"
         # in a child process that exits before measuring: the driver's RSS is then the pipeline's
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            message_bytes = pool.submit(preload, bootstrap, topic, events, partitions).result()
-        raw = raw_consume(bootstrap, topic, partitions, events)
+            made = pool.submit(preload, bootstrap, topic, events, partitions, shape=shape).result()
+        events, messages = made["events"], made["messages"]
+        raw_messages = raw_consume(bootstrap, topic, partitions, messages)
+        raw = raw_messages * events / messages  # events/s: the samples those messages carry
         init_ray()
         with tempfile.TemporaryDirectory(prefix="podpulse-bench-") as tmp, \
                 bench_storage(storage_file, tmp) as storage:
@@ -308,9 +317,13 @@ def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_
                             if store_file.with_name(store_file.name + ".wal").exists() else 0)
                             if storage_file is None else None)
         return {
+            "shape": shape,
             "events": events,
+            "messages": messages,
             "events_per_s": round(events / elapsed),
+            "messages_per_s": round(messages / elapsed),
             "raw_consume_events_per_s": round(raw),
+            "raw_consume_messages_per_s": round(raw_messages),
             "ratio": round(events / elapsed / raw, 3),
             "lost": events - distinct,
             "duplicated": rows - distinct,
@@ -319,7 +332,7 @@ def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_
             # what carries across machines: CPU per million events (the driver and every Ray process, the
             # broker left out, over the run and its shutdown), and bytes per event on the wire and stored
             "cpu_s_per_million_events": round(rss.cpu_s / events * 1e6, 1),
-            "message_bytes_per_event": round(message_bytes / events, 1),
+            "message_bytes_per_event": round(made["bytes"] / events, 1),
             "stored_bytes_per_event": round(stored_bytes / events, 1) if stored_bytes is not None else None,
             "seconds": round(elapsed, 2),
             "seconds_with_shutdown": round(total, 2),

@@ -52,7 +52,7 @@ from podpulse import analytics, battery_model, forecast_model, metrics, regressi
 from podpulse import cohort as cohorts
 from podpulse.cohort import Cohort
 from podpulse.config import MIN_K, StorageConfig
-from podpulse.contract import DEVICE_ID, decode_batch
+from podpulse.contract import DEVICE_ID, decode_batch, upload_with
 from podpulse.errors import BrokerError, ConfigError
 from podpulse.kafka import deliver, producer_config
 from podpulse.drift import served_drift
@@ -369,6 +369,8 @@ class CohortRequest(BaseModel):
 
 
 class TelemetryRequest(BaseModel):
+    """Messages as the topic takes them: events, device uploads (``{..., "samples": [...]}``) or both."""
+
     events: list[dict] = Field(min_length=1, max_length=MAX_EVENTS)
 
 
@@ -383,6 +385,18 @@ def encoded(events: list[dict]) -> tuple[list[bytes | None], dict[int, str]]:
             values.append(None)
             unwritable[i] = f"not writable as UTF-8 JSON ({type(e).__name__}: {_text(e)[:200]}) - at `$`"
     return values, unwritable
+
+
+def accepted_records(values: list[bytes | None], decoded) -> list[tuple[bytes, bytes, None]]:
+    """(key, value, no headers) per message with an accepted event: an event as sent, an upload as sent
+    or cut down to its accepted samples."""
+    ids = decoded.table["device_id"].to_pylist()
+    kept: dict[int, tuple[str, list[int]]] = {}
+    for row, (i, k) in enumerate(zip(decoded.rows.tolist(), decoded.samples.tolist())):
+        kept.setdefault(i, (ids[row], []))[1].append(k)
+    cut = {r.index for r in decoded.rejected if r.sample is not None}
+    return [(key.encode(), upload_with(values[i], samples) if i in cut else values[i], None)
+            for i, (key, samples) in kept.items()]
 
 
 def serving(model, storage, min_k: int = MIN_K) -> None:
@@ -633,18 +647,18 @@ class PodPulseAPI:
             raise HTTPException(status_code=503, detail="HTTP ingest is not configured (no Kafka topic)")
         values, unwritable = encoded(body.events)
         decoded = decode_batch(values)
-        keys = decoded.table["device_id"].to_pylist()
-        if keys:
+        records = accepted_records(values, decoded)
+        if records:
             try:
-                deliver(self.producer, self.topic,
-                        [(k.encode(), values[i], None) for k, i in zip(keys, decoded.rows)], DELIVERY_WAIT_S)
+                deliver(self.producer, self.topic, records, DELIVERY_WAIT_S)
             except BrokerError as e:
-                log.warning("POST /v1/telemetry: Kafka did not take %d events: %s", len(keys), e)
+                log.warning("POST /v1/telemetry: Kafka did not take %d messages: %s", len(records), e)
                 raise HTTPException(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
                                     detail=f"Kafka did not acknowledge the events; send the whole request "
                                            f"again later: {e}") from None
         return {"accepted": decoded.table.num_rows, "rejected": len(decoded.rejected),
-                "reasons": [{"index": r.index, "reason": unwritable.get(r.index, r.reason)} for r in decoded.rejected]}
+                "reasons": [{"index": r.index, "reason": unwritable.get(r.index, r.reason)}
+                            | ({} if r.sample is None else {"sample": r.sample}) for r in decoded.rejected]}
 
     @app.post("/v1/battery/score")
     async def battery_score(self, body: ScoreRequest) -> dict:

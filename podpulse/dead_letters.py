@@ -10,8 +10,13 @@ original key, and its headers say why and where it came from:
 ``podpulse.stage``           ``decode`` or ``store``
 ``podpulse.source.topic``    the topic it was read from
 ``podpulse.source.partition``, ``podpulse.source.offset``: where
+``podpulse.source.sample``   only for one sample of a device upload: its index
 ``podpulse.original.size``   only when truncated: the value's size in bytes
 ===========================  ===============================================
+
+For one refused sample of a device upload, the value is that upload cut down to
+its envelope and the one sample, verbatim (``contract.upload_with``): each
+refused sample is a letter of its own, and sent back it is an upload again.
 
 A value over :data:`MAX_VALUE_BYTES` is cut to that size (a topic may accept
 records that the dead-letter topic, or the producer, would refuse as too large).
@@ -41,6 +46,7 @@ class DeadLetter:
     topic: str
     partition: int
     offset: int
+    sample: int | None = None  # one sample of a device upload: its index
 
 
 def headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
@@ -49,6 +55,8 @@ def headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
            ("podpulse.source.topic", letter.topic.encode()),
            ("podpulse.source.partition", str(letter.partition).encode()),
            ("podpulse.source.offset", str(letter.offset).encode())]
+    if letter.sample is not None:
+        out.append(("podpulse.source.sample", str(letter.sample).encode()))
     if letter.value is not None and len(letter.value) > MAX_VALUE_BYTES:
         out.append(("podpulse.original.size", str(len(letter.value)).encode()))
     return out

@@ -59,6 +59,7 @@ def dead_letters(bootstrap: str, topic: str, settings: dict | None = None,
                 letters.append({"reason": h.get("podpulse.reason"), "stage": h.get("podpulse.stage"),
                                 "partition": int(h.get("podpulse.source.partition", -1)),
                                 "offset": int(h.get("podpulse.source.offset", -1)),
+                                "sample": int(h["podpulse.source.sample"]) if "podpulse.source.sample" in h else None,
                                 "original_size": int(h.get("podpulse.original.size", len(m.value() or b""))),
                                 "value": m.value()})
         return letters

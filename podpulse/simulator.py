@@ -30,6 +30,12 @@ is in an ear or on charge:
   ``dropout`` (one bud's sensor reads 0% on 3% of samples, then recovers);
 - v1 and v2 devices are mixed; malformed records can be injected at a rate.
 
+``shape="upload"`` sends the same samples as device uploads instead of one
+message each (``podpulse.contract``): a device's samples are buffered until
+``upload_size`` of them (or a firmware update, or the end) close the upload. A
+malformed sample is then a bad value inside an upload (battery 250, seq
+"seven"), refused on its own.
+
 The same seed and spec give the same events, byte for byte. Without an
 explicit start the simulated range is the most recent one that starts on a
 Monday 00:00 AEST and ends by now (:func:`default_start`), so its events fall
@@ -42,17 +48,26 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from enum import Enum
 from typing import Iterator
 
 import msgspec
 import numpy as np
 
 from podpulse import geo
-from podpulse.contract import Event, encoder
+from podpulse.contract import MAX_SAMPLES, SAMPLE_FIELDS, Event, Sample, Upload, encoder
 
-__all__ = ["FleetSpec", "Fleet", "Chunk", "Summary", "simulate", "FAULTS", "STRONG_FAULTS", "SUBTLE_FAULTS",
+__all__ = ["FleetSpec", "Fleet", "Chunk", "Shape", "SHAPES", "Summary", "simulate", "FAULTS", "STRONG_FAULTS", "SUBTLE_FAULTS",
            "FAULT_MIXES", "FAULT_SIZE", "fault_mix", "default_start"]
 
+class Shape(str, Enum):
+    """Message shapes of the event contract: one sample per message, or a device's samples in one."""
+
+    event = "event"
+    upload = "upload"
+
+
+SHAPES = tuple(s.value for s in Shape)
 AEST = timedelta(hours=10)  # Sydney standard time, UTC+10 (daylight saving is not modelled)
 
 
@@ -126,6 +141,8 @@ class FleetSpec:
     regression: float = 1.25
     malformed_rate: float = 0.0
     v2_share: float = 0.6
+    shape: str = "event"  # or "upload": a device's samples in messages of upload_size
+    upload_size: int = 50
 
     def __post_init__(self) -> None:
         checks = [
@@ -138,6 +155,8 @@ class FleetSpec:
             (self.regressed_firmware in (None, *FIRMWARE),
              f"regressed_firmware must be one of {', '.join(FIRMWARE)}, got {self.regressed_firmware!r}"),
             (0.5 <= self.regression <= 3, "regression must be a drain multiplier from 0.5 to 3"),
+            (self.shape in SHAPES, f"shape must be one of {', '.join(SHAPES)}, got {self.shape!r}"),
+            (1 <= self.upload_size <= MAX_SAMPLES, f"upload_size must be between 1 and {MAX_SAMPLES}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -304,13 +323,68 @@ class Fleet:
 
 @dataclass
 class Chunk:
-    """The events of one interval, ready to produce: key = device id."""
+    """The messages of one interval, ready to produce: key = device id."""
 
     step: int  # index of the interval
     keys: list[bytes]
     values: list[bytes]
-    device: np.ndarray  # fleet index of each event
-    malformed: np.ndarray  # bool per event: corrupted on purpose
+    device: np.ndarray  # fleet index of each message
+    malformed: np.ndarray  # per message: samples corrupted on purpose (0 or 1 for an event)
+    samples: np.ndarray | None = None  # per upload: its samples; None: one event per message
+
+    @property
+    def events(self) -> int:
+        return len(self.values) if self.samples is None else int(self.samples.sum())
+
+
+class _Uploads:
+    """Buffers each device's samples until ``size`` of them, or a firmware update, close its upload."""
+
+    def __init__(self, devices: int, size: int):
+        self.size = size
+        self.open: list[list] = [[] for _ in range(devices)]  # per device: [(Event, corruption or -1)]
+
+    def add(self, step: int, devices: list[int], events: list[Event], corrupt: dict[int, int],
+            keys: list[bytes]) -> Chunk | None:
+        closed = []
+        for i, (d, event) in enumerate(zip(devices, events)):
+            buffered = self.open[d]
+            if buffered and buffered[0][0].firmware != event.firmware:
+                closed.append((d, buffered))
+                buffered = self.open[d] = []
+            buffered.append((event, corrupt.get(i, -1)))
+            if len(buffered) == self.size:
+                closed.append((d, buffered))
+                self.open[d] = []
+        return self._chunk(step, closed, keys)
+
+    def rest(self, step: int, keys: list[bytes]) -> Chunk | None:
+        return self._chunk(step, [(d, b) for d, b in enumerate(self.open) if b], keys)
+
+    @staticmethod
+    def _chunk(step: int, closed: list, keys: list[bytes]) -> Chunk | None:
+        if not closed:
+            return None
+        values = [_encode_upload(buffered) for _, buffered in closed]
+        return Chunk(step, [keys[d] for d, _ in closed], values, np.array([d for d, _ in closed]),
+                     np.array([sum(c >= 0 for _, c in b) for _, b in closed]),
+                     np.array([len(b) for _, b in closed]))
+
+
+_SAMPLE_AT = [Event.__struct_fields__.index(f) for f in SAMPLE_FIELDS]  # a Sample's fields in an Event
+
+
+def _encode_upload(buffered: list[tuple[Event, int]]) -> bytes:
+    first = buffered[0][0]
+    samples = []
+    for event, corruption in buffered:
+        fields = msgspec.structs.astuple(event)
+        sample = Sample(*(fields[i] for i in _SAMPLE_AT))
+        if corruption >= 0:  # a bad value inside the upload: refused on its own, the others kept
+            sample = msgspec.structs.replace(sample, **({"battery_left": 250} if corruption % 2 else {"seq": "seven"}))
+        samples.append(sample)
+    return encoder.encode(Upload(first.schema_version, first.device_id, first.model, first.firmware, first.postcode,
+                                 first.host_device, samples))
 
 
 def _corrupt(value: bytes, kind: int) -> bytes:
@@ -368,6 +442,7 @@ def simulate(spec: FleetSpec, fleet: Fleet | None = None) -> Iterator[Chunk]:
     modes = np.array(("off", "anc", "transparency", "adaptive"), dtype=object)
     charging_names = np.array(("none", "buds", "case", "both"), dtype=object)
     firmware = np.array(FIRMWARE, dtype=object)
+    uploads = _Uploads(n, spec.upload_size) if spec.shape == "upload" else None
 
     for step in range(spec.steps):
         t_ms = spec.start_ms + step * step_s * 1000
@@ -465,15 +540,25 @@ def simulate(spec: FleetSpec, fleet: Fleet | None = None) -> Iterator[Chunk]:
             [t if x else None for t, x in zip(temp[1], v2_list)],
             [c if x else None for c, x in zip(fleet.conversation[active].tolist(), v2_list)],
         )
-        values = list(map(encoder.encode, events))
-        malformed = np.zeros(active.size, dtype=bool)
+        hit, kinds = np.zeros(0, np.int64), np.zeros(0, np.int64)
         if spec.malformed_rate > 0:
             hit = np.flatnonzero(rng.random(active.size) < spec.malformed_rate)
             kinds = rng.integers(0, 6, hit.size)
-            for i, kind in zip(hit.tolist(), kinds.tolist()):
-                values[i] = _corrupt(values[i], kind)
-            malformed[hit] = True
+        if uploads is not None:
+            chunk = uploads.add(step, active.tolist(), list(events), dict(zip(hit.tolist(), kinds.tolist())), keys_all)
+            if chunk is not None:
+                yield chunk
+            continue
+        values = list(map(encoder.encode, events))
+        malformed = np.zeros(active.size, dtype=np.int64)
+        for i, kind in zip(hit.tolist(), kinds.tolist()):
+            values[i] = _corrupt(values[i], kind)
+        malformed[hit] = 1
         yield Chunk(step, [keys_all[i] for i in active.tolist()], values, active, malformed)
+    if uploads is not None:
+        chunk = uploads.rest(spec.steps - 1, keys_all)
+        if chunk is not None:
+            yield chunk
 
 
 @dataclass
@@ -482,6 +567,7 @@ class Summary:
 
     fleet: Fleet
     events: int = 0
+    messages: int = 0
     malformed: int = 0
     events_by_state: Counter = field(default_factory=Counter)
     events_by_class: Counter = field(default_factory=Counter)
@@ -489,12 +575,13 @@ class Summary:
 
     def add(self, chunk: Chunk) -> None:
         f = self.fleet
-        self.events += len(chunk.values)
+        self.events += chunk.events
+        self.messages += len(chunk.values)
         self.malformed += int(chunk.malformed.sum())
         for counter, attr, names in ((self.events_by_state, f.state, geo.STATE_CODES),
                                      (self.events_by_class, f.urban.astype(np.int8), ("rural", "urban")),
                                      (self.events_by_version, f.v2.astype(np.int8), ("v1", "v2"))):
-            counts = np.bincount(attr[chunk.device], minlength=len(names))
+            counts = np.bincount(attr[chunk.device], weights=chunk.samples, minlength=len(names)).astype(np.int64)
             counter.update({names[i]: int(c) for i, c in enumerate(counts) if c})
 
     def devices_by_state(self) -> dict[str, int]:
@@ -506,6 +593,7 @@ class Summary:
         return {
             "devices": len(f),
             "events": self.events,
+            "messages": self.messages,
             "malformed": self.malformed,
             "faulty_devices": int((f.fault >= 0).sum()),
             "devices_by_state": self.devices_by_state(),

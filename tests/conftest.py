@@ -88,18 +88,20 @@ def ray_local():
 
 @pytest.fixture
 def produce_fleet(broker):
-    """``produce_fleet(topic, spec) -> {"valid": [...], "malformed": [...]}``: the values produced."""
+    """``produce_fleet(topic, spec) -> {"valid": [...], "malformed": [...], "malformed_samples": N}``: the
+    values produced, those with a corrupted event or sample apart."""
     from podpulse.simulator import Fleet, simulate
     from podpulse.sink import open_sink
 
     def produce(topic: str, spec) -> dict:
-        valid, malformed = [], []
+        valid, malformed, samples = [], [], 0
         with open_sink(f"kafka://{broker.bootstrap}/{topic}") as sink:
             for chunk in simulate(spec, Fleet.build(spec)):
                 sink.write(chunk)
                 for value, bad in zip(chunk.values, chunk.malformed.tolist()):
                     (malformed if bad else valid).append(value)
-        return {"valid": valid, "malformed": malformed}
+                    samples += bad
+        return {"valid": valid, "malformed": malformed, "malformed_samples": samples}
 
     return produce
 

@@ -1,5 +1,6 @@
 """The ingest pipeline for real: Tansu and Apache Kafka, local Ray, DuckDB and PostgreSQL; crashes included."""
 
+import json
 import time
 from collections import Counter
 
@@ -9,7 +10,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from actors.supervisor import IngestSupervisor, shards
 from podpulse.config import IngestConfig
-from podpulse.contract import decode_batch
+from podpulse.contract import decode_batch, upload_with
 from podpulse.ingest import dead_letters, run_ingest
 from storage.reader import run_queries
 from podpulse.simulator import FleetSpec
@@ -90,27 +91,42 @@ def test_every_event_is_stored_exactly_once_with_offsets_at_the_end(
     assert_exactly_once(store_config, produced["valid"], assert_rollups_match_raw)
 
 
-@pytest.mark.parametrize("broker, store_config", [("tansu", "postgresql"), ("kafka", "duckdb")], indirect=True)
+# Each broker and each store once; single events on one, device uploads on the other.
+@pytest.mark.parametrize("broker, store_config, shape", [("tansu", "postgresql", "event"), ("kafka", "duckdb", "upload")],
+                         indirect=["broker", "store_config"])
 def test_malformed_records_go_to_the_dead_letter_topic_with_reason_bytes_and_source(
-        ray_local, broker, new_topic, produce_fleet, store_config, assert_rollups_match_raw):
+        ray_local, broker, new_topic, produce_fleet, store_config, assert_rollups_match_raw, shape):
     topic = new_topic(4)
-    produced = produce_fleet(topic, FleetSpec(devices=800, hours=12, seed=22, malformed_rate=0.01))
-    assert len(produced["malformed"]) > 50
+    produced = produce_fleet(topic, FleetSpec(devices=800, hours=12, seed=22, malformed_rate=0.01, shape=shape,
+                                              upload_size=20))
+    assert produced["malformed_samples"] > 50
     cfg = config(broker, topic, store_config, batch_size=2000)
     result = run_ingest(cfg, until_caught_up=True)
     letters = dead_letters(broker.bootstrap, cfg.dead_letter_topic)
-    assert Counter(d["value"] for d in letters) == Counter(produced["malformed"])
     assert all(d["reason"] and " " in d["reason"] for d in letters)
-    assert len({(d["partition"], d["offset"]) for d in letters}) == len(letters)
+    if shape == "event":
+        assert Counter(d["value"] for d in letters) == Counter(produced["malformed"])
+        assert all(d["sample"] is None for d in letters)
+        assert len({(d["partition"], d["offset"]) for d in letters}) == len(letters)
+    else:  # a letter per bad sample: its upload's envelope and that one sample, as sent
+        assert len(letters) == produced["malformed_samples"]
+        assert len({(d["partition"], d["offset"], d["sample"]) for d in letters}) == len(letters)
+        for d in letters:
+            letter = json.loads(d["value"])
+            assert len(letter["samples"]) == 1
+            assert letter["samples"][0]["battery_left"] == 250 or letter["samples"][0]["seq"] == "seven"
+            assert f"$.samples[{d['sample']}]." in d["reason"]
     # each letter names where its original bytes sit in the source topic
     c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "check"})
     for d in letters[:20]:
         c.assign([TopicPartition(topic, d["partition"], d["offset"])])
         msg = c.consume(1, 10)[0]
-        assert (msg.partition(), msg.offset(), msg.value()) == (d["partition"], d["offset"], d["value"])
+        sent = msg.value() if d["sample"] is None else upload_with(msg.value(), [d["sample"]])
+        assert (msg.partition(), msg.offset(), sent) == (d["partition"], d["offset"], d["value"])
     c.close()
     assert result["dead_lettered"] == len(letters)
-    assert_exactly_once(store_config, produced["valid"], assert_rollups_match_raw)
+    # every good sample of an upload with a bad one is stored too
+    assert_exactly_once(store_config, produced["valid"] + produced["malformed"], assert_rollups_match_raw)
 
 
 def run_and_kill(broker, topic, storage, victim: str, total: int):

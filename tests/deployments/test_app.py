@@ -19,6 +19,7 @@ from deployments.tokens import new_token
 from bench.serve import ROW  # one device-hour row, the benchmark's too
 from podpulse.broker import free_port
 from podpulse.config import MIN_K
+from podpulse.contract import DEVICE_FIELDS
 from podpulse.train import train_battery_anomaly
 from storage.reader import run_queries
 from storage.router import StorageConfig
@@ -102,6 +103,29 @@ def test_a_202_means_the_accepted_events_are_in_the_topic(served, broker):
             if k and k.decode().startswith(f"ap-{run}-")]
     # each accepted event once, keyed by its device, as sent; the refused one not at all
     assert sorted(ours, key=lambda kv: kv[0]) == [(e["device_id"].encode(), e) for e in sent], ours
+
+
+def test_an_upload_goes_to_the_topic_cut_down_to_its_accepted_samples(served, broker):
+    url, *_ = served
+    run = uuid.uuid4().hex[:12]
+    whole = [event(f"ap-{run}-up", seq=i + 1) for i in range(4)]
+    envelope = {k: v for k, v in whole[0].items() if k in DEVICE_FIELDS}
+    samples = [{k: v for k, v in e.items() if k not in DEVICE_FIELDS} for e in whole]
+    samples[2]["battery_left"] = 300
+    single = event(f"ap-{run}-one", seq=1)
+    answer = requests.post(f"{url}/v1/telemetry", json={"events": [envelope | {"samples": samples}, single]},
+                           headers=AUTH)
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    assert body["accepted"] == 4 and body["rejected"] == 1
+    assert body["reasons"][0]["index"] == 0 and body["reasons"][0]["sample"] == 2
+    assert "$.samples[2].battery_left" in body["reasons"][0]["reason"]
+    keys = {f"ap-{run}-up".encode(), f"ap-{run}-one".encode()}
+    ours = sorted(((k, json.loads(v)) for k, v in read_topic(broker.bootstrap, "serve-telemetry", keys)
+                   if k and k.decode().startswith(f"ap-{run}-")), key=lambda kv: kv[0])
+    # the event as sent; the upload once, with its envelope and the three good samples in order
+    assert ours == [(f"ap-{run}-one".encode(), single),
+                    (f"ap-{run}-up".encode(), envelope | {"samples": samples[:2] + samples[3:]})], ours
 
 
 def flagged_by_region_in_the_store(path, version: str) -> dict[str, int]:

@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from podpulse import geo
-from podpulse.contract import (ARROW_SCHEMA, CHARGING_STATES, DEFAULT_WINDOW, FIELDS, MAX_EVENT_TIME_MS,
-                               MAX_EXTRAS_BYTES, MIN_EVENT_TIME_MS, NOISE_MODES, V1_DEFAULTS, V3_DEFAULTS, Event,
-                               EventWindow, decode_batch, encode)
+from podpulse.contract import (ARROW_SCHEMA, CHARGING_STATES, DEFAULT_WINDOW, DEVICE_FIELDS, FIELDS,
+                               MAX_EVENT_TIME_MS, MAX_EXTRAS_BYTES, MIN_EVENT_TIME_MS, NOISE_MODES, SAMPLE_FIELDS,
+                               V1_DEFAULTS, V3_DEFAULTS, Event, EventWindow, Rejected, decode_batch, encode,
+                               upload_with)
 
 NOW_MS = time.time_ns() // 1_000_000  # when this module was imported
 DAY_MS = 86_400_000
@@ -349,3 +350,106 @@ def test_fuzz_target_runs_clean_for_a_few_thousand_inputs():
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["runs"] == 3000 and summary["failures"] == 0, summary
     assert summary["values"] > summary["runs"] and summary["values_per_s"] > 0 and summary["seconds"] > 0
+
+
+# --- device uploads -------------------------------------------------------------------------------------
+
+
+def as_upload(batch: list[Event], **extra) -> bytes:
+    """The events as one upload: the first one's device fields, each event's others."""
+    first = msgspec.structs.asdict(batch[0])
+    envelope = {k: first[k] for k in DEVICE_FIELDS} | extra
+    samples = [{k: v for k, v in msgspec.structs.asdict(e).items() if k in SAMPLE_FIELDS and v is not None}
+               for e in batch]
+    return msgspec.json.encode(envelope | {"samples": samples})
+
+
+def same_device(batch: list[Event]) -> list[Event]:
+    first = batch[0]
+    return [msgspec.structs.replace(e, **{k: getattr(first, k) for k in DEVICE_FIELDS}) for e in batch]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from([1, 2, 3]).flatmap(  # one schema version per upload: it is a device field
+    lambda v: st.lists(events(version=st.just(v)), min_size=1, max_size=8)), min_size=1, max_size=4), st.booleans())
+def test_an_upload_decodes_to_the_rows_of_its_samples_sent_one_by_one(groups, with_an_event):
+    groups = [same_device(g) for g in groups]
+    values = [as_upload(g) for g in groups] + ([encode(groups[0][0])] if with_an_event else [])
+    decoded = decode_batch(values, window=None)
+    singles = decode_batch([encode(e) for g in groups for e in g] + ([encode(groups[0][0])] if with_an_event else []),
+                           window=None)
+    assert decoded.rejected == [] and decoded.table.equals(singles.table)
+    assert decoded.rows.tolist() == [i for i, g in enumerate(groups) for _ in g] + ([len(groups)] if with_an_event else [])
+    assert decoded.samples.tolist() == [k for g in groups for k in range(len(g))] + ([-1] if with_an_event else [])
+
+
+def an_upload(n: int = 4, **changes) -> tuple[dict, list[dict]]:
+    event = msgspec.structs.asdict(Event(**(GOOD | changes)))
+    envelope = {k: event[k] for k in DEVICE_FIELDS}
+    sample = {k: v for k, v in event.items() if k in SAMPLE_FIELDS and v is not None}
+    return envelope, [sample | {"seq": sample["seq"] + k} for k in range(n)]
+
+
+GOOD = dict(schema_version=3, device_id="ap-0011223344556677", seq=10, event_time_ms=NOW_MS - 3_600_000,
+            model="AirPods Pro 2", firmware="7A305", battery_left=80, battery_right=79, battery_case=50,
+            charging="none", in_ear_left=True, in_ear_right=True, noise_mode="anc", playback_s=250.0,
+            output_dba=70.5, ambient_dba=62.0, postcode="2000", host_device="iphone", interval_s=300,
+            conversation_awareness=True, spatial_audio=False)
+
+
+def test_a_bad_sample_is_refused_with_its_index_and_path_and_the_others_are_kept():
+    envelope, samples = an_upload(6)
+    samples[1]["battery_left"] = 101
+    samples[3]["playback_s"] = 301.0  # over interval_s: a cross-field rule, checked after parsing
+    samples[4] = 7
+    samples[5] = samples[5] | {"firmware": "7A305"}  # a device field inside a sample
+    decoded = decode_batch([msgspec.json.encode(envelope | {"samples": samples})])
+    assert decoded.table["seq"].to_pylist() == [10, 12] and decoded.samples.tolist() == [0, 2]
+    assert [(r.index, r.sample) for r in decoded.rejected] == [(0, 1), (0, 3), (0, 4), (0, 5)]
+    reasons = [r.reason for r in decoded.rejected]
+    assert reasons[0] == "Expected `int` <= 100 - at `$.samples[1].battery_left`"
+    assert reasons[1] == "playback_s 301.0 exceeds interval_s 300 - at `$.samples[3].playback_s`"
+    assert reasons[2] == "Expected `object`, got `int` - at `$.samples[4]`"
+    assert reasons[3] == "`firmware` belongs in the upload's envelope, not in a sample - at `$.samples[5]`"
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda e, s: e | {"samples": []}, "an upload carries 1 to 1000 samples, this one 0 - at `$.samples`"),
+    (lambda e, s: e | {"samples": s * 251}, "an upload carries 1 to 1000 samples, this one 1004 - at `$.samples`"),
+    (lambda e, s: e | {"samples": {"seq": 1}}, "Expected `array`, got `object` - at `$.samples`"),
+    (lambda e, s: {k: v for k, v in e.items() if k != "device_id"} | {"samples": s},
+     "Object missing required field `device_id`"),
+    (lambda e, s: e | {"seq": 3, "samples": s}, "`seq` belongs in each sample, not in the upload's envelope - at `$.seq`"),
+    (lambda e, s: e | {"model": "", "samples": s}, "Expected `str` of length >= 1 - at `$.model`"),
+])
+def test_a_bad_envelope_refuses_the_whole_upload_once(change, reason):
+    envelope, samples = an_upload()
+    decoded = decode_batch([msgspec.json.encode(change(envelope, samples)), encode(Event(**GOOD))])
+    assert decoded.table.num_rows == 1 and decoded.rows.tolist() == [1]
+    assert decoded.rejected == [Rejected(0, reason)]
+
+
+def test_an_unknown_postcode_refuses_every_sample_at_the_envelope_path():
+    envelope, samples = an_upload(3, postcode="0001")
+    decoded = decode_batch([msgspec.json.encode(envelope | {"samples": samples})])
+    assert decoded.table.num_rows == 0
+    assert [(r.sample, r.reason) for r in decoded.rejected] == [
+        (k, "postcode 0001 is not a known Australian delivery postcode - at `$.postcode`") for k in range(3)]
+
+
+def test_unknown_fields_of_the_envelope_and_of_each_sample_are_kept_in_extras():
+    envelope, samples = an_upload(2)
+    samples[1]["case_lid"] = "open"
+    value = msgspec.json.encode(envelope | {"schema_version": 4, "region_hint": 7, "samples": samples})
+    decoded = decode_batch([value])
+    assert decoded.rejected == []
+    assert [json.loads(x) for x in decoded.table["extras"].to_pylist()] == [
+        {"region_hint": 7}, {"region_hint": 7, "case_lid": "open"}]
+
+
+def test_upload_with_keeps_the_envelope_and_the_chosen_samples_verbatim():
+    envelope, samples = an_upload(3)
+    value = msgspec.json.encode(envelope | {"extra": [1, 2], "samples": samples}).replace(b'"seq":11', b'"seq" : 11')
+    cut = upload_with(value, [1, 2])
+    assert b'"seq" : 11' in cut  # as sent, not re-encoded
+    assert json.loads(cut) == envelope | {"extra": [1, 2], "samples": samples[1:]}

@@ -1,5 +1,6 @@
 from datetime import datetime, timedelta, timezone
 
+import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -256,3 +257,21 @@ def test_a_fault_mix_is_a_name_or_known_kinds():
     for bad in ("", "slow_leak", "fast_drain,nope"):
         with pytest.raises(ValueError, match="fault mix"):
             FleetSpec(fault_mix=bad)
+
+
+def test_uploads_carry_the_same_samples_as_single_events():
+    """The upload shape regroups the very same samples (the same ones corrupted): decoded, they make the
+    same rows; a bad sample is refused on its own; an upload holds at most upload_size samples."""
+    spec = dict(devices=300, hours=36, seed=4, malformed_rate=0.01)
+    _, events, event_chunks = run(FleetSpec(**spec))
+    _, uploads, upload_chunks = run(FleetSpec(**spec, shape="upload", upload_size=20))
+    assert uploads.events == events.events and uploads.malformed == events.malformed > 0
+    assert uploads.messages < events.events / 10 and uploads.events_by_state == events.events_by_state
+    single = decode_batch([v for c in event_chunks for v in c.values])
+    values = [v for c in upload_chunks for v in c.values]
+    grouped = decode_batch(values)
+    assert all(r.sample is not None for r in grouped.rejected) and len(grouped.rejected) == uploads.malformed
+    key = [("device_id", "ascending"), ("seq", "ascending")]
+    assert grouped.table.sort_by(key).equals(single.table.sort_by(key))
+    sizes = [len(msgspec.json.decode(v)["samples"]) for v in values]
+    assert max(sizes) == 20 and min(sizes) >= 1 and sum(sizes) == uploads.events
