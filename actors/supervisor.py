@@ -6,12 +6,19 @@
 - ``subscribe`` mode: the consumers form one Kafka consumer group (cooperative-
   sticky), and :meth:`Supervisor.scale` adds or removes consumers while running;
   the group moves partitions between them.
+- ``writers`` StorageWriter actors (1 by default; DuckDB takes only one): the
+  consumer of slot ``i`` writes through writer ``i % writers``, so in
+  ``assign`` mode each writer owns a disjoint set of partitions. A commit locks
+  its batch's partitions (``storage.commit``), so writers of one topic commit
+  side by side and a partition handed over by the group is never written by
+  two at once; its offsets stay with its data, so exactly-once holds per
+  partition whichever writer stores it.
 - It watches every consumer's ``run`` call; when a consumer dies it starts a new
   one for the same shard, which resumes from the offsets stored with the data.
-- The StorageWriter is restarted by Ray itself (``max_restarts=-1``; its
+- The StorageWriters are restarted by Ray itself (``max_restarts=-1``; the
   constructor never touches the database, so a restart cannot fail); consumers
-  rewind when a write fails. Should the writer still be dead for good, the
-  supervisor starts a new one and restarts the consumers on it.
+  rewind when a write fails. Should a writer still be dead for good, the
+  supervisor starts new ones and restarts the consumers on them.
 - Every failure is reported by its root cause (Kafka's or the store's own
   words), once per distinct cause, and the run's summary counts them.
 - Lag per partition = high watermark − next offset stored with the data.
@@ -61,7 +68,7 @@ class Supervisor:
         self.config = config.with_pseudonym_key()  # every consumer hashes ids with the same key
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self.writer = None
+        self.writers: list = []
         self.consumers: list = []
         self.runs: list = []
         self.retired: list = []  # run() refs of consumers removed by scale()
@@ -105,7 +112,7 @@ class Supervisor:
             raise ConfigError("keep at least one consumer")
         with self._lock:
             while len(self.consumers) < consumers:
-                self.consumers.append(self._spawn(None))
+                self.consumers.append(self._spawn(None, len(self.consumers)))
                 self.runs.append(self.consumers[-1].run.remote())
             while len(self.consumers) > consumers:
                 actor, run = self.consumers.pop(), self.runs.pop()
@@ -114,9 +121,14 @@ class Supervisor:
         return len(self.consumers)
 
     # -- what tests and the CLI look at ------------------------------------------
+    @property
+    def writer(self):
+        """The first writer: any of them reads the offsets stored with the data."""
+        return self.writers[0] if self.writers else None
+
     def handles(self) -> dict:
         with self._lock:
-            return {"writer": self.writer, "consumers": list(self.consumers)}
+            return {"writer": self.writer, "writers": list(self.writers), "consumers": list(self.consumers)}
 
     def status(self) -> dict:
         lag = self.lag() if self.writer is not None else {}
@@ -155,12 +167,12 @@ class Supervisor:
         self.partitions = len(topic.partitions)
         ensure_topic(client_config(cfg.bootstrap, cfg.kafka), cfg.dead_letter_topic,
                      cfg.dlq_partitions or self.partitions, replication=cfg.dlq_replication)
-        self.writer = self._spawn_writer()
+        self.writers = [self._spawn_writer() for _ in range(cfg.writers)]
         k = cfg.consumers or int(ray.cluster_resources().get("CPU", 1))
         group = cfg.group_mode == "subscribe"
         with self._lock:
-            for shard in ([None] * k if group else shards(self.partitions, k)):
-                self.consumers.append(self._spawn(shard))
+            for i, shard in enumerate([None] * k if group else shards(self.partitions, k)):
+                self.consumers.append(self._spawn(shard, i))
                 self.runs.append(self.consumers[-1].run.remote())
 
     def _spawn_writer(self):
@@ -168,31 +180,33 @@ class Supervisor:
         return StorageWriter.options(max_restarts=-1, max_task_retries=0).remote(
             cfg.storage, dead_letters=DeadLetterTopic(cfg.bootstrap, cfg.dead_letter_topic, cfg.kafka))
 
-    def _writer_alive(self) -> bool:
-        """False only when Ray says the writer is dead for good (not while it restarts)."""
-        try:
-            ray.get(self.writer.get_stats.remote(), timeout=30)
-            return True
-        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
-            return True  # restarting, or busy writing
-        except RayActorError:
-            return False
+    def _writers_alive(self) -> bool:
+        """False only when Ray says a writer is dead for good (not while it restarts)."""
+        for writer in self.writers:
+            try:
+                ray.get(writer.get_stats.remote(), timeout=30)
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                pass  # restarting, or busy writing
+            except RayActorError:
+                return False
+        return True
 
-    def _replace_writer(self) -> None:
-        """A writer Ray will not restart: start a new one and the consumers again on it."""
+    def _replace_writers(self) -> None:
+        """A writer Ray will not restart: start new ones and the consumers again on them."""
         with self._lock:
-            ray.kill(self.writer, no_restart=True)
-            self.writer = self._spawn_writer()
+            for writer in self.writers:
+                ray.kill(writer, no_restart=True)
+            self.writers = [self._spawn_writer() for _ in range(self.config.writers)]
             for i, c in enumerate(self.consumers):
                 ray.kill(c)
                 shard = None if self.config.group_mode == "subscribe" else shards(self.partitions, len(self.consumers))[i]
-                self.consumers[i] = self._spawn(shard)
+                self.consumers[i] = self._spawn(shard, i)
                 self.runs[i] = self.consumers[i].run.remote()
             self.restarts += 1
 
-    def _spawn(self, shard: list[int] | None):
+    def _spawn(self, shard: list[int] | None, slot: int):
         return PartitionConsumer.options(scheduling_strategy="SPREAD").remote(
-            self.config, shard, self.writer)
+            self.config, shard, self.writers[slot % len(self.writers)])
 
     def _watch(self, timeout: float) -> None:
         with self._lock:
@@ -211,16 +225,16 @@ class Supervisor:
                 self.failures.record("consumer failed", e, f"consumer {i}; restarting it")
             if self._stop.is_set():
                 continue
-            if not self._writer_alive():
-                log.warning("the storage writer is dead for good; starting a new one")
-                self._replace_writer()
+            if not self._writers_alive():
+                log.warning("a storage writer is dead for good; starting new ones")
+                self._replace_writers()
                 continue
             if self._stop.wait(self._restart_wait(i)):
                 continue
             shard = None if self.config.group_mode == "subscribe" else shards(self.partitions, len(self.consumers))[i]
             with self._lock:
                 ray.kill(self.consumers[i])
-                self.consumers[i] = self._spawn(shard)
+                self.consumers[i] = self._spawn(shard, i)
                 self.runs[i] = self.consumers[i].run.remote()
                 self.restarts += 1
 
@@ -253,15 +267,18 @@ class Supervisor:
             except (RayActorError, RayTaskError) as e:
                 self.failures.record("consumer failed at shutdown", e)
         lag = self.lag()
-        try:
-            writer_stats = ray.get(self.writer.get_stats.remote(), timeout=60)
-            ray.get(self.writer.close.remote(), timeout=60)
-        except ray.exceptions.RayError as e:
-            self.failures.record("writer failed at shutdown", e)
-            writer_stats = {}
+        per_writer = []
+        for writer in self.writers:
+            try:
+                per_writer.append(ray.get(writer.get_stats.remote(), timeout=60))
+                ray.get(writer.close.remote(), timeout=60)
+            except ray.exceptions.RayError as e:
+                self.failures.record("writer failed at shutdown", e)
+        writer_stats = _summed(per_writer)
         for c in [*self.consumers, *(actor for actor, _ in self.retired)]:
             ray.kill(c)
-        ray.kill(self.writer, no_restart=True)
+        for writer in self.writers:
+            ray.kill(writer, no_restart=True)
         self._watermarks.close()
         return {
             "partitions": self.partitions, "consumers": len(self.consumers), "restarts": self.restarts,
@@ -269,10 +286,22 @@ class Supervisor:
             "dead_lettered": sum(s["dead_lettered"] for s in stats),
             "assigned": sum(s["assigned"] for s in stats),  # partitions handed over by the group
             "rewinds": sum(s["rewinds"] for s in stats),  # after a failed write
-            "writer": writer_stats, "lag": lag,
+            "writer": writer_stats, "writers": per_writer, "lag": lag,
             "failures": _merged([self.failures.counts, writer_stats.get("failures", {}),
                                  *(s.get("failures", {}) for s in stats)]),
         }
+
+
+def _summed(stats: list[dict]) -> dict:
+    """The writers' stats added up (their failures merged); {} when none answered."""
+    out: dict = {}
+    for s in stats:
+        for key, value in s.items():
+            if key == "failures":
+                out[key] = _merged([out.get(key, {}), value])
+            elif isinstance(value, (int, float)):
+                out[key] = out.get(key, 0) + value
+    return out
 
 
 def _merged(tallies) -> dict[str, int]:

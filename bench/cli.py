@@ -62,6 +62,7 @@ def bench_ingest(
     partitions: Annotated[int, typer.Option(min=1)] = 8,
     storage_file: StorageFile = None,
     consumers: Annotated[int, typer.Option(min=0, help="0: one per CPU.")] = 0,
+    writers: Annotated[int, typer.Option(min=1, help="StorageWriter actors (server backends only).")] = 1,
     batch_size: Annotated[int, typer.Option(min=1)] = 20_000,
     bootstrap: Annotated[Optional[str], typer.Option(
         help="A Kafka to use instead of the embedded broker.")] = None,
@@ -74,7 +75,7 @@ def bench_ingest(
     """Ingest throughput into the durable store, beside the raw consume rate of the same topic."""
     run = _module("ingest").run
 
-    result = run(events=events, partitions=partitions, consumers=consumers, batch_size=batch_size,
+    result = run(events=events, partitions=partitions, consumers=consumers, writers=writers, batch_size=batch_size,
                  bootstrap=bootstrap, storage_file=storage_file, profile=profile, shape=shape.value)
     if json_out:
         print(json.dumps(result))

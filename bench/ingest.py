@@ -275,7 +275,7 @@ def stored_events(storage: StorageConfig) -> tuple[int, int, int]:
     return rows, rows, counted
 
 
-def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_size: int = 20_000,
+def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, writers: int = 1, batch_size: int = 20_000,
         bootstrap: str | None = None, storage_file: str | None = None, profile: Path | None = None,
         shape: str = "event") -> dict:
     """``shape``: ``event`` (one sample per message) or ``upload`` (50-sample device uploads; the raw
@@ -294,7 +294,7 @@ def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_
         init_ray()
         with tempfile.TemporaryDirectory(prefix="podpulse-bench-") as tmp, \
                 bench_storage(storage_file, tmp) as storage:
-            config = IngestConfig(bootstrap=bootstrap, topic=topic, consumers=consumers,
+            config = IngestConfig(bootstrap=bootstrap, topic=topic, consumers=consumers, writers=writers,
                                   batch_size=batch_size, storage=storage)
             exclude = {broker._proc.pid} if broker else set()
             first_progress = []
@@ -339,6 +339,7 @@ def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, batch_
             "startup_s": round(startup, 2),  # until the first batch was durable (Ray actors starting)
             "partitions": partitions,
             "consumers": result["consumers"],
+            "writers": writers,
             "batch_size": batch_size,
             "write_seconds": result["writer"]["write_seconds"],
             "store": "embedded DuckDB" if storage_file is None else str(storage_file),

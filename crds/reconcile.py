@@ -55,7 +55,8 @@ STORAGE_DIR, KAFKA_DIR = "/etc/podpulse/storage", "/etc/podpulse/kafka"
 PSEUDONYM_DIR = "/etc/podpulse/pseudonym"  # the key of pseudonymKeySecret, as the file "key"
 
 # The ingest settings' defaults come from IngestConfig (tests/k8s/test_crds.py holds the CRD's equal).
-STREAM_DEFAULTS = {"batchSize": INGEST_DEFAULTS["batch_size"], "lingerMs": INGEST_DEFAULTS["linger_ms"],
+STREAM_DEFAULTS = {"writers": INGEST_DEFAULTS["writers"],
+                   "batchSize": INGEST_DEFAULTS["batch_size"], "lingerMs": INGEST_DEFAULTS["linger_ms"],
                    "maxInFlight": INGEST_DEFAULTS["max_in_flight"], "dlqTopic": INGEST_DEFAULTS["dlq_topic"],
                    "untilCaughtUp": False, "rayVersion": RAY_VERSION, "maxRetries": 3,
                    "workers": {"cpu": 2, "memory": "4Gi"}}
@@ -211,13 +212,17 @@ def stream_spec(cr: dict) -> dict:
     if "kafkaConfigSecret" in spec:
         spec["kafkaConfigSecret"] = _merged({"key": "kafka.properties"}, spec["kafkaConfigSecret"])
     check_storage(spec["storage"])
+    embedded = StorageConfig(**copy.deepcopy(spec["storage"])).embedded_backends()
+    _check(spec["writers"] == 1 or not embedded,
+           f"writers: DuckDB ({', '.join(embedded)}) takes one writer; more need server backends")
     return spec
 
 
 def ingest_argv(spec: dict) -> list[str]:
     """The `podpulse ingest` command of a stream (a test parses it with the real CLI)."""
     argv = ["podpulse", "ingest", "--bootstrap", spec["bootstrap"], "--topic", spec["topic"],
-            "--consumers", str(spec["consumers"]), "--batch-size", str(spec["batchSize"]),
+            "--consumers", str(spec["consumers"]), "--writers", str(spec["writers"]),
+            "--batch-size", str(spec["batchSize"]),
             "--linger-ms", str(spec["lingerMs"]), "--max-in-flight", str(spec["maxInFlight"]),
             "--storage-config", f"{STORAGE_DIR}/storage.yaml", "--json"]
     if spec["dlqTopic"]:
@@ -267,7 +272,7 @@ def stream_children(cr: dict, pol: Policy = DEFAULT_POLICY, secret_labels: Label
         "gcs": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080}, secret, mounts, key_env), volumes)
     worker = _pod(pod_labels, _container("ray-worker", image, spec["workers"]["cpu"], spec["workers"]["memory"],
                                          {"metrics": 8080}, secret, key_mount, key_env), key, api_token=False)
-    workers = math.ceil((spec["consumers"] * CONSUMER_CPUS + WRITER_CPUS) / spec["workers"]["cpu"])
+    workers = math.ceil((spec["consumers"] * CONSUMER_CPUS + spec["writers"] * WRITER_CPUS) / spec["workers"]["cpu"])
     submitter = _submitter(pod_labels, image)
     job = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": _metadata(cr, name, "ingest", digest),
            "spec": {

@@ -156,6 +156,8 @@ def ingest(
     bootstrap: Annotated[str, typer.Option(help="Kafka bootstrap servers, HOST:PORT[,...].")],
     topic: Annotated[str, typer.Option(help="Topic of telemetry events.")],
     consumers: Annotated[int, typer.Option(min=0, help="PartitionConsumer actors (0: one per CPU).")] = 0,
+    writers: Annotated[int, typer.Option(
+        min=1, help="StorageWriter actors, each owning its consumers' partitions (DuckDB: 1).")] = 1,
     batch_size: Annotated[int, typer.Option(
         min=1, help="Events per batch (an upload counts its samples).")] = DEFAULTS["batch_size"],
     linger_ms: Annotated[int, typer.Option(min=0, help="Longest wait to fill a batch.")] = DEFAULTS["linger_ms"],
@@ -191,7 +193,7 @@ def ingest(
     if dlq_replication == 0:
         raise ConfigError("--dlq-replication must be -1 (the broker's default) or at least 1")
     config = IngestConfig(bootstrap=bootstrap, topic=topic, kafka=settings_from(kafka_setting, kafka_config),
-                          consumers=consumers, batch_size=batch_size, linger_ms=linger_ms,
+                          consumers=consumers, writers=writers, batch_size=batch_size, linger_ms=linger_ms,
                           max_in_flight=max_in_flight, group_mode=group_mode.value,
                           storage=StorageConfig.from_options(storage_file, db), dlq_topic=dlq_topic,
                           dlq_partitions=dlq_partitions, dlq_replication=dlq_replication,

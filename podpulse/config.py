@@ -127,6 +127,10 @@ class StorageConfig:
         """The device-id pseudonyms of this store (``create``: make a key if there is none yet)."""
         return Pseudonyms.load(self.key_file(), create=create)
 
+    def embedded_backends(self) -> list[str]:
+        """The DuckDB backends: single-process stores, so one writer."""
+        return [name for name, spec in self.backends.items() if spec["type"] == "duckdb"]
+
     def with_key_file(self) -> "StorageConfig":
         """This configuration naming its key file by absolute path: what a process elsewhere
         (a Ray actor started in another directory, with another environment) must read."""
@@ -176,6 +180,7 @@ class IngestConfig:
     topic: str
     kafka: dict[str, str] = field(default_factory=dict)
     consumers: int = 0  # PartitionConsumer actors; 0 → the number of CPUs in the Ray cluster
+    writers: int = 1  # StorageWriter actors, each with its own consumers' partitions (DuckDB: 1)
     batch_size: int = 20_000  # events decoded and written as one batch (a device upload counts its samples)
     linger_ms: int = 200  # longest wait to fill a batch
     max_in_flight: int = 2  # batches a consumer may have at the writer: the back-pressure bound
@@ -192,6 +197,10 @@ class IngestConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.consumers >= 0, "consumers must be 0 (one per CPU) or more"),
+            (self.writers >= 1, "writers must be at least 1"),
+            (self.writers == 1 or not self.storage.embedded_backends(),
+             f"writers: DuckDB ({', '.join(self.storage.embedded_backends())}) takes one writer; "
+             f"more than one needs server backends (PostgreSQL, Oracle, Cassandra)"),
             (self.batch_size >= 1, "batch size must be at least 1"),
             (self.linger_ms >= 0, "linger must not be negative"),
             (self.max_in_flight >= 1, "max in-flight batches must be at least 1"),

@@ -5,7 +5,8 @@ open transaction) and :meth:`TransactionalStore.transaction` (how to open,
 commit or roll it back, and which of its errors mean "this value is refused");
 :func:`commit_batch` does the rest, in this order:
 
-1. read the stored offsets of the topic (locked against a second writer, and against an erasure);
+1. read the stored offsets of the topic (the batch's partitions locked against another writer, and
+   against an erasure);
 2. refuse a batch that starts past them (``OffsetGap``: an earlier one is missing);
 3. drop rows whose offsets are stored: a replay;
 4. drop rows of erased devices (one lookup of the batch's devices in ``erased_devices``);
@@ -49,9 +50,10 @@ ERASED_MERGE = {"erased_at": "keep"}  # an insert that keeps an existing tombsto
 class Transaction(Protocol):
     """What :func:`commit_batch` needs from a backend inside one open transaction."""
 
-    def read_offsets(self, topic: str) -> dict[int, int]:
-        """The stored next offset per partition, locked until the transaction ends (against another
-        commit of the topic, and against :meth:`lock_out_commits`)."""
+    def read_offsets(self, topic: str, partitions: list[int] | None = None) -> dict[int, int]:
+        """The stored next offset per partition, locked until the transaction ends: against another
+        commit to any of ``partitions`` (a backend may lock the whole topic), and against
+        :meth:`lock_out_commits`."""
 
     def lock_out_commits(self) -> None:
         """Erasure: hold off every commit, of every topic, until the transaction ends (and wait for
@@ -93,7 +95,7 @@ class Transaction(Protocol):
 
 def commit_batch(tx: Transaction, topic: str, events: pa.Table, next_offsets: dict[int, int],
                  start_offsets: dict[int, int | None] | None, with_raw_events: bool) -> CommitResult:
-    stored = tx.read_offsets(topic)  # 1.
+    stored = tx.read_offsets(topic, sorted(next_offsets))  # 1.
     check_follows(stored, start_offsets)  # 2.
     fresh, replayed = drop_replayed(events, stored)  # 3.
     erased = 0

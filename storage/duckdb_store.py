@@ -55,7 +55,7 @@ class _Transaction:
         self.views.add(name)
         return name
 
-    def read_offsets(self, topic: str) -> dict[int, int]:
+    def read_offsets(self, topic: str, partitions: list[int] | None = None) -> dict[int, int]:
         return dict(self.con.execute(
             "SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = ?", [topic]).fetchall())
 

@@ -153,7 +153,7 @@ class _Transaction:
     def __init__(self, cur):
         self.cur = cur
 
-    def read_offsets(self, topic: str) -> dict[int, int]:
+    def read_offsets(self, topic: str, partitions: list[int] | None = None) -> dict[int, int]:
         self.cur.execute("SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = :t FOR UPDATE",
                          t=topic)
         return {int(p): int(o) for p, o in self.cur.fetchall()}

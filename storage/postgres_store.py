@@ -48,11 +48,14 @@ PARTITIONS = ("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.
               "WHERE i.inhparent = %s::regclass ORDER BY 1")
 RETENTION_LOCK = "SELECT pg_advisory_xact_lock(hashtext('podpulse-retention'))"  # one run at a time
 # Commits and erasures: each commit holds this lock shared (commits run beside each other, one per
-# topic by the topic's own lock), an erasure holds it exclusively: it waits for the running commits
-# and holds off new ones, whatever their topic (a topic with no offsets stored yet included, which
-# no lock on kafka_offsets' rows would cover). A pair of int4 keys: apart from the one-key locks above.
+# partition by the partition's own lock), an erasure holds it exclusively: it waits for the running
+# commits and holds off new ones, whatever their topic (a partition with no offset stored yet included,
+# which no lock on kafka_offsets' rows would cover). Pairs of int4 keys: apart from the one-key locks
+# above; a partition's pair is (hashtext(topic), partition), and partitions are locked in ascending
+# order, so two writers whose batches share partitions never wait on each other in a cycle.
 ERASURE_KEY = "1886348400, 1701994867"  # "podp", "eras"
-COMMIT_LOCKS = f"SELECT pg_advisory_xact_lock_shared({ERASURE_KEY}), pg_advisory_xact_lock(hashtext(%s))"
+COMMIT_LOCK = f"SELECT pg_advisory_xact_lock_shared({ERASURE_KEY})"
+PARTITION_LOCK = "SELECT pg_advisory_xact_lock(hashtext(%s), %s::int)"
 ERASURE_LOCK = f"SELECT pg_advisory_xact_lock({ERASURE_KEY})"
 STORED_KEYS = ("SELECT DISTINCT e.device_id, e.seq FROM events e JOIN unnest(%s::text[], %s::bigint[]) "
                "AS k(device_id, seq) ON e.device_id = k.device_id AND e.seq = k.seq")
@@ -92,8 +95,10 @@ class _Transaction:
     def __init__(self, store: "PostgresStore", cur):
         self.store, self.cur = store, cur
 
-    def read_offsets(self, topic: str) -> dict[int, int]:
-        self.cur.execute(COMMIT_LOCKS, [topic])  # one writer per topic, and no erasure meanwhile
+    def read_offsets(self, topic: str, partitions: list[int] | None = None) -> dict[int, int]:
+        self.cur.execute(COMMIT_LOCK)  # no erasure meanwhile
+        for p in sorted(partitions or []):  # one writer per partition
+            self.cur.execute(PARTITION_LOCK, [topic, p])
         self.cur.execute("SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = %s", [topic])
         return dict(self.cur.fetchall())
 

@@ -11,6 +11,7 @@ from confluent_kafka import Consumer, TopicPartition
 from actors.supervisor import IngestSupervisor, shards
 from podpulse.config import IngestConfig
 from podpulse.contract import decode_batch, upload_with
+from podpulse.errors import ConfigError
 from podpulse.ingest import dead_letters, run_ingest
 from storage.reader import run_queries
 from podpulse.simulator import FleetSpec
@@ -62,6 +63,11 @@ def test_shards_are_stable_and_cover_every_partition_once():
     assert sorted(p for s in shards(12, 4) for p in s) == list(range(12))
 
 
+def test_duckdb_takes_one_writer():
+    with pytest.raises(ConfigError, match="DuckDB .* takes one writer"):
+        IngestConfig(bootstrap="127.0.0.1:9092", topic="t", writers=2, storage=StorageConfig.embedded("x.duckdb"))
+
+
 def test_a_consumer_that_keeps_dying_is_restarted_with_growing_waits_never_in_a_spin():
     from actors.supervisor import RESTART_BACKOFF_S, Supervisor
 
@@ -75,18 +81,22 @@ def test_a_consumer_that_keeps_dying_is_restarted_with_growing_waits_never_in_a_
 
 
 # Each broker and each store once per test, crossed (half the runs of the full cross: the suite's time).
-@pytest.mark.parametrize("broker, store_config", [("tansu", "duckdb"), ("kafka", "postgresql")], indirect=True)
+# DuckDB takes one writer; on PostgreSQL a pool of two, each with its own consumer's partitions.
+@pytest.mark.parametrize("broker, store_config, writers", [("tansu", "duckdb", 1), ("kafka", "postgresql", 2)],
+                         indirect=["broker", "store_config"])
 def test_every_event_is_stored_exactly_once_with_offsets_at_the_end(
-        ray_local, broker, new_topic, produce_fleet, store_config, assert_rollups_match_raw):
+        ray_local, broker, new_topic, produce_fleet, store_config, assert_rollups_match_raw, writers):
     topic = new_topic(4)
     produced = produce_fleet(topic, FleetSpec(devices=800, hours=12, seed=21))
-    result = run_ingest(config(broker, topic, store_config, batch_size=3000), until_caught_up=True)
+    result = run_ingest(config(broker, topic, store_config, batch_size=3000, writers=writers), until_caught_up=True)
     assert result["restarts"] == 0 and result["dead_lettered"] == 0
+    assert len(result["writers"]) == writers and all(w["applied"] > 0 for w in result["writers"])
+    assert result["writer"]["applied"] == sum(w["applied"] for w in result["writers"])
     offsets = assert_exactly_once(store_config, produced["valid"], assert_rollups_match_raw)
     assert offsets == end_offsets(broker, topic, 4)
 
     # A second run over the same topic and store finds nothing new to store.
-    again = run_ingest(config(broker, topic, store_config), until_caught_up=True)
+    again = run_ingest(config(broker, topic, store_config, writers=writers), until_caught_up=True)
     assert again["writer"]["applied"] == 0
     assert_exactly_once(store_config, produced["valid"], assert_rollups_match_raw)
 

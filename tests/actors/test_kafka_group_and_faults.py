@@ -125,12 +125,13 @@ def measure_lag(kafka, topic, storage) -> dict[int, int]:
     """What the supervisor reports (and exports as podpulse_consumer_lag) for this store."""
     sup = Supervisor(IngestConfig(bootstrap=kafka.bootstrap, topic=topic, storage=storage))
     sup.partitions = 3
-    sup.writer = StorageWriter.remote(storage)
+    writer = StorageWriter.remote(storage)
+    sup.writers = [writer]
     try:
         return sup.lag()
     finally:
-        ray.get(sup.writer.close.remote())
-        ray.kill(sup.writer)
+        ray.get(writer.close.remote())
+        ray.kill(writer)
         sup._watermarks.close()
 
 

@@ -46,7 +46,7 @@ def test_stream_creates_a_configmap_and_a_rayjob_owned_by_it(example, parse_cli,
     command, params = parse_cli(shlex.split(job["spec"]["entrypoint"]))
     assert command == "ingest"
     assert params["bootstrap"] == "kafka-bootstrap.kafka.svc:9093" and params["topic"] == "podpulse.telemetry"
-    assert (params["consumers"], params["batch_size"], params["linger_ms"]) == (6, 20000, 200)
+    assert (params["consumers"], params["writers"], params["batch_size"], params["linger_ms"]) == (6, 1, 20000, 200)
     assert params["dlq_topic"] == "podpulse.telemetry.dlq" and params["until_caught_up"] is False
     assert params["kafka_setting"] == ["compression.type=lz4"]
     assert str(params["storage_file"]) == "/etc/podpulse/storage/storage.yaml"
@@ -57,12 +57,13 @@ def test_stream_creates_a_configmap_and_a_rayjob_owned_by_it(example, parse_cli,
     assert all(c["image"] == "podpulse:2.60.0-py311-abc" for c in head["containers"])
 
 
-def test_stream_workers_fit_the_consumers(example):
-    for consumers, cpu, workers in [(6, 2, 2), (1, 2, 1), (12, 2, 4), (12, 4, 2)]:
-        cr = example("AirPodsDataStream", consumers=consumers, workers={"cpu": cpu, "memory": "4Gi"})
+def test_stream_workers_fit_the_consumers_and_writers(example):
+    for consumers, writers, cpu, workers in [(6, 1, 2, 2), (1, 1, 2, 1), (12, 1, 2, 4), (12, 1, 4, 2), (12, 8, 2, 4),
+                                             (12, 9, 2, 5)]:
+        cr = example("AirPodsDataStream", consumers=consumers, writers=writers, workers={"cpu": cpu, "memory": "4Gi"})
         (group,) = rc.stream_children(cr)[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
         assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (workers, workers, 2 * workers)
-        assert group["minReplicas"] * cpu >= consumers * rc.CONSUMER_CPUS + rc.WRITER_CPUS
+        assert group["minReplicas"] * cpu >= consumers * rc.CONSUMER_CPUS + writers * rc.WRITER_CPUS
 
 
 def test_stream_children_are_idempotent_and_leave_the_resource_alone(example):
@@ -92,6 +93,7 @@ def test_a_changed_spec_gives_new_children(example, parse_cli):
 @pytest.mark.parametrize("change, message", [
     ({"image": "podpulse:2.59.0-py311"}, "must start with rayVersion"),
     ({"rayVersion": "2.59.0"}, "'podpulse:2.60.0-py311': its tag must start with rayVersion 2.59.0"),  # its own
+    ({"writers": 2, "storage": {"backends": {"duck": {"type": "duckdb"}}}}, "DuckDB .* takes one writer"),
     ({"storage": {"backends": {"pg": {"type": "postgresql", "url": "postgresql://p@db/p"},
                                "duck": {"type": "duckdb"}},
                   "routes": {"raw_events": "pg", "devices": "pg", "rollups": "duck", "offsets": "pg",

@@ -200,7 +200,7 @@ def test_an_erasure_cut_short_lets_nothing_back_and_running_it_again_finishes(tm
 
 
 def test_an_erasure_waits_for_a_running_commit_on_postgresql(pg_url):
-    """The commit's lock on its topic is shared with every other commit but not with an erasure."""
+    """The commit's lock is shared with every other commit but not with an erasure."""
     writer, admin = PostgresStore(pg_url), PostgresStore(pg_url)
     writer.setup()
     erased = threading.Event()
@@ -219,6 +219,33 @@ def test_an_erasure_waits_for_a_running_commit_on_postgresql(pg_url):
     finally:
         writer.close()
         admin.close()
+
+
+def test_commits_to_other_partitions_of_a_topic_run_beside_each_other_on_postgresql(pg_url):
+    """A writer pool: a commit locks its batch's partitions, not its topic; a shared one waits."""
+    first, second = PostgresStore(pg_url), PostgresStore(pg_url)
+    first.setup()
+    locked = threading.Event()
+
+    def commit_to(partitions):
+        with second.transaction() as tx:
+            tx.read_offsets("pool", partitions)
+            locked.set()
+
+    try:
+        with first.transaction() as tx:
+            tx.read_offsets("pool", [0, 2])
+            commit_to([1, 3])  # other partitions: at once
+            assert locked.is_set()
+            locked.clear()
+            thread = threading.Thread(target=commit_to, args=([2, 5],))
+            thread.start()
+            assert not locked.wait(0.5)  # partition 2 is taken
+        assert locked.wait(10)
+        thread.join()
+    finally:
+        first.close()
+        second.close()
 
 
 def test_only_stored_ids_are_taken(tmp_path):
