@@ -26,7 +26,7 @@ from storage.commit import DryRun, TransactionalStore
 from storage.migrations import migrate_duckdb
 from storage.rollups import LAST_SAMPLE_QUERY
 from storage.schema import EVENT_COLUMNS, expiry_bound
-from storage.sql import upsert_sql
+from storage.sql import merge_into_sql
 
 __all__ = ["DuckDBStore"]
 
@@ -92,7 +92,7 @@ class _Transaction:
         self.con.execute(EVENTS_INSERT)
 
     def merge(self, table: str, key: tuple[str, ...], rules: dict[str, str], rows: pa.Table) -> None:
-        self.con.execute(upsert_sql(table, key, rules, self._view(f"_stage_{table}", rows)))
+        self.con.execute(merge_into_sql(table, key, rules, self._view(f"_stage_{table}", rows)))
 
     def store_offsets(self, topic: str, next_offsets: dict[int, int]) -> None:
         self.con.executemany(OFFSETS_UPSERT, [(topic, int(p), int(o)) for p, o in sorted(next_offsets.items())])
