@@ -56,6 +56,21 @@ def bench_simulate(
                   f"{result['encode_only_events_per_s']:,.0f} events/s")
 
 
+@bench_app.command("decode")
+def bench_decode(
+    events: Annotated[int, typer.Option(min=1000, help="Samples to decode in each shape.")] = 1_000_000,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """The contract's decoder on one core, single events and 50-sample uploads, beside a raw JSON parse."""
+    result = _module("decode").run(events=events)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        for shape, r in result.items():
+            out.print(f"{shape}: [bold]{r['events_per_s']:,}[/] events/s decoded ({r['messages']:,} messages) · "
+                      f"raw JSON parse: {r['raw_parse_events_per_s']:,} events/s · ratio {r['ratio']}")
+
+
 @bench_app.command("ingest")
 def bench_ingest(
     events: Annotated[int, typer.Option(min=1, help="Events to preload and ingest.")] = 1_000_000,
@@ -85,12 +100,48 @@ def bench_ingest(
         out.print(f"pipeline: [bold]{result['events_per_s']:,}[/] events/s durable · raw consume: "
                   f"{result['raw_consume_events_per_s']:,} events/s{uploads} · ratio {result['ratio']} · "
                   f"lost {result['lost']} · duplicated {result['duplicated']} · "
-                  f"peak RSS {result['peak_rss_mb']:,} MB\n"
+                  f"peak RSS {result['peak_rss_mb']:,} MB (pipeline {result['pipeline_peak_rss_mb']:,}, slope "
+                  f"{result['pipeline_rss_slope_mb_per_min']} MB/min; Ray's own {result['ray_peak_rss_mb']:,})\n"
                   f"per million events: {result['cpu_s_per_million_events']:,} CPU-seconds · bytes per event: "
                   f"{result['message_bytes_per_event']} on the wire, {result['stored_bytes_per_event']} stored")
         for p in result.get("profiles", []):
             busiest = ", ".join(f"{f['function']} {f['share']:.0%}" for f in p["top_own"][:3])
             out.print(f"{p['role']}: active {p['active_s']} s, busiest {busiest} → {p['file']}")
+
+
+@bench_app.command("commit")
+def bench_commit(
+    events: Annotated[int, typer.Option(min=1000, help="Events to commit.")] = 1_000_000,
+    batch_size: Annotated[int, typer.Option(min=100, help="Events per commit.")] = 20_000,
+    storage_file: StorageFile = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """The writer's commit path alone (one core, no Kafka, no Ray), beside inserting the raw events alone."""
+    result = _module("commit").run(events=events, batch_size=batch_size, storage_file=storage_file)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        out.print(f"commit path: [bold]{result['events_per_s']:,}[/] events/s in {result['commits']} commits of "
+                  f"{result['batch_size']:,} · raw events alone: {result['raw_insert_events_per_s']:,} events/s · "
+                  f"ratio {result['ratio']}")
+
+
+@bench_app.command("peak")
+def bench_peak(
+    devices: Annotated[int, typer.Option(min=1, help="The fleet to size for.")] = 3_000_000,
+    minutes: Annotated[float, typer.Option(min=0.1, help="How long to sustain the busiest hour's rate.")] = 10.0,
+    shape: Annotated[Shape, typer.Option(help="event or upload (50 samples).")] = Shape.upload,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """The fleet's busiest-hour rate, produced live for some minutes while ingest runs: the lag over time."""
+    result = _module("peak").run(devices=devices, minutes=minutes, shape=shape.value)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        out.print(f"{devices:,} devices, busiest hour: [bold]{result['rate_asked_events_per_s']:,}[/] events/s "
+                  f"(peak factor {result['peak_factor']}), produced {result['rate_produced_events_per_s']:,}/s · "
+                  f"lag max {result['lag_max_messages']:,} messages, slope {result['lag_slope_messages_per_min']}/min, "
+                  f"{result['lag_at_end_messages']:,} at the end")
 
 
 @bench_app.command("report")

@@ -94,41 +94,71 @@ class Usage:
     """Samples this process and all its descendants (Ray's included), minus excluded pids: the peak of
     their summed RSS, and the CPU seconds (user + system) they spent while sampled. A process's CPU is
     its last sample's less its first (0 for one born meanwhile): one that ends between two samples
-    loses at most a period's worth."""
+    loses at most a period's worth.
+
+    The RSS is also split, per sample, into the pipeline's (the driver and the ingest actors' processes,
+    which Ray titles ``ray::ROLE``) and Ray's own (raylet, GCS, dashboard, idle workers): ``series``
+    holds (seconds since start, pipeline bytes, Ray's bytes) per sample."""
 
     def __init__(self, exclude: set[int], period_s: float = 0.2):
         self.exclude, self.period_s, self.peak = exclude, period_s, 0
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
+        self._pipeline: set[int] = {os.getpid()}
+        self.series: list[tuple[float, int, int]] = []
+        self._t0 = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _is_pipeline(self, p: psutil.Process) -> bool:
+        if p.pid not in self._pipeline:
+            title = " ".join(p.cmdline())
+            if not any(title.startswith(f"ray::{r}") for r in ROLES):
+                return False
+            self._pipeline.add(p.pid)  # an actor's process stays its actor's
+        return True
+
     def _sample(self, first: bool = False) -> int:
         me = psutil.Process()
-        total = 0
+        total = pipeline = 0
         for p in [me, *me.children(recursive=True)]:
             if p.pid in self.exclude:
                 continue
             try:
                 with p.oneshot():
-                    total += p.memory_info().rss
+                    rss = p.memory_info().rss
                     times = p.cpu_times()
+                ours = self._is_pipeline(p)
             except psutil.Error:
                 continue
+            total += rss
+            pipeline += rss if ours else 0
             cpu = times.user + times.system
             self._first.setdefault(p.pid, cpu if first else 0.0)
             self._last[p.pid] = cpu
+        self.series.append((time.perf_counter() - self._t0, pipeline, total - pipeline))
         return total
 
     @property
     def cpu_s(self) -> float:
         return sum(self._last[pid] - self._first[pid] for pid in self._last)
 
+    def memory(self, until_s: float) -> dict:
+        """Peaks of the pipeline's RSS and of Ray's own (MB), and the pipeline's slope (MB per minute,
+        least squares over the second half of the first ``until_s`` seconds: after start-up, while the
+        backlog drains, before the shutdown)."""
+        t, pipeline, ray_own = (np.array(c, dtype=np.float64) for c in zip(*self.series))
+        late = (t >= until_s / 2) & (t <= until_s)
+        slope = np.polyfit(t[late], pipeline[late], 1)[0] * 60 / 2**20 if late.sum() >= 3 else None
+        return {"pipeline_peak_rss_mb": round(pipeline.max() / 2**20), "ray_peak_rss_mb": round(ray_own.max() / 2**20),
+                "pipeline_rss_slope_mb_per_min": None if slope is None else round(float(slope), 1)}
+
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
             self.peak = max(self.peak, self._sample())
 
     def __enter__(self) -> "Usage":
+        self._t0 = time.perf_counter()
         self.peak = self._sample(first=True)
         self._thread.start()
         return self
@@ -329,6 +359,7 @@ def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, writer
             "duplicated": rows - distinct,
             "double_counted": counted - distinct,  # events the rollups counted more than once
             "peak_rss_mb": round(rss.peak / 2**20),
+            **rss.memory(until_s=elapsed),
             # what carries across machines: CPU per million events (the driver and every Ray process, the
             # broker left out, over the run and its shutdown), and bytes per event on the wire and stored
             "cpu_s_per_million_events": round(rss.cpu_s / events * 1e6, 1),

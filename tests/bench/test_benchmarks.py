@@ -1,0 +1,26 @@
+"""The benchmarks of issue 15 run small and their figures add up (the figures themselves are in the README)."""
+
+from bench import commit, decode, peak
+
+
+def test_decode_reads_the_same_samples_in_both_shapes_and_keeps_them_all():
+    result = decode.run(events=5000)
+    for shape in ("event", "upload"):
+        r = result[shape]
+        assert r["events"] >= 5000 and r["rows"] == r["events"]  # every simulated sample is valid
+        assert r["events_per_s"] > 0 and r["raw_parse_events_per_s"] > 0
+    assert result["upload"]["messages"] * 20 < result["event"]["messages"]  # 50-sample uploads
+
+
+def test_commit_stores_every_batch_with_its_offsets():
+    result = commit.run(events=6000, batch_size=2000)
+    assert (result["events"], result["commits"]) == (6000, 3)
+    assert result["events_per_s"] > 0 and result["raw_insert_events_per_s"] > 0
+
+
+def test_the_peak_hour_is_ingested_live_and_the_lag_drains(ray_local):
+    result = peak.run(devices=100_000, minutes=0.3, sample_devices=300)
+    assert result["peak_factor"] > 1.5  # evenings and commutes: the busiest hour is well above the mean
+    assert result["rate_produced_events_per_s"] >= 0.9 * result["rate_asked_events_per_s"]
+    assert result["stored_events"] == result["events_produced"] > 0
+    assert result["lag_at_end_messages"] == 0 and result["dead_lettered"] == 0
