@@ -478,7 +478,16 @@ def upload_with(value: bytes, samples: Sequence[int]) -> bytes:
     return encoder.encode({**fields, "samples": [raw[k] for k in samples]})
 
 
-def _column(events: list[Event], name: str) -> pa.Array:
+# Required numbers and booleans go through numpy in one pass (half the time of a list, then pa.array);
+# their values are validated, so they fit the column's type.
+_NUMPY = {name: _ARROW_TYPE[name].to_pandas_dtype() for name in FIELDS
+          if name not in _DEFAULTS and (pa.types.is_integer(_ARROW_TYPE[name]) or pa.types.is_floating(_ARROW_TYPE[name])
+                                        or pa.types.is_boolean(_ARROW_TYPE[name]))}
+
+
+def _column(events: list, name: str) -> pa.Array:
+    if name in _NUMPY:
+        return pa.array(np.fromiter(map(attrgetter(name), events), _NUMPY[name], len(events)), type=_ARROW_TYPE[name])
     return pa.array(list(map(attrgetter(name), events)), type=_ARROW_TYPE[name])
 
 
