@@ -48,7 +48,7 @@ from ray.exceptions import RayError
 
 from podpulse import metrics
 from podpulse.config import CONSUMER_CPUS, IngestConfig
-from podpulse.contract import decode_batch, upload_with
+from podpulse.contract import decode_batch, uploads_of_each
 from podpulse.dead_letters import DeadLetter, DeadLetterTopic
 from podpulse.errors import BrokerError
 from podpulse.failures import FailureLog
@@ -227,9 +227,9 @@ class ShardConsumer:
 
     def _dead_letter(self, messages: list[Message], rejected) -> None:
         """Send the rejects and wait for the broker's acknowledgement (raises BrokerError otherwise)."""
-        self.dlq.send([DeadLetter(m.key(), m.value() if r.sample is None else upload_with(m.value(), [r.sample]),
-                                  r.reason, "decode", self.topic, m.partition(), m.offset(), r.sample)
-                       for r in rejected for m in (messages[r.index],)])
+        self.dlq.send([DeadLetter(m.key(), value, r.reason, "decode", self.topic, m.partition(), m.offset(), r.sample)
+                       for r, value in zip(rejected, _rejected_values(messages, rejected))
+                       for m in (messages[r.index],)])
         self.stats["dead_lettered"] += len(rejected)
         metrics.events_dead_lettered(self.topic, (messages[r.index].partition() for r in rejected))
 
@@ -294,6 +294,17 @@ class ShardConsumer:
                 self.consumer.incremental_assign(start)
         else:
             self.consumer.assign(start)
+
+
+def _rejected_values(messages: list[Message], rejected) -> list[bytes | None]:
+    """Each reject's dead-letter value: the message as read, or for one sample of an upload, the
+    upload cut down to that sample (each upload parsed once, however many of its samples failed)."""
+    samples: dict[int, list[int]] = {}
+    for r in rejected:
+        if r.sample is not None:
+            samples.setdefault(r.index, []).append(r.sample)
+    cut = {i: iter(uploads_of_each(messages[i].value(), [[k] for k in ks])) for i, ks in samples.items()}
+    return [messages[r.index].value() if r.sample is None else next(cut[r.index]) for r in rejected]
 
 
 def _timestamps(messages: list[Message]) -> np.ndarray:

@@ -79,7 +79,7 @@ __all__ = [
     "CURRENT_VERSION", "V1_DEFAULTS", "V3_DEFAULTS", "NOISE_MODES", "CHARGING_STATES", "Event",
     "ARROW_SCHEMA", "FIELDS", "MAX_EXTRAS_BYTES", "MAX_EXTRAS_FIELDS", "Rejected", "DecodedBatch", "decode_batch", "encode", "encoder",
     "EventWindow", "DEFAULT_WINDOW", "WINDOW_REASON", "DEVICE_ID", "DEVICE_FIELDS", "SAMPLE_FIELDS", "MAX_SAMPLES",
-    "Sample", "Upload", "upload_with",
+    "Sample", "Upload", "upload_with", "uploads_of_each",
 ]
 
 CURRENT_VERSION = 3
@@ -473,9 +473,14 @@ def _at_sample(reason: str, k: int) -> str:
 
 def upload_with(value: bytes, samples: Sequence[int]) -> bytes:
     """The upload ``value`` with only the given samples (by index), each verbatim, and its envelope."""
+    return uploads_of_each(value, [samples])[0]
+
+
+def uploads_of_each(value: bytes, groups: Sequence[Sequence[int]]) -> list[bytes]:
+    """:func:`upload_with` for each group of samples, parsing ``value`` once."""
     fields = _shell.decode(value)
     raw = _raw_list.decode(fields["samples"])
-    return encoder.encode({**fields, "samples": [raw[k] for k in samples]})
+    return [encoder.encode({**fields, "samples": [raw[k] for k in samples]}) for samples in groups]
 
 
 # Required numbers and booleans go through numpy in one pass (half the time of a list, then pa.array);
