@@ -24,14 +24,13 @@ from datetime import date, timedelta
 
 import numpy as np
 
-from podpulse import geo
 from podpulse.cohort import Cohort
 from podpulse.contract import DEVICE_ID
 from podpulse.config import MIN_K, StorageConfig
 from podpulse.errors import ConfigError
 from podpulse.registry import latest
 from storage.reader import Reader, open_reader
-from storage.rollups import REPORT_UTC_OFFSET_H
+from storage.rollups import LOCAL_OFFSET_MIN, REPORT_UTC_OFFSET_H
 
 __all__ = ["Result", "usage_trend", "noise_habits", "mode_shares", "exposure", "battery_health",
            "firmware_adoption", "listening_by_hour", "state_overview", "device_timeline", "full_report", "data_range", "report_for", "QUERIES"]
@@ -67,6 +66,11 @@ def _window(start: date, end: date, column: str = "hour") -> str:
             f"AND {column} < TIMESTAMP '{end.isoformat()} 00:00:00+00' - {AEST}")
 
 
+def _days(start: date, end: date, column: str = "day") -> str:
+    """The AEST days ``[start, end)`` of a DATE column (the daily rollups')."""
+    return f"{column} >= DATE '{start.isoformat()}' AND {column} < DATE '{end.isoformat()}'"
+
+
 def _local_day(column: str = "hour") -> str:
     return f"CAST({column} + {AEST} AS DATE)"
 
@@ -92,11 +96,11 @@ def _clean(row) -> list:
 
 def usage_trend(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: Cohort = Cohort()) -> Result:
     """Listening per AEST day, by state and urban/rural."""
+    # device_daily holds one row per device, day, state and urban class: count(*) counts devices
     rows = r.rows(f"""
-        SELECT {_local_day()} AS day, state, urban, count(DISTINCT device_id) AS devices,
-               sum(listening_s) / 3600.0 AS listening_h,
-               sum(listening_s) / 3600.0 / count(DISTINCT device_id) AS hours_per_device
-        FROM device_hourly WHERE {_window(start, end)}{cohort.sql()}
+        SELECT day, state, urban, count(*) AS devices, sum(listening_s) / 3600.0 AS listening_h,
+               sum(listening_s) / 3600.0 / count(*) AS hours_per_device
+        FROM device_daily WHERE {_days(start, end)}{cohort.sql()}
         GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 DESC""")
     return _suppress("usage_trend", ["day", "state", "urban", "devices", "listening_h", "hours_per_device"],
                      rows, k)
@@ -126,18 +130,18 @@ def mode_shares(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: C
         SELECT state, urban, count(DISTINCT device_id) AS devices, sum(in_ear_s) / 3600.0 AS in_ear_h,
                sum(anc_s) / sum(in_ear_s) AS anc, sum(adaptive_s) / sum(in_ear_s) AS adaptive,
                sum(transparency_s) / sum(in_ear_s) AS transparency, sum(off_s) / sum(in_ear_s) AS off
-        FROM device_hourly WHERE {_window(start, end)} AND in_ear_s > 0{cohort.sql()}
+        FROM device_daily WHERE {_days(start, end)} AND in_ear_s > 0{cohort.sql()}
         GROUP BY 1, 2 ORDER BY 1, 2 DESC""")
     return _suppress("mode_shares", ["state", "urban", "devices", "in_ear_h", "anc", "adaptive", "transparency",
                                      "off"], rows, k)
 
 
-def _device_weeks(r: Reader, start: date, end: date, cohort: Cohort) -> list[tuple]:
-    return r.rows(f"""
-        SELECT device_id, min(state), bool_or(urban), date_trunc('week', hour + {AEST}) AS week,
-               sum(dose_s) AS dose_s
-        FROM device_hourly WHERE {_window(start, end)}{cohort.sql()}
-        GROUP BY device_id, 4""")
+def _device_weeks(start: date, end: date, cohort: Cohort) -> str:
+    """Each device-week's cell (its lowest state code, urban if ever) and dose, % of the weekly allowance."""
+    return f"""weeks AS (
+        SELECT device_id, min(state) AS state, bool_or(urban) AS urban, date_trunc('week', day) AS week,
+               sum(dose_s) / {WEEKLY_ALLOWANCE_S} * 100 AS dose
+        FROM device_daily WHERE {_days(start, end)}{cohort.sql()} GROUP BY device_id, 4)"""
 
 
 def exposure(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: Cohort = Cohort()) -> Result:
@@ -147,43 +151,35 @@ def exposure(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: Coho
     guide, median weekly dose (% of the allowance). ``distribution``: the count
     of device-weeks per 10% band of dose, fleet-wide.
     """
-    weeks = _device_weeks(r, start, end, cohort)
-    cells: dict[tuple, list] = {}
-    for device, state, urban, _, dose in weeks:
-        cells.setdefault((state, bool(urban)), []).append((device, float(dose) / WEEKLY_ALLOWANCE_S * 100))
-    rows = []
-    for (state, urban), items in sorted(cells.items()):
-        doses = np.array([d for _, d in items])
-        rows.append((state, urban, len({dev for dev, _ in items}), len(items),
-                     float((doses >= 100).mean()), float(np.median(doses))))
+    weeks = _device_weeks(start, end, cohort)
+    rows = r.rows(f"""
+        WITH {weeks}
+        SELECT state, urban, count(DISTINCT device_id) AS devices, count(*) AS device_weeks,
+               avg(CASE WHEN dose >= 100 THEN 1.0 ELSE 0.0 END) AS share_over_guide,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY dose) AS median_dose_pct
+        FROM weeks GROUP BY state, urban""")
     result = _suppress("exposure", ["state", "urban", "devices", "device_weeks", "share_over_guide",
-                                    "median_dose_pct"], rows, k,
+                                    "median_dose_pct"], sorted(rows, key=lambda row: (row[0], bool(row[1]))), k,
                        notes=["a week starts on Monday, AEST; partial weeks at the range's edges count "
                               "only the days inside it"])
     # Fleet-wide, but of the published cells only: with every device-week in it, the total less the
     # published cells' device-weeks would give away a lone suppressed cell's count (and its over-guide share).
     published = {(state, urban) for state, urban, *_ in result.rows}
-    all_doses = np.array([float(d) / WEEKLY_ALLOWANCE_S * 100 for _, state, urban, _, d in weeks
-                          if (state, bool(urban)) in published])
     edges = list(range(0, 210, 10))
-    counts = np.histogram(np.clip(all_doses, 0, 199.999), bins=edges)[0] if len(all_doses) else []
+    counts, over = np.zeros(len(edges) - 1, dtype=np.int64), 0
+    for state, urban, band, n, n_over in r.rows(f"""
+            WITH {weeks}
+            SELECT state, urban, least(floor(dose / 10), {len(edges) - 2}) AS band, count(*),
+                   sum(CASE WHEN dose >= 100 THEN 1 ELSE 0 END)
+            FROM weeks GROUP BY state, urban, 3"""):
+        if (state, bool(urban)) in published:
+            counts[int(band)] += n
+            over += int(n_over)
     result.notes.append("distribution: " + ", ".join(
         f"{lo}-{lo + 10}%: {int(c)}" for lo, c in zip(edges, counts)))
     result.extra["distribution"] = {"edges_pct": edges, "device_weeks": [int(c) for c in counts],
-                           "over_guide": int((all_doses >= 100).sum()), "total": int(len(all_doses))}
+                                    "over_guide": int(over), "total": int(counts.sum())}
     return result
-
-
-def _device_drain(r: Reader, start: date, end: date, cohort: Cohort) -> list[tuple]:
-    return r.rows(f"""
-        SELECT h.device_id, d.model, d.firmware,
-               sum(h.drain_left_pct) / (sum(h.drain_playback_s) / 3600.0) AS left_per_h,
-               sum(h.drain_right_pct) / (sum(h.drain_playback_s) / 3600.0) AS right_per_h,
-               sum(h.drain_playback_s) / 3600.0 AS rated_h
-        FROM device_hourly h JOIN devices d USING (device_id)
-        WHERE {_window(start, end, 'h.hour')}{cohort.sql('h.device_id')}
-        GROUP BY h.device_id, d.model, d.firmware
-        HAVING sum(h.drain_playback_s) >= {MIN_DRAIN_PLAYBACK_S}""")
 
 
 def battery_health(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: Cohort = Cohort(),
@@ -192,28 +188,40 @@ def battery_health(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort
 
     A device's drain is the mean of its two buds; its distance is the robust
     z-score against its model-and-firmware cohort ((x - median) / (1.4826 MAD)),
-    on the worse bud. Cohorts with fewer than k devices are suppressed.
+    on the worse bud, among the cohorts of at least k devices. Cohorts with fewer
+    than k devices are suppressed.
     """
-    devices = _device_drain(r, start, end, cohort)
-    cohorts: dict[tuple, list] = {}
-    for dev, model, fw, left, right, _ in devices:
-        cohorts.setdefault((model, fw), []).append((dev, float(left), float(right)))
-    rows, scored = [], []
-    for (model, fw), items in sorted(cohorts.items()):
-        mean = np.array([(a + b) / 2 for _, a, b in items])
-        rows.append((model, fw, len(items), *(float(np.percentile(mean, q)) for q in (10, 50, 90))))
-        if len(items) < k:
-            continue
-        both = np.array([[a, b] for _, a, b in items])
-        median = np.median(both)
-        mad = 1.4826 * np.median(np.abs(both - median)) or 1e-9
-        z = np.abs(both - median).max(axis=1) / mad
-        scored += [(dev, model, fw, a, b, float(zi)) for (dev, a, b), zi in zip(items, z)]
+    drain = f"""rated AS (
+            SELECT device_id, sum(drain_left_pct) / (sum(drain_playback_s) / 3600.0) AS lft,
+                   sum(drain_right_pct) / (sum(drain_playback_s) / 3600.0) AS rgt
+            FROM device_daily WHERE {_days(start, end)}{cohort.sql()}
+            GROUP BY device_id HAVING sum(drain_playback_s) >= {MIN_DRAIN_PLAYBACK_S}),
+        drain AS (SELECT r.device_id, d.model, d.firmware, r.lft, r.rgt FROM rated r JOIN devices d USING (device_id))"""
+    rows = r.rows(f"""
+        WITH {drain}
+        SELECT model, firmware, count(*) AS devices,
+               {", ".join(f"percentile_cont({q}) WITHIN GROUP (ORDER BY (lft + rgt) / 2)" for q in (0.1, 0.5, 0.9))}
+        FROM drain GROUP BY model, firmware""")
     result = _suppress("battery_health", ["model", "firmware", "devices", "p10_pct_per_h",
-                                          "p50_pct_per_h", "p90_pct_per_h"], rows, k)
-    scored.sort(key=lambda s: -s[5])
+                                          "p50_pct_per_h", "p90_pct_per_h"], sorted(rows), k)
+    # both buds of a cohort's devices pooled: their median, then the median distance from it (MAD)
+    scored = r.rows(f"""
+        WITH {drain},
+        buds AS (SELECT model, firmware, lft AS x FROM drain UNION ALL SELECT model, firmware, rgt FROM drain),
+        mid AS (SELECT model, firmware, percentile_cont(0.5) WITHIN GROUP (ORDER BY x) AS m FROM buds
+                GROUP BY model, firmware HAVING count(*) >= {2 * k}),
+        spread AS (SELECT b.model, b.firmware, 1.4826 * percentile_cont(0.5) WITHIN GROUP (ORDER BY abs(b.x - mid.m))
+                          AS mad
+                   FROM buds b JOIN mid ON b.model = mid.model AND b.firmware = mid.firmware
+                   GROUP BY b.model, b.firmware)
+        SELECT d.device_id, d.model, d.firmware, d.lft, d.rgt,
+               greatest(abs(d.lft - mid.m), abs(d.rgt - mid.m))
+                   / (CASE WHEN spread.mad = 0 THEN 1e-9 ELSE spread.mad END) AS z
+        FROM drain d JOIN mid ON d.model = mid.model AND d.firmware = mid.firmware
+        JOIN spread ON d.model = spread.model AND d.firmware = spread.firmware
+        ORDER BY z DESC, d.device_id LIMIT {int(outliers)}""")
     result.extra["outliers"] = [dict(zip(["device_id", "model", "firmware", "left_pct_per_h",
-                                 "right_pct_per_h", "z"], _clean(s))) for s in scored[:outliers]]
+                                 "right_pct_per_h", "z"], _clean(s))) for s in scored]
     return result
 
 
@@ -226,7 +234,7 @@ def firmware_adoption(r: Reader, start: date, end: date, k: int = DEFAULT_K, coh
     version has 2)."""
     daily = r.rows(f"""
         SELECT day, firmware, count(DISTINCT device_id) AS devices FROM device_firmware_daily
-        WHERE day >= DATE '{start.isoformat()}' AND day < DATE '{end.isoformat()}'{cohort.sql()}
+        WHERE {_days(start, end)}{cohort.sql()}
         GROUP BY 1, 2 ORDER BY 1, 2""")
     shown: dict = {}
     for day, _, devices in daily:
@@ -240,16 +248,22 @@ def firmware_adoption(r: Reader, start: date, end: date, k: int = DEFAULT_K, coh
 
 def listening_by_hour(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: Cohort = Cohort()) -> Result:
     """Mean listening minutes per active device by local hour of day, urban vs rural."""
-    offset = "CASE state " + " ".join(
-        f"WHEN '{s.code}' THEN {int(s.utc_offset_h * 60)}" for s in geo.STATES) + " ELSE 600 END"
-    rows = r.rows(f"""
-        WITH local AS (
-            SELECT device_id, urban, listening_s,
-                   CAST(extract(hour FROM hour + {offset} * INTERVAL '1 minute') AS INTEGER) AS local_hour
-            FROM device_hourly WHERE {_window(start, end)}{cohort.sql()})
-        SELECT local_hour, urban, count(DISTINCT device_id) AS devices,
-               sum(listening_s) / 60.0 / count(DISTINCT device_id) AS minutes_per_device
-        FROM local GROUP BY 1, 2 ORDER BY 1, 2 DESC""")
+    # who was active at each local hour: the bits of device_daily.local_hours, OR'd over the range per device
+    bits = ", ".join(f"sum(mod(CAST(floor(hours / {2 ** h}) AS BIGINT), 2))" for h in range(24))
+    active = r.rows(f"""
+        WITH m AS (SELECT urban, bit_or(local_hours) AS hours FROM device_daily
+                   WHERE {_days(start, end)}{cohort.sql()} GROUP BY device_id, urban)
+        SELECT urban, {bits} FROM m GROUP BY urban""")
+    devices = {(h, bool(urban)): int(n) for urban, *counts in active for h, n in enumerate(counts)}
+    # the listening: summed per UTC hour of day and state (a few hundred rows), then moved to local time
+    minutes: dict[tuple, float] = {}
+    for utc_hour, state, urban, seconds in r.rows(f"""
+            SELECT CAST(extract(hour FROM hour) AS INTEGER), state, urban, sum(listening_s) FROM device_hourly
+            WHERE {_window(start, end)}{cohort.sql()} GROUP BY 1, 2, 3"""):
+        local = (utc_hour * 60 + LOCAL_OFFSET_MIN.get(state, REPORT_UTC_OFFSET_H * 60)) // 60 % 24
+        minutes[(local, bool(urban))] = minutes.get((local, bool(urban)), 0.0) + float(seconds) / 60
+    rows = [(h, urban, n, minutes.get((h, urban), 0.0) / n)
+            for (h, urban), n in sorted(devices.items(), key=lambda c: (c[0][0], not c[0][1])) if n]
     return _suppress("listening_by_hour", ["local_hour", "urban", "devices", "minutes_per_device"], rows, k,
                      notes=["local time is each state's standard time; half-hour zones round down"])
 
@@ -263,12 +277,13 @@ def state_overview(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort
                sum(anc_s + adaptive_s) / nullif(sum(in_ear_s), 0) AS cancelling_share,
                sum(drain_left_pct + drain_right_pct) / 2 / nullif(sum(drain_playback_s) / 3600.0, 0)
                    AS drain_pct_per_h,
-               avg(CASE WHEN urban THEN 1.0 ELSE 0.0 END) AS urban_share
-        FROM device_hourly WHERE {_window(start, end)}{cohort.sql()}
+               count(DISTINCT CASE WHEN urban THEN device_id END) * 1.0 / count(DISTINCT device_id) AS urban_share
+        FROM device_daily WHERE {_days(start, end)}{cohort.sql()}
         GROUP BY state ORDER BY devices DESC""")
     return _suppress("state_overview", ["state", "devices", "listening_h_per_day", "cancelling_share",
                                         "drain_pct_per_h", "urban_share"], rows, k,
-                     notes=["listening per device per day of the range; urban_share is of device-hours"])
+                     notes=["listening per device per day of the range; urban_share: the share of the "
+                            "state's devices seen at an urban postcode"])
 
 
 TIMELINE_MAX_DAYS = 92
@@ -325,7 +340,7 @@ QUERIES = {q.__name__: q for q in (usage_trend, noise_habits, mode_shares, expos
 
 def data_range(r: Reader) -> tuple[date, date] | None:
     """The AEST days the store covers: [first, last + 1)."""
-    lo, hi = r.rows(f"SELECT min({_local_day()}), max({_local_day()}) FROM device_hourly")[0]
+    lo, hi = r.rows("SELECT min(day), max(day) FROM device_daily")[0]
     if lo is None:
         return None
     return lo, hi + timedelta(days=1)
@@ -340,7 +355,7 @@ def full_report(r: Reader, start: date, end: date, k: int = DEFAULT_K, cohort: C
     for name, query in QUERIES.items():
         out[name] = query(r, start, end, k, cohort).as_dict()
     out["events_covered"] = int(r.rows(
-        f"SELECT coalesce(sum(events), 0) FROM device_hourly WHERE {_window(start, end)}{cohort.sql()}")[0][0])
+        f"SELECT coalesce(sum(events), 0) FROM device_daily WHERE {_days(start, end)}{cohort.sql()}")[0][0])
     return out
 
 

@@ -13,8 +13,9 @@ commit or roll it back, and which of its errors mean "this value is refused");
 5. read the registry's last sample of the batch's devices;
 6. drop events already stored or repeated in the batch, by ``(device_id, seq)``;
 7. insert the raw events, when this store keeps them;
-8. merge the hourly rollups, 9. the device registry, 10. the daily firmware rows;
-11. store the new offsets.
+8. merge the hourly rollups, 9. the daily ones (summed from 8's rows), 10. the device registry,
+   11. the daily firmware rows;
+12. store the new offsets.
 
 Rollups are computed only from the rows that survive 3, 4 and 6, so a redelivered or
 re-sent event is never counted twice, and an erased device never comes back; the
@@ -37,8 +38,8 @@ import pyarrow.compute as pc
 
 from storage.base import CommitResult, RelationalStore
 from storage.schema import ERASED_FROM, metadata
-from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE, HOURLY_KEY, HOURLY_MERGE,
-                             check_follows, device_updates, drop_erased, drop_replayed, firmware_days,
+from storage.rollups import (DAILY_KEY, DAILY_MERGE, DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE,
+                             HOURLY_KEY, HOURLY_MERGE, check_follows, daily_rollup, device_updates, drop_erased, drop_replayed, firmware_days,
                              first_sightings, hourly_rollup)
 
 __all__ = ["Transaction", "TransactionalStore", "commit_batch", "ERASED_KEY", "ERASED_MERGE", "tombstones"]
@@ -112,10 +113,12 @@ def commit_batch(tx: Transaction, topic: str, events: pa.Table, next_offsets: di
     if new.num_rows:
         if with_raw_events:
             tx.insert_events(new)  # 7.
-        tx.merge("device_hourly", HOURLY_KEY, HOURLY_MERGE, hourly_rollup(new, last))  # 8.
-        tx.merge("devices", DEVICE_KEY, DEVICE_MERGE, device_updates(new))  # 9.
-        tx.merge("device_firmware_daily", FIRMWARE_KEY, FIRMWARE_MERGE, firmware_days(new))  # 10.
-    tx.store_offsets(topic, next_offsets)  # 11.
+        hourly = hourly_rollup(new, last)
+        tx.merge("device_hourly", HOURLY_KEY, HOURLY_MERGE, hourly)  # 8.
+        tx.merge("device_daily", DAILY_KEY, DAILY_MERGE, daily_rollup(hourly))  # 9.
+        tx.merge("devices", DEVICE_KEY, DEVICE_MERGE, device_updates(new))  # 10.
+        tx.merge("device_firmware_daily", FIRMWARE_KEY, FIRMWARE_MERGE, firmware_days(new))  # 11.
+    tx.store_offsets(topic, next_offsets)  # 12.
     return CommitResult(applied=new.num_rows, replayed=replayed, repeated=fresh.num_rows - new.num_rows,
                         erased=erased)
 

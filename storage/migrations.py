@@ -26,8 +26,9 @@ from sqlalchemy.schema import CreateTable
 
 from podpulse.errors import StorageError
 from storage import schema
-from storage.rollups import REPORT_UTC_OFFSET_H
+from storage.rollups import DAILY_MERGE, REPORT_UTC_OFFSET_H
 from storage.schema import OracleOptions, add_columns_ddl, create_table_ddl, table_as_of
+from storage.sql import offset_minutes_sql
 
 __all__ = ["Migration", "MIGRATIONS", "LATEST", "statements", "migrate_duckdb", "migrate_engine",
            "applied_versions"]
@@ -68,6 +69,23 @@ def _firmware_days(dialect: str, opts: OracleOptions) -> list[str]:
             f"SELECT device_id, {day}, firmware, count(*) FROM events GROUP BY device_id, {day}, firmware"]
 
 
+def _device_days(dialect: str, opts: OracleOptions) -> list[str]:
+    """The daily rollup, summed from the hourly one already in this store."""
+    offset, local = REPORT_UTC_OFFSET_H, offset_minutes_sql()
+    if dialect == "oracle":  # Oracle keeps UTC TIMESTAMPs
+        day = f"TRUNC(hour + INTERVAL '{offset}' HOUR)"
+        local_hour = f"EXTRACT(HOUR FROM hour + NUMTODSINTERVAL({local}, 'MINUTE'))"
+    else:  # in UTC, whatever the session's time zone
+        day = f"CAST((hour AT TIME ZONE 'UTC') + INTERVAL '{offset} hours' AS DATE)"
+        local_hour = f"extract(hour FROM (hour AT TIME ZONE 'UTC') + ({local}) * INTERVAL '1 minute')"
+    sums = [f"sum({c})" for c in DAILY_MERGE if c != "local_hours"]
+    # a device-day's hours are distinct, so the sum of their bits is their OR
+    return [create_table_ddl(schema.device_daily, dialect, opts),
+            f"INSERT INTO device_daily (device_id, day, state, urban, {', '.join(DAILY_MERGE)}) "
+            f"SELECT device_id, {day}, state, urban, {', '.join(sums)}, sum(power(2, {local_hour})) "
+            f"FROM device_hourly GROUP BY device_id, {day}, state, urban"]
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "core tables: events, device_hourly, devices, kafka_offsets", _core),
     Migration(2, "anomalies", _anomalies),
@@ -84,6 +102,8 @@ MIGRATIONS: tuple[Migration, ...] = (
         create_table_ddl(schema.firmware_findings, dialect, opts)]),
     Migration(10, "bud temperature and charge in the hourly rollups", lambda dialect, opts:
               add_columns_ddl(schema.device_hourly, 10, dialect)),
+    Migration(11, "each device's day per region, summed from its hours: the reports' region-days and "
+                  "device-weeks", _device_days),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -25,12 +25,12 @@ from sqlalchemy.exc import DataError, IntegrityError
 from storage.base import RefusedRows, StorageError, TimeSeriesStore
 from storage.commit import ERASED_KEY, ERASED_MERGE, DryRun, TransactionalStore
 from storage.migrations import migrate_engine
-from storage.rollups import (DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE, HOURLY_KEY, HOURLY_MERGE,
+from storage.rollups import (DAILY_KEY, DAILY_MERGE, DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE, HOURLY_KEY, HOURLY_MERGE,
                              LAST_SAMPLE_QUERY, last_sample_table)
 from storage.schema import EVENT_COLUMNS, OracleOptions, expiry_bound, metadata
 from storage.sql import OFFSETS_KEY, OFFSETS_MERGE, oracle_merge_sql
 
-__all__ = ["OracleStore", "oracle_url", "input_sizes", "EVENTS_MERGE", "HOURLY_MERGE_SQL", "FIRMWARE_MERGE_SQL", "DEVICES_MERGE_SQL",
+__all__ = ["OracleStore", "oracle_url", "input_sizes", "EVENTS_MERGE", "HOURLY_MERGE_SQL", "FIRMWARE_MERGE_SQL", "DAILY_MERGE_SQL", "DEVICES_MERGE_SQL",
            "OFFSETS_MERGE_SQL", "PARTITIONS_SQL", "DDL_LOCK_WAIT", "partition_high_value", "partitions_before",
            "drop_partition_sql", "delete_before_sql", "ERASED_MERGE_SQL", "ERASURE_LOCK", "ERASED_SQL", "SPANS_SQL",
            "delete_devices_sql", "in_list_sql"]
@@ -39,6 +39,7 @@ EVENT_KEY = ("device_id", "seq", "event_time")
 EVENTS_MERGE = oracle_merge_sql("events", EVENT_KEY, {c: "keep" for c in EVENT_COLUMNS if c not in EVENT_KEY})
 HOURLY_MERGE_SQL = oracle_merge_sql("device_hourly", HOURLY_KEY, HOURLY_MERGE)
 FIRMWARE_MERGE_SQL = oracle_merge_sql("device_firmware_daily", FIRMWARE_KEY, FIRMWARE_MERGE)
+DAILY_MERGE_SQL = oracle_merge_sql("device_daily", DAILY_KEY, DAILY_MERGE)
 DEVICES_MERGE_SQL = oracle_merge_sql("devices", DEVICE_KEY, DEVICE_MERGE)
 OFFSETS_MERGE_SQL = oracle_merge_sql("kafka_offsets", OFFSETS_KEY, OFFSETS_MERGE)
 ERASED_MERGE_SQL = oracle_merge_sql("erased_devices", ERASED_KEY, ERASED_MERGE)  # insert-only: keeps the first
@@ -50,7 +51,7 @@ ERASURE_LOCK = "LOCK TABLE kafka_offsets IN EXCLUSIVE MODE"
 DATA_CODES = ("ORA-00001", "ORA-01400", "ORA-12899", "ORA-01438", "ORA-02290", "ORA-01461")
 KEY_CHUNK = 500  # (device_id, seq) pairs, or device ids, per lookup
 MERGES = {"device_hourly": HOURLY_MERGE_SQL, "devices": DEVICES_MERGE_SQL, "device_firmware_daily": FIRMWARE_MERGE_SQL,
-          "events": EVENTS_MERGE, "erased_devices": ERASED_MERGE_SQL}
+          "device_daily": DAILY_MERGE_SQL, "events": EVENTS_MERGE, "erased_devices": ERASED_MERGE_SQL}
 # Retention: the interval partitions of a table with their upper bounds (a LONG: read as text);
 # the range section's own partition (p_first, INTERVAL = 'NO') stays, as Oracle requires.
 PARTITIONS_SQL = ("SELECT partition_name, high_value FROM user_tab_partitions "

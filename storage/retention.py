@@ -17,7 +17,7 @@ Cassandra          a TTL per row, set at insert from its event  a row; rows writ
                    time (nothing to run: the run reports it)    was set keep the TTL they got then
 =================  ===========================================  =====================================
 
-Report days (``device_firmware_daily.day``, AEST) go once the whole day is older
+Report days (``device_daily.day``, ``device_firmware_daily.day``, AEST) go once the whole day is older
 than the cutoff. A run is idempotent, and safe beside a running ingest: each
 table is expired in its own short transaction and the registry and offsets are
 never touched. (A DuckDB file has one writer: run it while ingest is stopped.)
@@ -34,7 +34,7 @@ from storage.router import open_backend, opened
 
 __all__ = ["KIND_TABLES", "cutoffs", "apply_retention", "parse_keep"]
 
-KIND_TABLES = {"raw_events": ("events",), "rollups": ("device_hourly", "device_firmware_daily"),
+KIND_TABLES = {"raw_events": ("events",), "rollups": ("device_hourly", "device_daily", "device_firmware_daily"),
                "anomalies": ("anomalies",)}
 
 

@@ -27,10 +27,10 @@ from sqlalchemy.schema import CreateColumn, CreateTable
 
 from podpulse.contract import ARROW_SCHEMA
 from podpulse.errors import StorageError
-from storage.rollups import (DEVICE_MERGE, FIRMWARE_KEY, HOURLY_MERGE, KAFKA_COLUMNS, REPORT_UTC_OFFSET_H,
+from storage.rollups import (DAILY_KEY, DAILY_MERGE, DEVICE_MERGE, FIRMWARE_KEY, HOURLY_MERGE, KAFKA_COLUMNS, REPORT_UTC_OFFSET_H,
                              SINCE_MIGRATION_4, SINCE_MIGRATION_10)
 
-__all__ = ["metadata", "events", "device_hourly", "device_firmware_daily", "devices", "kafka_offsets", "anomalies",
+__all__ = ["metadata", "events", "device_hourly", "device_daily", "device_firmware_daily", "devices", "kafka_offsets", "anomalies",
            "schema_version", "model_versions", "erased_devices", "firmware_findings", "ERASED_FROM", "OracleOptions", "create_table_ddl",
            "table_as_of", "add_columns_ddl", "postgres_month_partition_ddl", "postgres_month_partition", "month_end",
            "EXPIRING_TABLES", "expiry_bound", "EVENT_COLUMNS"]
@@ -126,6 +126,19 @@ device_firmware_daily = Table(
     Column("firmware", String(64), nullable=False),
     Column("events", BigInteger),
     PrimaryKeyConstraint(*FIRMWARE_KEY),
+    info={"expire_by": "day"},
+)
+
+# Each device's AEST day per state and urban class, summed from its hours (storage.rollups.DAILY_KEY;
+# since migration 11): what the reports count distinct devices per region-day and device-weeks from.
+device_daily = Table(
+    "device_daily", metadata,
+    Column("device_id", String(64), nullable=False),
+    Column("day", Date, nullable=False),  # AEST
+    Column("state", String(3), nullable=False),
+    Column("urban", Boolean, nullable=False),
+    *(Column(c, BigInteger() if c in ("events", "local_hours") else Double()) for c in DAILY_MERGE),
+    PrimaryKeyConstraint(*DAILY_KEY),
     info={"expire_by": "day"},
 )
 

@@ -13,7 +13,9 @@ functions turn the rules into one statement:
 
 from __future__ import annotations
 
-__all__ = ["upsert_sql", "merge_into_sql", "oracle_merge_sql", "OFFSETS_MERGE", "OFFSETS_KEY"]
+from storage.rollups import LOCAL_OFFSET_MIN, REPORT_UTC_OFFSET_H
+
+__all__ = ["upsert_sql", "merge_into_sql", "oracle_merge_sql", "OFFSETS_MERGE", "OFFSETS_KEY", "offset_minutes_sql"]
 
 OFFSETS_KEY = ("topic", "kafka_partition")
 OFFSETS_MERGE = {"next_offset": "max", "updated_at": "newer"}
@@ -24,6 +26,7 @@ _RULES = {  # {t}: the stored row, {n}: the new one
     "min": "least({t}.{c}, {n}.{c})",
     "newer": "{n}.{c}",
     "latest": "CASE WHEN {n}.last_seen >= {t}.last_seen THEN {n}.{c} ELSE {t}.{c} END",
+    "bitor": "coalesce({t}.{c}, 0) | {n}.{c}",
 }
 
 _MERGE_RULES = {
@@ -32,6 +35,7 @@ _MERGE_RULES = {
     "min": "LEAST(NVL(t.{c}, s.{c}), NVL(s.{c}, t.{c}))",
     "newer": "s.{c}",
     "latest": "CASE WHEN s.last_seen >= t.last_seen THEN s.{c} ELSE t.{c} END",
+    "bitor": "NVL(t.{c}, 0) + s.{c} - BITAND(NVL(t.{c}, 0), s.{c})",  # no OR operator on numbers
 }
 
 
@@ -68,3 +72,10 @@ def oracle_merge_sql(table: str, key: tuple[str, ...], merge: dict[str, str]) ->
     return (f"MERGE INTO {table} t USING (SELECT {source} FROM dual) s ON ({on}){matched}"
             f" WHEN NOT MATCHED THEN INSERT ({', '.join(columns)})"
             f" VALUES ({', '.join('s.' + c for c in columns)})")
+
+
+def offset_minutes_sql(column: str = "state") -> str:
+    """The minutes a state's standard time is ahead of UTC (``storage.rollups.LOCAL_OFFSET_MIN``), as a
+    CASE over a column of state codes: 600 (AEST) for any other value."""
+    whens = " ".join(f"WHEN '{code}' THEN {minutes}" for code, minutes in LOCAL_OFFSET_MIN.items())
+    return f"CASE {column} {whens} ELSE {REPORT_UTC_OFFSET_H * 60} END"

@@ -133,6 +133,8 @@ def test_exposure_against_the_who_guide(store):
     shown = [v for v in cells.values() if len({d for d, _ in v}) >= 10]  # the distribution is of these only
     over = sum(1 for v in shown for _, x in v if x >= 100)
     assert dist["over_guide"] == over > 0 and dist["total"] == sum(map(len, shown)) < len(weeks)
+    bands = np.histogram(np.clip([x for v in shown for _, x in v], 0, 199.999), bins=dist["edges_pct"])[0]
+    assert dist["device_weeks"] == bands.tolist()
 
 
 def test_battery_health_cohorts_and_outliers(store, store_path):
@@ -245,7 +247,7 @@ def test_complementary_cohorts_add_up_to_the_fleet(store):
 
 def test_state_overview(store):
     reader, events = store
-    cells = defaultdict(lambda: [set(), 0.0, 0.0, 0.0])
+    cells = defaultdict(lambda: [set(), 0.0, 0.0, 0.0, set()])
     for e in events:
         c = cells[e["state"]]
         c[0].add(e["device_id"])
@@ -253,10 +255,13 @@ def test_state_overview(store):
         if e["in_ear_left"] or e["in_ear_right"]:
             c[2] += e["interval_s"]
             c[3] += e["interval_s"] if e["noise_mode"] in ("anc", "adaptive") else 0
+        if e["urban"]:
+            c[4].add(e["device_id"])
     days = (END - START).days
-    expected = {(s,): (len(d), p / 3600 / len(d) / days, anc / worn) for s, (d, p, worn, anc) in cells.items()}
+    expected = {(s,): (len(d), p / 3600 / len(d) / days, anc / worn, len(urban) / len(d))
+                for s, (d, p, worn, anc, urban) in cells.items()}
     compare(analytics.state_overview(reader, START, END, 10), expected, ["state"],
-            ["listening_h_per_day", "cancelling_share"], 10)
+            ["listening_h_per_day", "cancelling_share", "urban_share"], 10)
 
 
 def test_full_report_has_a_key_per_query_and_says_what_it_suppressed(store):
@@ -324,3 +329,82 @@ def test_the_exposure_distribution_counts_only_the_published_cells(store):
     assert dist["total"] == sum(r["device_weeks"] for r in result.records())
     assert dist["over_guide"] == round(sum(r["share_over_guide"] * r["device_weeks"] for r in result.records()))
     assert sum(dist["device_weeks"]) == dist["total"]
+
+
+def test_the_daily_rollup_holds_each_device_day_s_sums_and_local_hours(store, store_path):
+    """device_daily against the raw events; written over several commits (build_store commits 100k events
+    at a time), so device-days and device-hours split between commits were merged."""
+    reader, events = store
+    days = defaultdict(lambda: [0, 0.0, 0.0, set()])
+    for e in events:
+        d = days[(e["device_id"], day_of(e["t"]), e["state"], e["urban"])]
+        d[0] += 1
+        d[1] += e["playback_s"]
+        d[2] += e["playback_s"] * 2 ** ((e["output_dba"] - 80) / 3)
+        hour = e["t"].replace(minute=0, second=0, microsecond=0)  # a device-hour's local hour: where it starts
+        d[3].add((hour + timedelta(minutes=int(TZ[e["state"]] * 60))).hour)
+    stored = {(dev, day, state, urban): (n, listening, dose, hours) for dev, day, state, urban, n, listening, dose, hours
+              in reader.rows("SELECT device_id, day, state, urban, events, listening_s, dose_s, local_hours "
+                             "FROM device_daily")}
+    assert set(stored) == set(days)
+    for key, (n, listening, dose, hours) in days.items():
+        got = stored[key]
+        assert got[0] == n and close(got[1], listening) and close(got[2], dose, 1e-9), key
+        assert got[3] == sum(1 << h for h in hours), key
+
+
+def _daily(reader) -> list[tuple]:
+    return sorted(reader.rows("SELECT * FROM device_daily"))
+
+
+def test_the_migration_backfills_the_daily_rollup_as_the_writer_keeps_it(store_path, tmp_path):
+    """Migration 11 on a store that had only hourly rollups gives the rows the writer keeps."""
+    import shutil
+
+    import duckdb
+
+    from storage.migrations import MIGRATIONS, statements
+
+    copy = tmp_path / "copy.duckdb"
+    shutil.copy(store_path, copy)
+    with open_reader(StorageConfig.embedded(store_path)) as reader:
+        kept = _daily(reader)
+    con = duckdb.connect(str(copy))
+    con.execute("DELETE FROM device_daily")
+    (backfill,) = [s for s in statements(MIGRATIONS[10], "duckdb") if s.startswith("INSERT")]
+    con.execute(backfill)
+    con.close()
+    with open_reader(StorageConfig.embedded(copy)) as reader:
+        assert len(_daily(reader)) == len(kept) > 1000
+        for got, want in zip(_daily(reader), kept):
+            assert got[:4] == want[:4] and got[-1] == want[-1] and all(close(a, b, 1e-9) for a, b in zip(got[4:], want[4:]))
+
+
+def _same(got, want, path="$"):
+    """Reports equal but for floating-point noise."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), path
+        for key in want:
+            _same(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for i, (a, b) in enumerate(zip(got, want)):
+            _same(a, b, f"{path}[{i}]")
+    elif isinstance(want, float) or isinstance(got, float):
+        assert close(got, want, 1e-9), (path, got, want)
+    else:
+        assert got == want, (path, got, want)
+
+
+def test_postgresql_answers_every_query_as_the_embedded_store_does(store, store_path, pg_url):
+    reader, _ = store
+    config = StorageConfig(backends={"pg": {"type": "postgresql", "url": pg_url}},
+                           pseudonym_key_file=str(StorageConfig.embedded(store_path).key_file()))
+    build_store(config, SPEC.devices, 3, seed=SPEC.seed, start=SPEC.start)
+    with open_reader(config) as pg:
+        assert analytics.data_range(pg) == analytics.data_range(reader)
+        assert _daily(pg) == _daily(reader) or all(  # the same device-days, sums equal but for rounding
+            a[:4] == b[:4] and a[-1] == b[-1] and all(close(x, y, 1e-9) for x, y in zip(a[4:], b[4:]))
+            for a, b in zip(_daily(pg), _daily(reader)))
+        for k in (1, 10):
+            _same(analytics.full_report(pg, START, END, k), analytics.full_report(reader, START, END, k))

@@ -294,7 +294,7 @@ def test_retention_apply_removes_what_is_older_and_says_what(tmp_path, old_store
     result = json.loads(podpulse("retention", "apply", "--storage-config", config, "--now", now.isoformat(),
                                  "--json").stdout)
     tables = result["backends"]["db"]["tables"]
-    assert set(tables) == {"events", "device_hourly", "device_firmware_daily"}  # anomalies: kept forever
+    assert set(tables) == {"events", "device_hourly", "device_daily", "device_firmware_daily"}  # anomalies: kept forever
     assert all(t["by"] == "delete" and t["rows"] > 0 and t["cutoff"] == fixed_start.isoformat()
                for t in tables.values())
     with duckdb.connect(str(old_store), read_only=True) as con:

@@ -19,6 +19,7 @@ from storage.base import StorageError
 from storage.postgres_store import PostgresStore
 from storage.reader import run_queries
 from storage.router import StorageConfig, erase_devices, insert_rows, open_storage
+from storage.rollups import report_days
 from storage.schema import ERASED_FROM
 
 START = datetime(2026, 10, 30, 6, tzinfo=timezone.utc)  # 30 hours: two UTC days of Cassandra partitions
@@ -82,6 +83,7 @@ def erase_and_backfill(config: StorageConfig, fleet, assert_rollups_match_raw, r
     load(config, first, victim, other)
     mine = events.filter(pc.equal(events["device_id"], victim))
     hours = len(set(pc.floor_temporal(mine["event_time"], unit="hour").to_pylist()))
+    days = len(set(report_days(mine["event_time"]).to_pylist()))  # a simulated device stays in its region
     assert left_of(config, victim)["devices"] == 1
     if raw_left:
         assert raw_left(victim) == mine.num_rows
@@ -89,8 +91,8 @@ def erase_and_backfill(config: StorageConfig, fleet, assert_rollups_match_raw, r
     result = erase_devices(config, [victim, UNKNOWN, victim])
     assert result["devices"] == sorted([victim, UNKNOWN])
     removed = {t: n for backend in result["backends"].values() for t, n in backend["tables"].items() if n}
-    assert removed == {"events": mine.num_rows, "device_hourly": hours, "devices": 1, "anomalies": 1,
-                       "device_firmware_daily": removed["device_firmware_daily"]}
+    assert removed == {"events": mine.num_rows, "device_hourly": hours, "device_daily": days, "devices": 1,
+                       "anomalies": 1, "device_firmware_daily": removed["device_firmware_daily"]}
     assert set(left_of(config, victim).values()) == {0} and left_of(config, other)["anomalies"] == 1
     if raw_left:
         assert raw_left(victim) == 0 and raw_left(other) > 0

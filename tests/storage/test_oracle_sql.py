@@ -11,7 +11,7 @@ from sqlglot import exp
 
 from storage.migrations import MIGRATIONS, statements
 from storage.base import StorageError
-from storage.oracle_store import (DDL_LOCK_WAIT, DEVICES_MERGE_SQL, ERASED_MERGE_SQL, ERASED_SQL, ERASURE_LOCK,
+from storage.oracle_store import (DAILY_MERGE_SQL, DDL_LOCK_WAIT, DEVICES_MERGE_SQL, ERASED_MERGE_SQL, ERASED_SQL, ERASURE_LOCK,
                                   EVENTS_MERGE, FIRMWARE_MERGE_SQL, HOURLY_MERGE_SQL, OFFSETS_MERGE_SQL,
                                   PARTITIONS_SQL, SPANS_SQL, delete_before_sql, delete_devices_sql,
                                   drop_partition_sql, in_list_sql, partition_high_value, partitions_before)
@@ -64,6 +64,7 @@ def test_table_bodies_parse_as_oracle_sql():
 @pytest.mark.parametrize("sql, table, key", [
     (HOURLY_MERGE_SQL, "device_hourly", {"device_id", "hour"}),
     (FIRMWARE_MERGE_SQL, "device_firmware_daily", {"device_id", "day", "firmware"}),
+    (DAILY_MERGE_SQL, "device_daily", {"device_id", "day", "state", "urban"}),
     (DEVICES_MERGE_SQL, "devices", {"device_id"}),
     (OFFSETS_MERGE_SQL, "kafka_offsets", {"topic", "kafka_partition"}),
     (EVENTS_MERGE, "events", {"device_id", "seq", "event_time"}),
@@ -82,6 +83,9 @@ def test_merge_rules_are_null_safe_and_additive():
            "NVL(s.output_dba_max, t.output_dba_max))" in HOURLY_MERGE_SQL
     assert "t.battery_left_min = LEAST(" in HOURLY_MERGE_SQL
     assert "CASE WHEN s.last_seen >= t.last_seen THEN s.firmware ELSE t.firmware END" in DEVICES_MERGE_SQL
+    # Oracle has no OR on numbers: a | b = a + b - (a AND b)
+    assert "t.local_hours = NVL(t.local_hours, 0) + s.local_hours - BITAND(NVL(t.local_hours, 0), s.local_hours)" \
+        in DAILY_MERGE_SQL
     assert "WHEN MATCHED" not in EVENTS_MERGE  # raw events: insert-only, idempotent by key
     assert "WHEN MATCHED" not in ERASED_MERGE_SQL  # a tombstone keeps the first erasure's time
 

@@ -31,6 +31,7 @@ EVERY_KIND = {"raw_events": KEEP_DAYS, "rollups": KEEP_DAYS, "anomalies": KEEP_D
 MONTH = datetime(2026, 11, 1, tzinfo=UTC)  # where PostgreSQL's November partitions begin
 
 OLDEST = {"events": "SELECT min(event_time) FROM events", "device_hourly": "SELECT min(hour) FROM device_hourly",
+          "device_daily": "SELECT min(day) FROM device_daily",
           "device_firmware_daily": "SELECT min(day) FROM device_firmware_daily",
           "anomalies": "SELECT min(day) FROM anomalies"}
 KEPT_FOREVER = {"devices": "SELECT count(*), min(first_seen), sum(events) FROM devices",
@@ -85,7 +86,7 @@ def test_retention_removes_what_is_older_and_the_kept_days_report_the_same(store
     tables = next(iter(result["backends"].values()))["tables"]
     assert {t: r["cutoff"] for t, r in tables.items()} == dict.fromkeys(OLDEST, CUTOFF.isoformat())
     left = oldest(store)
-    assert left["device_firmware_daily"] == KEPT[0]  # report days go once wholly older
+    assert left["device_firmware_daily"] == left["device_daily"] == KEPT[0]  # report days go once wholly older
     assert left["anomalies"] >= CUTOFF and tables["anomalies"]["rows"] == 3
     if is_pg:  # whole months: October went, November's rows before the cutoff wait for all of it
         assert tables["events"] == {"cutoff": CUTOFF.isoformat(), "by": "partition", "partitions": ["events_2026_10"]}
@@ -117,6 +118,7 @@ def test_cutoffs_go_to_the_backend_of_each_kind():
                            retention={"raw_events": 30, "rollups": 400})
     assert cutoffs(config, NOW) == {"raw": {"events": NOW - timedelta(days=30)},
                                     "core": {"device_hourly": NOW - timedelta(days=400),
+                                             "device_daily": NOW - timedelta(days=400),
                                              "device_firmware_daily": NOW - timedelta(days=400)}}
     raw_only = StorageConfig(**{**config.as_dict(), "retention": {"raw_events": 30}})
     result = apply_retention(raw_only, NOW)  # Cassandra is not even opened: its rows carry their TTL
