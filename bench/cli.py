@@ -148,13 +148,14 @@ def bench_peak(
 def bench_report(
     devices: Annotated[int, typer.Option(min=100)] = 20_000,
     days: Annotated[int, typer.Option(min=1)] = 7,
+    storage_file: StorageFile = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Full JSON report latency over a simulated fleet, beside one raw scan of its events; and one
     device's 30-day timeline, beside a read of its raw events by key."""
     run = _module("report").run
 
-    result = run(devices=devices, days=days)
+    result = run(devices=devices, days=days, storage_file=storage_file)
     if json_out:
         print(json.dumps(result))
     else:

@@ -1,13 +1,14 @@
-"""Report latency: the full JSON report over a 20,000-device × 7-day fleet in the embedded store.
+"""Report latency: the full JSON report over a 20,000-device × 7-day fleet in the embedded store
+(or in a throwaway PostgreSQL schema, ``--storage-config``, raw events in PostgreSQL too).
 
 Setup (not timed): simulate the fleet, decode it and commit it straight into a
-fresh DuckDB store in 100k-event transactions (the pipeline's own write path,
+fresh store in 100k-event transactions (the pipeline's own write path,
 without Kafka and Ray). Then, in the same run:
 
 - baseline: one scan of every raw event (``SELECT sum(playback_s) FROM events``);
 - figure: every analytics query, serialised to JSON, as ``podpulse report --format json``.
 
-    podpulse bench report --json
+    podpulse bench report [--devices 200000] [--storage-config examples/postgres.yaml] --json
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from bench.ingest import bench_storage
 from podpulse.analytics import data_range, device_timeline, full_report
 from podpulse.contract import decode_batch
+from podpulse.errors import StorageError
 from podpulse.pseudonyms import Pseudonyms
 from podpulse.simulator import Fleet, FleetSpec, simulate
 from storage.reader import open_reader
@@ -63,13 +66,16 @@ def _commit(storage, pseudonyms: Pseudonyms, values: list[bytes], offset: int) -
     return offset + n
 
 
-def run(devices: int = 20_000, days: int = 7, repeat: int = 3) -> dict:
-    with tempfile.TemporaryDirectory(prefix="podpulse-bench-report-") as tmp:
-        path = Path(tmp) / "report.duckdb"
+def run(devices: int = 20_000, days: int = 7, repeat: int = 3, storage_file: str | None = None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="podpulse-bench-report-") as tmp, \
+            bench_storage(storage_file, tmp) as config:
+        if config.routes["raw_events"] != config.routes["rollups"]:
+            raise StorageError("bench report scans the raw events beside the report: keep them in the same store")
+        config = StorageConfig(**{**config.as_dict(), "pseudonym_key_file": str(Path(tmp) / "pseudonym.key")})
         started = time.perf_counter()
-        events = build_store(path, devices, days)
+        events = build_store(config, devices, days)
         setup = time.perf_counter() - started
-        with open_reader(StorageConfig.embedded(path)) as reader:
+        with open_reader(config) as reader:
             start, end = data_range(reader)
             scans, reports = [], []
             for _ in range(repeat):
@@ -98,4 +104,5 @@ def run(devices: int = 20_000, days: int = 7, repeat: int = 3) -> dict:
         "timeline_ms_p50": round(float(np.median(timelines)) * 1000, 1),  # median over 20 devices
         "device_raw_read_ms_p50": round(float(np.median(raw_reads)) * 1000, 1),
         "setup_seconds": round(setup, 1), "events_stored": events, "report_bytes": len(report),
+        "store": "embedded DuckDB" if storage_file is None else str(storage_file),
     }

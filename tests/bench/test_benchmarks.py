@@ -1,6 +1,6 @@
 """The benchmarks of issue 15 run small and their figures add up (the figures themselves are in the README)."""
 
-from bench import commit, decode, peak
+from bench import commit, decode, peak, report
 
 
 def test_decode_reads_the_same_samples_in_both_shapes_and_keeps_them_all():
@@ -24,3 +24,13 @@ def test_the_peak_hour_is_ingested_live_and_the_lag_drains(ray_local):
     assert result["rate_produced_events_per_s"] >= 0.9 * result["rate_asked_events_per_s"]
     assert result["stored_events"] == result["events_produced"] > 0
     assert result["lag_at_end_messages"] == 0 and result["dead_lettered"] == 0
+
+
+def test_report_reads_every_stored_event_on_both_stores(tmp_path, pg_url):
+    config = tmp_path / "pg.yaml"
+    config.write_text(f"backends: {{pg: {{type: postgresql, url: '{pg_url}'}}}}\n")
+    for storage_file in (None, str(config)):
+        result = report.run(devices=200, days=2, repeat=1, storage_file=storage_file)
+        assert result["events_scanned"] == result["events_stored"] > 5000, storage_file
+        assert result["seconds"] > 0 and result["raw_scan_seconds"] >= 0 and result["timeline_ms_p50"] > 0
+    assert result["store"] == str(config)
