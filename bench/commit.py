@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from bench.ingest import bench_storage
+from bench.fleet import first_events
 from podpulse.contract import decode_batch
-from podpulse.simulator import Fleet, FleetSpec, simulate
 from storage.router import open_storage
 
 TOPIC = "bench-commit"
@@ -29,12 +29,7 @@ TOPIC = "bench-commit"
 
 def batches(events: int, batch_size: int, seed: int = 7) -> list[tuple[pa.Table, dict, dict]]:
     """Decoded batches of the first ``events`` simulated events, with offsets on partition 0."""
-    spec = FleetSpec(devices=max(100, events // 35), hours=24 * 7, seed=seed, fault_share=0.0)
-    values: list[bytes] = []
-    for chunk in simulate(spec, Fleet.build(spec)):
-        values.extend(chunk.values)
-        if len(values) >= events:
-            break
+    values = [v for _, chunk, _ in first_events(events, seed=seed) for v in chunk]
     out = []
     for start in range(0, min(events, len(values)), batch_size):
         table = decode_batch(values[start:start + batch_size], window=None).table

@@ -15,27 +15,23 @@ import time
 
 import msgspec
 
+from bench.fleet import first_events
 from podpulse.contract import decode_batch
-from podpulse.simulator import Fleet, FleetSpec, simulate
 
 BATCH_EVENTS = 20_000
 
 
 def _messages(shape: str, events: int, seed: int) -> tuple[list[list[bytes]], int]:
     """The first ``events`` samples of a week-long fleet, as batches of about BATCH_EVENTS events."""
-    spec = FleetSpec(devices=max(100, events // 40), hours=24 * 7, seed=seed, fault_share=0.0, shape=shape)
     batches, batch, in_batch, total = [], [], 0, 0
-    for chunk in simulate(spec, Fleet.build(spec)):
-        sizes = [1] * len(chunk.values) if chunk.samples is None else chunk.samples.tolist()
-        for value, size in zip(chunk.values, sizes):
+    for _, values, sizes in first_events(events, shape, seed):
+        for value, size in zip(values, sizes.tolist()):
             batch.append(value)
             in_batch += size
             total += size
             if in_batch >= BATCH_EVENTS:
                 batches.append(batch)
                 batch, in_batch = [], 0
-        if total >= events:
-            break
     if batch:
         batches.append(batch)
     return batches, total

@@ -38,19 +38,17 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
+from bench.fleet import first_events
 from podpulse.broker import EmbeddedBroker
 from podpulse.config import IngestConfig
 from podpulse.ingest import run_ingest
 from podpulse.kafka import client_config, ensure_topic, flush, produce, producer_config
 from podpulse.runtime import init_ray
-from podpulse.simulator import Fleet, FleetSpec, simulate
 from storage.base import StorageError
 from storage.cassandra_store import CassandraSettings, CassandraStore
 from storage.postgres_store import engine_url
 from storage.reader import run_queries
 from storage.router import StorageConfig, password
-
-EVENTS_PER_DEVICE_DAY = 40  # about what the simulator emits
 
 
 def preload(bootstrap: str, topic: str, events: int, partitions: int, seed: int = 7, shape: str = "event") -> dict:
@@ -58,22 +56,13 @@ def preload(bootstrap: str, topic: str, events: int, partitions: int, seed: int 
     each a distinct (device_id, seq); returns the events, messages and bytes of keys and values produced."""
     ensure_topic(client_config(bootstrap), topic, partitions)
     producer = Producer(producer_config(bootstrap))
-    devices = max(100, events // EVENTS_PER_DEVICE_DAY)
-    spec = FleetSpec(devices=devices, hours=24 * 7, seed=seed, fault_share=0.0, shape=shape)
     made = {"events": 0, "messages": 0, "bytes": 0}
-    for chunk in simulate(spec, Fleet.build(spec)):
-        per = np.ones(len(chunk.values), np.int64) if chunk.samples is None else chunk.samples
-        take = int(np.searchsorted(np.cumsum(per), events - made["events"])) + 1  # reaches `events`
-        keys, values = chunk.keys[:take], chunk.values[:take]
+    for keys, values, per in first_events(events, shape, seed):
         produce(producer, topic, keys, values)
         made["bytes"] += sum(map(len, keys)) + sum(map(len, values))
         made["messages"] += len(values)
-        made["events"] += int(per[:take].sum())
-        if made["events"] >= events:
-            break
+        made["events"] += int(per.sum())
     flush(producer)
-    if made["events"] < events:
-        raise RuntimeError(f"the simulator produced {made['events']} events, fewer than {events}")
     return made
 
 

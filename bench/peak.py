@@ -25,6 +25,7 @@ import numpy as np
 import ray
 from confluent_kafka import Producer
 
+from bench.fleet import first_events
 from actors.supervisor import IngestSupervisor
 from podpulse.broker import EmbeddedBroker
 from podpulse.config import IngestConfig, StorageConfig
@@ -47,17 +48,11 @@ def peak_events_per_device_s(sample_devices: int, seed: int = 7) -> tuple[float,
 
 def messages(shape: str, events: int, seed: int = 8) -> tuple[list[tuple[bytes, bytes]], list[int]]:
     """At least ``events`` simulated events as (key, value) messages, with each message's event count."""
-    # a device sends ~35 events a day: a week of this many devices holds `events` with room to spare
-    spec = FleetSpec(devices=max(100, events // 150), hours=7 * DAY_H, seed=seed, fault_share=0.0, shape=shape)
-    out, sizes, total = [], [], 0
-    for chunk in simulate(spec, Fleet.build(spec)):
-        counts = [1] * len(chunk.values) if chunk.samples is None else chunk.samples.tolist()
-        out.extend(zip(chunk.keys, chunk.values))
-        sizes.extend(counts)
-        total += sum(counts)
-        if total >= events:
-            return out, sizes
-    raise RuntimeError(f"the simulated week holds {total} events, fewer than {events}")
+    out, sizes = [], []
+    for keys, values, counts in first_events(events, shape, seed):
+        out.extend(zip(keys, values))
+        sizes.extend(counts.tolist())
+    return out, sizes
 
 
 class Pacer(threading.Thread):

@@ -171,21 +171,27 @@ Upload = _struct("Upload", DEVICE_FIELDS, True,
 _SampleAllowingExtras = _struct("_SampleAllowingExtras", SAMPLE_FIELDS, False)
 
 
-def _unpatterned(name: str, hint) -> object:
-    """``hint`` without its regex, which :data:`_PATTERNS` keeps."""
+def _without_pattern(hint) -> tuple[object, re.Pattern | None]:
+    """``hint`` without its regex, and the regex (None when it has none)."""
     if get_origin(hint) is not Annotated:
-        return hint
+        return hint, None
     base, *metas = get_args(hint)
-    if not any(m.pattern for m in metas):
-        return hint
-    _PATTERNS[name] = re.compile(next(m.pattern for m in metas if m.pattern))
-    return Annotated[(base, *(msgspec.Meta(min_length=m.min_length, max_length=m.max_length) for m in metas))]
+    pattern = next((m.pattern for m in metas if m.pattern), None)
+    if pattern is None:
+        return hint, None
+    lengths = (msgspec.Meta(min_length=m.min_length, max_length=m.max_length) for m in metas)
+    return Annotated[(base, *lengths)], re.compile(pattern)
 
 
 # The fast path decodes events without the regexes (msgspec runs each one per value: 60% of decoding),
 # then checks each distinct value once; any miss sends the batch to the strict decoder, which says why.
 _PATTERNS: dict[str, re.Pattern] = {}
-_EventUnmatched = _struct("_EventUnmatched", FIELDS, True, {f: _unpatterned(f, t) for f, t in _HINTS.items()})
+_UNMATCHED_HINTS: dict[str, object] = {}
+for _name, _hint in _HINTS.items():
+    _UNMATCHED_HINTS[_name], _pattern = _without_pattern(_hint)
+    if _pattern is not None:
+        _PATTERNS[_name] = _pattern
+_EventUnmatched = _struct("_EventUnmatched", FIELDS, True, _UNMATCHED_HINTS)
 
 ARROW_SCHEMA = pa.schema([
     ("schema_version", pa.int16()),
@@ -386,19 +392,7 @@ def _extras(unknown: dict) -> tuple[str | None, str | None]:
 
 
 def _parse_event(value: bytes) -> tuple[Event, str | None] | str:
-    try:
-        return _strict.decode(value), None
-    except msgspec.ValidationError as e:
-        if "unknown field" not in str(e):
-            return str(e)
-    except msgspec.DecodeError as e:
-        return str(e)
-    try:
-        event = _lenient.decode(value)
-    except msgspec.DecodeError as e:  # ValidationError is a DecodeError
-        return str(e)
-    extras, why = _extras({k: v for k, v in _any.decode(value).items() if k not in _KNOWN})
-    return why or (event, extras)
+    return _parse_keeping_extras(value, _strict, _lenient)
 
 
 def _parse_upload(value: bytes, fields: dict[str, msgspec.Raw]):
@@ -434,24 +428,35 @@ def _parse_upload(value: bytes, fields: dict[str, msgspec.Raw]):
 
 def _parse_sample(value: bytes, unknown: dict) -> tuple[Sample, str | None] | str:
     """One sample of an upload; ``unknown``: the envelope's fields this reader does not know."""
+    return _parse_keeping_extras(value, _sample, _sample_lenient, unknown, misplaced=_ENVELOPE_ONLY)
+
+
+_ENVELOPE_ONLY = frozenset({*DEVICE_FIELDS, "samples"})
+
+
+def _parse_keeping_extras(value: bytes, strict: msgspec.json.Decoder, lenient: msgspec.json.Decoder,
+                          inherited: dict | None = None, misplaced: frozenset = frozenset()):
+    """``(record, extras)`` or why ``value`` is refused. Decoded strictly; a record with fields this reader
+    does not know is decoded leniently, and those fields (after ``inherited``: its envelope's) kept as
+    ``extras``, unless one of them is in ``misplaced`` (a device field inside a sample)."""
     try:
-        sample, own = _sample.decode(value), {}
+        record, own = strict.decode(value), {}
     except msgspec.ValidationError as e:
         if "unknown field" not in str(e):
             return str(e)
         try:
-            sample = _sample_lenient.decode(value)
-        except msgspec.DecodeError as e:
+            record = lenient.decode(value)
+        except msgspec.DecodeError as e:  # ValidationError is a DecodeError
             return str(e)
         fields = _shell.decode(value)
-        misplaced = [k for k in fields if k in DEVICE_FIELDS or k == "samples"]
-        if misplaced:
-            return f"`{misplaced[0]}` belongs in the upload's envelope, not in a sample - at `$`"
+        wrong = [k for k in fields if k in misplaced]
+        if wrong:
+            return f"`{wrong[0]}` belongs in the upload's envelope, not in a sample - at `$`"
         own = {k: _any.decode(v) for k, v in fields.items() if k not in _KNOWN}
     except msgspec.DecodeError as e:
         return str(e)
-    extras, why = _extras({**unknown, **own})
-    return why or (sample, extras)
+    extras, why = _extras({**(inherited or {}), **own})
+    return why or (record, extras)
 
 
 _PATH = " - at `$"
