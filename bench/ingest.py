@@ -237,14 +237,19 @@ class Profiles:
 
 @contextmanager
 def bench_storage(storage_file, tmp: str):
-    """The store to measure, empty: a temporary DuckDB file, or a throwaway PostgreSQL schema
-    holding every kind of record, or raw events in a throwaway Cassandra keyspace beside it."""
+    """The store to measure, empty: a temporary DuckDB file (with the settings of a DuckDB config, if
+    given), or a throwaway PostgreSQL schema holding every kind of record, or raw events in a throwaway
+    Cassandra keyspace beside it."""
     if storage_file is None:
         yield StorageConfig.embedded(Path(tmp) / "bench.duckdb")
         return
     config = StorageConfig.load(storage_file)
     core, raw = config.routes["rollups"], config.routes["raw_events"]
     spec, raw_spec = config.backends[core], config.backends[raw]
+    if spec["type"] == "duckdb" and core == raw:  # its settings (memory_limit), in a throwaway file
+        yield StorageConfig(backends={core: {**spec, "path": str(Path(tmp) / "bench.duckdb")}},
+                            routes=dict(config.routes))
+        return
     if spec["type"] != "postgresql" or raw_spec["type"] not in ("postgresql", "cassandra"):
         raise StorageError("bench ingest measures the embedded store, or PostgreSQL for the relational "
                            "records with raw events in it or in Cassandra")

@@ -129,7 +129,7 @@ class DuckDBStore(TimeSeriesStore, TransactionalStore):
 
     def __init__(self, path: str | Path, *, threads: int = 1, checkpoint_threshold: str = "256MB",
                  memory_limit: str = "256MB"):
-        self.path = str(path)
+        self.path, self.memory_limit = str(path), memory_limit
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -177,6 +177,10 @@ class DuckDBStore(TimeSeriesStore, TransactionalStore):
                 return
             if isinstance(e, DATA_ERRORS):
                 raise RefusedRows(f"DuckDB refused the batch: {e}") from e
+            if isinstance(e, duckdb.OutOfMemoryException):
+                raise StorageError(f"DuckDB needs more than its memory_limit ({self.memory_limit}): the rollups' "
+                                   f"key indexes grow with the fleet; raise memory_limit of this duckdb backend "
+                                   f"in the storage config: {str(e).splitlines()[0]}") from e
             if isinstance(e, duckdb.Error):
                 raise StorageError(f"DuckDB write failed: {e}") from e
             raise

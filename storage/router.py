@@ -69,7 +69,8 @@ def open_backend(spec: Mapping, raw_events_days: int | None = None):
     applies it as it writes (Cassandra's TTL per row)."""
     kind = spec["type"]
     if kind == "duckdb":
-        return DuckDBStore(spec.get("path", DEFAULT_DUCKDB_PATH))
+        return DuckDBStore(spec.get("path", DEFAULT_DUCKDB_PATH),
+                           **({"memory_limit": spec["memory_limit"]} if "memory_limit" in spec else {}))
     if kind == "postgresql":
         return PostgresStore(spec["url"], password(spec))
     if kind == "oracle":

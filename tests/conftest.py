@@ -172,6 +172,7 @@ def _assert_rollups_match_raw(store, in_order: bool = True) -> None:
         r = run_queries(store, {"s": ROLLUP_STORED, "r": ROLLUP_RECOMPUTED})
         stored, recomputed = r["s"], r["r"]
     assert len(stored) == len(recomputed) > 0
+    _assert_daily_matches_hourly(store)
     for a, b in zip(stored, recomputed):
         assert a[:3] == b[:3]
         nums = [np.array([np.nan if v is None else float(v) for v in row[3:]]) for row in (a, b)]
@@ -183,9 +184,35 @@ def _assert_rollups_match_raw(store, in_order: bool = True) -> None:
             assert (nums[0][-DRAIN_COLUMNS:] <= nums[1][-DRAIN_COLUMNS:] + 1e-9).all(), (a, b)
 
 
+def _assert_daily_matches_hourly(store) -> None:
+    """device_daily, kept by the writer commit by commit, equals migration 11's backfill from device_hourly."""
+    import numpy as np
+
+    from storage.migrations import MIGRATIONS, statements
+    from storage.rollups import DAILY_MERGE
+
+    (backfill,) = [s for s in statements(next(m for m in MIGRATIONS if m.version == 11), "postgresql")
+                   if s.startswith("INSERT")]
+    queries = {"kept": f"SELECT device_id, day, state, urban, {', '.join(DAILY_MERGE)} FROM device_daily "
+                       "ORDER BY 1, 2, 3, 4",
+               "backfill": backfill[backfill.index("SELECT"):] + " ORDER BY 1, 2, 3, 4"}
+    if hasattr(store, "execute"):
+        kept, backfilled = (store.execute(q).fetchall() for q in queries.values())
+    else:
+        from storage.reader import run_queries
+
+        r = run_queries(store, queries)
+        kept, backfilled = r["kept"], r["backfill"]
+    assert len(kept) == len(backfilled) > 0
+    for a, b in zip(kept, backfilled):
+        assert a[:4] == b[:4] and int(a[-1]) == int(b[-1]), (a, b)  # the key; the local hours, bit for bit
+        assert np.allclose([float(v or 0) for v in a[4:-1]], [float(v or 0) for v in b[4:-1]]), (a, b)
+
+
 @pytest.fixture
 def assert_rollups_match_raw():
-    """Every hourly rollup row equals a GROUP BY over the raw events (and no row is missing)."""
+    """Every hourly rollup row equals a GROUP BY over the raw events (and no row is missing); every daily
+    one, the sum of its hours."""
     return _assert_rollups_match_raw
 
 

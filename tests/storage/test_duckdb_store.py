@@ -151,3 +151,23 @@ def test_drain_pairs_with_the_registrys_last_sample_even_after_a_late_event():
     assert last.num_rows == 1
     hourly = hourly_rollup(events, last).to_pylist()
     assert [(h["drain_left_pct"], h["drain_right_pct"]) for h in hourly] == [(4.0, 3.0)]  # 10 → 11 only
+
+
+def test_the_memory_limit_comes_from_the_storage_config_and_running_out_of_it_names_it(tmp_path, batch):
+    import duckdb
+
+    from storage.base import StorageError
+    from storage.router import open_backend
+
+    store = open_backend({"type": "duckdb", "path": str(tmp_path / "m.duckdb"), "memory_limit": "300MB"})
+    with duckdb.connect(config={"memory_limit": "300MB"}) as plain:
+        want = plain.execute("SELECT current_setting('memory_limit')").fetchone()
+    assert store.con.execute("SELECT current_setting('memory_limit')").fetchone() == want
+    store.setup()
+    store.con.execute("SET memory_limit = '1MB'")  # what a grown fleet's indexes do to 256 MB
+    with pytest.raises(StorageError, match="raise memory_limit of this duckdb backend"):
+        store.commit("t", batch, next_offsets(batch))
+    store.con.execute("SET memory_limit = '300MB'")
+    store.commit("t", batch, next_offsets(batch))  # nothing half-written stands in the way
+    assert store.con.execute("SELECT sum(events) FROM devices").fetchone()[0] == batch.num_rows
+    store.close()
