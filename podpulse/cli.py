@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -25,7 +26,7 @@ from podpulse.config import INGEST_DEFAULTS as DEFAULTS
 from podpulse.config import IngestConfig, StorageConfig
 from podpulse.console import (DemoProgressBars, err, ingest_with_progress, out, print_db_status, print_demo_result,
                               print_drift, print_erasure, print_findings, print_ingest_result, print_retention, print_summary, print_training,
-                              quiet_logs, run_simulation, serve_until_interrupted, write_report)
+                              logs_file, quiet_logs, run_simulation, serve_until_interrupted, write_report)
 from podpulse.errors import ConfigError, PodPulseError
 from podpulse.kafka import settings_from
 from podpulse.simulator import Fleet, FleetSpec, Shape, Summary
@@ -558,7 +559,11 @@ def erase(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: errors become one line on stderr, never a traceback."""
+    """Entry point: errors become one line on the terminal's stderr, never a traceback there.
+
+    A command whose libraries log to a file (``quiet_logs``: the demo, training) has moved fd 2 into
+    that file; its error line still goes to the terminal. An unexpected exception leaves its
+    traceback in that file and its line names the file; without one, Python prints the traceback."""
     command = typer.main.get_command(app)
     try:
         command.main(args=argv, prog_name="podpulse", standalone_mode=False)
@@ -573,13 +578,25 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__name__ == "NoArgsIsHelpError":  # typer printed the help already
             return 2
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        print(f"podpulse: error: {e.format_message()}{hint}", file=sys.stderr)
+        _error(f"{e.format_message()}{hint}")
         return e.exit_code
     except (PodPulseError, ValueError) as e:
-        print(f"podpulse: error: {e}", file=sys.stderr)
+        _error(str(e))
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        log = logs_file()
+        if log is None:
+            raise
+        traceback.print_exc()  # into the log file
+        lines = str(e).strip().splitlines()
+        _error(f"{type(e).__name__}: {lines[-1] if lines else ''} (traceback in {log})")
+        return 1
+
+
+def _error(message: str) -> None:
+    print(f"podpulse: error: {message}", file=err.file, flush=True)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,16 @@ from podpulse.simulator import simulate as generate
 __all__ = ["out", "err", "run_simulation", "print_summary", "ingest_with_progress", "print_ingest_result",
            "DemoProgressBars", "print_demo_result", "print_demo_summary", "print_demo_models", "write_report",
            "print_report_tables", "print_training", "print_drift", "print_db_status", "print_retention", "print_erasure",
-           "quiet_logs", "serve_until_interrupted"]
+           "quiet_logs", "stderr_to", "logs_file", "serve_until_interrupted"]
 
 out = Console()
 err = Console(stderr=True)
+_logs: Path | None = None  # where quiet_logs sent this process's stderr
+
+
+def logs_file() -> Path | None:
+    """The file this process's stderr goes to since :func:`quiet_logs`, or None (the terminal)."""
+    return _logs
 
 
 def _bars(*columns, quiet: bool) -> Progress:
@@ -324,20 +330,27 @@ def _removed(r: dict) -> str:
 def quiet_logs(path: Path) -> Path:
     """Send everything written to this process's stderr (Ray's, Ray Data's, Serve's and TensorFlow's
     logs, C++ ones included) to ``path``; PodPulse's own progress and summary still reach the terminal."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # On a terminal Ray Data draws progress bars on stdout and echoes its log lines above them;
     # read when ray.data is first imported (training imports it later).
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    err.file = os.fdopen(os.dup(2), "w", buffering=1)  # the terminal, for PodPulse's own lines
-    log = open(path, "a", buffering=1)
-    sys.stderr.flush()
-    os.dup2(log.fileno(), 2)
+    stderr_to(path)
     logging.captureWarnings(True)
     from podpulse.runtime import init_ray  # lazy: Ray, see the docstring
 
     init_ray(log_file=path)
     return path
+
+
+def stderr_to(path: Path) -> None:
+    """Point this process's fd 2 at ``path`` (appending); ``err`` keeps writing to the terminal."""
+    global _logs
+    path.parent.mkdir(parents=True, exist_ok=True)
+    err.file = os.fdopen(os.dup(2), "w", buffering=1)  # the terminal, for PodPulse's own lines
+    log = open(path, "a", buffering=1)
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 2)
+    _logs = path
 
 
 def serve_until_interrupted() -> None:

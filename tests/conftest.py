@@ -80,8 +80,11 @@ def ray_local():
     """
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning",
-             _system_config={"metrics_report_interval_ms": 1000})
+    from podpulse.runtime import local_ray_env
+
+    with local_ray_env():  # Serve as `podpulse serve` runs it
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning",
+                 _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
 

@@ -74,6 +74,43 @@ def test_bad_arguments_get_one_line_not_a_traceback(tmp_path, args, words):
         assert word in lines[0]
 
 
+FAILING_COMMAND = """
+import sys
+from pathlib import Path
+
+from podpulse import cli, console
+from podpulse.errors import ConfigError
+
+
+@cli.app.command("fail")
+def fail(kind: str) -> None:
+    console.stderr_to(Path(sys.argv[1]))  # as quiet_logs does before a demo starts Ray
+    print("a library's log line", file=sys.stderr)
+    if kind == "config":
+        raise ConfigError("backend 'pg': type must be one of duckdb, postgresql")
+    raise RuntimeError("HAProxy crashed during startup:\\n[ALERT] cannot bind socket for [0.0.0.0:8404]")
+
+
+sys.exit(cli.main(["fail", sys.argv[2]]))
+"""
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("config", ["podpulse: error: backend 'pg': type must be"]),
+    ("crash", ["podpulse: error: RuntimeError: [ALERT] cannot bind socket", "(traceback in "]),
+])
+def test_an_error_reaches_the_terminal_after_the_logs_went_to_a_file(tmp_path, kind, words):
+    """The demo once exited 1 with nothing on the terminal: its error went where Ray's logs go."""
+    log = tmp_path / "demo.log"
+    proc = subprocess.run([sys.executable, "-c", FAILING_COMMAND, str(log), kind], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr
+    logged = log.read_text()
+    assert "a library's log line" in logged and "podpulse: error" not in logged
+    assert ("Traceback (most recent call last)" in logged) == (kind == "crash")
+
+
 def test_help_everywhere_and_memory_only_is_said():
     for cmd in ([], ["simulate"], ["broker"], ["bench"], ["bench", "simulate"]):
         assert "Usage" in podpulse(*cmd, "--help").stdout
