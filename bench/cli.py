@@ -243,7 +243,7 @@ def bench_serve(
     if json_out:
         print(json.dumps(result))
     else:
-        out.print(f"Serve: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms at {result['rps']} req/s "
+        out.print(f"Serve ({result['ingress']}): p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms at {result['rps']} req/s "
                   f"({result['errors']} errors) · in-process: p50 {result['direct_p50_ms']} ms\n"
                   f"batch scoring ({result['batch_rows']:,}-row requests, {result['batch_clients']} senders): "
                   f"[bold]{result['batch_rows_per_s']:,}[/] rows/s, p50 {result['batch_p50_ms']} ms "

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import ray
 from ray import serve
 
 from bench.report import build_store
@@ -89,6 +90,10 @@ async def closed_loop(url: str, body: dict, headers: dict, clients: int, seconds
 
 def run(rate: int = 200, seconds: float = 10.0, devices: int = 300, days: int = 3, batch_rows: int = 1000,
         batch_clients: int = 4) -> dict:
+    # HAProxy as the RayService runs it (RAY_SERVE_ENABLE_HA_PROXY=0 measures Serve's own proxy); before
+    # anything starts Ray (training does): Ray's processes read it when they start
+    for key, value in HA_PROXY_ENV.items():
+        os.environ.setdefault(key, value)
     with tempfile.TemporaryDirectory(prefix="podpulse-bench-serve-") as tmp:
         storage = StorageConfig.embedded(Path(tmp) / "s.duckdb")
         build_store(Path(tmp) / "s.duckdb", devices, days)
@@ -100,9 +105,8 @@ def run(rate: int = 200, seconds: float = 10.0, devices: int = 300, days: int = 
             score_rows(model, [ROW])
             direct.append(time.perf_counter() - t)
 
-        for key, value in HA_PROXY_ENV.items():  # as the RayService runs it; =0 measures Serve's own proxy
-            os.environ.setdefault(key, value)
         init_ray()
+        ingress = _ingress()
         base = run_local(storage.as_dict(), str(Path(tmp) / "models"), TOKEN, port=free_port(),
                          name="podpulse-bench")
         url, headers = f"{base}/v1/battery/score", {"Authorization": f"Bearer {TOKEN}"}
@@ -128,5 +132,12 @@ def run(rate: int = 200, seconds: float = 10.0, devices: int = 300, days: int = 
         "batch_errors": batch_errors, "batch_rows_per_s": round(len(batch) * batch_rows / batch_elapsed),
         "batch_p50_ms": round(float(np.percentile(batch * 1000, 50)), 1) if len(batch) else None,
         "direct_batch_rows_per_s": round(direct_batch),
-        "model_version": trained["version"],
+        "model_version": trained["version"], "ingress": ingress,
     }
+
+
+def _ingress() -> str:
+    """The HTTP ingress of the running Ray's Serve, as its processes see it (not this driver: once
+    training started Ray before the setting was made, and HAProxy was silently not measured)."""
+    setting = ray.get(ray.remote(num_cpus=0)(lambda: os.environ.get("RAY_SERVE_ENABLE_HA_PROXY")).remote())
+    return "HAProxy" if setting == "1" else "Serve's proxy"
