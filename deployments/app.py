@@ -92,8 +92,10 @@ MAX_ONGOING_REQUESTS = 256
 # Scoring batches (user_config score_batch_size, score_batch_wait_s): concurrent scoring requests
 # are scored in one model call of at most this many requests, gathered for at most this long
 # after the first one arrives. A lone request waits the whole wait: keep it to milliseconds.
+# 0: a batch takes the requests already queued and waits for no more. `bench serve` at 200 req/s,
+# alternating runs: p50 4.3 and 4.7 ms against 6.1 and 5.2 ms with 1 ms; batch scoring about the same.
 SCORE_BATCH_SIZE = 64
-SCORE_BATCH_WAIT_S = 0.001
+SCORE_BATCH_WAIT_S = 0.0
 MAX_SCORE_BATCH_WAIT_S = 1.0
 # Read connections a replica holds at most (per backend): a burst of analytics reads queues for
 # them, and answers 503 after READ_WAIT_S, instead of taking the connections the writer needs.
@@ -162,7 +164,7 @@ def parse_user_config(config) -> UserConfig:
     wait = SCORE_BATCH_WAIT_S if wait is None else wait
     if not (_number(wait) and 0 <= wait <= MAX_SCORE_BATCH_WAIT_S):
         problems.append(f"score_batch_wait_s must be seconds from 0 to {MAX_SCORE_BATCH_WAIT_S:g} (how long a "
-                        f"batch waits for more requests; {SCORE_BATCH_WAIT_S:g} = 1 ms), got {wait!r}")
+                        f"batch waits for more requests; default {SCORE_BATCH_WAIT_S:g}), got {wait!r}")
     guards = _guards(config, problems)
     drift = config.get("drift_interval_s")
     drift = DRIFT_INTERVAL_S if drift is None else drift

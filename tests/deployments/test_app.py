@@ -468,7 +468,7 @@ def test_a_bad_user_config_value_is_refused_with_a_clear_message(served):
         assert status.status == "DEPLOY_FAILED"
         assert "refused user_config: unknown key(s) 'batch_sise'" in status.message, status.message
         assert "score_batch_wait_s must be seconds from 0 to 1 (how long a batch waits for more requests; " \
-               "0.001 = 1 ms), got 'fast'" in status.message, status.message
+               "default 0), got 'fast'" in status.message, status.message
 
         serve.run(own_app(settings["storage"], settings["registry"], user_config={"model_path": first["path"]}),
                   name="podpulse-refused", route_prefix="/refused")
