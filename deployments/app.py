@@ -92,8 +92,9 @@ MAX_ONGOING_REQUESTS = 256
 # Scoring batches (user_config score_batch_size, score_batch_wait_s): concurrent scoring requests
 # are scored in one model call of at most this many requests, gathered for at most this long
 # after the first one arrives. A lone request waits the whole wait: keep it to milliseconds.
-# 0: a batch takes the requests already queued and waits for no more. `bench serve` at 200 req/s,
-# alternating runs: p50 4.3 and 4.7 ms against 6.1 and 5.2 ms with 1 ms; batch scoring about the same.
+# 0: a batch takes the requests already queued and waits for no more. bench.serve.run at 200 req/s,
+# alternating runs: p50 4.3 and 4.7 ms against 6.1 and 5.2 ms with 1 ms; batch scoring about the
+# same; `podpulse bench serve` once on 0 afterwards: 5.38 ms (README, Performance).
 SCORE_BATCH_SIZE = 64
 SCORE_BATCH_WAIT_S = 0.0
 MAX_SCORE_BATCH_WAIT_S = 1.0

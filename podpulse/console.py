@@ -26,11 +26,11 @@ __all__ = ["out", "err", "run_simulation", "print_summary", "ingest_with_progres
 
 out = Console()
 err = Console(stderr=True)
-_logs: Path | None = None  # where quiet_logs sent this process's stderr
+_logs: Path | None = None  # where stderr_to sent this process's stderr
 
 
 def logs_file() -> Path | None:
-    """The file this process's stderr goes to since :func:`quiet_logs`, or None (the terminal)."""
+    """The file this process's stderr goes to since :func:`stderr_to`, or None (the terminal)."""
     return _logs
 
 
