@@ -23,11 +23,15 @@ ENV PYTHONUNBUFFERED=1 \
 # package's readme) and the packages listed in [tool.setuptools.packages.find].
 COPY --chown=1000:100 pyproject.toml README.md ./
 COPY --chown=1000:100 podpulse ./podpulse
-COPY --chown=1000:100 actors ./actors
 COPY --chown=1000:100 storage ./storage
+COPY --chown=1000:100 actors ./actors
+COPY --chown=1000:100 analytics ./analytics
+COPY --chown=1000:100 jobs ./jobs
 COPY --chown=1000:100 deployments ./deployments
 COPY --chown=1000:100 crds ./crds
+COPY --chown=1000:100 testbed ./testbed
 COPY --chown=1000:100 bench ./bench
+COPY --chown=1000:100 cli ./cli
 
 # A regular (not editable) install: the code lives in site-packages, so the Ray Serve
 # import path deployments.app:api and `kopf run -m crds.operator` work from any directory.

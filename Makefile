@@ -7,7 +7,7 @@ INFRA := .cache/infra
 TOOLS := .cache/tools/bin
 KUBERAY_CRDS := .cache/tools/kuberay-crds
 
-.PHONY: setup demo test bench tools infra kube browser
+.PHONY: setup demo test test-fast bench tools infra kube browser
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ demo: setup
 
 test: setup tools infra kube browser
 	$(BIN)/python -m pytest
+
+# Unit and property tests: no server (no broker, database, Ray, control plane or browser), under 3 minutes.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not integration and not slow"
 
 # prometheus and promtool (alert-rule tests, the scrape test) and amtool (the Alertmanager
 # example) come from Debian's prometheus and prometheus-alertmanager packages.
@@ -49,12 +53,12 @@ infra: $(INFRA)/kafka/.fetched $(INFRA)/cassandra/.fetched
 	  $$sudo apt-get update -qq && \
 	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; }
 
-$(INFRA)/%/.fetched: tests/infra/%/pom.xml
+$(INFRA)/%/.fetched: testbed/maven/%/pom.xml
 	rm -rf $(INFRA)/$*
 	mvn -q -B -f $< dependency:copy-dependencies -DoutputDirectory=$(CURDIR)/$(INFRA)/$*
 	touch $@
 
-# The control plane of tests/k8s (tests/infra/kube.py): etcd, kube-apiserver and kube-controller-manager
+# The control plane of tests/k8s (testbed/kube.py): etcd, kube-apiserver and kube-controller-manager
 # (only its garbage collector runs: tests/k8s/test_operator_live.py) built from their Go modules, at the
 # versions tools/go.mod and go.sum pin, into $(TOOLS) (kept between runs: rebuilt only when tools/go.mod
 # or go.sum changes); KubeRay and Helm below. Go's own caches (~/go/pkg/mod, ~/.cache/go-build) make a

@@ -46,8 +46,8 @@ import ray
 from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Message, TopicPartition
 from ray.exceptions import RayError
 
+from actors.config import CONSUMER_CPUS, IngestConfig
 from podpulse import metrics
-from podpulse.config import CONSUMER_CPUS, IngestConfig
 from podpulse.contract import decode_batch, uploads_of_each
 from podpulse.dead_letters import DeadLetter, DeadLetterTopic
 from podpulse.errors import BrokerError

@@ -36,13 +36,14 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from actors.config import WRITER_CPUS
 from podpulse import metrics
-from podpulse.config import WRITER_CPUS
 from podpulse.dead_letters import DeadLetter, DeadLetterTopic
 from podpulse.failures import FailureLog
 from storage.base import OffsetGap, RefusedRows, StorageError
+from storage.config import StorageConfig
 from storage.rollups import check_follows, drop_replayed
-from storage.router import Storage, StorageConfig, open_storage
+from storage.router import Storage, open_storage
 
 log = logging.getLogger("podpulse.writer")
 

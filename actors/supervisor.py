@@ -40,10 +40,10 @@ import ray
 from confluent_kafka import Consumer, TopicPartition
 from ray.exceptions import RayActorError, RayTaskError
 
+from actors.config import IngestConfig
 from actors.partition_consumer import PartitionConsumer
 from actors.storage_writer import StorageWriter
 from podpulse import metrics
-from podpulse.config import IngestConfig
 from podpulse.dead_letters import DeadLetterTopic
 from podpulse.errors import BrokerError, ConfigError
 from podpulse.failures import FailureLog

@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 
 from bench.ingest import bench_storage
-from bench.fleet import first_events
 from podpulse.contract import decode_batch
 from storage.router import open_storage
+from testbed.topics import first_events
 
 TOPIC = "bench-commit"
 

@@ -15,8 +15,8 @@ import time
 
 import msgspec
 
-from bench.fleet import first_events
 from podpulse.contract import decode_batch
+from testbed.topics import first_events
 
 BATCH_EVENTS = 20_000
 

@@ -2,7 +2,7 @@
 
 Per seed, two fleets are written straight to DuckDB stores (``bench.report.build_store``):
 one whose mid-window firmware (7A305) drains ``regression`` times as fast, one
-where it does not. Detection (:func:`podpulse.regressions.detect_rows`) then runs
+where it does not. Detection (:func:`analytics.regressions.detect_rows`) then runs
 on what was known at the end of each day, from the release on:
 
 - **delay**: per model that runs the new version, the days after the release and
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import build_store
-from podpulse.regressions import CONFIDENCE, MIN_EFFECT, detect_rows, read_hours
+from analytics.regressions import CONFIDENCE, MIN_EFFECT, detect_rows, read_hours
 from podpulse.simulator import FIRMWARE, Fleet, FleetSpec
-from storage.router import StorageConfig
+from storage.config import StorageConfig
+from testbed.stores import build_store
 
 __all__ = ["run", "unpaired"]
 

@@ -7,7 +7,7 @@ messages, 50 ms linger, one batch in flight per consumer, so that a fault can
 land mid-stream) ingests them into a fresh store while the fault happens. Then
 the topic, the store and the dead-letter topic are read back and compared.
 Servers start once per run: the embedded Tansu broker, Apache Kafka 4 and a
-private PostgreSQL cluster (``tests/infra``; needs a checkout with ``make infra``
+private PostgreSQL cluster (``testbed``; needs a checkout with ``make infra``
 done); each PostgreSQL store is a fresh schema, each DuckDB store a fresh file.
 
 Faults (``--only`` takes these names, comma-separated):
@@ -83,19 +83,18 @@ from typing import Callable
 import msgspec
 import psutil
 import ray
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
-from sqlalchemy import create_engine
 
+from actors.config import IngestConfig
 from actors.supervisor import IngestSupervisor
-from podpulse.broker import EmbeddedBroker
-from podpulse.config import IngestConfig, StorageConfig
+from podpulse.dead_letters import read_dead_letters
 from podpulse.errors import ConfigError
-from podpulse.ingest import dead_letters
-from podpulse.kafka import client_config, ensure_topic, producer_config
 from podpulse.runtime import init_ray
-from podpulse.simulator import Fleet, FleetSpec, simulate
-from storage.postgres_store import engine_url
+from storage.config import StorageConfig
 from storage.reader import run_queries
+from testbed.servers import Servers
+from testbed.stores import postgres_store
+from testbed.topics import Traffic, first_records, produce, read_topic
+from testbed.watch import POLL_S, Watch, store_offsets, writer_offsets
 
 __all__ = ["FAULTS", "POISON_KINDS", "Servers", "run", "select"]
 
@@ -103,7 +102,6 @@ PARTITIONS = 4
 PIPELINE = {"consumers": 2, "batch_size": 500, "linger_ms": 50, "max_in_flight": 1}
 POISON_COPIES = 3
 MID_STREAM_SHARE = 0.25  # kills and restarts happen once this share of the records is stored
-POLL_S = 0.1
 START_TIMEOUT_S = 120.0  # until the share above is stored
 RECOVERY_TIMEOUT_S = 240.0  # after the fault, until everything is stored
 DISK_MB, DISK_FULL_EVENTS, DISK_GROWN_MB = 24, 100_000, 512
@@ -166,142 +164,12 @@ def poison_records(template: bytes, copies: int = POISON_COPIES) -> list[tuple[b
     return out
 
 
-# -- the traffic of a topic ---------------------------------------------------------------------
-
-@dataclass
-class Traffic:
-    """What a topic holds, read back from it."""
-
-    topic: str
-    ends: dict[int, int]  # next offset per partition
-    valid: set = field(default_factory=set)  # distinct (device_id, seq) of the valid records
-    valid_records: int = 0
-    poison: dict = field(default_factory=dict)  # (partition, offset) → kind
-
-    @property
-    def total(self) -> int:
-        return sum(self.ends.values())
-
-
-def fleet_events(events: int, seed: int) -> list[tuple[bytes, bytes]]:
-    """``events`` simulated (key, value) pairs, each a distinct (device_id, seq)."""
-    spec = FleetSpec(devices=max(100, events // 40), hours=24 * 7, seed=seed, fault_share=0.0)
-    out: list[tuple[bytes, bytes]] = []
-    for chunk in simulate(spec, Fleet.build(spec)):
-        out += list(zip(chunk.keys, chunk.values))[: events - len(out)]
-        if len(out) >= events:
-            return out
-    raise RuntimeError(f"the simulator produced {len(out)} events, fewer than {events}")
-
-
-def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> dict[int, int]:
-    """Produce and wait for every acknowledgement; returns the next offset per partition it wrote."""
-    ensure_topic(client_config(bootstrap), topic, PARTITIONS)
-    producer = Producer({**producer_config(bootstrap), "message.max.bytes": 2_000_000})
-    ends: dict[int, int] = {}
-    errors: list[str] = []
-
-    def acked(err, msg) -> None:
-        if err is not None:
-            errors.append(str(err))
-        else:
-            ends[msg.partition()] = max(ends.get(msg.partition(), 0), msg.offset() + 1)
-
-    for key, value in records:
-        while True:
-            try:
-                producer.produce(topic, value, key, on_delivery=acked)
-                break
-            except BufferError:
-                producer.poll(0.5)
-        producer.poll(0)
-    left = producer.flush(120)
-    if errors or left:
-        raise RuntimeError(f"{topic}: {len(errors)} records refused, {left} unacknowledged; first: "
-                           f"{errors[:1]}")
-    return ends
-
-
-def read_topic(bootstrap: str, topic: str, ends: dict[int, int], timeout_s: float = 120.0) -> Traffic:
-    """Read every record up to ``ends`` back: valid identities, poison records by offset."""
-    consumer = Consumer({**client_config(bootstrap), "group.id": f"bench-faults-{uuid.uuid4().hex[:8]}",
-                         "enable.auto.commit": False, "enable.partition.eof": True})
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
-    traffic = Traffic(topic, {p: 0 for p in range(PARTITIONS)})
-    deadline = time.monotonic() + timeout_s
-    try:
-        while any(traffic.ends[p] < ends.get(p, 0) for p in range(PARTITIONS)):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{topic}: read back {traffic.ends} of {ends} within {timeout_s:.0f}s")
-            for m in consumer.consume(10_000, 1.0):
-                if m.error():
-                    if m.error().code() != KafkaError._PARTITION_EOF:
-                        raise RuntimeError(f"{topic}: {m.error()}")
-                    continue
-                p, o = m.partition(), m.offset()
-                traffic.ends[p] = max(traffic.ends[p], o + 1)
-                key = m.key() or b""
-                if key.startswith(b"poison/"):
-                    traffic.poison[(p, o)] = key.split(b"/")[1].decode()
-                    continue
-                record = msgspec.json.decode(m.value())
-                traffic.valid.add((record["device_id"], record["seq"]))
-                traffic.valid_records += 1
-    finally:
-        consumer.close()
-    return traffic
-
-
-# -- servers and stores ----------------------------------------------------------------------
-
-def _infra():
-    """tests/infra of this checkout (Apache Kafka, PostgreSQL), on the path."""
-    tests = Path(__file__).resolve().parents[1] / "tests"
-    if not (tests / "infra").is_dir():
-        raise ConfigError(f"bench faults needs the repository's tests/infra (not found in {tests.parent})")
-    if str(tests) not in sys.path:
-        sys.path.insert(0, str(tests))
-    import infra.kafka  # lazy: tests/infra joins sys.path just above
-    import infra.postgres  # lazy: likewise
-
-    return infra
-
-
-class Servers:
-    """Each server started once, on first use, and stopped at the end (unless given)."""
-
-    def __init__(self, tansu=None, kafka=None, postgres=None):
-        self._servers = {"tansu": tansu, "kafka": kafka, "postgres": postgres}
-        self._started: list = []
-
-    def get(self, name: str):
-        if self._servers[name] is None:
-            if name == "tansu":
-                server = EmbeddedBroker().start()
-            elif name == "kafka":
-                server = _infra().kafka.KafkaBroker().start()
-            else:
-                server = _infra().postgres.PostgresCluster().start()
-            self._servers[name] = server
-            self._started.append(server)
-        return self._servers[name]
-
-    def close(self) -> None:
-        for server in reversed(self._started):
-            try:
-                server.remove() if hasattr(server, "remove") else server.stop()
-            except Exception as e:  # keep stopping the others
-                print(f"bench faults: stopping {type(server).__name__} failed: {e}", file=sys.stderr)
-
+# -- stores ---------------------------------------------------------------------------------------
 
 def fresh_store(servers: Servers, kind: str, name: str, where: Path) -> StorageConfig:
     if kind == "duckdb":
         return StorageConfig.embedded(where / f"{name}-{uuid.uuid4().hex[:6]}.duckdb")
-    pg = servers.get("postgres")
-    schema = f"fault_{name.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
-    pg.psql(f"CREATE SCHEMA {schema}")
-    return StorageConfig(backends={"pg": {"type": "postgresql",
-                                          "url": f"{pg.url}?options=-csearch_path%3D{schema}"}})
+    return postgres_store(servers.get("postgres"), f"fault_{name}")
 
 
 @dataclass
@@ -342,88 +210,14 @@ def measure(storage: StorageConfig, bootstrap: str, topic: str) -> Measured:
         m.stored_ids = {(d, int(s)) for d, s, _ in r["ids"]}
         m.stored, m.rows = len(m.stored_ids), sum(int(n) for *_, n in r["ids"])
         m.counted = int(r["counted"][0][0] or 0)
-    for letter in dead_letters(bootstrap, f"{topic}.dlq"):
+    for letter in read_dead_letters(bootstrap, f"{topic}.dlq"):
         source = (letter["partition"], letter["offset"])
         m.letters.add(source)
         m.reasons.setdefault(source, letter["reason"])
     return m
 
 
-# -- watching and running the pipeline -----------------------------------------------------------
-
-def writer_offsets(supervisor, topic: str) -> Callable[[], dict | None]:
-    """The offsets stored with the data, through the supervisor's (current) writer."""
-    def read():
-        try:
-            writer = ray.get(supervisor.handles.remote(), timeout=5)["writer"]
-            return None if writer is None else ray.get(writer.committed_offsets.remote(topic), timeout=5)
-        except Exception:  # restarting, store down: not known now
-            return None
-    return read
-
-
-def store_offsets(storage: StorageConfig, topic: str) -> Callable[[], dict | None]:
-    """The offsets stored with the data, read from PostgreSQL directly."""
-    engine = create_engine(engine_url(storage.backends["pg"]["url"]), pool_pre_ping=True)
-
-    def read():
-        try:
-            with engine.connect() as conn:
-                return dict(conn.exec_driver_sql(
-                    "SELECT kafka_partition, next_offset FROM kafka_offsets WHERE topic = %(t)s",
-                    {"t": topic}).all())
-        except Exception:
-            return None
-    read.close = engine.dispose
-    return read
-
-
-class Watch:
-    """Polls the stored offsets: how much is stored, and when everything first was."""
-
-    def __init__(self, offsets: Callable[[], dict | None], ends: dict[int, int]):
-        self.offsets = offsets
-        self.stored = 0
-        self.complete_at: float | None = None
-        self._lock = threading.Lock()
-        self.extend(ends)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def extend(self, ends: dict[int, int]) -> None:
-        """The topic grew: everything is stored once these offsets are."""
-        with self._lock:
-            self.ends = {p: o for p, o in ends.items() if o}
-            self.total = sum(self.ends.values())
-            self.complete_at = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            got = self.offsets()
-            if got is not None:
-                with self._lock:
-                    self.stored = sum(min(got.get(p, 0), end) for p, end in self.ends.items())
-                    if self.stored == self.total and self.complete_at is None:
-                        self.complete_at = time.time()
-            self._stop.wait(POLL_S)
-
-    def wait(self, share: float, timeout: float, done=None) -> bool:
-        """Until ``share`` of the records is stored (or the run ``done`` ended)."""
-        deadline = time.monotonic() + timeout
-        while self.stored < share * self.total:
-            if time.monotonic() > deadline or (done is not None and ray.wait([done], timeout=0)[0]):
-                return self.stored >= share * self.total
-            time.sleep(0.02)
-        return True
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        close = getattr(self.offsets, "close", None)
-        if close:
-            close()
-
+# -- running the pipeline --------------------------------------------------------------------------
 
 class Pipeline:
     """One IngestSupervisor run in local Ray."""
@@ -572,13 +366,13 @@ def _injected(watch: Watch, reached: bool, what: str) -> str:
 def fault_poison(ctx: Context, broker_kind: str, store_kind: str) -> list[dict]:
     broker = ctx.servers.get(broker_kind)
     topic = ctx.topic(f"poison-{broker_kind}")
-    valid = fleet_events(ctx.events, ctx.seed)
+    valid = first_records(ctx.events, ctx.seed)
     poison = poison_records(valid[0][1])
     records = list(valid)
     rng = random.Random(ctx.seed)
     for record in poison:  # at random places in the stream
         records.insert(rng.randrange(len(records) + 1), record)
-    traffic = read_topic(broker.bootstrap, topic, produce(broker.bootstrap, topic, records))
+    traffic = read_topic(broker.bootstrap, topic, produce(broker.bootstrap, topic, records, PARTITIONS))
     storage = fresh_store(ctx.servers, store_kind, "poison", ctx.tmp)
     run = Pipeline(ingest_config(broker.bootstrap, topic, storage))
     run.finish(RECOVERY_TIMEOUT_S)
@@ -603,14 +397,14 @@ def fault_poison(ctx: Context, broker_kind: str, store_kind: str) -> list[dict]:
 def fault_resend(ctx: Context) -> list[dict]:
     broker = ctx.servers.get("tansu")
     topic = ctx.topic("resend")
-    valid = fleet_events(ctx.events, ctx.seed)
+    valid = first_records(ctx.events, ctx.seed)
     again = valid[::10]  # sent twice at once (same or next batch)
-    produce(broker.bootstrap, topic, valid + again)
+    produce(broker.bootstrap, topic, valid + again, PARTITIONS)
     storage = fresh_store(ctx.servers, "duckdb", "resend", ctx.tmp)
     first = Pipeline(ingest_config(broker.bootstrap, topic, storage))
     first.finish(RECOVERY_TIMEOUT_S)
     before = measure(storage, broker.bootstrap, topic)
-    ends = produce(broker.bootstrap, topic, valid)  # all of them again, after they were stored
+    ends = produce(broker.bootstrap, topic, valid, PARTITIONS)  # all of them again, after they were stored
     traffic = read_topic(broker.bootstrap, topic, ends)
     second = Pipeline(ingest_config(broker.bootstrap, topic, storage))
     second.finish(RECOVERY_TIMEOUT_S)
@@ -628,7 +422,7 @@ def _prepared(ctx: Context, fault: str, broker_kind: str, store_kind: str, event
               where: Path | None = None):
     broker = ctx.servers.get(broker_kind)
     topic = ctx.topic(fault)
-    ends = produce(broker.bootstrap, topic, fleet_events(events or ctx.events, ctx.seed))
+    ends = produce(broker.bootstrap, topic, first_records(events or ctx.events, ctx.seed), PARTITIONS)
     traffic = read_topic(broker.bootstrap, topic, ends)
     return broker, topic, traffic, fresh_store(ctx.servers, store_kind, fault, where or ctx.tmp)
 
@@ -655,7 +449,7 @@ def fault_actor_kill(ctx: Context, which: str) -> list[dict]:
 
 def _podpulse() -> list[str]:
     exe = Path(sys.executable).parent / "podpulse"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "podpulse.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "cli.main"]
 
 
 def fault_driver_kill(ctx: Context) -> list[dict]:
@@ -797,9 +591,9 @@ def fault_broker_restart(ctx: Context) -> list[dict]:
     a restart with nothing left to fetch would test only the offset commits."""
     broker = ctx.servers.get("kafka")
     topic = ctx.topic("broker-restart")
-    valid = fleet_events(ctx.events, ctx.seed)
+    valid = first_records(ctx.events, ctx.seed)
     half = len(valid) // 2
-    ends = produce(broker.bootstrap, topic, valid[:half])
+    ends = produce(broker.bootstrap, topic, valid[:half], PARTITIONS)
     storage = fresh_store(ctx.servers, "duckdb", "broker-restart", ctx.tmp)
     run = Pipeline(ingest_config(broker.bootstrap, topic, storage), until_caught_up=False)
     watch = Watch(writer_offsets(run.supervisor, topic), ends)
@@ -811,7 +605,7 @@ def fault_broker_restart(ctx: Context) -> list[dict]:
         time.sleep(3)
         broker.start()
         at = time.time()
-        ends = produce(broker.bootstrap, topic, valid[half:])
+        ends = produce(broker.bootstrap, topic, valid[half:], PARTITIONS)
         produced_after = time.time() - at
         traffic = read_topic(broker.bootstrap, topic, ends)
         watch.extend(traffic.ends)

@@ -27,28 +27,23 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import psutil
 from confluent_kafka import Consumer, Producer, TopicPartition
-from sqlalchemy import create_engine
-from sqlalchemy.engine import make_url
 
-from bench.fleet import first_events
+from actors.config import IngestConfig
+from jobs.ingest import run_ingest
 from podpulse.broker import EmbeddedBroker
-from podpulse.config import IngestConfig
-from podpulse.ingest import run_ingest
 from podpulse.kafka import client_config, ensure_topic, flush, produce, producer_config
 from podpulse.runtime import init_ray
-from storage.base import StorageError
-from storage.cassandra_store import CassandraSettings, CassandraStore
-from storage.postgres_store import engine_url
+from storage.config import StorageConfig
 from storage.reader import run_queries
-from storage.router import StorageConfig, password
+from storage.router import count_events, scratch
+from testbed.topics import first_events
 
 
 def preload(bootstrap: str, topic: str, events: int, partitions: int, seed: int = 7, shape: str = "event") -> dict:
@@ -237,66 +232,21 @@ class Profiles:
 
 @contextmanager
 def bench_storage(storage_file, tmp: str):
-    """The store to measure, empty: a temporary DuckDB file (with the settings of a DuckDB config, if
-    given), or a throwaway PostgreSQL schema holding every kind of record, or raw events in a throwaway
-    Cassandra keyspace beside it."""
+    """The store to measure, empty: a temporary DuckDB file, or beside each backend of ``--storage-config``
+    a scratch namespace (a DuckDB file with its settings, a PostgreSQL schema, a Cassandra keyspace;
+    ``storage.router.scratch``), dropped at the end."""
     if storage_file is None:
         yield StorageConfig.embedded(Path(tmp) / "bench.duckdb")
         return
-    config = StorageConfig.load(storage_file)
-    core, raw = config.routes["rollups"], config.routes["raw_events"]
-    spec, raw_spec = config.backends[core], config.backends[raw]
-    if spec["type"] == "duckdb" and core == raw:  # its settings (memory_limit), in a throwaway file
-        yield StorageConfig(backends={core: {**spec, "path": str(Path(tmp) / "bench.duckdb")}},
-                            routes=dict(config.routes))
-        return
-    if spec["type"] != "postgresql" or raw_spec["type"] not in ("postgresql", "cassandra"):
-        raise StorageError("bench ingest measures the embedded store, or PostgreSQL for the relational "
-                           "records with raw events in it or in Cassandra")
-    name = f"podpulse_bench_{int(time.time())}"
-    admin = create_engine(engine_url(spec["url"], password(spec)))
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {name}")
-    url = str(make_url(spec["url"]).update_query_dict({"options": f"-csearch_path={name}"}))
-    backends = {core: {**spec, "url": url}}
-    if raw != core:
-        backends[raw] = {**raw_spec, "keyspace": name}
-    try:
-        yield StorageConfig(backends=backends, routes=dict(config.routes))
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {name} CASCADE")
-        admin.dispose()
-        if raw != core:
-            with _cassandra(backends[raw]) as session:
-                session.execute(f"DROP KEYSPACE IF EXISTS {name}")
-
-
-@contextmanager
-def _cassandra(spec):
-    store = CassandraStore(CassandraSettings(**{k: v for k, v in spec.items() if k != "type"}))
-    store.setup()
-    try:
-        yield store._session
-    finally:
-        store.close()
+    with scratch(StorageConfig.load(storage_file), tmp, prefix="podpulse_bench") as config:
+        yield config
 
 
 def stored_events(storage: StorageConfig) -> tuple[int, int, int]:
     """Raw event rows, distinct (device_id, seq) among them, and the events the rollups counted."""
-    counts = {"devices": "SELECT sum(events) FROM devices"}
-    raw = storage.backends[storage.routes["raw_events"]]
-    if raw["type"] != "cassandra":
-        counts["n"] = "SELECT count(*), count(DISTINCT (device_id, seq)) FROM events"
-    r = run_queries(storage, counts)
-    counted = int(r["devices"][0][0] or 0)
-    if "n" in r:
-        rows, distinct = r["n"][0]
-        return rows, distinct, counted
-    with _cassandra(raw) as session:  # the primary key holds (device_id, seq): rows are distinct
-        rows = sum(1 for _ in session.execute(
-            f"SELECT device_id FROM {raw['keyspace']}.events", timeout=600))
-    return rows, rows, counted
+    rows, distinct = count_events(storage)
+    counted = run_queries(storage, {"devices": "SELECT sum(events) FROM devices"})["devices"][0][0]
+    return rows, distinct, int(counted or 0)
 
 
 def run(events: int = 1_000_000, partitions: int = 8, consumers: int = 0, writers: int = 1, batch_size: int = 20_000,

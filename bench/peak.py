@@ -25,13 +25,14 @@ import numpy as np
 import ray
 from confluent_kafka import Producer
 
-from bench.fleet import first_events
+from actors.config import IngestConfig
 from actors.supervisor import IngestSupervisor
 from podpulse.broker import EmbeddedBroker
-from podpulse.config import IngestConfig, StorageConfig
 from podpulse.kafka import client_config, ensure_topic, producer_config
 from podpulse.runtime import init_ray
 from podpulse.simulator import Fleet, FleetSpec, simulate
+from storage.config import StorageConfig
+from testbed.topics import first_events
 
 DAY_H = 24
 

@@ -16,54 +16,16 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
+from analytics.queries import data_range, device_timeline, full_report
 from bench.ingest import bench_storage
-from podpulse.analytics import data_range, device_timeline, full_report
-from podpulse.contract import decode_batch
 from podpulse.errors import StorageError
-from podpulse.pseudonyms import Pseudonyms
-from podpulse.simulator import Fleet, FleetSpec, simulate
+from storage.config import StorageConfig
 from storage.reader import open_reader
-from storage.router import StorageConfig, open_storage
-
-
-def build_store(path: Path | StorageConfig, devices: int, days: int, seed: int = 7,
-                start: datetime | None = None, **fleet) -> int:
-    """A store of a simulated fleet (a DuckDB file, or any storage configuration), written straight
-    to the store (not through Kafka, so no event-time window applies), device ids hashed with the
-    store's pseudonym key as ingest does. ``start``: the simulator's default, unless given; ``fleet``:
-    more of :class:`FleetSpec` (``fault_share``, ``fault_mix``)."""
-    spec = FleetSpec(devices=devices, hours=24 * days, seed=seed, start=start, **fleet)
-    config = path if isinstance(path, StorageConfig) else StorageConfig.embedded(path)
-    pseudonyms = config.pseudonyms(create=True)
-    storage = open_storage(config)
-    storage.setup()
-    offset, pending, total = 0, [], 0
-    for chunk in simulate(spec, Fleet.build(spec)):
-        pending.extend(chunk.values)
-        if len(pending) >= 100_000:
-            offset = _commit(storage, pseudonyms, pending, offset)
-            total += len(pending)
-            pending = []
-    if pending:
-        offset = _commit(storage, pseudonyms, pending, offset)
-        total += len(pending)
-    storage.close()
-    return total
-
-
-def _commit(storage, pseudonyms: Pseudonyms, values: list[bytes], offset: int) -> int:
-    table = pseudonyms.table(decode_batch(values, window=None).table)
-    n = table.num_rows
-    table = table.append_column("kafka_partition", pa.array(np.zeros(n, np.int32))).append_column(
-        "kafka_offset", pa.array(np.arange(offset, offset + n), pa.int64()))
-    storage.commit("bench-report", table, {0: offset + n})
-    return offset + n
+from testbed.stores import build_store
 
 
 def run(devices: int = 20_000, days: int = 7, repeat: int = 3, storage_file: str | None = None) -> dict:

@@ -32,16 +32,15 @@ import numpy as np
 import ray
 from ray import serve
 
-from bench.report import build_store
+from analytics.battery_model import load, score_rows
 from deployments.app import run_local
-from podpulse.battery_model import load, score_rows
+from jobs.train import train_battery_anomaly
 from podpulse.broker import free_port
 from podpulse.runtime import HA_PROXY_ENV, init_ray
-from podpulse.train import train_battery_anomaly
-from storage.router import StorageConfig
+from storage.config import StorageConfig
+from testbed.api import ROW
+from testbed.stores import build_store
 
-ROW = {"model": "AirPods Pro 2", "firmware": "7A294", "playback_h": 0.8, "anc": 0.5, "adaptive": 0.1,
-       "transparency": 0.1, "output_dba": 70.0, "drain_left_pct": 18.0, "drain_right_pct": 17.0}
 TOKEN = "bench-token"
 
 

@@ -32,11 +32,12 @@ from collections.abc import Mapping
 
 import yaml
 
+from actors.config import CONSUMER_CPUS, INGEST_DEFAULTS, WRITER_CPUS
 from crds import policy
 from crds.policy import InvalidSpec, Policy, Refused
-from podpulse.config import CONSUMER_CPUS, INGEST_DEFAULTS, WRITER_CPUS, StorageConfig
 from podpulse.errors import StorageError
 from podpulse.pseudonyms import KEY_ENV
+from storage.config import StorageConfig
 
 __all__ = ["InvalidSpec", "Refused", "Policy", "DEFAULT_POLICY", "secret_refs", "stream_children", "stream_status",
            "schema_children", "schema_status", "deployer_patch", "deployer_removal", "deployer_status",

@@ -8,10 +8,10 @@ Two sources, read by every replica:
   rotated or revoked without a restart; a file that no longer reads keeps the tokens it had.
 - ``$PODPULSE_API_TOKEN``: one token with every scope (``admin``), for one machine and the demo.
 
-Scopes: ``ingest`` (POST /v1/telemetry), ``read:aggregates`` (analytics, forecasts, scoring),
-``read:devices`` (per-device reads, and analytics' device ids) and ``admin`` (all of them, and
-erasing a device: DELETE /v1/devices/{id}).
-``podpulse token`` makes a token and its file entry.
+Scopes (:class:`Scope`): ``ingest`` (POST /v1/telemetry), ``read:aggregates`` (analytics, forecasts,
+scoring), ``read:devices`` (per-device reads, and analytics' device ids) and ``admin`` (all of them,
+and the writes: erasing a device, saving a cohort). Each route declares the scope it needs
+(``deployments.guard.needs``). ``podpulse token`` makes a token and its file entry.
 """
 
 from __future__ import annotations
@@ -25,13 +25,24 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import yaml
 
-__all__ = ["SCOPES", "Token", "Tokens", "parse_tokens", "new_token", "required_scope", "allows"]
+__all__ = ["Scope", "SCOPES", "Token", "Tokens", "parse_tokens", "new_token", "allows"]
 
-SCOPES = ("ingest", "read:aggregates", "read:devices", "admin")
+
+class Scope(str, Enum):
+    """What an API token may do."""
+
+    ingest = "ingest"
+    read_aggregates = "read:aggregates"
+    read_devices = "read:devices"
+    admin = "admin"
+
+
+SCOPES = tuple(s.value for s in Scope)
 RECHECK_S = 1.0  # how often a replica looks at the tokens file's modification time
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _BEARER = b"Bearer "
@@ -70,25 +81,18 @@ def parse_tokens(doc) -> tuple[Token, ...]:
     return tuple(tokens)
 
 
-def new_token(name: str, scopes: list[str]) -> tuple[str, dict]:
+def new_token(name: str, scopes: list[str | Scope]) -> tuple[str, dict]:
     """A fresh random token and its tokens-file entry (which holds only its SHA-256)."""
     token = secrets.token_urlsafe(32)
-    entry = {"name": name, "sha256": digest(token.encode()).decode(), "scopes": sorted(set(scopes))}
+    entry = {"name": name, "sha256": digest(token.encode()).decode(),
+             "scopes": sorted({getattr(s, "value", s) for s in scopes})}
     parse_tokens([entry])  # the same checks the replicas make
     return token, entry
 
 
-def required_scope(path: str, method: str = "GET") -> str:
-    """The scope a request needs, from its path and method (the Guard checks it before the body is read)."""
-    if path == "/v1/telemetry":
-        return "ingest"
-    if path.startswith("/v1/devices/"):
-        return "admin" if method == "DELETE" else "read:devices"
-    return "read:aggregates"
-
-
 def allows(scopes: frozenset[str], scope: str) -> bool:
-    return scope in scopes or "admin" in scopes
+    """Whether a token of ``scopes`` may do what needs ``scope`` (``admin`` may do everything)."""
+    return scope in scopes or Scope.admin.value in scopes
 
 
 class Tokens:

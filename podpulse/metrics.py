@@ -211,7 +211,7 @@ def consumer_lag(topic: str, lag: Mapping[int, int]) -> None:
 def backend_label(config) -> str:
     """``backend`` label of a storage configuration: its backend types, time-series store first,
     e.g. ``duckdb`` or ``cassandra+postgresql``."""
-    types = [config.backends[config.routes[k]]["type"] for k in ("raw_events", "offsets")]
+    types = [config.type_of(k) for k in ("raw_events", "offsets")]
     return types[0] if types[0] == types[1] else "+".join(types)
 
 

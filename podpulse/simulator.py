@@ -56,6 +56,7 @@ import numpy as np
 
 from podpulse import geo
 from podpulse.contract import MAX_SAMPLES, SAMPLE_FIELDS, Event, Sample, Upload, encoder
+from podpulse.localtime import AEST
 
 __all__ = ["FleetSpec", "Fleet", "Chunk", "Shape", "SHAPES", "Summary", "simulate", "FAULTS", "STRONG_FAULTS", "SUBTLE_FAULTS",
            "FAULT_MIXES", "FAULT_SIZE", "fault_mix", "default_start"]
@@ -68,7 +69,6 @@ class Shape(str, Enum):
 
 
 SHAPES = tuple(s.value for s in Shape)
-AEST = timedelta(hours=10)  # Sydney standard time, UTC+10 (daylight saving is not modelled)
 
 
 def default_start(hours: float, now: datetime | None = None) -> datetime:

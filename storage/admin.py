@@ -15,10 +15,10 @@ from pathlib import Path
 import duckdb
 from sqlalchemy import create_engine
 
+from storage.backends.oracle import oracle_url
+from storage.backends.postgres import engine_url
 from storage.base import StorageError
 from storage.migrations import LATEST, MIGRATIONS, applied_versions, migrate_duckdb, migrate_engine
-from storage.oracle_store import oracle_url
-from storage.postgres_store import engine_url
 
 __all__ = ["migrate", "status", "db_password"]
 

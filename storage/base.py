@@ -19,15 +19,19 @@ Delivery contract (see ``shared/DESIGN.md``):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import pyarrow as pa
 
 from podpulse.errors import StorageError
 
-__all__ = ["StorageError", "OffsetGap", "RefusedRows", "TimeSeriesStore", "RelationalStore", "CommitResult"]
+__all__ = ["StorageError", "OffsetGap", "RefusedRows", "TimeSeriesStore", "RelationalStore", "CommitResult", "Reader",
+           "Backend", "QUERY_DIALECT"]
+
+QUERY_DIALECT = "postgres"  # what PodPulse's SQL is written in (sqlglot's name)
 
 
 class OffsetGap(StorageError):
@@ -64,6 +68,11 @@ class TimeSeriesStore(ABC):
         partition or offset): events sent again. Asked before :meth:`write_events`, for the few
         rows ``storage.rollups.first_sightings`` suspects. A store that cannot tell answers []."""
         return []
+
+    @abstractmethod
+    def count_events(self) -> tuple[int, int]:
+        """Raw event rows, and distinct ``(device_id, seq)`` among them: what a benchmark or a test
+        compares with what it produced (a full scan)."""
 
     def erase_events(self, days: Mapping[str, Iterable[date]]) -> dict[str, int]:
         """Erasure: delete the raw events of each device on these UTC days (its time buckets);
@@ -127,3 +136,51 @@ class RelationalStore(ABC):
 
     def close(self) -> None:
         """Release connections. Not guaranteed to be called (a process may die)."""
+
+
+class Reader(ABC):
+    """Read-only SQL on one relational backend, session time zone UTC."""
+
+    dialect = QUERY_DIALECT  # sqlglot's name for the backend's dialect
+
+    def render(self, sql: str) -> str:
+        """``sql`` (PostgreSQL's dialect) as this backend reads it."""
+        return sql
+
+    @abstractmethod
+    def rows(self, sql: str) -> list[tuple]:
+        """Run one query (PostgreSQL's dialect); all its rows."""
+
+    @abstractmethod
+    def connection_factory(self) -> Callable[[], Any]:
+        """DB-API connections in UTC for Ray Data's ``read_sql`` (give it :meth:`render`'s SQL)."""
+
+    def close(self) -> None:
+        """Release the connection."""
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What a backend module registers (its ``BACKEND``), looked up by its settings' ``type``
+    (``storage.backends``): nothing else branches on which backend a configuration names.
+
+    ``store(settings, raw_events_days)``: its store (both roles, or the time-series role alone);
+    ``raw_events_days`` is the raw events' retention, for a store that applies it as it writes.
+    ``reader(settings, engine)``: a :class:`Reader` of a relational backend; ``engine``: a pooled
+    connection source from ``engine(settings, size, wait_s)``, or None for one of its own.
+    ``scratch(settings, name, directory)``: a context manager giving the settings of an empty
+    namespace named ``name`` on the same server (a schema, a keyspace, a file in ``directory``),
+    dropped at its end: where benchmarks and tests write without touching what is there.
+    """
+
+    settings: type
+    store: Callable[[Any, int | None], TimeSeriesStore | RelationalStore]
+    scratch: Callable[[Any, str, str], AbstractContextManager] | None = None
+    reader: Callable[[Any, Any], Reader] | None = None
+    engine: Callable[[Any, int, float], Any] | None = None

@@ -37,10 +37,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.base import CommitResult, RelationalStore
+from storage.rollups import (
+    DAILY_KEY,
+    DAILY_MERGE,
+    DEVICE_KEY,
+    DEVICE_MERGE,
+    FIRMWARE_KEY,
+    FIRMWARE_MERGE,
+    HOURLY_KEY,
+    HOURLY_MERGE,
+    check_follows,
+    daily_rollup,
+    device_updates,
+    drop_erased,
+    drop_replayed,
+    firmware_days,
+    first_sightings,
+    hourly_rollup,
+)
 from storage.schema import ERASED_FROM, metadata
-from storage.rollups import (DAILY_KEY, DAILY_MERGE, DEVICE_KEY, DEVICE_MERGE, FIRMWARE_KEY, FIRMWARE_MERGE,
-                             HOURLY_KEY, HOURLY_MERGE, check_follows, daily_rollup, device_updates, drop_erased, drop_replayed, firmware_days,
-                             first_sightings, hourly_rollup)
 
 __all__ = ["Transaction", "TransactionalStore", "commit_batch", "ERASED_KEY", "ERASED_MERGE", "tombstones"]
 

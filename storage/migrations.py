@@ -25,9 +25,11 @@ from sqlalchemy.dialects import oracle, postgresql
 from sqlalchemy.schema import CreateTable
 
 from podpulse.errors import StorageError
+from podpulse.localtime import REPORT_UTC_OFFSET_H
 from storage import schema
-from storage.rollups import DAILY_MERGE, REPORT_UTC_OFFSET_H
-from storage.schema import OracleOptions, add_columns_ddl, create_table_ddl, table_as_of
+from storage.config import OracleOptions
+from storage.rollups import DAILY_MERGE
+from storage.schema import add_columns_ddl, create_table_ddl, table_as_of
 from storage.sql import offset_minutes_sql
 
 __all__ = ["Migration", "MIGRATIONS", "LATEST", "statements", "migrate_duckdb", "migrate_engine",

@@ -2,7 +2,7 @@
 
 ``retention`` in the storage config gives the days kept per kind of record;
 a kind it does not name is kept forever, and the device registry and the
-offsets never expire (``podpulse.config.EXPIRING``). A run takes each expiring
+offsets never expire (``storage.config.EXPIRING``). A run takes each expiring
 table's cutoff (now − its kind's days) to the backend that keeps the kind:
 
 =================  ===========================================  =====================================
@@ -26,10 +26,9 @@ never touched. (A DuckDB file has one writer: run it while ingest is stopped.)
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from typing import Mapping
 
-from podpulse.config import StorageConfig
 from podpulse.errors import ConfigError
+from storage.config import StorageConfig
 from storage.router import open_backend, opened
 
 __all__ = ["KIND_TABLES", "cutoffs", "apply_retention", "parse_keep"]
@@ -52,16 +51,15 @@ def apply_retention(config: StorageConfig, now: datetime | None = None) -> dict:
 
     ``now``: the instant the retention counts back from (default: now; naive means UTC)."""
     now = _utc(now or datetime.now(timezone.utc))
-    backends = {name: {"type": config.backends[name]["type"],
-                       "tables": _expire(config.backends[name], tables)}
+    backends = {name: {"type": config.settings(name).type, "tables": _expire(config, name, tables)}
                 for name, tables in cutoffs(config, now).items()}
     return {"now": now.isoformat(), "retention": dict(config.retention), "backends": backends}
 
 
-def _expire(spec: Mapping, tables: dict[str, datetime]) -> dict[str, dict]:
-    if spec["type"] == "cassandra":  # each row carries its TTL already (storage.cassandra_store)
+def _expire(config: StorageConfig, name: str, tables: dict[str, datetime]) -> dict[str, dict]:
+    if config.settings(name).expires_on_write:  # each row carries its TTL already (Cassandra)
         return {t: {"cutoff": cutoff.isoformat(), "by": "ttl"} for t, cutoff in tables.items()}
-    with opened(open_backend(spec)) as store:
+    with opened(open_backend(config, name)) as store:
         removed = store.expire(tables)
     return {t: {"cutoff": cutoff.isoformat(), "by": "partition" if "partitions" in removed[t] else "delete",
                 **removed[t]} for t, cutoff in tables.items()}

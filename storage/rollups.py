@@ -14,12 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from podpulse import geo
+from podpulse.localtime import LOCAL_OFFSET_MIN, REPORT_UTC_OFFSET_H
 from storage.base import OffsetGap
 
 __all__ = ["KAFKA_COLUMNS", "HOURLY_KEY", "HOURLY_MERGE", "DEVICE_KEY", "DEVICE_MERGE", "LAST_SAMPLE",
-           "REPORT_UTC_OFFSET_H", "FIRMWARE_KEY", "FIRMWARE_MERGE", "firmware_days", "DAILY_KEY", "DAILY_MERGE",
-           "daily_rollup", "report_days", "LOCAL_OFFSET_MIN",
+           "FIRMWARE_KEY", "FIRMWARE_MERGE", "firmware_days", "DAILY_KEY", "DAILY_MERGE",
+           "daily_rollup", "report_days",
            "SINCE_MIGRATION_4", "SINCE_MIGRATION_10", "LAST_SAMPLE_QUERY", "last_sample_table",
            "drop_replayed", "drop_erased", "check_follows", "first_sightings", "hourly_rollup", "device_updates"]
 
@@ -50,9 +50,6 @@ SINCE_MIGRATION_4 = ("dose_s", "drain_left_pct", "drain_right_pct", "drain_playb
                      "last_seq", "last_battery_left", "last_battery_right", "last_battery_case",
                      "last_in_ear_left", "last_in_ear_right", "last_charging")
 
-# Reports count days in AEST (UTC+10, no daylight saving) for the whole fleet.
-REPORT_UTC_OFFSET_H = 10
-
 # Which firmware each device ran on each report day: what firmware adoption needs, kept here so
 # that it is answered wherever the raw events live (Cassandra included). Since migration 6.
 FIRMWARE_KEY = ("device_id", "day", "firmware")
@@ -73,8 +70,6 @@ DAILY_MERGE = {
     # half-hour zones rounded down): who was active at each hour of the day, without device_hourly
     "local_hours": "bitor",
 }
-# Each state's standard time, minutes ahead of UTC (podpulse.geo; an unknown state takes AEST)
-LOCAL_OFFSET_MIN = {s.code: int(s.utc_offset_h * 60) for s in geo.STATES}
 
 DEVICE_KEY = ("device_id",)
 DEVICE_MERGE = {

@@ -1,85 +1,35 @@
-"""The router: which backend keeps which kind of record, and the order a batch is written in.
-
-Configuration is a small YAML file (the AirPodsDataStream custom resource will
-carry the same structure)::
-
-    backends:
-      core: {type: postgresql, url: "postgresql://podpulse@db:5432/podpulse", password_env: PG_PASSWORD}
-      raw:  {type: cassandra, hosts: [cass-1, cass-2], keyspace: podpulse, consistency: LOCAL_QUORUM}
-    routes:
-      raw_events: raw
-      devices: core
-      rollups: core
-      offsets: core
-      anomalies: core
-
-Backend types: ``duckdb`` (``path``), ``postgresql`` and ``oracle`` (``url`` without
-a password; ``password_env`` or ``password_file``; Oracle also ``inmemory``,
-``memcompress``, ``priority``, ``interval_days``) and ``cassandra`` (raw events
-only; see ``storage.cassandra_store.CassandraSettings``). Devices, rollups and
-offsets must share one relational backend: they are written in one transaction.
-Credentials never sit in the file itself. An optional ``retention`` maps
-``raw_events``, ``rollups`` and ``anomalies`` to days kept (``storage.retention``).
-"""
+"""The router: which backend keeps which kind of record (``storage.config``), the order a batch is
+written in, and what the callers above storage need of the stores as a whole: erasure, rows a
+job appends, a scratch store for benchmarks and tests, counts of what was stored."""
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from podpulse.config import DEFAULT_DUCKDB_PATH, KINDS, StorageConfig
+from storage import backends
 from storage.base import CommitResult, RelationalStore, StorageError, TimeSeriesStore
-from storage.cassandra_store import CassandraSettings, CassandraStore
 from storage.commit import TransactionalStore
-from storage.duckdb_store import DuckDBStore
-from storage.oracle_store import OracleStore
-from storage.postgres_store import PostgresStore
+from storage.config import StorageConfig
 from storage.rollups import drop_erased, drop_replayed, first_sightings
-from storage.schema import OracleOptions, erased_devices
+from storage.schema import erased_devices
 
-__all__ = ["StorageConfig", "Storage", "open_storage", "opened", "insert_rows", "erase_devices", "KINDS",
-           "DEFAULT_DUCKDB_PATH"]
+__all__ = ["Storage", "open_storage", "open_backend", "opened", "insert_rows", "migrate_for", "erase_devices",
+           "scratch", "count_events"]
 
 DEVICE_ID_LENGTH = erased_devices.c.device_id.type.length  # the longest id a store keeps
 
 
-def password(spec: Mapping) -> str | None:
-    """The password of a backend, from its ``password_env`` variable or ``password_file``."""
-    if spec.get("password_env"):
-        value = os.environ.get(spec["password_env"])
-        if value is None:
-            raise StorageError(f"environment variable {spec['password_env']} is not set")
-        return value
-    if spec.get("password_file"):
-        try:
-            return Path(spec["password_file"]).read_text().strip()
-        except OSError as e:
-            raise StorageError(f"cannot read password file {spec['password_file']}: {e.strerror}") from e
-    return None
-
-
-def open_backend(spec: Mapping, raw_events_days: int | None = None):
-    """The store of one backend; ``raw_events_days``: the raw events' retention, for a store that
-    applies it as it writes (Cassandra's TTL per row)."""
-    kind = spec["type"]
-    if kind == "duckdb":
-        return DuckDBStore(spec.get("path", DEFAULT_DUCKDB_PATH),
-                           **({"memory_limit": spec["memory_limit"]} if "memory_limit" in spec else {}))
-    if kind == "postgresql":
-        return PostgresStore(spec["url"], password(spec))
-    if kind == "oracle":
-        opts = OracleOptions(**{k: spec[k] for k in ("interval_days", "inmemory", "memcompress", "priority")
-                                if k in spec})
-        return OracleStore(spec["url"], password(spec), opts)
-    settings = {k: (tuple(v) if k == "hosts" else dict(v) if isinstance(v, Mapping) else v)
-                for k, v in spec.items() if k != "type"}
-    return CassandraStore(CassandraSettings(**settings), retention_days=raw_events_days)
+def open_backend(config: StorageConfig, name: str, raw_events_days: int | None = None):
+    """The store of the backend called ``name``; ``raw_events_days``: the raw events' retention, for a
+    store that applies it as it writes (Cassandra's TTL per row)."""
+    return backends.open_store(config.settings(name), raw_events_days)
 
 
 class Storage:
@@ -197,13 +147,13 @@ def _utc(t: datetime) -> datetime:
 def insert_rows(config: StorageConfig, kind: str, table: str, rows: pa.Table) -> None:
     """Append ``rows`` to ``table`` on the relational backend that keeps ``kind`` (migrated first):
     the model registry and the anomalies a training run flags."""
-    with opened(open_backend(config.backends[config.routes[kind]])) as store, store.transaction() as tx:
+    with opened(open_backend(config, config.routes[kind])) as store, store.transaction() as tx:
         tx.insert(table, rows)
 
 
 def migrate_for(config: StorageConfig, kind: str) -> None:
     """Migrate the relational backend that keeps ``kind`` to the latest schema (a no-op when it is)."""
-    with opened(open_backend(config.backends[config.routes[kind]])):
+    with opened(open_backend(config, config.routes[kind])):
         pass
 
 
@@ -230,25 +180,42 @@ def erase_devices(config: StorageConfig, device_ids: Iterable[str]) -> dict:
     with opened(open_storage(config)) as storage:
         removed = storage.erase(ids)
     core = routes["offsets"]
-    backends = {core: {"type": config.backends[core]["type"], "tables": removed["relational"],
-                       "tombstones": len(ids)}}
+    out = {core: {"type": config.settings(core).type, "tables": removed["relational"], "tombstones": len(ids)}}
     if "raw" in removed:
         raw, tables = routes["raw_events"], dict(removed["raw"])
         partitions = tables.pop("partitions", None)  # Cassandra: the (device, day) partitions deleted
-        backends[raw] = {"type": config.backends[raw]["type"], "tables": tables,
-                         **({"partitions": partitions} if partitions is not None else {})}
-    if routes["anomalies"] not in backends:
-        with opened(open_backend(config.backends[routes["anomalies"]])) as store:
+        out[raw] = {"type": config.settings(raw).type, "tables": tables,
+                    **({"partitions": partitions} if partitions is not None else {})}
+    if routes["anomalies"] not in out:
+        with opened(open_backend(config, routes["anomalies"])) as store:
             tables = store.erase(ids)
-        backends[routes["anomalies"]] = {"type": config.backends[routes["anomalies"]]["type"], "tables": tables}
-    return {"devices": ids, "backends": backends}
+        out[routes["anomalies"]] = {"type": config.settings(routes["anomalies"]).type, "tables": tables}
+    return {"devices": ids, "backends": out}
 
 
 def open_storage(config: StorageConfig) -> Storage:
-    opened = {}
+    stores = {}
     for kind in ("offsets", "raw_events"):
         name = config.routes[kind]
-        if name not in opened:
-            days = config.retention.get("raw_events") if kind == "raw_events" else None
-            opened[name] = open_backend(config.backends[name], days)
-    return Storage(opened[config.routes["raw_events"]], opened[config.routes["offsets"]])
+        if name not in stores:
+            stores[name] = open_backend(config, name, config.retention.get("raw_events") if kind == "raw_events"
+                                        else None)
+    return Storage(stores[config.routes["raw_events"]], stores[config.routes["offsets"]])
+
+
+@contextmanager
+def scratch(config: StorageConfig, directory: str, prefix: str = "podpulse_scratch") -> Iterator[StorageConfig]:
+    """``config`` with each backend replaced by an empty namespace on the same server (a DuckDB file in
+    ``directory``, a PostgreSQL schema, a Cassandra keyspace), the routes as they were; every namespace
+    is dropped at the end. Where benchmarks and tests write without touching a store's data."""
+    name = f"{prefix}_{int(time.time() * 1000)}"
+    with ExitStack() as stack:
+        made = {backend: stack.enter_context(backends.scratch(config.settings(backend), name, directory))
+                for backend in config.backends}
+        yield config.with_backends({backend: {"type": s.type, **asdict(s)} for backend, s in made.items()})
+
+
+def count_events(config: StorageConfig) -> tuple[int, int]:
+    """Raw event rows in the time-series store, and distinct ``(device_id, seq)`` among them (a full scan)."""
+    with opened(open_backend(config, config.routes["raw_events"])) as store:
+        return store.count_events()

@@ -16,22 +16,42 @@ extras are applied by :func:`create_table_ddl`:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
 import pyarrow as pa
-from sqlalchemy import (BigInteger, Boolean, Column, Date, DateTime, Double, Integer, MetaData,
-                        PrimaryKeyConstraint, SmallInteger, String, Table)
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Double,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    String,
+    Table,
+)
 from sqlalchemy.dialects import oracle, postgresql
 from sqlalchemy.schema import CreateColumn, CreateTable
 
 from podpulse.contract import ARROW_SCHEMA
-from podpulse.errors import StorageError
-from storage.rollups import (DAILY_KEY, DAILY_MERGE, DEVICE_MERGE, FIRMWARE_KEY, HOURLY_MERGE, KAFKA_COLUMNS, REPORT_UTC_OFFSET_H,
-                             SINCE_MIGRATION_4, SINCE_MIGRATION_10)
+from podpulse.localtime import REPORT_UTC_OFFSET_H
+from storage.config import OracleOptions
+from storage.rollups import (
+    DAILY_KEY,
+    DAILY_MERGE,
+    DEVICE_MERGE,
+    FIRMWARE_KEY,
+    HOURLY_MERGE,
+    KAFKA_COLUMNS,
+    SINCE_MIGRATION_4,
+    SINCE_MIGRATION_10,
+)
 
 __all__ = ["metadata", "events", "device_hourly", "device_daily", "device_firmware_daily", "devices", "kafka_offsets", "anomalies",
-           "schema_version", "model_versions", "erased_devices", "firmware_findings", "ERASED_FROM", "OracleOptions", "create_table_ddl",
+           "schema_version", "model_versions", "erased_devices", "firmware_findings", "ERASED_FROM", "create_table_ddl",
            "table_as_of", "add_columns_ddl", "postgres_month_partition_ddl", "postgres_month_partition", "month_end",
            "EXPIRING_TABLES", "expiry_bound", "EVENT_COLUMNS"]
 
@@ -182,7 +202,7 @@ erased_devices = Table(
     Column("erased_at", UtcTime, nullable=False),
 )
 
-# Saved cohorts (since migration 8): a name for a filter over the devices (podpulse.cohort), JSON.
+# Saved cohorts (since migration 8): a name for a filter over the devices (analytics.cohort), JSON.
 cohorts = Table(
     "cohorts", metadata,
     Column("name", String(64), primary_key=True),
@@ -191,7 +211,7 @@ cohorts = Table(
 )
 
 # Firmware regression findings (since migration 9): one row per model and version compared with its
-# predecessor, per `podpulse detect` run (podpulse.regressions); the latest run's are the current ones.
+# predecessor, per `podpulse detect` run (analytics.regressions); the latest run's are the current ones.
 firmware_findings = Table(
     "firmware_findings", metadata,
     Column("detected_at", UtcTime, nullable=False),
@@ -215,25 +235,6 @@ schema_version = Table(
     Column("description", String(200), nullable=False),
     Column("applied_at", UtcTime, nullable=False),
 )
-
-
-@dataclass(frozen=True, kw_only=True)
-class OracleOptions:
-    """Physical options of the Oracle analytics core."""
-
-    interval_days: int = 1  # one partition per this many days
-    inmemory: bool = True
-    memcompress: str = "FOR QUERY LOW"  # NO MEMCOMPRESS | FOR DML | FOR QUERY LOW|HIGH | FOR CAPACITY LOW|HIGH
-    priority: str = "HIGH"  # NONE | LOW | MEDIUM | HIGH | CRITICAL
-
-    def __post_init__(self) -> None:
-        if self.interval_days < 1:
-            raise StorageError("oracle interval_days must be at least 1")
-        if self.memcompress not in {"NO MEMCOMPRESS", "FOR DML", "FOR QUERY LOW", "FOR QUERY HIGH",
-                                    "FOR CAPACITY LOW", "FOR CAPACITY HIGH"}:
-            raise StorageError(f"oracle memcompress {self.memcompress!r} is not an Oracle MEMCOMPRESS level")
-        if self.priority not in {"NONE", "LOW", "MEDIUM", "HIGH", "CRITICAL"}:
-            raise StorageError(f"oracle priority {self.priority!r} is not an INMEMORY PRIORITY")
 
 
 def create_table_ddl(table: Table, dialect: str, oracle_options: OracleOptions | None = None) -> str:

@@ -13,9 +13,15 @@ functions turn the rules into one statement:
 
 from __future__ import annotations
 
-from storage.rollups import LOCAL_OFFSET_MIN, REPORT_UTC_OFFSET_H
+from podpulse.localtime import LOCAL_OFFSET_MIN, REPORT_UTC_OFFSET_H
 
-__all__ = ["upsert_sql", "merge_into_sql", "oracle_merge_sql", "OFFSETS_MERGE", "OFFSETS_KEY", "offset_minutes_sql"]
+__all__ = ["upsert_sql", "merge_into_sql", "oracle_merge_sql", "OFFSETS_MERGE", "OFFSETS_KEY", "offset_minutes_sql",
+           "COUNT_EVENTS"]
+
+# Raw event rows, and distinct (device_id, seq) among them (storage.base.TimeSeriesStore.count_events);
+# Oracle counts the pair as one text (it has no row values in COUNT DISTINCT).
+COUNT_EVENTS = "SELECT count(*), count(DISTINCT (device_id, seq)) FROM events"
+COUNT_EVENTS_ORACLE = "SELECT count(*), count(DISTINCT device_id || '/' || seq) FROM events"
 
 OFFSETS_KEY = ("topic", "kafka_partition")
 OFFSETS_MERGE = {"next_offset": "max", "updated_at": "newer"}

@@ -1,6 +1,11 @@
 """Shared fixtures: the brokers (Tansu, Apache Kafka), a private PostgreSQL, Cassandra, Ray.
 
-The servers themselves are run by ``tests/infra`` (on the path through pytest's ``pythonpath``).
+The servers themselves are run by ``testbed``, which the benchmarks share.
+
+Markers (``make test-fast`` runs neither): ``integration``, a test that needs a real server (a
+broker, a database, Ray, the control plane, Prometheus, a browser), set here from the fixtures
+it uses (:data:`SERVERS`) or by the test itself when it starts one; ``slow``, a test of a minute
+or more without a server of its own (a model trained, a large fleet built).
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -21,6 +27,29 @@ os.environ.setdefault(KEY_ENV, str(Path(tempfile.mkdtemp(prefix="podpulse-key-")
 Pseudonyms.load(os.environ[KEY_ENV], create=True)
 
 _topic_ids = itertools.count()
+# The fixtures that start or need a real server: a test using one is an integration test.
+SERVERS = frozenset({"tansu", "kafka", "cassandra", "broker", "new_topic", "produce_fleet", "ray_local", "postgres",
+                     "pg_url", "pg_store", "ray_head", "kube", "kube_api", "podpulse_crds", "kuberay_crds",
+                     "kuberay", "served", "browser", "prometheus", "helm", "operator", "identity",
+                     "garbage_collector"})
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """``integration`` on every test that uses a server fixture (:data:`SERVERS`), and on every
+    parametrisation of ``store_config`` that is PostgreSQL."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if SERVERS & set(item.fixturenames) or params.get("store_config") == "postgresql":
+            item.add_marker(pytest.mark.integration)
+
+# Monday 2 November 2026, 00:00 in Sydney (AEST, UTC+10): the start of the tests that assert dates.
+FIXED_START = datetime(2026, 11, 1, 14, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="session")
+def fixed_start() -> datetime:
+    """Where the stores of tests that assert dates begin (``build_store(..., start=fixed_start)``)."""
+    return FIXED_START
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +64,7 @@ def kafka():
     """Apache Kafka 4.x, one KRaft node from Maven Central's jars, for the whole session.
 
     Its log directory is durable: a fault test may stop and start it."""
-    from infra.kafka import KafkaBroker
+    from testbed.kafka import KafkaBroker
 
     b = KafkaBroker().start()
     yield b
@@ -45,7 +74,7 @@ def kafka():
 @pytest.fixture(scope="session")
 def cassandra():
     """Apache Cassandra 5.0, one node from Maven Central's jars, for the whole session."""
-    from infra.cassandra import CassandraNode
+    from testbed.cassandra import CassandraNode
 
     node = CassandraNode().start()
     yield node
@@ -93,20 +122,9 @@ def ray_local():
 def produce_fleet(broker):
     """``produce_fleet(topic, spec) -> {"valid": [...], "malformed": [...], "malformed_samples": N}``: the
     values produced, those with a corrupted event or sample apart."""
-    from podpulse.simulator import Fleet, simulate
-    from podpulse.sink import open_sink
+    from testbed.topics import produce_fleet as produce
 
-    def produce(topic: str, spec) -> dict:
-        valid, malformed, samples = [], [], 0
-        with open_sink(f"kafka://{broker.bootstrap}/{topic}") as sink:
-            for chunk in simulate(spec, Fleet.build(spec)):
-                sink.write(chunk)
-                for value, bad in zip(chunk.values, chunk.malformed.tolist()):
-                    (malformed if bad else valid).append(value)
-                    samples += bad
-        return {"valid": valid, "malformed": malformed, "malformed_samples": samples}
-
-    return produce
+    return lambda topic, spec: produce(broker.bootstrap, topic, spec)
 
 
 ROLLUP_RECOMPUTED = """
@@ -165,7 +183,7 @@ def _assert_rollups_match_raw(store, in_order: bool = True) -> None:
         from storage.reader import run_queries
 
         stored = run_queries(store, {"s": ROLLUP_STORED})["s"]
-        from infra.cassandra import cassandra_events
+        from testbed.cassandra import cassandra_events
 
         recomputed = cassandra_events(store.backends[store.routes["raw_events"]]).execute(
             ROLLUP_RECOMPUTED).fetchall()
@@ -223,7 +241,7 @@ def assert_rollups_match_raw():
 def postgres():
     """A private PostgreSQL cluster for the session (``initdb`` into a temp dir, its own port,
     trust auth), removed at the end. Fault tests may stop and start it."""
-    from infra.postgres import PostgresCluster
+    from testbed.postgres import PostgresCluster
 
     cluster = PostgresCluster().start()
     yield cluster
@@ -237,7 +255,7 @@ def pg_url(postgres):
 
     from sqlalchemy import create_engine
 
-    from storage.postgres_store import engine_url
+    from storage.backends.postgres import engine_url
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
     engine = create_engine(engine_url(postgres.url), pool_pre_ping=True)  # fault tests restart the server
@@ -253,7 +271,7 @@ def pg_url(postgres):
 @pytest.fixture(params=["duckdb", "postgresql"])
 def store_config(request, tmp_path):
     """The store the pipeline writes to: the embedded DuckDB, then real PostgreSQL."""
-    from storage.router import StorageConfig
+    from storage.config import StorageConfig
 
     if request.param == "duckdb":
         return StorageConfig.embedded(tmp_path / "store.duckdb")

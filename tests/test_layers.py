@@ -1,6 +1,7 @@
 """PodPulse's floors (.importlinter) hold: each layer imports only the layers below it."""
 
 import ast
+import configparser
 import re
 import subprocess
 import sys
@@ -16,7 +17,20 @@ def test_the_import_layers_hold():
     assert "0 broken" in out.stdout
 
 
-PACKAGES = ("podpulse", "storage", "actors", "deployments", "crds", "bench")
+def test_every_package_is_one_floor_with_a_contract_of_its_own():
+    """No folder holds more than one floor: each top-level package is a layer of the floors contract,
+    and the order inside it is a contract of its own."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / ".importlinter")
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert set(config["importlinter"]["root_packages"].split()) == packages == set(PACKAGES)
+    floors = config["importlinter:contract:floors"]["layers"].replace("|", " ").split()
+    assert sorted(floors) == sorted(packages)
+    contained = {config[s]["containers"].strip() for s in config.sections() if "containers" in config[s]}
+    assert contained == packages
+
+
+PACKAGES = ("podpulse", "storage", "actors", "analytics", "jobs", "deployments", "crds", "testbed", "bench", "cli")
 
 
 def _function_level_imports(path: Path):

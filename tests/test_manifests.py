@@ -39,3 +39,14 @@ def test_ray_cluster_pods_run_restricted():
         assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                         "capabilities": {"drop": ["ALL"]}}, c["name"]
         assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"], c["name"]
+
+
+def test_the_image_copies_every_package_the_build_installs():
+    """The Dockerfile's COPY lines, pyproject's package list and the packages in the repository agree."""
+    import re
+    import tomllib
+
+    copied = set(re.findall(r"^COPY --chown=\S+ (\w+) \./\1$", (ROOT / "Dockerfile").read_text(), re.M))
+    listed = {p.rstrip("*") for p in tomllib.loads((ROOT / "pyproject.toml").read_text())
+              ["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert copied == listed == {p.parent.name for p in ROOT.glob("*/__init__.py")}

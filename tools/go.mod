@@ -1,4 +1,4 @@
-// The real control plane of the tests (tests/infra/kube.py): etcd, kube-apiserver and
+// The real control plane of the tests (testbed/kube.py): etcd, kube-apiserver and
 // kube-controller-manager (its garbage collector), built from their Go modules by `make kube` into
 // .cache/tools/bin. The versions are pinned here and in go.sum.
 module podpulse/tools

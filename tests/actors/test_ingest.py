@@ -8,14 +8,15 @@ import pytest
 import ray
 from confluent_kafka import Consumer, TopicPartition
 
+from actors.config import IngestConfig
 from actors.supervisor import IngestSupervisor, shards
-from podpulse.config import IngestConfig
+from jobs.ingest import run_ingest
 from podpulse.contract import decode_batch, upload_with
+from podpulse.dead_letters import read_dead_letters
 from podpulse.errors import ConfigError
-from podpulse.ingest import dead_letters, run_ingest
-from storage.reader import run_queries
 from podpulse.simulator import FleetSpec
-from storage.router import StorageConfig
+from storage.config import StorageConfig
+from storage.reader import run_queries
 
 
 @pytest.fixture(scope="module", params=["tansu", "kafka"])
@@ -112,7 +113,7 @@ def test_malformed_records_go_to_the_dead_letter_topic_with_reason_bytes_and_sou
     assert produced["malformed_samples"] > 50
     cfg = config(broker, topic, store_config, batch_size=2000)
     result = run_ingest(cfg, until_caught_up=True)
-    letters = dead_letters(broker.bootstrap, cfg.dead_letter_topic)
+    letters = read_dead_letters(broker.bootstrap, cfg.dead_letter_topic)
     assert all(d["reason"] and " " in d["reason"] for d in letters)
     if shape == "event":
         assert Counter(d["value"] for d in letters) == Counter(produced["malformed"])

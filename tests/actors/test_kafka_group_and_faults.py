@@ -12,15 +12,14 @@ import pytest
 import ray
 from confluent_kafka import Consumer, TopicPartition
 
+from actors.config import IngestConfig
 from actors.storage_writer import StorageWriter
 from actors.supervisor import IngestSupervisor, Supervisor
-from podpulse.config import IngestConfig
 from podpulse.contract import decode_batch
 from podpulse.simulator import FleetSpec
+from storage.config import StorageConfig
 from storage.reader import run_queries
-from storage.router import StorageConfig
-
-from infra.cassandra import cassandra_events
+from testbed.cassandra import cassandra_events
 
 
 @pytest.fixture(scope="module")

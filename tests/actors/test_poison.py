@@ -11,16 +11,16 @@ import pytest
 import ray
 from confluent_kafka import Producer
 
+from actors.config import IngestConfig
 from actors.storage_writer import Writer
 from actors.supervisor import IngestSupervisor
-from podpulse.config import IngestConfig
 from podpulse.contract import decode_batch
-from podpulse.dead_letters import MAX_VALUE_BYTES, DeadLetterTopic
-from podpulse.ingest import dead_letters
+from podpulse.dead_letters import MAX_VALUE_BYTES, DeadLetterTopic, read_dead_letters
 from podpulse.simulator import Fleet, FleetSpec, simulate
-from storage.reader import run_queries
 from storage.base import StorageError
-from storage.router import StorageConfig, open_storage
+from storage.config import StorageConfig
+from storage.reader import run_queries
+from storage.router import open_storage
 
 
 def fleet_values(devices=200, hours=6, seed=7) -> list[bytes]:
@@ -65,7 +65,7 @@ def test_the_writer_dead_letters_exactly_the_rows_the_store_refuses_and_stores_t
     results, offsets, stats = asyncio.run(scenario())
     assert offsets == {0: a.num_rows, 1: b.num_rows}
     assert stats["refused"] == 2 and sum(r["refused"] for r in results) >= 2
-    letters = dead_letters(broker.bootstrap, f"{topic}.dlq")
+    letters = read_dead_letters(broker.bootstrap, f"{topic}.dlq")
     assert sorted((d["partition"], d["offset"]) for d in letters) == [(0, 5), (0, 17)]
     assert all(d["stage"] == "store" for d in letters)
     assert all("null" in d["reason"].lower() and "firmware" in d["reason"] for d in letters), letters[0]["reason"]
@@ -211,7 +211,7 @@ def test_an_oversized_reject_is_dead_lettered_truncated_and_ingest_goes_on(
     summary = ray.get(supervisor.run.remote(until_caught_up=True), timeout=180)
     ray.kill(supervisor)
     assert summary["restarts"] == 0 and summary["dead_lettered"] == 1
-    (letter,) = dead_letters(broker.bootstrap, f"{topic}.dlq")
+    (letter,) = read_dead_letters(broker.bootstrap, f"{topic}.dlq")
     assert letter["original_size"] == len(big) and len(letter["value"]) == MAX_VALUE_BYTES
     assert letter["reason"] and letter["stage"] == "decode"
     assert sum(stored_identities(storage).values()) == 200

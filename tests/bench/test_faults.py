@@ -5,7 +5,8 @@ Every figure is read back from the topic, the store and the dead-letter topic, s
 pipeline loses, duplicates or fails to dead-letter anything (or when the bench stops measuring).
 """
 
-from bench.faults import KEYS, POISON_COPIES, POISON_KINDS, Servers, run
+from bench.faults import KEYS, POISON_COPIES, POISON_KINDS, run
+from testbed.servers import Servers
 
 EVENTS = 2_000
 

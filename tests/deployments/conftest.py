@@ -4,19 +4,22 @@
 import pytest
 import yaml
 
-from bench.report import build_store
-from infra.served import AGGREGATES, INGEST, TOKEN
+# Serve reads its settings when it is first imported: here, before the session's Ray puts SERVE_ENV in
+# this process's environment (tests/conftest.py ray_local), so the handles these synchronous tests
+# call keep Serve's default and route in a loop of their own. Imported after, a handle would need the
+# caller's event loop (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 is for the replicas and the proxy).
+from deployments.app import build
+from jobs.segments import train_segments
+from jobs.train import train_battery_anomaly, train_usage_forecast
 from podpulse.broker import free_port
-from podpulse.segments import train_segments
-from podpulse.train import train_battery_anomaly, train_usage_forecast
-from storage.router import StorageConfig
+from storage.config import StorageConfig
+from testbed.api import AGGREGATES, INGEST, TOKEN
+from testbed.stores import build_store
 
 
 @pytest.fixture(scope="package")
 def served(ray_local, broker, tmp_path_factory):
     from ray import serve
-
-    from deployments.app import build
 
     root = tmp_path_factory.mktemp("serve")
     build_store(root / "s.duckdb", 250, 29, seed=71)

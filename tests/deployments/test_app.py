@@ -6,8 +6,8 @@ import re
 import threading
 import time
 import uuid
-from datetime import date, timedelta
 from collections import Counter
+from datetime import date, timedelta
 
 import pytest
 import requests
@@ -16,15 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deployments.tokens import new_token
-from bench.serve import ROW  # one device-hour row, the benchmark's too
+from jobs.train import train_battery_anomaly
 from podpulse.broker import free_port
-from podpulse.config import MIN_K
 from podpulse.contract import DEVICE_FIELDS
-from podpulse.train import train_battery_anomaly
+from podpulse.privacy import MIN_K
+from storage.config import StorageConfig
 from storage.reader import run_queries
-from storage.router import StorageConfig
-
-from infra.served import AGGREGATES, AUTH, INGEST, TOKEN
+from testbed.api import AGGREGATES, AUTH, INGEST, ROW, TOKEN
 
 
 def event(device_id: str = "ap-0011223344556677", **changes) -> dict:
@@ -193,8 +191,8 @@ def test_replicas_compute_the_served_versions_feature_drift_on_their_schedule(se
     from the same store for the version the replica serves: the registry's latest when the test begins."""
     import ray
 
-    from podpulse.drift import served_drift
-    from podpulse.registry import latest
+    from analytics.registry import latest
+    from jobs.drift import served_drift
 
     url, root, storage, _, first = served
     entry = latest(storage, "battery-anomaly")
@@ -293,7 +291,8 @@ def test_an_unreachable_broker_gets_503_with_retry_after_and_nothing_delivered_l
     once, so the events of the 503 were not delivered behind the client's back."""
     from ray import serve
 
-    from deployments.app import DELIVERY_WAIT_S, build
+    from deployments.app import build
+    from deployments.settings import DELIVERY_WAIT_S
     from podpulse.broker import EmbeddedBroker
 
     url, _, _, settings, _ = served
@@ -346,7 +345,8 @@ def test_a_store_that_cannot_be_read_leaves_the_replica_serving(tmp_path, caplog
     import logging
     from types import SimpleNamespace
 
-    from deployments.app import log, serving
+    from deployments.errors import log
+    from deployments.lifecycle import serving
 
     log.addHandler(caplog.handler)  # Serve's logger does not propagate to the root one
     try:
@@ -381,7 +381,7 @@ def registered_copy(source, to, version: str, storage: StorageConfig, name: str,
     """``source`` (a saved version's directory) copied to ``to`` as ``version``, registered in ``storage``."""
     import shutil
 
-    from podpulse.registry import register
+    from analytics.registry import register
 
     shutil.copytree(source, to)
     meta = json.loads((to / "metadata.json").read_text())
@@ -401,7 +401,7 @@ def test_the_latest_version_registered_in_the_table_is_served(served, tmp_path):
     import duckdb
     from ray import serve
 
-    from podpulse.registry import latest
+    from analytics.registry import latest
 
     url, root, storage, settings, first = served
     shutil.copy(root / "s.duckdb", tmp_path / "copy.duckdb")
@@ -729,7 +729,7 @@ def test_no_request_gets_a_5xx(served, request_parts):
 
 def test_the_guard_settings_are_checked_like_the_rest_of_user_config():
     """No Ray: parse_user_config on the guard keys."""
-    from deployments.app import MAX_BODY_BYTES, parse_user_config
+    from deployments.settings import MAX_BODY_BYTES, parse_user_config
 
     assert parse_user_config(None).max_body_bytes == MAX_BODY_BYTES and parse_user_config({}).min_k == 10
     assert parse_user_config({}).docs is False
@@ -750,7 +750,7 @@ def test_the_guard_settings_are_checked_like_the_rest_of_user_config():
 
 def test_a_422_repeats_only_short_json_safe_input():
     """No Ray: the 422 handler's detail can always be sent, and never floods the client."""
-    from deployments.app import refused_detail
+    from deployments.errors import refused_detail
 
     detail = refused_detail([{"type": "t", "loc": ("body", "\ud800", 0), "msg": "m", "input": math.nan,
                               "ctx": {"error": ValueError("x")}},

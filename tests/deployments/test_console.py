@@ -10,10 +10,10 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 import requests
 
-from bench.report import build_store
-from infra.served import AGGREGATES, AUTH, TOKEN
-from podpulse.registry import flagged_devices_by_region
-from storage.router import StorageConfig
+from analytics.registry import flagged_devices_by_region
+from storage.config import StorageConfig
+from testbed.api import AGGREGATES, AUTH, TOKEN
+from testbed.stores import build_store
 
 CHROMIUM = "/usr/bin/chromium"
 TIMEOUT_MS = 60_000
@@ -233,9 +233,8 @@ def fleet(served, tmp_path_factory):
     whose mid-window firmware (7A305) drains 25% faster, and podpulse detect's findings on it."""
     from ray import serve
 
+    from analytics import regressions
     from deployments.app import build
-
-    from podpulse import regressions
 
     root = tmp_path_factory.mktemp("fleet")
     build_store(root / "f.duckdb", 1500, 8, seed=17, regressed_firmware="7A305", regression=1.25)

@@ -21,7 +21,7 @@ NO_CRD_HERE = {"monitoring.coreos.com"}  # the Prometheus Operator's kinds: no C
 
 @pytest.fixture(scope="session")
 def helm():
-    from infra.kube import tools_bin
+    from testbed.kube import tools_bin
 
     binary = str(tools_bin("helm"))
 

@@ -9,8 +9,8 @@ import yaml
 
 from crds import reconcile as rc
 from storage.base import StorageError
+from storage.config import StorageConfig
 from storage.migrations import LATEST
-from storage.router import StorageConfig
 
 KINDS = ["AirPodsDataStream", "OracleDBSchemaManager", "AIModelDeployer"]
 
@@ -142,7 +142,7 @@ def test_reconcile_defaults_are_the_crd_defaults(example, crd_schema, kind, spec
 
 def test_the_crd_ingest_defaults_are_podpulse_ingest_defaults(crd_schema):
     """One set of ingest defaults: IngestConfig's (podpulse ingest's options read them too)."""
-    from podpulse.config import INGEST_DEFAULTS
+    from actors.config import INGEST_DEFAULTS
 
     props = crd_schema("AirPodsDataStream")["properties"]["spec"]["properties"]
     crd = {name: props[key]["default"] for key, name in (("batchSize", "batch_size"), ("lingerMs", "linger_ms"),

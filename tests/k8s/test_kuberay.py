@@ -10,7 +10,7 @@ import ray
 import yaml
 
 from crds import reconcile as rc
-from storage.router import StorageConfig
+from storage.config import StorageConfig
 
 STATIC = ["ray-cluster.yaml", "deployments/rayservice.yaml", "deploy/jobs/ray-job.train.yaml",
           "deploy/jobs/ray-job.backfill.yaml"]

@@ -4,7 +4,7 @@ Go API types) on the session's API server, given PodPulse's RayCluster, RayServi
 The assertions are on what KubeRay makes of them: Pods, Services, Secrets, the RayService's
 RayCluster, the serve config it submits, the RayJobs' clusters and submitter Jobs. There is no
 kubelet: a test reports Pods Running and Ready itself (``report_pods_ready``) where KubeRay waits
-for that, and a stand-in dashboard on loopback takes what KubeRay sends to Ray (tests/infra/kuberay.py).
+for that, and a stand-in dashboard on loopback takes what KubeRay sends to Ray (testbed/kuberay.py).
 """
 
 import base64
@@ -48,7 +48,7 @@ def kuberay(kube, kube_api, kuberay_crds):
     with stand-ins for what the manifests reference (ConfigMap, PVC, Secrets with dummy values)."""
     from kubernetes import client
 
-    from infra.kuberay import FakeRayDashboard, RayOperator
+    from testbed.kuberay import FakeRayDashboard, RayOperator
 
     core = client.CoreV1Api(kube_api)
     core.create_namespace({"metadata": {"name": NAMESPACE}})
@@ -206,7 +206,7 @@ def test_the_rayservice_gets_a_cluster_and_kuberay_submits_its_serve_config(kube
 
 def report_ready(kuberay, cluster):
     """What a kubelet would report once the cluster's Pods run: each Pod Running and Ready."""
-    from infra.kuberay import report_pods_ready
+    from testbed.kuberay import report_pods_ready
 
     return report_pods_ready(kuberay["core"], NAMESPACE, f"ray.io/cluster={cluster}")
 

@@ -33,8 +33,8 @@ from kubernetes import client, config, utils
 from kubernetes.client.exceptions import ApiException
 
 from crds import reconcile as rc
-from infra.kube import KubeControllerManager
-from infra.process import ServerProcess, free_port
+from testbed.kube import KubeControllerManager
+from testbed.process import ServerProcess, free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from crds import reconcile as rc
-from storage.router import StorageConfig
+from storage.config import StorageConfig
 
 NOW, LATER = "2026-11-28T07:00:00Z", "2026-11-28T07:05:00Z"
 

@@ -5,7 +5,7 @@ import re
 import numpy as np
 
 from podpulse import metrics
-from storage.router import StorageConfig
+from storage.config import StorageConfig
 
 
 def test_names_follow_prometheus_conventions():

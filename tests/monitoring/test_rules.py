@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from podpulse import drift, metrics
+from jobs import drift
+from podpulse import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 MON = ROOT / "monitoring"

@@ -17,11 +17,11 @@ import pytest
 import ray
 import yaml
 
+from actors.config import IngestConfig
 from actors.supervisor import IngestSupervisor
 from podpulse import metrics
-from podpulse.config import IngestConfig
 from podpulse.simulator import FleetSpec
-from storage.router import StorageConfig
+from storage.config import StorageConfig
 
 RULES = Path(__file__).resolve().parents[2] / "monitoring" / "prometheus" / "podpulse-rules.yaml"
 

@@ -13,10 +13,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from podpulse import geo
-from podpulse.contract import (ARROW_SCHEMA, CHARGING_STATES, DEFAULT_WINDOW, DEVICE_FIELDS, FIELDS,
-                               MAX_EVENT_TIME_MS, MAX_EXTRAS_BYTES, MIN_EVENT_TIME_MS, NOISE_MODES, SAMPLE_FIELDS,
-                               V1_DEFAULTS, V3_DEFAULTS, Event, EventWindow, Rejected, decode_batch, encode,
-                               upload_with)
+from podpulse.contract import (
+    ARROW_SCHEMA,
+    CHARGING_STATES,
+    DEFAULT_WINDOW,
+    DEVICE_FIELDS,
+    FIELDS,
+    MAX_EVENT_TIME_MS,
+    MAX_EXTRAS_BYTES,
+    MIN_EVENT_TIME_MS,
+    NOISE_MODES,
+    SAMPLE_FIELDS,
+    V1_DEFAULTS,
+    V3_DEFAULTS,
+    Event,
+    EventWindow,
+    Rejected,
+    decode_batch,
+    encode,
+    upload_with,
+)
 
 NOW_MS = time.time_ns() // 1_000_000  # when this module was imported
 DAY_MS = 86_400_000

@@ -12,10 +12,11 @@ import threading
 import pyarrow as pa
 import pytest
 
-from podpulse.config import IngestConfig, StorageConfig
+from actors.config import IngestConfig
 from podpulse.contract import DEVICE_ID
 from podpulse.errors import ConfigError
 from podpulse.pseudonyms import KEY_ENV, Pseudonyms
+from storage.config import StorageConfig
 
 KEY = b"k" * 32
 

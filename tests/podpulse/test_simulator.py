@@ -10,8 +10,19 @@ from hypothesis import strategies as st
 
 from podpulse import geo
 from podpulse.contract import decode_batch
-from podpulse.simulator import (FAULT_SIZE, FIRMWARE, STRONG_FAULTS, SUBTLE_FAULTS, Fleet, FleetSpec, Summary, allocate,
-                                default_start, fault_mix, simulate)
+from podpulse.simulator import (
+    FAULT_SIZE,
+    FIRMWARE,
+    STRONG_FAULTS,
+    SUBTLE_FAULTS,
+    Fleet,
+    FleetSpec,
+    Summary,
+    allocate,
+    default_start,
+    fault_mix,
+    simulate,
+)
 
 UTC = timezone.utc
 

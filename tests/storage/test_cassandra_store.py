@@ -3,7 +3,7 @@
 The CQL is checked as text, the driver's calls against doubles built from the
 real driver's own statement classes (so values really go through its serializers;
 failures are injected there), and the integration class runs against a real
-Apache Cassandra 5.0 node that the session starts (``tests/infra/cassandra.py``).
+Apache Cassandra 5.0 node that the session starts (``testbed/cassandra.py``).
 """
 
 from __future__ import annotations
@@ -25,11 +25,20 @@ import pytest
 from podpulse.contract import ARROW_SCHEMA, decode_batch
 from podpulse.errors import PodPulseError
 from podpulse.simulator import FleetSpec, simulate
+from storage.backends.cassandra import (
+    EVENT_COLUMNS,
+    CassandraStore,
+    add_columns_cql,
+    insert_cql,
+    keyspace_cql,
+    recent_cql,
+    row_ttls,
+    table_cql,
+)
+from storage.backends.duckdb import DuckDBStore
 from storage.base import StorageError
-from storage.cassandra_store import (CONSISTENCY_LEVELS, EVENT_COLUMNS, CassandraSettings, CassandraStore,
-                                     add_columns_cql, insert_cql, keyspace_cql, recent_cql, row_ttls, table_cql)
-from storage.duckdb_store import DuckDBStore
-from storage.router import Storage, StorageConfig, open_storage
+from storage.config import CONSISTENCY_LEVELS, CassandraSettings, StorageConfig
+from storage.router import Storage, open_storage
 
 # What each Arrow type of the contract must become in CQL (written out here, not imported).
 EXPECTED_CQL = {pa.int8(): {"tinyint", "smallint"}, pa.int16(): {"smallint"}, pa.int32(): {"int"},
@@ -156,7 +165,7 @@ def test_consistency_names_are_the_drivers():
 
 def test_cql_builders_import_without_the_driver_and_connecting_names_the_package():
     code = ("import sys; sys.modules['cassandra'] = None\n"
-            "from storage.cassandra_store import CassandraSettings, CassandraStore, table_cql\n"
+            "from storage.backends.cassandra import CassandraSettings, CassandraStore, table_cql\n"
             "s = CassandraSettings(hosts=('h',)); assert 'podpulse.events' in table_cql(s)\n"
             "from storage.base import StorageError\n"
             "try:\n    CassandraStore(s).setup()\nexcept StorageError as e:\n    print(e)\n")

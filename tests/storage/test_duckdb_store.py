@@ -6,8 +6,9 @@ import pytest
 
 from podpulse.contract import decode_batch
 from podpulse.simulator import FleetSpec, simulate
-from storage.duckdb_store import DuckDBStore
+from storage.backends.duckdb import DuckDBStore
 from storage.router import Storage
+
 
 @pytest.fixture(scope="module")
 def batch():
@@ -157,9 +158,11 @@ def test_the_memory_limit_comes_from_the_storage_config_and_running_out_of_it_na
     import duckdb
 
     from storage.base import StorageError
+    from storage.config import StorageConfig
     from storage.router import open_backend
 
-    store = open_backend({"type": "duckdb", "path": str(tmp_path / "m.duckdb"), "memory_limit": "300MB"})
+    config = StorageConfig(backends={"db": {"type": "duckdb", "path": str(tmp_path / "m.duckdb"), "memory_limit": "300MB"}})
+    store = open_backend(config, "db")
     with duckdb.connect(config={"memory_limit": "300MB"}) as plain:
         want = plain.execute("SELECT current_setting('memory_limit')").fetchone()
     assert store.con.execute("SELECT current_setting('memory_limit')").fetchone() == want

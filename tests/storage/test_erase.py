@@ -15,11 +15,12 @@ import pytest
 
 from podpulse.contract import decode_batch
 from podpulse.simulator import FleetSpec, simulate
+from storage.backends.postgres import PostgresStore
 from storage.base import StorageError
-from storage.postgres_store import PostgresStore
+from storage.config import StorageConfig
 from storage.reader import run_queries
-from storage.router import StorageConfig, erase_devices, insert_rows, open_storage
 from storage.rollups import report_days
+from storage.router import erase_devices, insert_rows, open_storage
 from storage.schema import ERASED_FROM
 
 START = datetime(2026, 10, 30, 6, tzinfo=timezone.utc)  # 30 hours: two UTC days of Cassandra partitions
@@ -131,7 +132,7 @@ def test_erasure_on_duckdb_and_postgresql(store_config, fleet, assert_rollups_ma
 
 
 def test_erasure_with_raw_events_in_cassandra(cassandra, tmp_path, fleet, assert_rollups_match_raw):
-    from infra.cassandra import cassandra_events
+    from testbed.cassandra import cassandra_events
 
     raw = {"type": "cassandra", "hosts": [cassandra.hosts], "port": cassandra.port,
            "keyspace": f"podpulse_erase_{os.getpid()}"}

@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import create_engine, inspect
 
 from storage.admin import migrate, status
+from storage.backends.postgres import engine_url
 from storage.migrations import LATEST, MIGRATIONS
-from storage.postgres_store import engine_url
 
-CLI = [sys.executable, "-m", "podpulse.cli"]
+CLI = [sys.executable, "-m", "cli.main"]
 APPLIED_ALL = "applied " + ", ".join(str(m.version) for m in MIGRATIONS)
 
 

@@ -9,14 +9,30 @@ import pytest
 import sqlglot
 from sqlglot import exp
 
-from storage.migrations import MIGRATIONS, statements
+from storage.backends.oracle import (
+    DAILY_MERGE_SQL,
+    DDL_LOCK_WAIT,
+    DEVICES_MERGE_SQL,
+    ERASED_MERGE_SQL,
+    ERASED_SQL,
+    ERASURE_LOCK,
+    EVENTS_MERGE,
+    FIRMWARE_MERGE_SQL,
+    HOURLY_MERGE_SQL,
+    OFFSETS_MERGE_SQL,
+    PARTITIONS_SQL,
+    SPANS_SQL,
+    delete_before_sql,
+    delete_devices_sql,
+    drop_partition_sql,
+    in_list_sql,
+    partition_high_value,
+    partitions_before,
+)
 from storage.base import StorageError
-from storage.oracle_store import (DAILY_MERGE_SQL, DDL_LOCK_WAIT, DEVICES_MERGE_SQL, ERASED_MERGE_SQL, ERASED_SQL, ERASURE_LOCK,
-                                  EVENTS_MERGE, FIRMWARE_MERGE_SQL, HOURLY_MERGE_SQL, OFFSETS_MERGE_SQL,
-                                  PARTITIONS_SQL, SPANS_SQL, delete_before_sql, delete_devices_sql,
-                                  drop_partition_sql, in_list_sql, partition_high_value, partitions_before)
+from storage.config import OracleOptions
+from storage.migrations import MIGRATIONS, statements
 from storage.schema import ERASED_FROM
-from storage.schema import OracleOptions
 
 SUFFIX = re.compile(r"\) PARTITION BY RANGE \((\w+)\) INTERVAL \(NUMTODSINTERVAL\((\d+), 'DAY'\)\) "
                     r"\(PARTITION p_first VALUES LESS THAN \(TIMESTAMP '2019-10-01 00:00:00'\)\)"
@@ -113,7 +129,7 @@ def test_oracle_round_trip(tmp_path):
 
     from podpulse.contract import decode_batch
     from podpulse.simulator import FleetSpec, simulate
-    from storage.oracle_store import OracleStore
+    from storage.backends.oracle import OracleStore
 
     store = OracleStore(os.environ["PODPULSE_ORACLE_DSN"], os.environ.get("PODPULSE_ORACLE_PASSWORD"))
     store.setup()
@@ -187,7 +203,7 @@ def test_oracle_retention_drops_whole_partitions():
 
     from podpulse.contract import decode_batch
     from podpulse.simulator import FleetSpec, simulate
-    from storage.oracle_store import OracleStore
+    from storage.backends.oracle import OracleStore
 
     store = OracleStore(os.environ["PODPULSE_ORACLE_DSN"], os.environ.get("PODPULSE_ORACLE_PASSWORD"))
     store.setup()

@@ -7,20 +7,21 @@ import duckdb
 import pytest
 import sqlglot
 
-from bench.report import build_store
-from podpulse import analytics
-from podpulse.battery_model import FEATURE_SQL, device_days_sql
-from podpulse.forecast_model import USAGE_SQL
-from podpulse.summary import QUERIES as SUMMARY_QUERIES
+from analytics import queries as analytics
+from analytics.battery_model import FEATURE_SQL, device_days_sql
+from analytics.forecast_model import USAGE_SQL
+from analytics.summary import QUERIES as SUMMARY_QUERIES
+from storage.backends.duckdb import DuckDBReader
+from storage.backends.oracle import OracleReader
+from storage.backends.postgres import PostgresReader
 from storage.base import StorageError
+from storage.config import StorageConfig
 from storage.reader import Reader, ReaderPool, open_reader
-from storage.router import StorageConfig
+from testbed.stores import build_store
 
 
-class RecordingOracleReader(Reader):
+class RecordingOracleReader(OracleReader):
     """Renders for Oracle and keeps what it would run; answers no rows."""
-
-    dialect = "oracle"
 
     def __init__(self):
         self.sql: list[str] = []
@@ -57,9 +58,8 @@ def test_every_analytics_training_and_summary_query_renders_to_oracle_sql_that_p
 
 
 def test_duckdb_and_postgresql_read_the_queries_as_written(tmp_path):
-    r = RecordingOracleReader()
-    r.dialect = "postgres"
-    assert r.render("SELECT x::int FROM t") == "SELECT x::int FROM t"
+    assert DuckDBReader.render is PostgresReader.render is Reader.render
+    assert Reader.render(RecordingOracleReader(), "SELECT x::int FROM t") == "SELECT x::int FROM t"
 
 
 def test_a_backend_without_sql_gets_a_clear_error():

@@ -10,15 +10,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from bench.report import build_store
-from podpulse.analytics import report_for
+from analytics.queries import report_for
 from podpulse.contract import decode_batch
 from podpulse.simulator import FleetSpec, simulate
+from storage.backends.postgres import PostgresStore
 from storage.base import RefusedRows, StorageError
-from storage.postgres_store import PostgresStore
+from storage.config import StorageConfig
 from storage.reader import run_queries
 from storage.retention import apply_retention, cutoffs
-from storage.router import StorageConfig, insert_rows
+from storage.router import insert_rows
+from testbed.stores import build_store
 
 UTC = timezone.utc
 START = datetime(2026, 10, 29, 14, tzinfo=UTC)  # Friday 30 October 2026, 00:00 AEST: the store crosses a month

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from storage.base import StorageError
-from storage.router import KINDS, StorageConfig
+from storage.config import KINDS, StorageConfig
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -69,11 +69,14 @@ def test_a_bad_file_is_a_one_line_error(tmp_path):
 
 
 def test_passwords_come_from_the_environment_or_a_file(tmp_path, monkeypatch):
-    from storage.router import password
+    from storage.config import PostgresSettings
+
+    def password(**given):
+        return PostgresSettings(url="postgresql://podpulse@db/podpulse", **given).password()
 
     monkeypatch.setenv("PG_PW", "s3cret")
-    assert password({"password_env": "PG_PW"}) == "s3cret"
+    assert password(password_env="PG_PW") == "s3cret"
     (tmp_path / "pw").write_text("filed\n")
-    assert password({"password_file": str(tmp_path / "pw")}) == "filed"
+    assert password(password_file=str(tmp_path / "pw")) == "filed"
     with pytest.raises(StorageError, match="NOPE is not set"):
-        password({"password_env": "NOPE"})
+        password(password_env="NOPE")

@@ -1,0 +1,13 @@
+"""What a Serve application started for tests and benchmarks signs in with, and one row it scores."""
+
+from deployments.tokens import new_token
+
+__all__ = ["TOKEN", "AUTH", "INGEST", "AGGREGATES", "ROW"]
+
+TOKEN = "test-token"  # the admin token (every scope), given to the replicas as PODPULSE_API_TOKEN
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# Scoped tokens (token, tokens-file entry): a tokens file of these gives the replicas both
+INGEST, AGGREGATES = new_token("gateway", ["ingest"]), new_token("product-team", ["read:aggregates"])
+# One device-hour as POST /v1/battery/score takes it
+ROW = {"model": "AirPods Pro 2", "firmware": "7A294", "playback_h": 0.8, "anc": 0.5, "adaptive": 0.1,
+       "transparency": 0.1, "output_dba": 70.0, "drain_left_pct": 18.0, "drain_right_pct": 17.0}
