@@ -16,9 +16,9 @@ No API calls, no clock, no randomness: the same input gives the same output, so
 - What a resource may ask for (images, Secrets, Kafka settings, credentials) is the operator's
   policy (``crds/policy.py``, from its own configuration): outside it, the resource is Refused.
 
-``crds/`` imports neither ``actors/`` nor ``deployments/``; storage routing is checked by
-``StorageConfig`` itself and the ingest defaults are ``podpulse.config``'s, so the operator and
-``podpulse ingest`` cannot disagree.
+Storage routing is checked by ``StorageConfig`` itself (``storage.config``), and the ingest defaults and
+the actors' CPUs are ``actors.config``'s, so the operator and ``podpulse ingest`` cannot disagree.
+``crds/`` imports nothing else of the actors, and nothing of ``deployments/``.
 """
 
 from __future__ import annotations

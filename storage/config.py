@@ -301,7 +301,7 @@ class StorageConfig:
         else ``pseudonym.key`` beside the embedded database."""
         if self.pseudonym_key_file or os.environ.get(KEY_ENV):
             return Path(self.pseudonym_key_file or os.environ[KEY_ENV])
-        duckdb = [s.path for s in self._settings.values() if isinstance(s, DuckDBSettings)]
+        duckdb = [s.path for s in self._settings.values() if s.embedded]
         return Path(duckdb[0] if duckdb else DEFAULT_DUCKDB_PATH).parent / "pseudonym.key"
 
     def pseudonyms(self, *, create: bool = False) -> Pseudonyms:

@@ -82,3 +82,10 @@ def test_the_architecture_table_matches_the_folders():
     for package in PACKAGES:
         modules = {p.stem for p in (ROOT / package).glob("*.py") if p.stem != "__init__"}
         assert modules <= rows[f"{package}/"], f"{package}/ modules missing from the table: {modules - rows[package + '/']}"
+
+
+def test_no_unused_import_and_imports_in_order():
+    """ruff's pyflakes and isort rules ([tool.ruff] in pyproject.toml) over every package and the tests."""
+    out = subprocess.run([str(Path(sys.executable).parent / "ruff"), "check", "--no-cache", "."], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr

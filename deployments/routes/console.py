@@ -1,6 +1,7 @@
-"""The health check and the fleet console's page and files: open, they hold no data."""
+"""The health check and the fleet console's page and files: open, they hold no data. Each console file
+is a route of its own, so a name that is not one of them is an unknown path (a token, then 404)."""
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from fastapi.responses import Response
 
 from deployments import web
@@ -22,10 +23,14 @@ def page() -> Response:
                                                       "Cache-Control": "no-cache"})
 
 
-@router.get("/console/{name}", include_in_schema=False, dependencies=[OPEN])
-def asset(name: str) -> Response:
-    if name not in web.ASSETS:
-        raise HTTPException(status_code=404, detail=f"no console file {name!r}")
-    body, media = web.asset(name)
-    return Response(body, media_type=media, headers={"Cache-Control": "max-age=3600",
-                                                      "X-Content-Type-Options": "nosniff"})
+def _file(name: str):
+    def console_file() -> Response:
+        body, media = web.asset(name)
+        return Response(body, media_type=media, headers={"Cache-Control": "max-age=3600",
+                                                          "X-Content-Type-Options": "nosniff"})
+    return console_file
+
+
+for _name in web.ASSETS:
+    router.add_api_route(f"/console/{_name}", _file(_name), methods=["GET"], include_in_schema=False,
+                         dependencies=[OPEN])

@@ -14,7 +14,9 @@ from deployments.tokens import Scope, new_token
 ROUTES = {
     ("GET", "/healthz"): None,
     ("GET", "/"): None,
-    ("GET", "/console/{name}"): None,
+    ("GET", "/console/console.js"): None,
+    ("GET", "/console/console.css"): None,
+    ("GET", "/console/plotly.min.js"): None,
     ("POST", "/v1/telemetry"): "ingest",
     ("POST", "/v1/battery/score"): "read:aggregates",
     ("GET", "/v1/forecast/usage"): "read:aggregates",
@@ -70,7 +72,7 @@ def test_every_route_declares_its_scope():
 
 def test_each_route_answers_only_a_token_with_its_scope(tokens):
     for (method, path), need in ROUTES.items():
-        path = path.format(name="console.js", device_id="ap-1", query="usage_trend")
+        path = path.format(device_id="ap-1", query="usage_trend")
         if need is None:
             continue
         assert call(app, method, path)[0] == 401, path
@@ -81,6 +83,8 @@ def test_each_route_answers_only_a_token_with_its_scope(tokens):
             else:
                 assert status == 403 and repr(need) in body, (path, scope, status, body)
     assert call(app, "GET", "/healthz") == (200, '{"status":"ok"}')
+    assert call(app, "GET", "/console/console.js")[0] == 200
+    assert call(app, "GET", "/console/secrets.txt")[0] == 401  # not a console file: an unknown path
     assert call(app, "GET", "/v1/no-such-route")[0] == 401  # no token: nothing is said of what exists
     assert call(app, "GET", "/v1/no-such-route", tokens["ingest"])[0] == 404
 
