@@ -44,7 +44,7 @@ browser:
 	  $$sudo apt-get update -qq && \
 	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
-# The real servers the tests start (tests/infra): Apache Kafka and Apache Cassandra from Maven
+# The real servers the tests start (testbed): Apache Kafka and Apache Cassandra from Maven
 # Central into $(INFRA) (kept between runs), and Debian's PostgreSQL, whose initdb makes each
 # test session a private cluster. The demo needs none of them.
 infra: $(INFRA)/kafka/.fetched $(INFRA)/cassandra/.fetched

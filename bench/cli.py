@@ -180,9 +180,9 @@ def bench_store(
     """Write a simulated fleet straight to a DuckDB store (not through Kafka) with its ground truth of
     injected faults (DB.truth.json) and each device's behaviour profile (DB.profiles.json): the fleet
     that `podpulse train --truth` and `--profiles` are measured on."""
-    from podpulse.simulator import Fleet, FleetSpec  # lazy: as the line above
+    from podpulse.simulator import Fleet, FleetSpec  # lazy, as _module's: the simulator only when asked
     from podpulse.simulator import fault_mix as mix_of  # lazy: as the line above
-    from testbed.stores import build_store  # lazy, as _module's: the simulator and the store only when asked
+    from testbed.stores import build_store  # lazy, as _module's: the store only when asked
 
     if db.exists():
         raise ConfigError(f"{db} exists: give a new --db")

@@ -1,6 +1,6 @@
 """Firmware regression detection over seeds: how soon after a rollout, and how many false alarms.
 
-Per seed, two fleets are written straight to DuckDB stores (``bench.report.build_store``):
+Per seed, two fleets are written straight to DuckDB stores (``testbed.stores.build_store``):
 one whose mid-window firmware (7A305) drains ``regression`` times as fast, one
 where it does not. Detection (:func:`analytics.regressions.detect_rows`) then runs
 on what was known at the end of each day, from the release on:

@@ -479,6 +479,8 @@ def erase(
     and records a tombstone per id (an unknown one too) so that no replay or backfill brings them
     back. Safe to rerun. Models trained before keep what they learnt: train them again.
     """
+    if not device and not pseudonym:
+        raise ConfigError("name a device: --device ID (as sent) or --pseudonym ID (as stored)")
     config = store(db, storage_file)
     from jobs.erase import erase as erase_devices  # lazy: heavy, see the docstring
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
+from typing import Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -15,7 +17,7 @@ from deployments.settings import MAX_ECHO_CHARS, RETRY_AFTER_S
 from podpulse.errors import ConfigError
 from storage.base import StorageError
 
-__all__ = ["install", "refused_detail", "refusal", "text", "log"]
+__all__ = ["install", "refused_detail", "refusal", "refused_as", "text", "log"]
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica's log
 
@@ -71,14 +73,16 @@ async def refused(request: Request, exc: RequestValidationError) -> JSONResponse
     return JSONResponse({"detail": refused_detail(exc.errors())}, status_code=422)
 
 
-async def config_refused(request: Request, exc: ConfigError) -> JSONResponse:
-    """A :class:`ConfigError` a route let through (a cohort's field, say): 422 naming the field, in the
-    query of a read and the body of a write."""
-    where = "query" if request.method in ("GET", "HEAD", "DELETE") else "body"
-    return await refused(request, refusal(where, exc))
+@contextmanager
+def refused_as(where: str) -> Iterator[None]:
+    """Around the parsing of what a request sent (``"query"`` or ``"body"``): a :class:`ConfigError`
+    there is the caller's, a 422 naming the field. Elsewhere a ConfigError is the server's (a 500)."""
+    try:
+        yield
+    except ConfigError as e:
+        raise refusal(where, e) from None
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(StorageError, store_unavailable)
     app.add_exception_handler(RequestValidationError, refused)
-    app.add_exception_handler(ConfigError, config_refused)

@@ -3,7 +3,7 @@ headers before any of the body is read.
 
 A route states what it needs as a dependency, ``dependencies=[needs(Scope.read_aggregates)]``, or
 that it is open, ``dependencies=[OPEN]`` (the health check, the console's page and script). A route
-that declares neither is refused to every caller (403): fail closed. :func:`declared_scopes` lists
+that declares neither is refused (403, even to ``admin``): fail closed. :func:`declared_scopes` lists
 every route with its scope, and refuses an application with an undeclared one before it serves.
 
 Tokens come from ``deployments.tokens`` (``$PODPULSE_API_TOKENS_FILE``, re-read when it changes, and
@@ -84,14 +84,19 @@ def declared_scopes(routes) -> dict[tuple[str, str], str | None]:
 
 
 def scope_of(routes, scope: dict) -> tuple[bool, Needs | None]:
-    """Whether a route answers this request (its path and method), and the scope that route declares
-    (None when it declares none, or when no route answers: a path no route has, another method)."""
+    """Whether a route answers this request (its path and method), and the scope declared by the
+    route of its path: that route's, else one of the same path with another method (the request then
+    gets 405, past the same scope); None when the route declares none, or when no route has the path."""
+    other = None
     for route in routes:
         match, _ = route.matches(scope)
         if match == Match.FULL:
             found = _declared(route)
             return True, found[0] if len(found) == 1 else None
-    return False, None
+        if match == Match.PARTIAL and other is None:
+            other = route
+    found = _declared(other) if other is not None else []
+    return False, found[0] if len(found) == 1 else None
 
 
 def replica_config() -> UserConfig:
@@ -128,8 +133,8 @@ class Guard:
 
     A route declared open is served to anyone; the docs paths openly when ``docs`` is set, else
     404; every other path needs the bearer token (401) with the route's declared scope (403, naming
-    it), and a route that declares none is refused (403). A path no route has needs a token too,
-    then gets 404. A declared ``Content-Length`` over ``max_body_bytes`` gets 413 at once, and a body
+    it), and a route that declares none is refused (403). Another method on a route's path is held
+    to that route's scope before its 405; a path no route has needs a token, then gets 404. A declared ``Content-Length`` over ``max_body_bytes`` gets 413 at once, and a body
     that grows past it while being read gets 413 before it is parsed (Starlette's
     ``RequestBodyLimitResponder``). ``settings`` gives the replica's current user_config.
     """

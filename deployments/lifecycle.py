@@ -66,10 +66,11 @@ class Models:
         self._forecast = None  # ((version, path), WeekAhead, evaluation) of the latest usage-forecast, read once per version
 
     async def apply(self, settings: UserConfig) -> None:
-        """Load the models ``settings`` names, off the event loop, and swap them in at once: a request
-        never sees half of it. A model that cannot be loaded raises and leaves the replica without
-        models, unhealthy (:meth:`check`): it must not go on answering with the version it was told
-        to replace."""
+        """Load the models ``settings`` names, off the event loop, then swap them in with ``settings``
+        in one step (no await between: a request never sees half of it; the caller applies the batch
+        settings before it awaits anything). A model that cannot be loaded raises and leaves the
+        replica without models, unhealthy (:meth:`check`): it must not go on answering with the
+        version it was told to replace."""
         self.generation += 1
         try:
             stable, canary = await asyncio.to_thread(self._load_configured, settings)
@@ -78,8 +79,6 @@ class Models:
             log.error("reconfigure: %s", e)
             raise
         self.config, self.model, self.canary, self.failure = settings, stable, canary, None
-        if stable is not None:
-            await asyncio.to_thread(serving, stable, self.readers, settings.min_k)
 
     @staticmethod
     def _load_configured(settings: UserConfig) -> tuple:

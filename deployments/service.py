@@ -14,7 +14,7 @@ from fastapi import Depends
 from ray import serve
 
 from analytics import battery_model
-from deployments.lifecycle import Models
+from deployments.lifecycle import Models, serving
 from deployments.settings import (
     DELIVERY_TIMEOUT_S,
     READ_CONNECTIONS,
@@ -73,6 +73,8 @@ class Service:
         await self.models.apply(settings)
         self.score.set_max_batch_size(settings.score_batch_size)
         self.score.set_batch_wait_timeout_s(settings.score_batch_wait_s)
+        if self.models.model is not None:
+            await asyncio.to_thread(serving, self.models.model, self.readers, settings.min_k)
         if self._watch is None:  # Serve calls reconfigure first from the replica's event loop
             self._watch = asyncio.get_running_loop().create_task(
                 self.models.watch(lambda: self.config.drift_interval_s))

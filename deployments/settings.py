@@ -19,7 +19,7 @@ from podpulse.privacy import MIN_K
 __all__ = ["UserConfig", "USER_CONFIG_KEYS", "parse_user_config", "MAX_ROWS", "MAX_EVENTS", "MAX_BODY_BYTES",
            "FIRST_DAY", "LAST_DAY", "MAX_K", "MAX_ECHO_CHARS", "DELIVERY_TIMEOUT_S", "DELIVERY_WAIT_S",
            "RETRY_AFTER_S", "DRIFT_INTERVAL_S", "MAX_ONGOING_REQUESTS", "SCORE_BATCH_SIZE", "SCORE_BATCH_WAIT_S",
-           "MAX_SCORE_BATCH_WAIT_S", "READ_CONNECTIONS", "READ_WAIT_S", "MAX_TIMELINE_DAYS"]
+           "MAX_SCORE_BATCH_WAIT_S", "READ_CONNECTIONS", "READ_WAIT_S", "TIMELINE_DAYS"]
 
 MAX_ROWS = 1000  # rows of one scoring request
 MAX_EVENTS = 5000  # messages of one POST /v1/telemetry
@@ -30,7 +30,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 # nothing there, and date arithmetic near year 9999 overflows.
 FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(2100, 12, 31)
 MAX_K = 1000
-MAX_TIMELINE_DAYS = 30  # a device timeline's default span, from its last day of data
+TIMELINE_DAYS = 30  # a device timeline's span when only its first day is given
 MAX_ECHO_CHARS = 200  # a 422 repeats the refused input only when it is short and JSON-safe
 # POST /v1/telemetry answers 202 only once Kafka acknowledged every accepted event. librdkafka
 # gives up on an event after DELIVERY_TIMEOUT_S (message.timeout.ms), so an event the request
@@ -123,6 +123,9 @@ class UserConfig(BaseModel):
 
 
 USER_CONFIG_KEYS = tuple(UserConfig.model_fields)
+# The order refused values are named in: the models, the batches, the guards, the schedule.
+PROBLEM_ORDER = ("model_path", "canary_model_path", "canary_percent", "score_batch_size", "score_batch_wait_s",
+                 "max_body_bytes", "min_k", "docs", "drift_interval_s")
 
 
 def parse_user_config(config: Any) -> UserConfig:
@@ -133,7 +136,8 @@ def parse_user_config(config: Any) -> UserConfig:
         raise ValueError(f"refused user_config: it must be a mapping of {', '.join(USER_CONFIG_KEYS)}, "
                          f"got {type(config).__name__}")
     try:
-        return UserConfig.model_validate({key: value for key, value in config.items() if value is not None})
+        return UserConfig.model_validate({key: value for key, value in config.items()
+                                          if value is not None or key not in USER_CONFIG_KEYS})
     except ValidationError as e:
         raise ValueError("refused user_config: " + "; ".join(_problems(e))) from None
 
@@ -146,7 +150,7 @@ def _problems(e: ValidationError) -> list[str]:
     errors = e.errors(include_url=False)
     unknown = sorted((err["loc"][0] for err in errors if err["type"] in UNKNOWN), key=str)
     out = [f"unknown key(s) {', '.join(map(repr, unknown))} (known: {', '.join(USER_CONFIG_KEYS)})"] if unknown else []
-    order = {key: i for i, key in enumerate(USER_CONFIG_KEYS)}
+    order = {key: i for i, key in enumerate(PROBLEM_ORDER)}
     refused = sorted((err for err in errors if err["type"] not in UNKNOWN), key=lambda err: order[err["loc"][0]])
     for err in refused:
         must = str(err.get("ctx", {}).get("error", err["msg"]))

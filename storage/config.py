@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import ClassVar, Mapping
@@ -197,12 +197,18 @@ def settings_of(name: str, spec: Mapping) -> Settings:
     if unknown:
         raise StorageError(f"backend {name!r} ({kind}): unknown key(s) {', '.join(map(str, unknown))}; "
                            f"known: {', '.join(sorted(known))}")
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+               and f.name not in spec]
+    if missing:
+        raise StorageError(f"backend {name!r} ({kind}): {', '.join(missing)} is required")
     values = {k: (tuple(v) if k == "hosts" and not isinstance(v, str) else dict(v) if isinstance(v, Mapping) else v)
               for k, v in spec.items() if k != "type"}
     try:
         return cls(**values)
-    except TypeError as e:  # a required key missing
-        raise StorageError(f"backend {name!r} ({kind}): {e}") from None
+    except StorageError as e:
+        raise StorageError(f"backend {name!r}: {e}") from None
+    except (TypeError, ValueError) as e:  # a value of the wrong type, met by a check
+        raise StorageError(f"backend {name!r} ({kind}): a value has the wrong type ({e})") from None
 
 
 # -- the configuration -------------------------------------------------------------------------------

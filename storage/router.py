@@ -4,6 +4,7 @@ job appends, a scratch store for benchmarks and tests, counts of what was stored
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
@@ -208,11 +209,17 @@ def scratch(config: StorageConfig, directory: str, prefix: str = "podpulse_scrat
     """``config`` with each backend replaced by an empty namespace on the same server (a DuckDB file in
     ``directory``, a PostgreSQL schema, a Cassandra keyspace), the routes as they were; every namespace
     is dropped at the end. Where benchmarks and tests write without touching a store's data."""
-    name = f"{prefix}_{int(time.time() * 1000)}"
+    stamp = int(time.time() * 1000)
     with ExitStack() as stack:
-        made = {backend: stack.enter_context(backends.scratch(config.settings(backend), name, directory))
+        made = {backend: stack.enter_context(backends.scratch(config.settings(backend),
+                                                              f"{prefix}_{_identifier(backend)}_{stamp}", directory))
                 for backend in config.backends}
         yield config.with_backends({backend: {"type": s.type, **asdict(s)} for backend, s in made.items()})
+
+
+def _identifier(name: str) -> str:
+    """A backend's name as part of a schema, keyspace or file name: a-z, 0-9 and _, at most 12."""
+    return re.sub(r"[^a-z0-9_]", "_", name.lower())[:12]
 
 
 def count_events(config: StorageConfig) -> tuple[int, int]:

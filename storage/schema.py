@@ -142,7 +142,7 @@ def add_columns_ddl(table: Table, migration: int, dialect: str) -> list[str]:
 device_firmware_daily = Table(
     "device_firmware_daily", metadata,
     Column("device_id", String(64), nullable=False),
-    Column("day", Date, nullable=False),  # AEST (storage.rollups.REPORT_UTC_OFFSET_H)
+    Column("day", Date, nullable=False),  # AEST (podpulse.localtime.REPORT_UTC_OFFSET_H)
     Column("firmware", String(64), nullable=False),
     Column("events", BigInteger),
     PrimaryKeyConstraint(*FIRMWARE_KEY),

@@ -16,7 +16,7 @@ from __future__ import annotations
 from podpulse.localtime import LOCAL_OFFSET_MIN, REPORT_UTC_OFFSET_H
 
 __all__ = ["upsert_sql", "merge_into_sql", "oracle_merge_sql", "OFFSETS_MERGE", "OFFSETS_KEY", "offset_minutes_sql",
-           "COUNT_EVENTS"]
+           "COUNT_EVENTS", "COUNT_EVENTS_ORACLE"]
 
 # Raw event rows, and distinct (device_id, seq) among them (storage.base.TimeSeriesStore.count_events);
 # Oracle counts the pair as one text (it has no row values in COUNT DISTINCT).
@@ -81,7 +81,7 @@ def oracle_merge_sql(table: str, key: tuple[str, ...], merge: dict[str, str]) ->
 
 
 def offset_minutes_sql(column: str = "state") -> str:
-    """The minutes a state's standard time is ahead of UTC (``storage.rollups.LOCAL_OFFSET_MIN``), as a
+    """The minutes a state's standard time is ahead of UTC (``podpulse.localtime.LOCAL_OFFSET_MIN``), as a
     CASE over a column of state codes: 600 (AEST) for any other value."""
     whens = " ".join(f"WHEN '{code}' THEN {minutes}" for code, minutes in LOCAL_OFFSET_MIN.items())
     return f"CASE {column} {whens} ELSE {REPORT_UTC_OFFSET_H * 60} END"

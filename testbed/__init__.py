@@ -8,6 +8,6 @@
 - ``watch``: a thread polling the offsets stored with the data (how much is stored, and when all was);
 - ``api``: the tokens of a Serve application started for a test or a benchmark.
 
-PodPulse itself never imports this package. The servers' jars come from ``make infra``
+Only the benchmarks import this package; the floors below them never do. The servers' jars come from ``make infra``
 (``testbed/maven``), the control plane's binaries from ``make kube``.
 """

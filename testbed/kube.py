@@ -27,16 +27,15 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from testbed.process import ServerProcess, ServiceError, free_port, port_open
+from testbed.process import ServerProcess, ServiceError, checkout, free_port, port_open
 
 __all__ = ["Etcd", "KubeAPIServer", "KubeControlPlane", "KubeControllerManager", "tools_bin"]
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tools_bin(name: str) -> Path:
     """A binary ``make kube`` built (``PODPULSE_TOOLS_BIN`` may name another folder)."""
-    path = Path(os.environ.get("PODPULSE_TOOLS_BIN", ROOT / ".cache" / "tools" / "bin")) / name
+    path = Path(os.environ.get("PODPULSE_TOOLS_BIN", checkout() / ".cache" / "tools" / "bin")) / name
     if not os.access(path, os.X_OK):
         raise ServiceError(f"{path} is missing: run `make kube` (make test does)")
     return path

@@ -18,17 +18,26 @@ import time
 from pathlib import Path
 
 from podpulse.broker import free_port  # re-exported: every server here takes its ports from it
+from podpulse.errors import PodPulseError
 
-__all__ = ["ServerProcess", "ServiceError", "free_port", "port_open", "cache_dir"]
+__all__ = ["ServerProcess", "ServiceError", "free_port", "port_open", "cache_dir", "checkout"]
 
 
-class ServiceError(RuntimeError):
-    """A test service could not be prepared or did not come up."""
+class ServiceError(PodPulseError, RuntimeError):
+    """A test service could not be prepared or did not come up (a PodPulseError: the command line
+    says it in one line)."""
+
+
+def checkout() -> Path:
+    """The repository this package runs from (an editable install), else the working directory: where
+    ``make infra`` and ``make kube`` put what they fetch and build (``.cache/``)."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "Makefile").exists() else Path.cwd()
 
 
 def cache_dir() -> Path:
     """Where fetched server artifacts are kept between runs (``make infra`` fills it)."""
-    return Path(os.environ.get("PODPULSE_INFRA_CACHE", Path(__file__).resolve().parents[1] / ".cache" / "infra"))
+    return Path(os.environ.get("PODPULSE_INFRA_CACHE", checkout() / ".cache" / "infra"))
 
 
 class ServerProcess:

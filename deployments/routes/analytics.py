@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from analytics import cohort as cohorts
 from analytics import queries
 from analytics.cohort import Cohort
+from deployments.errors import refused_as
 from deployments.guard import needs
 from deployments.schemas import CohortText, Day
 from deployments.service import Api
@@ -50,12 +51,13 @@ def analytics(api: Api, request: Request, query: str, start: Annotated[Day | Non
     k = privacy_floor(api, k)
     if query not in queries.QUERIES:
         raise HTTPException(status_code=404, detail=f"no query {query!r}; try {', '.join(queries.QUERIES)}")
-    cohort = Cohort(model=model, firmware=firmware, host_device=host_device, state=state, urban=urban,
-                    schema_version=schema_version, first_seen_from=first_seen_from, first_seen_to=first_seen_to)
-    if saved_name is not None:
-        if cohort:
-            raise ConfigError("cohort: give a saved cohort's name or the cohort's fields, not both")
-        cohort = cohorts.named(api.readers, saved_name)
+    with refused_as("query"):
+        cohort = Cohort(model=model, firmware=firmware, host_device=host_device, state=state, urban=urban,
+                        schema_version=schema_version, first_seen_from=first_seen_from, first_seen_to=first_seen_to)
+        if saved_name is not None:
+            if cohort:
+                raise ConfigError("cohort: give a saved cohort's name or the cohort's fields, not both")
+            cohort = cohorts.named(api.readers, saved_name)
     with api.readers.reader() as r:
         covered = queries.data_range(r)
         if covered is None:

@@ -4,6 +4,7 @@ from fastapi import APIRouter, HTTPException
 
 from analytics import cohort as cohorts
 from analytics.cohort import Cohort
+from deployments.errors import refused_as
 from deployments.guard import needs
 from deployments.schemas import CohortRequest
 from deployments.service import Api
@@ -24,11 +25,12 @@ def list_cohorts(api: Api) -> dict:
 def save_cohort(api: Api, body: CohortRequest) -> dict:
     """Save a cohort under a new name (409 when the name is taken); then ``?cohort=NAME`` on every
     analytics query. A write: ``admin``. The replica opens the store for this one write."""
-    cohort = Cohort.parse(body.cohort)
-    try:
-        cohorts.save(api.storage, body.name, cohort)
-    except ConfigError as e:
-        if "saved already" in str(e):
-            raise HTTPException(status_code=409, detail=str(e)) from None
-        raise
+    with refused_as("body"):
+        cohort = Cohort.parse(body.cohort)
+        try:
+            cohorts.save(api.storage, body.name, cohort)
+        except ConfigError as e:
+            if "saved already" in str(e):
+                raise HTTPException(status_code=409, detail=str(e)) from None
+            raise
     return {"name": body.name, "cohort": cohort.as_dict(), "label": cohort.label()}

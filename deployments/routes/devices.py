@@ -12,7 +12,7 @@ from deployments.errors import log
 from deployments.guard import needs
 from deployments.schemas import Day, DeviceId
 from deployments.service import Api
-from deployments.settings import MAX_TIMELINE_DAYS
+from deployments.settings import TIMELINE_DAYS
 from deployments.tokens import Scope
 from podpulse import metrics
 from podpulse.errors import ConfigError
@@ -51,7 +51,7 @@ def timeline(api: Api, device_id: DeviceId, start: Annotated[Day | None, Query(a
     both included, at most 92 (default: its last 30 days of data)."""
     if start and end and end < start:
         raise HTTPException(status_code=422, detail=f"'to' ({end}) is before 'from' ({start})")
-    stop = end + timedelta(days=1) if end else (start + timedelta(days=MAX_TIMELINE_DAYS) if start else None)
+    stop = end + timedelta(days=1) if end else (start + timedelta(days=TIMELINE_DAYS) if start else None)
     try:
         with api.readers.reader() as reader:
             found = device_timeline(reader, device_id, start, stop)

@@ -1,5 +1,5 @@
 """The fleet console: one page (``index.html``) and its script, served by the Serve application at
-``/`` and ``/console/...`` (``deployments.app``). The page holds no data: everything it shows comes
+``/`` and ``/console/...`` (``deployments.routes.console``). The page holds no data: everything it shows comes
 from the API with the token the user signs in with, so it is served without one. Its charts are
 Plotly's, from the installed ``plotly`` package (never copied into the repository); the page loads
 nothing from outside the application (its Content-Security-Policy says so to the browser too).

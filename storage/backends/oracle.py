@@ -345,5 +345,5 @@ def url_of(settings: OracleSettings):
 # No scratch namespace: a schema is a user in Oracle, which PodPulse does not create.
 BACKEND = Backend(settings=OracleSettings,
                   store=lambda s, raw_events_days: OracleStore(s.url, s.password(), s),
-                  reader=lambda s, engine: OracleReader(url_of(s), engine),
+                  reader=lambda s, engine: OracleReader(None if engine else url_of(s), engine),  # a pool's engine has it
                   engine=lambda s, size, wait_s: pooled_engine(url_of(s), size, wait_s))

@@ -267,18 +267,20 @@ def scratch(settings: PostgresSettings, name: str, directory: str) -> Iterator[P
     """A new schema ``name`` in the same database (the URL selects it by ``search_path``), dropped
     with everything in it at the end."""
     admin = create_engine(url_of(settings))
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {name}")
     try:
-        url = make_url(settings.url).update_query_dict({"options": f"-csearch_path={name}"})
-        yield replace(settings, url=url.render_as_string(hide_password=False))
-    finally:
         with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+            conn.exec_driver_sql(f"CREATE SCHEMA {name}")
+        try:
+            url = make_url(settings.url).update_query_dict({"options": f"-csearch_path={name}"})
+            yield replace(settings, url=url.render_as_string(hide_password=False))
+        finally:
+            with admin.begin() as conn:
+                conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+    finally:
         admin.dispose()
 
 
 BACKEND = Backend(settings=PostgresSettings,
                   store=lambda s, raw_events_days: PostgresStore(s.url, s.password()),
-                  reader=lambda s, engine: PostgresReader(url_of(s), engine),
+                  reader=lambda s, engine: PostgresReader(None if engine else url_of(s), engine),  # a pool's engine has it
                   engine=lambda s, size, wait_s: pooled_engine(url_of(s), size, wait_s), scratch=scratch)
