@@ -36,8 +36,10 @@ SERVERS = frozenset({"tansu", "kafka", "cassandra", "broker", "new_topic", "prod
 
 def pytest_collection_modifyitems(items) -> None:
     """``integration`` on every test that uses a server fixture (:data:`SERVERS`), and on every
-    parametrisation of ``store_config`` that is PostgreSQL."""
+    parametrisation of ``store_config`` that is PostgreSQL; ``e2e`` on every test of ``tests/e2e``."""
     for item in items:
+        if "e2e" in Path(str(item.path)).relative_to(Path(__file__).parent).parts[:1]:
+            item.add_marker(pytest.mark.e2e)
         params = getattr(getattr(item, "callspec", None), "params", {})
         if SERVERS & set(item.fixturenames) or params.get("store_config") == "postgresql":
             item.add_marker(pytest.mark.integration)

@@ -50,3 +50,16 @@ def test_the_image_copies_every_package_the_build_installs():
     listed = {p.rstrip("*") for p in tomllib.loads((ROOT / "pyproject.toml").read_text())
               ["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert copied == listed == {p.parent.name for p in ROOT.glob("*/__init__.py")}
+
+
+def test_the_node_runs_the_kubernetes_release_of_the_control_plane():
+    """tools/node (kubelet, kube-scheduler, kube-proxy) and tools/go.mod (kube-apiserver, the controllers)
+    pin the same k8s.io/kubernetes, and the same release of each staging module."""
+    import re
+
+    def pins(path):
+        text = (ROOT / path).read_text()
+        replaces = re.search(r"^replace \((.*?)^\)", text, re.S | re.M).group(1)
+        return re.search(r"k8s\.io/kubernetes (v\S+)", text).group(1), sorted(replaces.split())
+
+    assert pins("tools/node/go.mod") == pins("tools/go.mod")
