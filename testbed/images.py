@@ -4,23 +4,31 @@
 - :func:`sandbox`: the pause image every Pod starts with, compiled from Kubernetes' own ``pause.c``
   (in the ``k8s.io/kubernetes`` module ``tools/node`` pins) as a static binary;
 - :func:`busybox`: Debian's ``busybox-static`` and its applets, for the tests' own Pods;
-- :func:`coredns`: CoreDNS (``tools/coredns`` pins it), the cluster's DNS.
+- :func:`coredns`: CoreDNS (``tools/coredns`` pins it), the cluster's DNS;
+- :func:`podpulse`: PodPulse's own image, on a Debian bookworm base made here (``mmdebstrap``), the
+  local counterpart of the ``Dockerfile`` (whose base, ``rayproject/ray``, is on Docker Hub).
+
+The registry keeps its blobs in ``.cache/registry`` and the wheels in ``.cache/wheels``: a second run
+pushes and installs only what changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import requests
 
 from testbed.kube import tools_bin
-from testbed.process import ServerProcess, ServiceError, free_port
+from testbed.process import ServerProcess, ServiceError, checkout, free_port
 
-__all__ = ["Registry", "sandbox", "busybox", "coredns", "push", "PAUSE", "BUSYBOX", "COREDNS"]
+__all__ = ["Registry", "sandbox", "busybox", "coredns", "podpulse", "push", "PAUSE", "BUSYBOX", "COREDNS"]
 
 PAUSE = "pause:3.10"
 BUSYBOX = "podpulse/busybox:1"
@@ -34,18 +42,27 @@ class Registry(ServerProcess):
 
     name = "registry"
 
-    def __init__(self, root=None, port: int = 0):
+    def __init__(self, root=None, port: int = 0, disk: Path | None = None):
         super().__init__(root)
         self.binary = tools_bin("crane")
         self.port = port or free_port()
+        self.disk = Path(disk or checkout() / ".cache" / "registry")  # kept between runs
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        (self.root / "blobs").mkdir(exist_ok=True)
-        return [str(self.binary), "registry", "serve", "--address", self.host, "--disk", str(self.root / "blobs")]
+        self.disk.mkdir(parents=True, exist_ok=True)
+        return [str(self.binary), "registry", "serve", "--address", self.host, "--disk", str(self.disk)]
+
+    def has(self, name: str) -> bool:
+        """Whether the image ``name`` is in the registry (pushed by an earlier run)."""
+        try:
+            return requests.head(f"http://{self.host}/v2/{name.replace(':', '/manifests/', 1)}", timeout=10,
+                                 headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).status_code == 200
+        except requests.RequestException:
+            return False
 
     def ready(self) -> bool:
         try:
@@ -61,17 +78,19 @@ def _crane(*args: str) -> str:
     return out.stdout.strip()
 
 
-def push(registry: Registry, name: str, root: Path, *, entrypoint: list[str] | None = None,
-         env: dict[str, str] | None = None, user: str | None = None, workdir: str | None = None) -> str:
-    """The files under ``root`` as a one-layer linux/amd64 image ``name`` in ``registry``; returns its
-    reference (``HOST/NAME``)."""
+def push(registry: Registry, name: str, root: Path | None = None, *, layers: list[Path] = (),
+         entrypoint: list[str] | None = None, env: dict[str, str] | None = None, user: str | None = None,
+         workdir: str | None = None) -> str:
+    """The files under ``root`` (or the layer tarballs ``layers``) as a linux/amd64 image ``name`` in
+    ``registry``; returns its reference (``HOST/NAME``)."""
     ref = f"{registry.host}/{name}"
     with tempfile.TemporaryDirectory(prefix="podpulse-image-") as tmp:
-        layer = Path(tmp) / "layer.tar"
-        with tarfile.open(layer, "w") as tar:
-            for path in sorted(root.iterdir()):
-                tar.add(path, arcname=path.name)
-        _crane("append", "-f", str(layer), "-t", ref)
+        if root is not None:
+            layers = [Path(tmp) / "layer.tar"]
+            with tarfile.open(layers[0], "w") as tar:
+                for path in sorted(root.iterdir()):
+                    tar.add(path, arcname=path.name)
+        _crane("append", *(arg for layer in layers for arg in ("-f", str(layer))), "-t", ref)
     mutate = ["mutate", ref, "-t", ref, "--set-platform", "linux/amd64"]
     if entrypoint:
         mutate += ["--entrypoint", ",".join(entrypoint)]
@@ -128,3 +147,99 @@ def coredns(registry: Registry) -> str:
         root.mkdir()
         shutil.copy2(tools_bin("coredns"), root / "coredns")
         return push(registry, COREDNS, root, entrypoint=["/coredns"], user="65532")
+
+
+# The Debian packages of PodPulse's base: Python 3.11 (bookworm's, as the image's Ray pin expects), bash
+# (KubeRay runs Ray's containers as `bash -lc`) and wget (KubeRay's probes).
+BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "bash", "wget", "procps")
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+VENV = "/opt/podpulse"
+
+
+def _wheels(cache: Path) -> tuple[Path, list[Path]]:
+    """This checkout as a wheel, and every wheel it needs (``pip download`` into ``cache``, kept)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "-q"]
+    built = Path(tempfile.mkdtemp(prefix="podpulse-wheel-"))
+    for args in (["download", "-d", str(cache), str(checkout())], ["wheel", "--no-deps", "-w", str(built), str(checkout())]):
+        out = subprocess.run([*pip, *args], capture_output=True, text=True, cwd=built)
+        if out.returncode:
+            raise ServiceError(f"pip {args[0]}: {out.stderr.strip()[-500:]}")
+    shutil.rmtree(checkout() / "build", ignore_errors=True)  # what `pip wheel` of a source folder leaves
+    return next(built.glob("podpulse-*.whl")), sorted(cache.glob("*.whl"))
+
+
+def podpulse(registry: Registry, cache: Path | None = None) -> tuple[str, dict]:
+    """PodPulse's image, built here: bookworm (``mmdebstrap``, :data:`BASE_PACKAGES`) with a user ``ray``
+    (uid 1000, group users) as the rayproject images have, and this checkout installed with its
+    dependencies in a venv at :data:`VENV`, first on every PATH. Tagged by a digest of what went in;
+    an image of that tag in the registry is reused. Returns the reference and the build's figures
+    (seconds per step, root filesystem bytes)."""
+    cache = Path(cache or checkout() / ".cache")
+    figures: dict = {}
+    t0 = time.monotonic()
+    wheel, wheels = _wheels(cache / "wheels")
+    name = f"podpulse:{_source_key(wheels)}"
+    figures["wheels_s"] = round(time.monotonic() - t0, 1)
+    saved = cache / "images" / name.replace(":", "-")  # an OCI layout of a build before
+    if registry.has(name):
+        figures["reused"] = "registry"
+        return f"{registry.host}/{name}", figures
+    if (saved / "index.json").exists():
+        t0 = time.monotonic()
+        _crane("push", str(saved), f"{registry.host}/{name}")  # blobs the registry's disk has are not sent again
+        figures |= {"reused": str(saved), "push_s": round(time.monotonic() - t0, 1)}
+        return f"{registry.host}/{name}", figures
+    with tempfile.TemporaryDirectory(prefix="podpulse-rootfs-") as tmp:
+        root = Path(tmp) / "rootfs"
+        t0 = time.monotonic()
+        _run("mmdebstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", "--mode=root", "bookworm",
+             str(root), DEBIAN_MIRROR)
+        figures["base_s"] = round(time.monotonic() - t0, 1)
+        t0 = time.monotonic()
+        clean = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
+        _run("chroot", str(root), "useradd", "-u", "1000", "-g", "100", "-m", "-s", "/bin/bash", "ray", env=clean)
+        _run("chroot", str(root), "python3", "-m", "venv", VENV, env=clean)
+        (root / "wheels").mkdir()
+        shutil.copy2(wheel, root / "tmp" / wheel.name)
+        _run("mount", "--bind", str(cache / "wheels"), str(root / "wheels"))
+        try:
+            _run("chroot", str(root), f"{VENV}/bin/pip", "install", "-q", "--no-index", "--find-links", "/wheels",
+                 f"/tmp/{wheel.name}", env=clean)
+        finally:
+            _run("umount", str(root / "wheels"))
+        (root / "wheels").rmdir()
+        (root / "tmp" / wheel.name).unlink()
+        (root / "etc" / "profile.d" / "podpulse.sh").write_text(f'export PATH="{VENV}/bin:$PATH"\n')
+        figures["install_s"] = round(time.monotonic() - t0, 1)
+        figures["rootfs_bytes"] = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink())
+        t0 = time.monotonic()
+        ref = push(registry, name, root, env={"PATH": f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                                              "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"},
+                   user="1000:100", workdir="/home/ray")
+        figures["push_s"] = round(time.monotonic() - t0, 1)
+    shutil.rmtree(saved, ignore_errors=True)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    _crane("pull", "--format", "oci", ref, str(saved))  # for the next run: the layout, compressed once
+    for old in saved.parent.glob("podpulse-*"):
+        if old != saved:
+            shutil.rmtree(old, ignore_errors=True)
+    return ref, figures
+
+
+def _source_key(wheels: list[Path]) -> str:
+    """A digest of what goes into the image: the packages' files and pyproject.toml of this checkout, the
+    wheels of its dependencies (by name: name and version), and the base's packages."""
+    digest = hashlib.sha256("\n".join([*(w.name for w in wheels), *BASE_PACKAGES]).encode())
+    root = checkout()
+    for path in sorted([root / "pyproject.toml", *(f for init in root.glob("*/__init__.py")
+                                                    for f in init.parent.rglob("*") if f.is_file())]):
+        if "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _run(*command: str, env: dict | None = None) -> None:
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise ServiceError(f"{' '.join(command[:3])} ...: {(out.stderr or out.stdout).strip()[-800:]}")
