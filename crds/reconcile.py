@@ -52,6 +52,7 @@ MANAGER = "podpulse-operator"
 OWNER_LABEL, KIND_LABEL, HASH_LABEL = "podpulse.io/owner", "podpulse.io/owner-kind", "podpulse.io/spec-hash"
 TARGET_LABEL = "podpulse.io/target-version"
 RAY_UID = 1000  # user "ray" of the rayproject/ray images
+RAY_GID = 100  # its group, "users"
 STORAGE_DIR, KAFKA_DIR = "/etc/podpulse/storage", "/etc/podpulse/kafka"
 PSEUDONYM_DIR = "/etc/podpulse/pseudonym"  # the key of pseudonymKeySecret, as the file "key"
 
@@ -130,7 +131,8 @@ def _image_matches(image: str, ray_version: str) -> bool:
 # caches fall back to /tmp: an emptyDir there is the only writable place.
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                       "capabilities": {"drop": ["ALL"]}}
-POD_SECURITY = {"runAsNonRoot": True, "runAsUser": RAY_UID, "seccompProfile": {"type": "RuntimeDefault"}}
+# fsGroup: the image's group users owns the mounted Secrets (mode 0440), which uid 1000 could not read otherwise
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": RAY_UID, "fsGroup": RAY_GID, "seccompProfile": {"type": "RuntimeDefault"}}
 # The autoscaler sidecar (KubeRay's container, in the head pod): its root stays writable, since
 # what it writes outside /tmp/ray is not documented.
 AUTOSCALER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}

@@ -393,6 +393,50 @@ def dns_manifests(image: str) -> list[dict]:
     ]
 
 
+def kuberay_manifests(image: str) -> list[dict]:
+    """KubeRay's operator as a Deployment in ``kuberay-system``, with a ServiceAccount allowed what its
+    controllers do (KubeRay's own chart grants about as much: Ray clusters, Pods, Services, Jobs,
+    Secrets, Ingresses, Routes, Events). Its CRDs are applied apart (:func:`testbed.kuberay.kuberay_crd_files`)."""
+    ns = "kuberay-system"
+    labels = {"app.kubernetes.io/name": "kuberay-operator"}
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "kuberay-operator", "namespace": ns}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "kuberay-operator"},
+         "rules": [{"apiGroups": ["ray.io"], "resources": ["*"], "verbs": ["*"]},
+                   {"apiGroups": [""], "resources": ["pods", "pods/status", "services", "services/status", "endpoints",
+                                                     "secrets", "serviceaccounts", "events", "configmaps"],
+                    "verbs": ["*"]},
+                   {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["*"]},
+                   {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["*"]},
+                   {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses", "ingressclasses"], "verbs": ["*"]},
+                   {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["*"]},
+                   {"apiGroups": ["route.openshift.io"], "resources": ["routes"], "verbs": ["*"]},
+                   {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["*"], "verbs": ["*"]},
+                   {"apiGroups": ["scheduling.x-k8s.io", "scheduling.volcano.sh"], "resources": ["*"],
+                    "verbs": ["*"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": "kuberay-operator"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kuberay-operator"},
+         "subjects": [{"kind": "ServiceAccount", "name": "kuberay-operator", "namespace": ns}]},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "kuberay-operator", "namespace": ns,
+                                                                     "labels": labels},
+         "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
+             "metadata": {"labels": labels},
+             "spec": {"serviceAccountName": "kuberay-operator",
+                      "securityContext": {"runAsNonRoot": True, "runAsUser": 65532},
+                      "containers": [{
+                          "name": "kuberay-operator", "image": image,
+                          "args": ["--enable-leader-election=false", "--log-stdout-encoder=console",
+                                   "--health-probe-bind-address=:8082", "--metrics-addr=:8080"],
+                          "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8082}, "periodSeconds": 2},
+                          "resources": {"requests": {"cpu": "50m", "memory": "128Mi"},
+                                        "limits": {"memory": "512Mi"}},
+                          "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                              "capabilities": {"drop": ["ALL"]}}}]}}}},
+    ]
+
+
 class OneNodeCluster:
     """The whole cluster, started in order and stopped in reverse; ``kubeconfig`` reaches it as admin."""
 

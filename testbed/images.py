@@ -5,6 +5,8 @@
   (in the ``k8s.io/kubernetes`` module ``tools/node`` pins) as a static binary;
 - :func:`busybox`: Debian's ``busybox-static`` and its applets, for the tests' own Pods;
 - :func:`coredns`: CoreDNS (``tools/coredns`` pins it), the cluster's DNS;
+- :func:`kuberay_operator`: KubeRay's operator (the binary ``make kube`` built) with the C library it
+  links, nothing else;
 - :func:`podpulse`: PodPulse's own image, on a Debian bookworm base made here (``mmdebstrap``), the
   local counterpart of the ``Dockerfile`` (whose base, ``rayproject/ray``, is on Docker Hub).
 
@@ -28,11 +30,13 @@ import requests
 from testbed.kube import tools_bin
 from testbed.process import ServerProcess, ServiceError, checkout, free_port
 
-__all__ = ["Registry", "sandbox", "busybox", "coredns", "podpulse", "push", "PAUSE", "BUSYBOX", "COREDNS"]
+__all__ = ["Registry", "sandbox", "busybox", "coredns", "kuberay_operator", "podpulse", "push", "PAUSE", "BUSYBOX",
+           "COREDNS", "KUBERAY"]
 
 PAUSE = "pause:3.10"
 BUSYBOX = "podpulse/busybox:1"
 COREDNS = "coredns:1.15.0"
+KUBERAY = "kuberay-operator:1.5.1"
 BUSYBOX_APPLETS = ("sh", "ls", "cat", "echo", "sleep", "wget", "nslookup", "ping", "ip", "hostname", "nc", "id",
                    "head", "grep", "touch", "dd", "env", "date", "true", "httpd", "mkdir", "cut", "tr")
 
@@ -147,6 +151,19 @@ def coredns(registry: Registry) -> str:
         root.mkdir()
         shutil.copy2(tools_bin("coredns"), root / "coredns")
         return push(registry, COREDNS, root, entrypoint=["/coredns"], user="65532")
+
+
+def kuberay_operator(registry: Registry) -> str:
+    """KubeRay's operator as ``KUBERAY``: its binary and the two files of glibc it links (from this
+    Debian machine, the release its binary was built against)."""
+    binary = tools_bin("ray-operator")
+    with tempfile.TemporaryDirectory(prefix="podpulse-kuberay-") as tmp:
+        root = Path(tmp) / "root"
+        for lib in ("/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"):
+            (root / lib[1:]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(lib).resolve(), root / lib[1:])
+        shutil.copy2(binary, root / "manager")
+        return push(registry, KUBERAY, root, entrypoint=["/manager"], user="65532")
 
 
 # The Debian packages of PodPulse's base: Python 3.11 (bookworm's, as the image's Ray pin expects), bash

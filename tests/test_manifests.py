@@ -32,7 +32,7 @@ def test_ray_cluster_pods_run_restricted():
     spec = yaml.safe_load((ROOT / "ray-cluster.yaml").read_text())["spec"]
     for template in [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]:
         pod = template["spec"]
-        assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000,
+        assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 100,
                                           "seccompProfile": {"type": "RuntimeDefault"}}
         assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
     for c in containers(spec):

@@ -22,5 +22,6 @@ capabilities: {drop: [ALL]}
 {{- define "podpulse.podSecurity" -}}
 runAsNonRoot: true
 runAsUser: 1000
+fsGroup: 100  # group users: mounted Secrets (mode 0440) are readable
 seccompProfile: {type: RuntimeDefault}
 {{- end }}
