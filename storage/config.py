@@ -321,7 +321,10 @@ class StorageConfig:
     def with_key_file(self) -> "StorageConfig":
         """This configuration naming its key file by absolute path: what a process elsewhere
         (a Ray actor started in another directory, with another environment) must read."""
-        return StorageConfig(**{**self.as_dict(), "pseudonym_key_file": str(self.key_file().resolve())})
+        # Absolute, its links kept: a Kubernetes Secret's file is a link into a folder whose name differs
+        # from pod to pod (..2026_12_07_17_45_06.95051120/key), so a resolved path read on the head would
+        # name nothing on a worker.
+        return StorageConfig(**{**self.as_dict(), "pseudonym_key_file": os.path.abspath(self.key_file())})
 
     def as_dict(self) -> dict:
         out = {"backends": _thawed(self.backends), "routes": dict(self.routes)}

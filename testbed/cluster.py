@@ -42,7 +42,8 @@ BRIDGE = "ppcni0"  # the CNI bridge (its gateway: the first address of POD_CIDR)
 SERVICE_CIDR = "10.96.0.0/24"
 CLUSTER_DNS = "10.96.0.10"  # the kube-dns Service: CoreDNS
 NODE_NAME = "podpulse-node"
-RUN = Path("/run/podpulse-cluster")  # sockets: a unix socket path must stay under 108 bytes
+MOUNT_MARK = "podpulse-cluster"  # in the name of every folder a cluster mounts under (RUN and each root)
+RUN = Path(f"/run/{MOUNT_MARK}")  # sockets: a unix socket path must stay under 108 bytes
 
 
 def cni_bin() -> Path:
@@ -337,7 +338,7 @@ def leftovers() -> list[str]:
     found = [f"process {p}" for p in sh("pgrep", "-a", "-f", "containerd|kubelet|kube-proxy|kube-scheduler",
                                          check=False).stdout.splitlines() if "pgrep" not in p]
     found += [f"mount {line.split()[1]}" for line in Path("/proc/mounts").read_text().splitlines()
-              if "podpulse-cluster" in line.split()[1]]
+              if MOUNT_MARK in line.split()[1]]
     found += [f"link {name}" for name in (BRIDGE, NODE_LINK)
               if sh("ip", "link", "show", name, check=False).returncode == 0]
     found += [f"link {line.split()[0]}" for line in sh("ip", "-br", "link", check=False).stdout.splitlines()
@@ -441,7 +442,7 @@ class OneNodeCluster:
     """The whole cluster, started in order and stopped in reverse; ``kubeconfig`` reaches it as admin."""
 
     def __init__(self, root: Path | None = None):
-        self.root = Path(root or tempfile.mkdtemp(prefix="podpulse-cluster-"))
+        self.root = Path(root or tempfile.mkdtemp(prefix=f"{MOUNT_MARK}-"))
         parts = {name: self.root / name for name in ("etcd", "apiserver", "kcm", "scheduler", "registry",
                                                      "containerd", "kubelet", "proxy")}
         for path in parts.values():
@@ -498,6 +499,19 @@ class OneNodeCluster:
                 return found
             time.sleep(every_s)
         raise ServiceError(f"{what}: not within {timeout_s:.0f} s")
+
+    def external(self, name: str, port: int, namespace: str = "default") -> str:
+        """A Service without a selector and its EndpointSlice, ``name:port`` in the cluster to the node's
+        address and ``port`` on this machine: how the Pods reach a server running beside the cluster (as a
+        cluster reaches a managed Kafka or database). Returns the Service's DNS name."""
+        self.apply([{"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
+                     "spec": {"ports": [{"name": "main", "port": port, "targetPort": port, "protocol": "TCP"}]}},
+                    {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                     "metadata": {"name": f"{name}-host", "namespace": namespace,
+                                  "labels": {"kubernetes.io/service-name": name}},
+                     "addressType": "IPv4", "ports": [{"name": "main", "port": port, "protocol": "TCP"}],
+                     "endpoints": [{"addresses": [NODE_IP], "conditions": {"ready": True}}]}])
+        return f"{name}.{namespace}.svc.cluster.local"
 
     def _dns(self) -> None:
         """CoreDNS as a Deployment behind kube-dns, once the node is Ready; waits for it to be Ready too."""
@@ -557,7 +571,7 @@ class OneNodeCluster:
             _reap()  # a zombie keeps its /proc entry until it is reaped
             time.sleep(0.1)
         mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
-                  if str(self.root) in line.split()[1] or str(RUN) in line.split()[1]]
+                  if MOUNT_MARK in line.split()[1]]  # an earlier cluster's too, if its run was cut short
         for mount in sorted(mounts, key=len, reverse=True):
             subprocess.run(["umount", "-l", mount], capture_output=True)
         for cgroup in sorted(_kubepods_cgroups(), key=lambda p: len(p.parts), reverse=True):

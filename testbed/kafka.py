@@ -40,9 +40,11 @@ class KafkaBroker(ServerProcess):
     start_timeout_s = 90.0
     kind = "kafka"
 
-    def __init__(self, root=None, port: int = 0):
+    def __init__(self, root=None, port: int = 0, host: str = "127.0.0.1"):
+        """``host``: the address it listens on and advertises (the end-to-end cluster's Pods reach the
+        node's, ``testbed.cluster.NODE_IP``)."""
         super().__init__(root)
-        self.host = "127.0.0.1"
+        self.host = host
         self.port = port or free_port()
         self.controller_port = free_port()
         self.classpath = kafka_classpath()

@@ -39,8 +39,12 @@ class PostgresCluster(ServerProcess):
     name = "postgres"
     start_timeout_s = 30.0
 
-    def __init__(self, root=None, port: int = 0, database: str = "test"):
+    def __init__(self, root=None, port: int = 0, database: str = "test", listen: str = "127.0.0.1",
+                 clients: str | None = None):
+        """``listen``: the addresses it listens on besides loopback (the end-to-end cluster's node address);
+        ``clients``: a network (CIDR) trusted besides loopback (the cluster's Pods)."""
         super().__init__(root)
+        self.listen, self.clients = listen, clients
         self.port = port or free_port()
         self.database = database
         self.bindir = postgres_bindir()
@@ -67,9 +71,13 @@ class PostgresCluster(ServerProcess):
         subprocess.run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
                         "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"],
                        check=True, capture_output=True, preexec_fn=self.preexec())
+        if self.clients:
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {self.clients} trust\n")
 
     def command(self) -> list[str]:
-        settings = {"listen_addresses": "127.0.0.1", "port": self.port, "unix_socket_directories": str(self.root),
+        listen = ",".join(dict.fromkeys(["127.0.0.1", *self.listen.split(",")]))
+        settings = {"listen_addresses": listen, "port": self.port, "unix_socket_directories": str(self.root),
                     "max_connections": 200, "shared_buffers": "256MB", "fsync": "off",
                     "synchronous_commit": "off", "full_page_writes": "off", "max_locks_per_transaction": 256,
                     "logging_collector": "off", "log_min_messages": "warning"}

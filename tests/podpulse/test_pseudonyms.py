@@ -86,6 +86,19 @@ def test_ingest_makes_the_key_once_and_names_it_by_absolute_path_for_every_actor
     assert resolved.with_pseudonym_key().storage.pseudonyms().of("ap-1") == made  # made once
 
 
+def test_a_key_behind_links_keeps_its_links_as_a_kubernetes_secret_has_them(tmp_path, monkeypatch):
+    """A Secret's file is key -> ..data/key -> ..<timestamp>/key, the timestamp the pod's own: the path
+    every actor reads is the one with the links, never where they lead on the driver's pod."""
+    stamped = tmp_path / "..2026_12_07_17_45_06.95051120"
+    stamped.mkdir()
+    Pseudonyms.load(stamped / "key", create=True)
+    (tmp_path / "..data").symlink_to(stamped.name)
+    (tmp_path / "key").symlink_to("..data/key")
+    monkeypatch.setenv(KEY_ENV, str(tmp_path / "key"))
+    config = IngestConfig(bootstrap="127.0.0.1:1", topic="t", storage=StorageConfig.embedded(tmp_path / "x.duckdb"))
+    assert config.with_pseudonym_key().storage.pseudonym_key_file == str(tmp_path / "key")
+
+
 def test_a_storage_config_file_may_name_its_key(tmp_path):
     path = tmp_path / "storage.yaml"
     path.write_text(f"backends: {{db: {{type: duckdb, path: {tmp_path}/x.duckdb}}}}\n"

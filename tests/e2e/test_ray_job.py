@@ -1,0 +1,123 @@
+"""`ray job submit` from this machine to Ray running under KubeRay in Pods: `podpulse ingest` stores
+exactly what a producer sent, and its actors run on the worker Pod's node.
+
+KubeRay's operator runs as a Pod (its binary from ``make kube``); ``ray-cluster.yaml`` runs as written
+but for its image (built here) and its sizes (a head and one worker on a 2-core node). Kafka and
+PostgreSQL run beside the cluster, on the node's address, and the Pods reach them through Services
+without selectors (``OneNodeCluster.external``), as a cluster reaches a managed Kafka or database.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from podpulse.simulator import FleetSpec
+from storage.config import StorageConfig
+from storage.reader import run_queries
+from testbed.cluster import NODE_IP, POD_CIDR, kuberay_manifests
+from testbed.images import kuberay_operator, podpulse
+from testbed.kafka import KafkaBroker
+from testbed.kuberay import kuberay_crd_files
+from testbed.postgres import PostgresCluster
+from testbed.topics import produce_fleet
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZES = {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "3Gi"}}  # 2 cores in all
+
+
+@pytest.fixture(scope="module")
+def servers(cluster):
+    kafka = KafkaBroker(host=NODE_IP).start()
+    postgres = PostgresCluster(listen=NODE_IP, clients=POD_CIDR).start()
+    yield kafka, postgres
+    postgres.remove()
+    kafka.remove()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(cluster, core):
+    """KubeRay's operator, then ray-cluster.yaml's head and one worker, every container Ready."""
+    from kubernetes import client  # heavy: as the conftest's
+
+    api = cluster.api_client()
+    apps, custom = client.AppsV1Api(api), client.CustomObjectsApi(api)
+    started = time.monotonic()
+    cluster.apply([yaml.safe_load(f.read_text()) for f in kuberay_crd_files()])
+    cluster.apply(kuberay_manifests(kuberay_operator(cluster.registry)))
+    cluster.wait("KubeRay's operator Ready", lambda: (apps.read_namespaced_deployment(
+        "kuberay-operator", "kuberay-system").status.ready_replicas or 0) >= 1, 180)
+    operator_s = time.monotonic() - started
+    image, figures = podpulse(cluster.registry)
+    core.create_namespaced_secret("default", {"metadata": {"name": "podpulse-pseudonym-key"},
+                                              "stringData": {"key": secrets.token_hex(32)}})
+    doc = yaml.safe_load((ROOT / "ray-cluster.yaml").read_text())
+    spec = doc["spec"]
+    for template in [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]:
+        for container in template["spec"]["containers"]:
+            container |= {"image": image, "resources": SIZES}
+    for group in spec["workerGroupSpecs"]:
+        group |= {"replicas": 1, "minReplicas": 1, "maxReplicas": 1}
+    spec["autoscalerOptions"]["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"},
+                                              "limits": {"cpu": "500m", "memory": "512Mi"}}
+    started = time.monotonic()
+    custom.create_namespaced_custom_object("ray.io", "v1", "default", "rayclusters", doc)
+
+    def ready():
+        pods = core.list_namespaced_pod("default", label_selector="ray.io/cluster=podpulse").items
+        return len(pods) == 2 and all(p.status.phase == "Running" and all(c.ready for c in p.status.container_statuses)
+                                      for p in pods)
+    cluster.wait("the head and the worker Ready", ready, timeout_s=600, every_s=2)
+    print(f"KubeRay's operator Ready in {operator_s:.1f} s; image {figures}; "
+          f"head and worker Ready {time.monotonic() - started:.1f} s after the RayCluster was created")
+    # KubeRay's head Service is headless (no ClusterIP): this machine reaches the head Pod on the bridge
+    head = core.list_namespaced_pod("default", label_selector="ray.io/cluster=podpulse,ray.io/node-type=head"
+                                    ).items[0].status.pod_ip
+    token = next(base64.b64decode(s.data["auth_token"]).decode() for s in core.list_namespaced_secret("default").items
+                 if s.data and "auth_token" in s.data)
+    return f"http://{head}:8265", token
+
+
+def ray_cli(address: str, token: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
+        "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    return subprocess.run([str(Path(sys.executable).parent / "ray"), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_ray_job_submit_stores_exactly_what_was_sent_with_its_actors_on_the_worker(cluster, servers, ray_cluster,
+                                                                                   tmp_path):
+    kafka, postgres = servers
+    address, token = ray_cluster
+    kafka_name = cluster.external("kafka", kafka.port)
+    postgres_name = cluster.external("postgres", postgres.port)
+    kafka.create_topic("telemetry", 4)
+    sent = produce_fleet(kafka.bootstrap, "telemetry", FleetSpec(devices=300, hours=12, seed=5, fault_share=0.0))
+    (tmp_path / "storage.yaml").write_text(yaml.safe_dump({"backends": {"pg": {
+        "type": "postgresql", "url": f"postgresql://postgres@{postgres_name}:{postgres.port}/test"}}}))
+    started = time.monotonic()
+    job = ray_cli(address, token, "job", "submit", "--working-dir", str(tmp_path), "--",
+                  "podpulse", "ingest", "--bootstrap", f"{kafka_name}:{kafka.port}", "--topic", "telemetry",
+                  "--storage-config", "storage.yaml", "--until-caught-up", "--json")
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    summary = json.loads([line for line in job.stdout.splitlines() if line.startswith("{")][-1])
+    print(f"ray job submit: {time.monotonic() - started:.1f} s; {summary['writer']}")
+    host = StorageConfig(backends={"pg": {"type": "postgresql",
+                                          "url": f"postgresql://postgres@127.0.0.1:{postgres.port}/test"}})
+    rows, distinct = run_queries(host, {"n": "SELECT count(*), count(DISTINCT (device_id, seq)) FROM events"})["n"][0]
+    assert rows == distinct == len(sent["valid"]) == summary["writer"]["applied"]
+    nodes = json.loads(ray_cli(address, token, "list", "nodes", "--format", "json").stdout)
+    head = next(n["node_id"] for n in nodes if n.get("is_head_node"))
+    actors = json.loads(ray_cli(address, token, "list", "actors", "--format", "json", "--detail", "--limit",
+                                "1000").stdout)
+    placed = {a["class_name"]: a["node_id"] for a in actors if a["class_name"] in ("ShardConsumer", "Writer")}
+    assert placed and all(node != head for node in placed.values()), placed
