@@ -3,14 +3,20 @@
 # and workers of the RayCluster / RayService / RayJobs, the migration Jobs and the operator.
 #
 #   docker build -t podpulse:2.60.0-py311 .
+#   docker build --build-arg BASE=my-registry/ray:2.60.0-py311 -t podpulse:2.60.0-py311 .
 #
 # The tag starts with the Ray version because KubeRay's rayVersion and the image must
-# agree (tests/test_manifests.py checks the manifests). Not built on the development
-# machine (no container runtime there): keep this file simple enough to review by eye.
+# agree (tests/test_manifests.py checks the manifests). The development machine has no
+# Docker Hub: the end-to-end tests build the same image from Debian's packages instead
+# (testbed/images.py, bookworm's Python 3.11, a user ray 1000:100), so keep this file simple
+# enough to review by eye.
 
-# Ray must equal the ray pin in pyproject.toml (ray[serve,data]==2.60.0), so pip keeps
-# the image's Ray instead of installing a second one; Python 3.11 is pyproject's range.
-FROM rayproject/ray:2.60.0-py311
+# BASE: Ray must equal the ray pin in pyproject.toml (ray[serve,data]==2.60.0), so pip
+# keeps the image's Ray instead of installing a second one; Python 3.11 is pyproject's
+# range. Another base (a mirror of rayproject/ray, or your own) needs the same Ray and
+# Python, a user 1000 in group 100, and pip on PATH for that user.
+ARG BASE=rayproject/ray:2.60.0-py311
+FROM ${BASE}
 
 # rayproject images run as user "ray" (uid 1000, group users/100) with conda's Python
 # first on PATH; installing as that user keeps `podpulse` and `kopf` on the same PATH.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.config import IngestConfig
 from actors.supervisor import IngestSupervisor
@@ -18,7 +19,10 @@ def run_ingest(config: IngestConfig, *, until_caught_up: bool,
     """Run the pipeline; returns the supervisor's final summary. Ctrl-C stops it cleanly."""
     config = config.with_pseudonym_key()  # a missing or bad key fails here, before Ray starts
     init_ray()
-    supervisor = IngestSupervisor.remote(config)
+    # beside this driver: a worker node lost takes consumers and writers, which the supervisor
+    # replaces, never the supervisor itself (it asks for no CPU, so Ray could put it anywhere)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    supervisor = IngestSupervisor.options(scheduling_strategy=here).remote(config)
     done = supervisor.run.remote(until_caught_up=until_caught_up)
     try:
         while True:

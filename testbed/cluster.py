@@ -286,16 +286,23 @@ def _subreaper() -> None:
 def _kubepods_cgroups() -> list[Path]:
     """Every cgroup the kubelet made (``kubepods`` and below), in each hierarchy."""
     root = Path("/sys/fs/cgroup")
-    return [path for top in root.glob("*/kubepods") for path in [top, *top.rglob("*")] if path.is_dir()] + \
-        ([root / "kubepods"] if (root / "kubepods").is_dir() else [])
+    # os.walk, not rglob: a Pod's cgroup may go while it is walked, and os.walk skips what went
+    return [Path(path) for top in [*root.glob("*/kubepods"), root / "kubepods"] for path, _, _ in os.walk(top)]
+
+
+def _procs(cgroup: Path) -> list[int]:
+    """The processes in ``cgroup``; none once it is gone (the kubelet removes a Pod's as its last one exits)."""
+    try:
+        return [int(pid) for pid in (cgroup / "cgroup.procs").read_text().split()]
+    except OSError:  # ENOENT, or ENODEV from a cgroup removed while it was read
+        return []
 
 
 def _kill_pods(timeout_s: float = 10.0) -> None:
     """SIGKILL every process in the ``kubepods`` cgroups (the Pods' containers), until none is left."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        pids = {int(pid) for cgroup in _kubepods_cgroups() if (cgroup / "cgroup.procs").exists()
-                for pid in (cgroup / "cgroup.procs").read_text().split()}
+        pids = {pid for cgroup in _kubepods_cgroups() for pid in _procs(cgroup)}
         if not pids:
             return
         for pid in pids:
@@ -549,16 +556,18 @@ class OneNodeCluster:
         """Stop the node first and every container it ran (SIGKILL to each process of ``kubepods``),
         then the control plane, then clean the host (:meth:`_clean_host`)."""
         node = [s for s in (self.proxy, self.kubelet) if s in self.started]
-        for server in node:
-            server.stop()
-        _kill_pods()
-        for server in reversed([s for s in self.started if s not in node]):
-            try:
-                server.stop(timeout=5.0 if server is self.apiserver else 30.0)
-            except Exception:  # keep stopping the others
-                pass
-        self.started.clear()
-        self._clean_host()
+        try:
+            for server in node:
+                server.stop()
+            _kill_pods()
+        finally:  # whatever failed above, the rest still goes
+            for server in reversed([s for s in self.started if s not in node]):
+                try:
+                    server.stop(timeout=5.0 if server is self.apiserver else 30.0)
+                except Exception:  # keep stopping the others
+                    pass
+            self.started.clear()
+            self._clean_host()
 
     def _clean_host(self) -> None:
         """Everything the node left on the host: containerd's shims, the mounts under its folders (the

@@ -52,6 +52,14 @@ def test_the_image_copies_every_package_the_build_installs():
     assert copied == listed == {p.parent.name for p in ROOT.glob("*/__init__.py")}
 
 
+def test_the_image_builds_on_a_base_of_the_pinned_ray_that_a_build_argument_replaces():
+    import re
+
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.findall(r"^ARG BASE=rayproject/ray:(\S+)-py311$", text, re.M) == [ray.__version__]
+    assert re.findall(r"^FROM (.+)$", text, re.M) == ["${BASE}"]
+
+
 def test_the_node_runs_the_kubernetes_release_of_the_control_plane():
     """tools/node (kubelet, kube-scheduler, kube-proxy) and tools/go.mod (kube-apiserver, the controllers)
     pin the same k8s.io/kubernetes, and the same release of each staging module."""

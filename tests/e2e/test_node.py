@@ -45,3 +45,27 @@ def test_pods_reach_each_other_a_service_the_host_the_api_and_cluster_dns(cluste
     assert " 0% packet loss" in run(core, "client", f"ping -c 1 -W 2 {NODE_IP}")  # the host
     api = run(core, "client", "printf '' | nc -w 3 kubernetes.default.svc.cluster.local 443; echo rc=$?")
     assert "rc=0" in api, api  # the API through the kubernetes Service
+
+
+def test_a_container_over_its_memory_limit_is_oom_killed_and_restarted(cluster, core):
+    """``dd`` with a 256 MiB block (the container's first process) fills its buffer from /dev/zero, four
+    times the 64 MiB limit: the kernel kills it in its cgroup, the kubelet says so and starts it again."""
+    spec = pod("hungry", busybox(cluster.registry), "exec dd if=/dev/zero of=/dev/null bs=256M count=1")
+    spec["spec"]["containers"][0]["resources"] = {"limits": {"memory": "64Mi"}, "requests": {"memory": "64Mi"}}
+    core.create_namespaced_pod("default", spec)
+
+    def restarted():
+        statuses = core.read_namespaced_pod("hungry", "default").status.container_statuses or []
+        return statuses[0] if statuses and statuses[0].restart_count >= 1 and statuses[0].last_state.terminated \
+            else None
+    status = cluster.wait("the container OOM-killed and restarted", restarted, timeout_s=120)
+    assert status.last_state.terminated.reason == "OOMKilled", status.last_state
+    assert status.last_state.terminated.exit_code == 137  # SIGKILL
+
+    def said():
+        events = core.list_namespaced_event("default", field_selector="involvedObject.name=hungry").items
+        found = {e.reason: e.message for e in events if e.source.component == "kubelet"}
+        return found if "BackOff" in found else None
+    events = cluster.wait("the kubelet's back-off event", said, timeout_s=120)
+    print(f"kubelet's events for the Pod: {events}")
+    assert events["BackOff"].startswith("Back-off restarting failed container main"), events

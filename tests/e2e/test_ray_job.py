@@ -37,8 +37,11 @@ SIZES = {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"cpu": "1", "m
 
 @pytest.fixture(scope="module")
 def servers(cluster):
+    """Kafka and PostgreSQL on the node's address; in the cluster, Services named ``kafka`` and ``postgres``."""
     kafka = KafkaBroker(host=NODE_IP).start()
     postgres = PostgresCluster(listen=NODE_IP, clients=POD_CIDR).start()
+    cluster.external("kafka", kafka.port)
+    cluster.external("postgres", postgres.port)
     yield kafka, postgres
     postgres.remove()
     kafka.remove()
@@ -98,15 +101,13 @@ def test_ray_job_submit_stores_exactly_what_was_sent_with_its_actors_on_the_work
                                                                                    tmp_path):
     kafka, postgres = servers
     address, token = ray_cluster
-    kafka_name = cluster.external("kafka", kafka.port)
-    postgres_name = cluster.external("postgres", postgres.port)
     kafka.create_topic("telemetry", 4)
     sent = produce_fleet(kafka.bootstrap, "telemetry", FleetSpec(devices=300, hours=12, seed=5, fault_share=0.0))
     (tmp_path / "storage.yaml").write_text(yaml.safe_dump({"backends": {"pg": {
-        "type": "postgresql", "url": f"postgresql://postgres@{postgres_name}:{postgres.port}/test"}}}))
+        "type": "postgresql", "url": f"postgresql://postgres@postgres:{postgres.port}/test"}}}))
     started = time.monotonic()
     job = ray_cli(address, token, "job", "submit", "--working-dir", str(tmp_path), "--",
-                  "podpulse", "ingest", "--bootstrap", f"{kafka_name}:{kafka.port}", "--topic", "telemetry",
+                  "podpulse", "ingest", "--bootstrap", f"kafka:{kafka.port}", "--topic", "telemetry",
                   "--storage-config", "storage.yaml", "--until-caught-up", "--json")
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     summary = json.loads([line for line in job.stdout.splitlines() if line.startswith("{")][-1])
@@ -121,3 +122,52 @@ def test_ray_job_submit_stores_exactly_what_was_sent_with_its_actors_on_the_work
                                 "1000").stdout)
     placed = {a["class_name"]: a["node_id"] for a in actors if a["class_name"] in ("ShardConsumer", "Writer")}
     assert placed and all(node != head for node in placed.values()), placed
+
+
+def test_a_worker_pod_deleted_in_the_middle_of_an_ingest_job_loses_and_duplicates_nothing(cluster, core, servers,
+                                                                                          ray_cluster, tmp_path):
+    """The worker Pod, with the consumers and the writer on it, is deleted at once (no grace) once the job
+    has stored some events: KubeRay starts another, the supervisor (beside the driver, on the head) starts
+    new actors on it, and they resume from the offsets stored with the data."""
+    kafka, postgres = servers
+    address, token = ray_cluster
+    kafka.create_topic("telemetry-2", 4)
+    sent = produce_fleet(kafka.bootstrap, "telemetry-2", FleetSpec(devices=600, hours=48, seed=6, fault_share=0.0))
+    (tmp_path / "storage.yaml").write_text(yaml.safe_dump({"backends": {"pg": {
+        "type": "postgresql", "url": f"postgresql://postgres@postgres:{postgres.port}/test2"}}}))
+    postgres.psql("CREATE DATABASE test2")
+    host = StorageConfig(backends={"pg": {"type": "postgresql",
+                                          "url": f"postgresql://postgres@127.0.0.1:{postgres.port}/test2"}})
+    # small batches, one in flight: slow enough to be caught in the middle
+    job = ray_cli(address, token, "job", "submit", "--no-wait", "--submission-id", "ingest-worker-lost",
+                  "--working-dir", str(tmp_path), "--", "podpulse", "ingest", "--bootstrap", f"kafka:{kafka.port}",
+                  "--topic", "telemetry-2", "--storage-config", "storage.yaml", "--until-caught-up", "--json",
+                  "--batch-size", "100", "--linger-ms", "0", "--max-in-flight", "1")
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+
+    def stored() -> int:
+        try:
+            return run_queries(host, {"n": "SELECT count(*) FROM events"})["n"][0][0]
+        except Exception:  # the job has not made its tables yet
+            return 0
+    at_kill = cluster.wait("the job storing events", lambda: n if (n := stored()) > 0 else None, timeout_s=300,
+                           every_s=0.2)
+    worker = core.list_namespaced_pod("default", label_selector="ray.io/cluster=podpulse,ray.io/node-type=worker"
+                                      ).items[0].metadata.name
+    core.delete_namespaced_pod(worker, "default", grace_period_seconds=0)
+    killed = time.monotonic()
+
+    def finished():  # the CLI says "Job '<id>' succeeded" (or failed, or was stopped)
+        status = ray_cli(address, token, "job", "status", "ingest-worker-lost").stdout
+        return next((s for s in ("succeeded", "failed", "stopped") if f"' {s}" in status or f"was {s}" in status), None)
+    outcome = cluster.wait("the job finished", finished, timeout_s=600, every_s=3)
+    logs = ray_cli(address, token, "job", "logs", "ingest-worker-lost").stdout
+    assert outcome == "succeeded", logs[-4000:]
+    summary = json.loads([line for line in logs.splitlines() if line.startswith("{")][-1])
+    replaced = next(p for p in core.list_namespaced_pod("default", label_selector="ray.io/node-type=worker").items
+                    if p.metadata.name != worker)
+    print(f"worker deleted with {at_kill} of {len(sent['valid'])} events stored; the job succeeded "
+          f"{time.monotonic() - killed:.1f} s later, on {replaced.metadata.name}; restarts {summary['restarts']}")
+    rows, distinct = run_queries(host, {"n": "SELECT count(*), count(DISTINCT (device_id, seq)) FROM events"})["n"][0]
+    assert rows == distinct == len(sent["valid"]), (rows, distinct, len(sent["valid"]))
+    assert summary["restarts"] >= 1 and at_kill < len(sent["valid"])

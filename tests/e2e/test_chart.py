@@ -1,0 +1,157 @@
+"""`helm install` of charts/podpulse with its dev values, as a user installs it: the PodPulse operator runs
+as a Pod (not root, read-only root), and the RayService serves the API and the console through its serve
+Service, reached from this machine, with the token of the Secret the chart made.
+
+KubeRay's operator is installed first from ``testbed.cluster.kuberay_manifests`` (its Helm chart lives in
+KubeRay's repository, not in the Go module ``make kube`` builds it from). PostgreSQL runs beside the
+cluster (a Service without a selector, ``postgres``), holding a simulated fleet written from this machine.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import time
+
+import pytest
+import requests
+import yaml
+
+from storage.config import StorageConfig
+from testbed.cluster import NODE_IP, POD_CIDR, kuberay_manifests
+from testbed.images import kuberay_operator, podpulse
+from testbed.kube import tools_bin
+from testbed.kuberay import kuberay_crd_files
+from testbed.postgres import PostgresCluster
+from testbed.process import checkout
+from testbed.stores import build_store
+
+NS = "podpulse-dev"
+CHART = checkout() / "charts" / "podpulse"
+CHROMIUM = "/usr/bin/chromium"
+# requests small enough for a second Ray cluster beside the first while an upgrade runs (2 cores in all)
+SMALL = {"requests": {"cpu": "250m", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "3Gi"}}
+
+
+@pytest.fixture(scope="module")
+def postgres(cluster):
+    server = PostgresCluster(listen=NODE_IP, clients=POD_CIDR).start()
+    config = StorageConfig(backends={"core": {"type": "postgresql",
+                                              "url": f"postgresql://postgres@127.0.0.1:{server.port}/test"}})
+    events = build_store(config, devices=200, days=7)
+    yield server, events
+    server.remove()
+
+
+def helm(cluster, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(tools_bin("helm")), "--kubeconfig", str(cluster.kubeconfig), *args],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def release(cluster, core, postgres, tmp_path_factory):
+    """KubeRay's operator, then the chart with values-dev.yaml and what this cluster needs on top: the
+    image built here, PostgreSQL's Service, a volume for the model registry, smaller Pods."""
+    server, _ = postgres
+    cluster.apply([yaml.safe_load(f.read_text()) for f in kuberay_crd_files()])
+    cluster.apply(kuberay_manifests(kuberay_operator(cluster.registry)))
+    image, figures = podpulse(cluster.registry)
+    repository, tag = image.rsplit(":", 1)
+    core.create_namespace({"metadata": {"name": NS}})
+    cluster.external("postgres", server.port, namespace=NS)
+    models = tmp_path_factory.mktemp("models")
+    cluster.apply([{"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "podpulse-models"},
+                    "spec": {"capacity": {"storage": "2Gi"}, "accessModes": ["ReadWriteOnce"],
+                             "hostPath": {"path": str(models), "type": "Directory"}}}])
+    token = secrets.token_urlsafe(32)
+    values = tmp_path_factory.mktemp("values") / "cluster.yaml"
+    values.write_text(yaml.safe_dump({
+        "image": {"repository": repository, "tag": tag},
+        "storage": {"config": {"backends": {"core": {
+            "type": "postgresql", "url": f"postgresql://postgres@postgres.{NS}.svc:{server.port}/test",
+            "password_env": None}}}},  # null removes the chart's default: trust from the Pods' range
+        "tokens": {"api": {"value": token}},
+        "rayService": {"head": {"resources": SMALL}, "workers": {"resources": SMALL},
+                       "autoscaler": {"resources": {"requests": {"cpu": "100m", "memory": "256Mi"},
+                                                    "limits": {"cpu": "500m", "memory": "512Mi"}}}}}))
+    started = time.monotonic()
+    done = helm(cluster, "install", "podpulse", str(CHART), "-n", NS, "-f", str(CHART / "values-dev.yaml"),
+                "-f", str(values), "--wait", "--timeout", "10m")
+    assert done.returncode == 0, done.stderr[-3000:]
+    installed_s = time.monotonic() - started
+    print(f"image {image} {figures}; helm install --wait: {installed_s:.1f} s")
+    return token, started
+
+
+def run(core, pod: str, script: str, container: str | None = None) -> str:
+    from kubernetes.stream import stream  # heavy: as the conftest's
+
+    return stream(core.connect_get_namespaced_pod_exec, pod, NS, command=["/bin/bash", "-c", script],
+                  container=container, stderr=True, stdout=True, stdin=False, tty=False)
+
+
+def test_the_operator_runs_as_a_pod_not_root_with_a_read_only_root(cluster, core, release):
+    from kubernetes import client
+
+    apps = client.AppsV1Api(cluster.api_client())
+    assert apps.read_namespaced_deployment("podpulse-operator", NS).status.ready_replicas == 1
+    pod = core.list_namespaced_pod(NS, label_selector="app.kubernetes.io/component=operator").items[0].metadata.name
+    status = run(core, pod, "grep -E '^(Uid|NoNewPrivs|CapEff):' /proc/1/status")
+    assert "Uid:\t1000\t1000\t1000\t1000" in status and "NoNewPrivs:\t1" in status, status
+    assert "CapEff:\t0000000000000000" in status, status
+    refused = run(core, pod, "touch /opt/podpulse/written 2>&1; echo rc=$?")
+    assert "Read-only file system" in refused and "rc=1" in refused, refused
+    assert "kopf" in run(core, pod, "cat /proc/1/cmdline | tr '\\0' ' '")
+
+
+@pytest.fixture(scope="module")
+def served(cluster, core, release):
+    """The serve Service's address once /healthz answers through it."""
+    token, installed = release
+
+    def address():
+        try:
+            ip = core.read_namespaced_service("podpulse-serve-svc", NS).spec.cluster_ip
+            return f"http://{ip}:8000" if requests.get(f"http://{ip}:8000/healthz", timeout=5).ok else None
+        except Exception:  # no Service yet (KubeRay makes it once the application runs), or not answering
+            return None
+    url = cluster.wait("the RayService answering /healthz through its serve Service", address, timeout_s=900,
+                       every_s=3)
+    print(f"RayService serving {time.monotonic() - installed:.1f} s after helm install began")
+    return url, token
+
+
+def test_the_rayservice_serves_healthz_and_analytics_with_the_secrets_token(served, postgres):
+    url, token = served
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    assert requests.get(f"{url}/v1/analytics/state_overview", timeout=60).status_code == 401  # no token
+    answer = requests.get(f"{url}/v1/analytics/state_overview", headers={"Authorization": f"Bearer {token}"},
+                          timeout=120)
+    assert answer.status_code == 200, answer.text[:2000]
+    result = answer.json()
+    devices = [row[result["columns"].index("devices")] for row in result["rows"]]
+    assert devices and sum(devices) > 0, result
+
+
+def test_the_console_loads_through_the_serve_service_with_no_error(served):
+    from playwright.sync_api import sync_playwright
+
+    url, token = served
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])  # root: no sandbox
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+            page.set_default_timeout(120_000)
+            page.goto(f"{url}/")
+            page.fill("#token", token)
+            page.click("#sign-in button[type=submit]")
+            page.wait_for_selector("body[data-loaded='overview']")
+            failed = page.locator("section.side .error").all_inner_texts()
+            shown = page.eval_on_selector_all("table[data-query='state_overview'] tbody tr", "rows => rows.length")
+        finally:
+            browser.close()
+    assert not failed and not errors, (failed, errors)
+    assert shown > 0
