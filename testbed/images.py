@@ -30,7 +30,7 @@ import requests
 from testbed.kube import tools_bin
 from testbed.process import ServerProcess, ServiceError, checkout, free_port
 
-__all__ = ["Registry", "sandbox", "busybox", "coredns", "kuberay_operator", "podpulse", "push", "PAUSE", "BUSYBOX",
+__all__ = ["Registry", "sandbox", "busybox", "coredns", "kuberay_operator", "podpulse", "push", "retag", "PAUSE", "BUSYBOX",
            "COREDNS", "KUBERAY"]
 
 PAUSE = "pause:3.10"
@@ -80,6 +80,13 @@ def _crane(*args: str) -> str:
     if out.returncode:
         raise ServiceError(f"crane {' '.join(args)}: {out.stderr.strip()}")
     return out.stdout.strip()
+
+
+def retag(ref: str, tag: str) -> str:
+    """The image ``ref`` under another tag in its registry (as a release pushes one); the new reference."""
+    target = f"{ref.rsplit(':', 1)[0]}:{tag}"
+    _crane("copy", ref, target)
+    return target
 
 
 def push(registry: Registry, name: str, root: Path | None = None, *, layers: list[Path] = (),

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import secrets
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -19,7 +21,7 @@ import yaml
 
 from storage.config import StorageConfig
 from testbed.cluster import NODE_IP, POD_CIDR, kuberay_manifests
-from testbed.images import kuberay_operator, podpulse
+from testbed.images import kuberay_operator, podpulse, retag
 from testbed.kube import tools_bin
 from testbed.kuberay import kuberay_crd_files
 from testbed.postgres import PostgresCluster
@@ -155,3 +157,129 @@ def test_the_console_loads_through_the_serve_service_with_no_error(served):
             browser.close()
     assert not failed and not errors, (failed, errors)
     assert shown > 0
+
+
+class Load:
+    """GET ``url`` at ``rate`` requests a second from a pool of threads, each request's start, latency
+    and outcome kept (a failure: an exception, or a status that is not 200)."""
+
+    def __init__(self, url: str, headers: dict, rate: float = 50.0):
+        self.url, self.headers, self.period = url, headers, 1.0 / rate
+        self.done: list[tuple[float, float, bool]] = []
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=32)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _one(self, at: float) -> None:
+        try:
+            ok = requests.get(self.url, headers=self.headers, timeout=10).status_code == 200
+        except requests.RequestException:
+            ok = False
+        self.done.append((at, time.monotonic() - at, ok))
+
+    def _run(self) -> None:
+        due = time.monotonic()
+        while not self._stop.is_set():
+            self._pool.submit(self._one, due)
+            due += self.period
+            self._stop.wait(max(0.0, due - time.monotonic()))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._pool.shutdown(wait=True)
+
+    def between(self, start: float, stop: float) -> dict:
+        """Requests sent in [start, stop): how many, how many failed, p50 and p99 latency in ms."""
+        sent = [(latency, ok) for at, latency, ok in self.done if start <= at < stop]
+        ms = sorted(latency * 1000 for latency, _ in sent) or [float("nan")]
+        return {"sent": len(sent), "failed": sum(not ok for _, ok in sent),
+                "p50_ms": round(ms[len(ms) // 2], 1), "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 1)}
+
+
+def rayservice(cluster) -> tuple:
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(cluster.api_client())
+    return custom, custom.get_namespaced_custom_object("ray.io", "v1", NS, "rayservices", "podpulse")
+
+
+def upgraded(cluster, core, served, change, done, what: str, timeout_s: float = 900) -> dict:
+    """Change the RayService (``change(custom, obj)``) under 50 requests/s; wait for ``done()``; the
+    requests before, during and 10 s after."""
+    url, token = served
+    with Load(f"{url}/v1/analytics/state_overview", {"Authorization": f"Bearer {token}"}) as load:
+        time.sleep(10)
+        began = time.monotonic()
+        change(*rayservice(cluster))
+        cluster.wait(what, done, timeout_s=timeout_s, every_s=2)
+        ended = time.monotonic()
+        time.sleep(10)
+    phases = {"before": load.between(0, began), "during": load.between(began, ended),
+              "after": load.between(ended, time.monotonic() + 1)}
+    print(f"{what}: {ended - began:.1f} s; {phases}")
+    return phases
+
+
+def test_a_serve_config_change_under_50_requests_a_second_fails_none(cluster, core, served):
+    """user_config changes as an AIModelDeployer changes it: replicas reconfigure in place."""
+    url, _ = served
+
+    def change(custom, obj):
+        config = yaml.safe_load(obj["spec"]["serveConfigV2"])
+        config["applications"][0]["deployments"][0]["user_config"]["docs"] = True
+        obj["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+        custom.replace_namespaced_custom_object("ray.io", "v1", NS, "rayservices", "podpulse", obj)
+    assert requests.get(f"{url}/docs", timeout=30).status_code != 200
+    phases = upgraded(cluster, core, served, change, lambda: requests.get(f"{url}/docs", timeout=5).status_code == 200,
+                      "the serve config applied (/docs served)")
+    assert all(p["failed"] == 0 and p["sent"] > 0 for p in phases.values()), phases
+
+
+def test_an_image_change_under_50_requests_a_second_fails_none(cluster, core, served):
+    """A new image tag: KubeRay starts a second Ray cluster, moves the serve Service to it once its
+    application runs, and deletes the first."""
+    _, obj = rayservice(cluster)
+    first = obj["status"]["activeServiceStatus"]["rayClusterName"]
+    image = obj["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    retagged = retag(image, image.rsplit(":", 1)[1] + "-next")  # the same image, as a release would push it
+
+    def change(custom, obj):
+        spec = obj["spec"]["rayClusterConfig"]
+        for template in [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]:
+            template["spec"]["containers"][0]["image"] = retagged
+        custom.replace_namespaced_custom_object("ray.io", "v1", NS, "rayservices", "podpulse", obj)
+
+    def moved():
+        status = rayservice(cluster)[1].get("status", {})
+        clusters = core.list_namespaced_pod(NS, label_selector="ray.io/node-type=head").items
+        return (status.get("activeServiceStatus", {}).get("rayClusterName") not in (None, first)
+                and not status.get("pendingServiceStatus", {}).get("rayClusterName")
+                and all(first not in p.metadata.name for p in clusters))
+    phases = upgraded(cluster, core, served, change, moved, "the RayService moved to a cluster of the new image")
+    assert all(p["failed"] == 0 and p["sent"] > 0 for p in phases.values()), phases
+
+
+def test_the_rayservice_head_pod_deleted_comes_back_by_itself(cluster, core, served):
+    """No GCS fault tolerance is configured (it needs an external Redis): losing the head loses the Ray
+    cluster's state. Measured: how long the API answered errors, and that it answers again unaided."""
+    url, token = served
+    head = core.list_namespaced_pod(NS, label_selector="ray.io/node-type=head").items[0].metadata.name
+    with Load(f"{url}/v1/analytics/state_overview", {"Authorization": f"Bearer {token}"}, rate=10) as load:
+        time.sleep(5)
+        deleted = time.monotonic()
+        core.delete_namespaced_pod(head, NS, grace_period_seconds=0)
+
+        def answering_again():
+            recent = [ok for at, _, ok in load.done if at > time.monotonic() - 15]
+            return len(recent) > 50 and all(recent) and time.monotonic() - deleted > 20
+        cluster.wait("the API answering again", answering_again, timeout_s=900, every_s=2)
+    failed = [at - deleted for at, _, ok in load.done if not ok]
+    window = (max(failed) - min(failed)) if failed else 0.0
+    print(f"head Pod deleted: {len(failed)} failed requests of {len(load.done)}, errors for {window:.1f} s, "
+          f"from {min(failed, default=0):.1f} s to {max(failed, default=0):.1f} s after the delete")
+    assert all(ok for at, _, ok in load.done if at < deleted)
