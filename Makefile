@@ -162,8 +162,10 @@ $(CNI)/.built: tools/cni/go.mod tools/cni/go.sum
 
 # The end-to-end tests (tests/e2e, marker e2e): PodPulse in Pods on the one-node cluster. Not part of
 # `make test`. Needs root: the node configures this machine's network (and takes it all down after).
+# -rP prints each test's own figures (Pod start times, upgrade latencies); --durations, where the time
+# went; the JUnit summary is kept in .cache/e2e-junit.xml.
 e2e: setup cluster
-	$(BIN)/python -m pytest -m e2e tests/e2e
+	$(BIN)/python -m pytest -m e2e tests/e2e -rP --durations=30 --junitxml=.cache/e2e-junit.xml
 
 bench: setup
 	$(BIN)/podpulse bench simulate

@@ -9,17 +9,21 @@ cluster (a Service without a selector, ``postgres``), holding a simulated fleet 
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
 from storage.config import StorageConfig
+from testbed.api import ROW
 from testbed.cluster import NODE_IP, POD_CIDR, kuberay_manifests
 from testbed.images import kuberay_operator, podpulse, retag
 from testbed.kube import tools_bin
@@ -38,10 +42,9 @@ SMALL = {"requests": {"cpu": "250m", "memory": "2Gi"}, "limits": {"cpu": "1", "m
 @pytest.fixture(scope="module")
 def postgres(cluster):
     server = PostgresCluster(listen=NODE_IP, clients=POD_CIDR).start()
-    config = StorageConfig(backends={"core": {"type": "postgresql",
-                                              "url": f"postgresql://postgres@127.0.0.1:{server.port}/test"}})
-    events = build_store(config, devices=200, days=7)
-    yield server, events
+    routing = {"backends": {"core": {"type": "postgresql", "url": f"postgresql://postgres@127.0.0.1:{server.port}/test"}}}
+    build_store(StorageConfig(**routing), devices=200, days=7)
+    yield server, routing
     server.remove()
 
 
@@ -62,6 +65,7 @@ def release(cluster, core, postgres, tmp_path_factory):
     core.create_namespace({"metadata": {"name": NS}})
     cluster.external("postgres", server.port, namespace=NS)
     models = tmp_path_factory.mktemp("models")
+    models.chmod(0o755)  # pytest makes it 0700: the Pods' user 1000 could not open it (the replicas said so)
     cluster.apply([{"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "podpulse-models"},
                     "spec": {"capacity": {"storage": "2Gi"}, "accessModes": ["ReadWriteOnce"],
                              "hostPath": {"path": str(models), "type": "Directory"}}}])
@@ -82,7 +86,7 @@ def release(cluster, core, postgres, tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     installed_s = time.monotonic() - started
     print(f"image {image} {figures}; helm install --wait: {installed_s:.1f} s")
-    return token, started
+    return token, started, models
 
 
 def run(core, pod: str, script: str, container: str | None = None) -> str:
@@ -109,7 +113,7 @@ def test_the_operator_runs_as_a_pod_not_root_with_a_read_only_root(cluster, core
 @pytest.fixture(scope="module")
 def served(cluster, core, release):
     """The serve Service's address once /healthz answers through it."""
-    token, installed = release
+    token, installed, _ = release
 
     def address():
         try:
@@ -263,6 +267,68 @@ def test_an_image_change_under_50_requests_a_second_fails_none(cluster, core, se
     phases = upgraded(cluster, core, served, change, moved, "the RayService moved to a cluster of the new image")
     assert all(p["failed"] == 0 and p["sent"] > 0 for p in phases.values()), phases
 
+
+def train(routing: dict, registry, tmp_path) -> str:
+    """``podpulse train`` on this machine into the registry the Pods mount (a hostPath); the version."""
+    (tmp_path / "storage.yaml").write_text(yaml.safe_dump(routing))
+    done = subprocess.run([str(Path(sys.executable).parent / "podpulse"), "train", "--model", "battery-anomaly",
+                           "--storage-config", str(tmp_path / "storage.yaml"), "--registry", str(registry),
+                           "--epochs", "1", "--json"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["version"]
+
+
+def test_a_model_deployer_at_10_percent_sends_a_tenth_of_scoring_to_the_canary_and_100_promotes_it(
+        cluster, core, served, release, postgres, tmp_path):
+    """The PodPulse operator (a Pod) patches the RayService as an AIModelDeployer says: the first version
+    promoted, then a second at 10% answers its binomial share of 1,000 requests, then promoted."""
+    url, token = served
+    _, _, registry = release
+    _, routing = postgres
+    first, second = train(routing, registry, tmp_path), train(routing, registry, tmp_path)
+    custom, _ = rayservice(cluster)
+    auth = {"Authorization": f"Bearer {token}"}
+
+    def versions(n: int) -> list[str]:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(lambda _: requests.post(f"{url}/v1/battery/score", json={"rows": [ROW]}, headers=auth,
+                                                         timeout=60).json()["version"], range(n)))
+
+    def deploy(version: str, percent: int) -> None:
+        body = {"apiVersion": "podpulse.io/v1alpha1", "kind": "AIModelDeployer",
+                "metadata": {"name": "battery-anomaly"},
+                "spec": {"model": "battery-anomaly", "version": version, "canaryPercent": percent,
+                         "rayService": {"name": "podpulse"}}}
+        try:
+            old = custom.get_namespaced_custom_object("podpulse.io", "v1alpha1", NS, "aimodeldeployers",
+                                                      "battery-anomaly")
+            custom.patch_namespaced_custom_object("podpulse.io", "v1alpha1", NS, "aimodeldeployers",
+                                                  "battery-anomaly", {"spec": body["spec"]} | {
+                                                      "metadata": {"resourceVersion": old["metadata"]["resourceVersion"]}})
+        except client_error() as e:
+            if e.status != 404:
+                raise
+            custom.create_namespaced_custom_object("podpulse.io", "v1alpha1", NS, "aimodeldeployers", body)
+
+    deploy(first, 100)
+    cluster.wait(f"{first} promoted", lambda: set(versions(10)) == {first}, timeout_s=300, every_s=2)
+    deploy(second, 10)
+    cluster.wait(f"{second} answering as the canary", lambda: second in versions(40), timeout_s=300, every_s=2)
+    answered = versions(1000)
+    share = answered.count(second)
+    print(f"canary at 10%: {share} of 1000 scoring requests answered by {second}, the rest by {first}")
+    assert set(answered) == {first, second}
+    assert 53 <= share <= 147, share  # 100 ± 5 standard deviations (√(1000 · 0.1 · 0.9) = 9.5)
+    deploy(second, 100)
+    cluster.wait(f"{second} promoted", lambda: set(versions(20)) == {second}, timeout_s=300, every_s=2)
+    status = custom.get_namespaced_custom_object("podpulse.io", "v1alpha1", NS, "aimodeldeployers", "battery-anomaly")
+    assert status["status"]["stableVersion"] == second and not status["status"].get("canaryVersion"), status["status"]
+
+
+def client_error():
+    from kubernetes.client.exceptions import ApiException
+
+    return ApiException
 
 def test_the_rayservice_head_pod_deleted_comes_back_by_itself(cluster, core, served):
     """No GCS fault tolerance is configured (it needs an external Redis): losing the head loses the Ray
