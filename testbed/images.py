@@ -23,6 +23,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 import requests
@@ -184,7 +185,9 @@ def _wheels(cache: Path) -> tuple[Path, list[Path]]:
     """This checkout as a wheel, and every wheel it needs (``pip download`` into ``cache``, kept)."""
     cache.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "-q"]
-    built = Path(tempfile.mkdtemp(prefix="podpulse-wheel-"))
+    built = cache.parent / "podpulse-wheel"  # this checkout's wheel alone, made again each time
+    shutil.rmtree(built, ignore_errors=True)
+    built.mkdir()
     for args in (["download", "-d", str(cache), str(checkout())], ["wheel", "--no-deps", "-w", str(built), str(checkout())]):
         out = subprocess.run([*pip, *args], capture_output=True, text=True, cwd=built)
         if out.returncode:
@@ -196,14 +199,15 @@ def _wheels(cache: Path) -> tuple[Path, list[Path]]:
 def podpulse(registry: Registry, cache: Path | None = None) -> tuple[str, dict]:
     """PodPulse's image, built here: bookworm (``mmdebstrap``, :data:`BASE_PACKAGES`) with a user ``ray``
     (uid 1000, group users) as the rayproject images have, and this checkout installed with its
-    dependencies in a venv at :data:`VENV`, first on every PATH. Tagged by a digest of what went in;
+    dependencies in a venv at :data:`VENV`, first on every PATH. Tagged ``<Ray>-py311-<digest of what went in>``;
     an image of that tag in the registry is reused. Returns the reference and the build's figures
     (seconds per step, root filesystem bytes)."""
     cache = Path(cache or checkout() / ".cache")
     figures: dict = {}
     t0 = time.monotonic()
     wheel, wheels = _wheels(cache / "wheels")
-    name = f"podpulse:{_source_key(wheels)}"
+    # <Ray>-py311-<digest>: the tag starts with the Ray version, as KubeRay's rayVersion and the operator want
+    name = f"podpulse:{metadata.version('ray')}-py311-{_source_key(wheels)}"
     figures["wheels_s"] = round(time.monotonic() - t0, 1)
     saved = cache / "images" / name.replace(":", "-")  # an OCI layout of a build before
     if registry.has(name):
