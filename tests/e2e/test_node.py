@@ -14,15 +14,7 @@ def pod(name: str, image: str, script: str, labels: dict | None = None) -> dict:
                      "terminationGracePeriodSeconds": 1}}
 
 
-def run(core, pod_name: str, script: str) -> str:
-    """A shell script in the Pod's container (``kubectl exec``); its output."""
-    from kubernetes.stream import stream  # heavy: as the conftest's
-
-    return stream(core.connect_get_namespaced_pod_exec, pod_name, "default", command=["/bin/sh", "-c", script],
-                  stderr=True, stdout=True, stdin=False, tty=False)
-
-
-def test_pods_reach_each_other_a_service_the_host_the_api_and_cluster_dns(cluster, core):
+def test_pods_reach_each_other_a_service_the_host_the_api_and_cluster_dns(cluster, core, shell):
     image = busybox(cluster.registry)
     core.create_namespaced_pod("default", pod("web", image, "mkdir -p /www && echo hello-from-web > /www/index.html"
                                                             " && exec httpd -f -p 8080 -h /www", {"app": "web"}))
@@ -39,11 +31,11 @@ def test_pods_reach_each_other_a_service_the_host_the_api_and_cluster_dns(cluste
     assert web_ip.startswith(POD_CIDR.rsplit(".", 2)[0]) and pods["client"].status.pod_ip != web_ip
     service_ip = core.read_namespaced_service("web", "default").spec.cluster_ip
     get = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {} {} | tail -1"
-    cluster.wait("httpd answering", lambda: "hello-from-web" in run(core, "client", get.format(web_ip, 8080)), 30)
-    assert "hello-from-web" in run(core, "client", get.format(service_ip, 80))  # kube-proxy's rules
-    assert f"Address: {service_ip}" in run(core, "client", "nslookup web.default.svc.cluster.local")  # CoreDNS
-    assert " 0% packet loss" in run(core, "client", f"ping -c 1 -W 2 {NODE_IP}")  # the host
-    api = run(core, "client", "printf '' | nc -w 3 kubernetes.default.svc.cluster.local 443; echo rc=$?")
+    cluster.wait("httpd answering", lambda: "hello-from-web" in shell("client", get.format(web_ip, 8080)), 30)
+    assert "hello-from-web" in shell("client", get.format(service_ip, 80))  # kube-proxy's rules
+    assert f"Address: {service_ip}" in shell("client", "nslookup web.default.svc.cluster.local")  # CoreDNS
+    assert " 0% packet loss" in shell("client", f"ping -c 1 -W 2 {NODE_IP}")  # the host
+    api = shell("client", "printf '' | nc -w 3 kubernetes.default.svc.cluster.local 443; echo rc=$?")
     assert "rc=0" in api, api  # the API through the kubernetes Service
 
 
