@@ -40,10 +40,11 @@ class KafkaBroker(ServerProcess):
     start_timeout_s = 90.0
     kind = "kafka"
 
-    def __init__(self, root=None, port: int = 0, host: str = "127.0.0.1"):
+    def __init__(self, root=None, port: int = 0, host: str = "127.0.0.1", cluster_id: str | None = None):
         """``host``: the address it listens on and advertises (the end-to-end cluster's Pods reach the
-        node's, ``testbed.cluster.NODE_IP``)."""
+        node's, ``testbed.cluster.NODE_IP``). ``cluster_id``: KRaft's, random unless given."""
         super().__init__(root)
+        self.cluster_id = cluster_id or base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         self.host = host
         self.port = port or free_port()
         self.controller_port = free_port()
@@ -94,9 +95,10 @@ class KafkaBroker(ServerProcess):
             "auto.create.topics.enable": "false",
         }
         self.properties.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # One id in 64 starts with "-": given as its own word, the tool's parser takes it for an option.
         out = subprocess.run(["java", HEAP, "-cp", self.classpath, "kafka.tools.StorageTool", "format",
-                              "-t", cluster_id, "-c", str(self.properties)], capture_output=True, text=True)
+                              f"--cluster-id={self.cluster_id}", "--config", str(self.properties)],
+                             capture_output=True, text=True)
         if out.returncode:
             raise ServiceError(f"formatting Kafka's log directory failed:\n{out.stdout}{out.stderr}")
 

@@ -95,3 +95,13 @@ def test_producers_are_idempotent_on_apache_kafka(kafka):
         for b in batches:
             assert (b["baseSequence"], b["lastSequence"]) == (expected, expected + b["count"] - 1)
             expected += b["count"]
+
+
+def test_kafka_formats_a_cluster_id_that_starts_with_a_dash(tmp_path):
+    """A random KRaft id starts with "-" one time in 64; the storage tool must not take it for an option."""
+    from testbed.kafka import KafkaBroker
+
+    broker = KafkaBroker(root=tmp_path, cluster_id="-Zq3vH1cTfG0nB2w4xY5aA")
+    broker.prepare()
+    meta = (tmp_path / "log" / "meta.properties").read_text()
+    assert "cluster.id=-Zq3vH1cTfG0nB2w4xY5aA" in meta
