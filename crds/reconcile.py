@@ -61,7 +61,7 @@ STREAM_DEFAULTS = {"writers": INGEST_DEFAULTS["writers"],
                    "batchSize": INGEST_DEFAULTS["batch_size"], "lingerMs": INGEST_DEFAULTS["linger_ms"],
                    "maxInFlight": INGEST_DEFAULTS["max_in_flight"], "dlqTopic": INGEST_DEFAULTS["dlq_topic"],
                    "untilCaughtUp": False, "rayVersion": RAY_VERSION, "maxRetries": 3,
-                   "workers": {"cpu": 2, "memory": "4Gi"}}
+                   "head": {"cpu": 1, "memory": "4Gi"}, "workers": {"cpu": 2, "memory": "4Gi"}}
 SCHEMA_DEFAULTS = {"backoffLimit": 2, "activeDeadlineSeconds": 900,
                    "connectionSecret": {"urlKey": "url", "passwordKey": "password"}}
 DEPLOYER_DEFAULTS = {"canaryPercent": 100, "rayService": {"application": "podpulse", "deployment": "PodPulseAPI"}}
@@ -79,6 +79,12 @@ def _merged(defaults: dict, given: dict) -> dict:
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:8]
+
+
+def ray_cpus(cpu: int | str) -> int:
+    """The CPUs Ray offers on a pod of ``cpu`` cores (2, "2" or "500m"): KubeRay rounds the limit up."""
+    cores = int(cpu[:-1]) / 1000 if isinstance(cpu, str) and cpu.endswith("m") else int(cpu)
+    return math.ceil(cores)
 
 
 def _check(ok, message: str) -> None:
@@ -165,9 +171,10 @@ def _pod(labels: dict, container: dict, volumes: list | None = None, api_token: 
 def _submitter(labels: dict, image: str) -> dict:
     """The pod of a RayJob that runs `ray job submit` (K8sJobMode): KubeRay's default one has no
     securityContext and mounts an API token. KubeRay sets its command and env; it needs neither
-    the API nor a port, and keeps KubeRay's default resources."""
+    the API nor a port. It mostly waits, following the job's log: it asks for 100m where KubeRay's
+    default asks for 500m, and may burst to KubeRay's limit of one core."""
     container = {"name": "ray-job-submitter", "image": image,
-                 "resources": {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+                 "resources": {"requests": {"cpu": "100m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
                  "securityContext": copy.deepcopy(CONTAINER_SECURITY), "volumeMounts": [copy.deepcopy(TMP_MOUNT)]}
     pod = _pod(labels, container, api_token=False)
     pod["spec"]["restartPolicy"] = "Never"
@@ -271,11 +278,12 @@ def stream_children(cr: dict, pol: Policy = DEFAULT_POLICY, secret_labels: Label
     if "kafkaConfigSecret" in spec:
         volumes.append({"name": "kafka", "secret": {"secretName": spec["kafkaConfigSecret"]["name"]}})
         mounts.append({"name": "kafka", "mountPath": KAFKA_DIR, "readOnly": True})
-    head = _pod(pod_labels, _container("ray-head", image, 1, "4Gi", {
+    head = _pod(pod_labels, _container("ray-head", image, spec["head"]["cpu"], spec["head"]["memory"], {
         "gcs": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080}, secret, mounts, key_env), volumes)
     worker = _pod(pod_labels, _container("ray-worker", image, spec["workers"]["cpu"], spec["workers"]["memory"],
                                          {"metrics": 8080}, secret, key_mount, key_env), key, api_token=False)
-    workers = math.ceil((spec["consumers"] * CONSUMER_CPUS + spec["writers"] * WRITER_CPUS) / spec["workers"]["cpu"])
+    workers = math.ceil((spec["consumers"] * CONSUMER_CPUS + spec["writers"] * WRITER_CPUS)
+                        / ray_cpus(spec["workers"]["cpu"]))
     submitter = _submitter(pod_labels, image)
     job = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": _metadata(cr, name, "ingest", digest),
            "spec": {

@@ -161,6 +161,9 @@ REFUSED = [
      "only raw_events, rollups and anomalies expire"),
     ("AirPodsDataStream", {"spec.storage.retention.raw_events": 7301}, "spec.storage",
      "Cassandra keeps a row at most 7300 days"),
+    ("AirPodsDataStream", {"spec.workers.cpu": "0.5"}, "spec.workers.cpu", "should match"),
+    ("AirPodsDataStream", {"spec.head": {"cpu": "0m"}}, "spec.head.cpu", "should match"),
+    ("AirPodsDataStream", {"spec.workers.cpu": 65}, "spec.workers.cpu", "less than or equal to 64"),
     ("OracleDBSchemaManager", {"spec.targetVersion": 0}, "spec.targetVersion", "greater than or equal to 1"),
     ("OracleDBSchemaManager", {"spec.targetVersion": 1.5}, "spec.targetVersion", "must be of type integer"),
     ("OracleDBSchemaManager", {"spec.connectionSecret": DELETE}, "spec.connectionSecret", "Required value"),
@@ -203,6 +206,8 @@ ACCEPTED = [
     ("AirPodsDataStream", {"spec.storage.retention.raw_events": 7300}),
     ("AirPodsDataStream", {"spec.storage": {"backends": {"pg": PG}, "routes": ROUTES,
                                             "retention": {"raw_events": 9000}}}),  # no TTL cap off Cassandra
+    ("AirPodsDataStream", {"spec.head": {"cpu": "250m", "memory": "1Gi"}, "spec.workers.cpu": "500m"}),
+    ("AirPodsDataStream", {"spec.workers.cpu": "4"}),
     ("OracleDBSchemaManager", {"metadata.name": "m" * 46}),
     ("AIModelDeployer", {"spec.canaryPercent": 0}),
 ]

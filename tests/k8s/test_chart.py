@@ -158,3 +158,15 @@ def test_helm_installs_upgrades_and_uninstalls_the_release(kube, kube_api, kuber
     assert core.list_namespaced_config_map(namespace, label_selector="app.kubernetes.io/managed-by=Helm").items == []
     assert all(c.metadata.deletion_timestamp for c in core.list_namespaced_persistent_volume_claim(namespace).items)
     assert yaml.safe_load(helm("list", "-n", namespace, "-o", "yaml", *config).stdout) == []
+
+
+def test_without_the_rayservice_the_chart_is_the_operator_alone(helm):
+    """rayService.enabled=false: streams and schema jobs through the operator, no Serve cluster."""
+    def kinds(*args):
+        run = helm("template", "podpulse", str(CHART), "-n", "podpulse", *args)
+        assert run.returncode == 0, run.stderr
+        return {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(run.stdout) if d}
+
+    full, bare = kinds(), kinds("--set", "rayService.enabled=false")
+    assert full - bare == {("RayService", "podpulse"), ("NetworkPolicy", "podpulse-serve")}
+    assert bare < full and ("Deployment", "podpulse-operator") in bare

@@ -83,6 +83,8 @@ INVALID = [
     ("AirPodsDataStream", ["spec", "storage", "backends", "raw", "consistency"], "MOSTLY"),
     ("AirPodsDataStream", ["spec", "credentialsSecret"], "Bad_Secret"),
     ("AirPodsDataStream", ["spec", "workers", "memory"], "4GB"),
+    ("AirPodsDataStream", ["spec", "workers", "cpu"], "1.5"),
+    ("AirPodsDataStream", ["spec", "head"], {"cpu": 0}),
     ("AirPodsDataStream", ["spec", "rayVersion"], "2.60"),
     ("AirPodsDataStream", ["spec", "storage"], DELETE),
     ("AirPodsDataStream", ["spec", "storage", "retention", "raw_events"], 0),

@@ -58,12 +58,25 @@ def test_stream_creates_a_configmap_and_a_rayjob_owned_by_it(example, parse_cli,
 
 
 def test_stream_workers_fit_the_consumers_and_writers(example):
+    """Ray offers whole CPUs: KubeRay gives a pod limited to 500m one CPU (num-cpus), 1500m two."""
     for consumers, writers, cpu, workers in [(6, 1, 2, 2), (1, 1, 2, 1), (12, 1, 2, 4), (12, 1, 4, 2), (12, 8, 2, 4),
-                                             (12, 9, 2, 5)]:
+                                             (12, 9, 2, 5), (1, 1, "500m", 1), (4, 1, "500m", 3), (4, 1, "1500m", 2),
+                                             (4, 1, "2", 2)]:
         cr = example("AirPodsDataStream", consumers=consumers, writers=writers, workers={"cpu": cpu, "memory": "4Gi"})
         (group,) = rc.stream_children(cr)[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
         assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (workers, workers, 2 * workers)
-        assert group["minReplicas"] * cpu >= consumers * rc.CONSUMER_CPUS + writers * rc.WRITER_CPUS
+        assert group["minReplicas"] * rc.ray_cpus(cpu) >= consumers * rc.CONSUMER_CPUS + writers * rc.WRITER_CPUS
+        (container,) = group["template"]["spec"]["containers"]
+        assert container["resources"]["requests"]["cpu"] == container["resources"]["limits"]["cpu"] == str(cpu)
+
+
+def test_stream_head_has_the_size_asked_for(example):
+    cr = example("AirPodsDataStream", head={"cpu": "250m", "memory": "1Gi"})
+    head = rc.stream_children(cr)[1]["spec"]["rayClusterSpec"]["headGroupSpec"]
+    (container,) = head["template"]["spec"]["containers"]
+    assert container["resources"] == {"requests": {"cpu": "250m", "memory": "1Gi"},
+                                      "limits": {"cpu": "250m", "memory": "1Gi"}}
+    assert head["rayStartParams"]["num-cpus"] == "0"  # whatever its size, no actor asking for CPUs lands there
 
 
 def test_stream_children_are_idempotent_and_leave_the_resource_alone(example):
