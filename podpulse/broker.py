@@ -8,6 +8,7 @@ must survive a restart.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,8 +27,36 @@ from podpulse.kafka import client_config, ensure_topic
 __all__ = ["EmbeddedBroker", "free_port"]
 
 
+_GIVEN: set[int] = set()  # ports this process handed out: never twice, even before their server binds
+
+
+def _ephemeral() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return low, high
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port to listen on, below the kernel's ephemeral range when there is room there: a port from
+    that range (what binding port 0 gives) can be taken as the source of an outgoing connection
+    before the server it was meant for starts ("address already in use")."""
+    low, high = _ephemeral()
+    # 20000 and up: clear of Kubernetes' (10250...) and Ray's (6379, 8265, 10001) defaults too
+    start, stop = (20000, low) if low > 21000 else (high + 1, 65536)
+    for _ in range(100):
+        port = random.randrange(start, stop)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    with socket.socket() as s:  # no room outside the ephemeral range: the kernel's choice
         s.bind((host, 0))
         return s.getsockname()[1]
 

@@ -105,3 +105,14 @@ def test_kafka_formats_a_cluster_id_that_starts_with_a_dash(tmp_path):
     broker.prepare()
     meta = (tmp_path / "log" / "meta.properties").read_text()
     assert "cluster.id=-Zq3vH1cTfG0nB2w4xY5aA" in meta
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_never_given_twice():
+    """A port from the kernel's ephemeral range may become an outgoing connection's source before its
+    server binds it (a one-node cluster's registry failed so)."""
+    from podpulse.broker import _ephemeral, free_port
+
+    low, high = _ephemeral()
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
+    assert not any(low <= p <= high for p in ports)
