@@ -320,7 +320,7 @@ def stream_status(cr: dict, desired: list[dict], rayjobs: list[dict], now: str) 
     backfill = bool((cr.get("spec") or {}).get("untilCaughtUp"))
     if job is None:
         phase, ok, reason, message = "Pending", False, "Creating", f"RayJob {want} is not created yet"
-    elif deployment == "Failed" or ray == "FAILED":
+    elif deployment in ("Failed", "ValidationFailed") or ray == "FAILED":
         phase, ok, reason, message = "Failed", False, st.get("reason") or "JobFailed", st.get("message", "")
     elif deployment == "Complete" or ray in ("SUCCEEDED", "STOPPED"):
         if backfill and ray == "SUCCEEDED":
@@ -329,7 +329,10 @@ def stream_status(cr: dict, desired: list[dict], rayjobs: list[dict], now: str) 
             phase, ok, reason, message = "Failed", False, "JobEnded", f"the ingest job ended ({ray or deployment})"
     elif deployment == "Running" and ray == "RUNNING":
         phase, ok, reason, message = "Running", True, "Ingesting", f"RayJob {want} is running"
-    else:
+    elif deployment in ("", "Initializing"):  # as a Pod is Pending until its containers start
+        phase, ok, reason, message = "Pending", False, "RayClusterStarting", \
+            f"RayJob {want}: KubeRay is bringing up its Ray cluster ({deployment or 'New'})"
+    else:  # the Ray cluster is up, the job submitted (or KubeRay retrying, waiting)
         phase, ok, reason, message = "Starting", False, "Starting", f"RayJob {want}: {deployment or 'New'}/{ray or '-'}"
     status = {"observedGeneration": cr["metadata"].get("generation", 0), "phase": phase, "rayJob": want,
               "jobStatus": ray, "jobDeploymentStatus": deployment,

@@ -2,8 +2,7 @@
 as a Pod (not root, read-only root), and the RayService serves the API and the console through its serve
 Service, reached from this machine, with the token of the Secret the chart made.
 
-KubeRay's operator is installed first from ``testbed.cluster.kuberay_manifests`` (its Helm chart lives in
-KubeRay's repository, not in the Go module ``make kube`` builds it from). PostgreSQL runs beside the
+KubeRay's operator is installed first (the ``kuberay`` fixture). PostgreSQL runs beside the
 cluster (a Service without a selector, ``postgres``), holding a simulated fleet written from this machine.
 """
 
@@ -24,16 +23,12 @@ import yaml
 
 from storage.config import StorageConfig
 from testbed.api import ROW
-from testbed.cluster import NODE_IP, POD_CIDR, kuberay_manifests
-from testbed.images import kuberay_operator, podpulse, retag
-from testbed.kube import tools_bin
-from testbed.kuberay import kuberay_crd_files
+from testbed.cluster import NODE_IP, POD_CIDR
+from testbed.images import retag
 from testbed.postgres import PostgresCluster
-from testbed.process import checkout
 from testbed.stores import build_store
 
-NS = "podpulse-dev"
-CHART = checkout() / "charts" / "podpulse"
+NS = "podpulse-dev"  # as values-dev.yaml's instructions
 CHROMIUM = "/usr/bin/chromium"
 # requests small enough for a second Ray cluster beside the first while an upgrade runs (2 cores in all)
 SMALL = {"requests": {"cpu": "250m", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "3Gi"}}
@@ -48,44 +43,21 @@ def postgres(cluster):
     server.remove()
 
 
-def helm(cluster, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(tools_bin("helm")), "--kubeconfig", str(cluster.kubeconfig), *args],
-                          capture_output=True, text=True, timeout=900)
-
-
 @pytest.fixture(scope="module")
-def release(cluster, core, postgres, tmp_path_factory):
-    """KubeRay's operator, then the chart with values-dev.yaml and what this cluster needs on top: the
-    image built here, PostgreSQL's Service, a volume for the model registry, smaller Pods."""
+def release(cluster, core, postgres, install):
+    """The chart with what this cluster needs on top: PostgreSQL's Service, an API token, smaller Pods."""
     server, _ = postgres
-    cluster.apply([yaml.safe_load(f.read_text()) for f in kuberay_crd_files()])
-    cluster.apply(kuberay_manifests(kuberay_operator(cluster.registry)))
-    image, figures = podpulse(cluster.registry)
-    repository, tag = image.rsplit(":", 1)
     core.create_namespace({"metadata": {"name": NS}})
     cluster.external("postgres", server.port, namespace=NS)
-    models = tmp_path_factory.mktemp("models")
-    models.chmod(0o755)  # pytest makes it 0700: the Pods' user 1000 could not open it (the replicas said so)
-    cluster.apply([{"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "podpulse-models"},
-                    "spec": {"capacity": {"storage": "2Gi"}, "accessModes": ["ReadWriteOnce"],
-                             "hostPath": {"path": str(models), "type": "Directory"}}}])
     token = secrets.token_urlsafe(32)
-    values = tmp_path_factory.mktemp("values") / "cluster.yaml"
-    values.write_text(yaml.safe_dump({
-        "image": {"repository": repository, "tag": tag},
+    started, models = install(NS, {
         "storage": {"config": {"backends": {"core": {
             "type": "postgresql", "url": f"postgresql://postgres@postgres.{NS}.svc:{server.port}/test",
             "password_env": None}}}},  # null removes the chart's default: trust from the Pods' range
         "tokens": {"api": {"value": token}},
         "rayService": {"head": {"resources": SMALL}, "workers": {"resources": SMALL},
                        "autoscaler": {"resources": {"requests": {"cpu": "100m", "memory": "256Mi"},
-                                                    "limits": {"cpu": "500m", "memory": "512Mi"}}}}}))
-    started = time.monotonic()
-    done = helm(cluster, "install", "podpulse", str(CHART), "-n", NS, "-f", str(CHART / "values-dev.yaml"),
-                "-f", str(values), "--wait", "--timeout", "10m")
-    assert done.returncode == 0, done.stderr[-3000:]
-    installed_s = time.monotonic() - started
-    print(f"image {image} {figures}; helm install --wait: {installed_s:.1f} s")
+                                                    "limits": {"cpu": "500m", "memory": "512Mi"}}}}})
     return token, started, models
 
 

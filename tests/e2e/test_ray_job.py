@@ -24,10 +24,8 @@ import yaml
 from podpulse.simulator import FleetSpec
 from storage.config import StorageConfig
 from storage.reader import run_queries
-from testbed.cluster import NODE_IP, POD_CIDR, kuberay_manifests
-from testbed.images import kuberay_operator, podpulse
+from testbed.cluster import NODE_IP, POD_CIDR
 from testbed.kafka import KafkaBroker
-from testbed.kuberay import kuberay_crd_files
 from testbed.postgres import PostgresCluster
 from testbed.topics import produce_fleet
 
@@ -48,26 +46,19 @@ def servers(cluster):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(cluster, core):
-    """KubeRay's operator, then ray-cluster.yaml's head and one worker, every container Ready."""
+def ray_cluster(cluster, core, kuberay, image):
+    """ray-cluster.yaml's head and one worker, every container Ready."""
     from kubernetes import client  # heavy: as the conftest's
 
-    api = cluster.api_client()
-    apps, custom = client.AppsV1Api(api), client.CustomObjectsApi(api)
-    started = time.monotonic()
-    cluster.apply([yaml.safe_load(f.read_text()) for f in kuberay_crd_files()])
-    cluster.apply(kuberay_manifests(kuberay_operator(cluster.registry)))
-    cluster.wait("KubeRay's operator Ready", lambda: (apps.read_namespaced_deployment(
-        "kuberay-operator", "kuberay-system").status.ready_replicas or 0) >= 1, 180)
-    operator_s = time.monotonic() - started
-    image, figures = podpulse(cluster.registry)
+    custom = client.CustomObjectsApi(cluster.api_client())
+    reference, figures = image
     core.create_namespaced_secret("default", {"metadata": {"name": "podpulse-pseudonym-key"},
                                               "stringData": {"key": secrets.token_hex(32)}})
     doc = yaml.safe_load((ROOT / "ray-cluster.yaml").read_text())
     spec = doc["spec"]
     for template in [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]:
         for container in template["spec"]["containers"]:
-            container |= {"image": image, "resources": SIZES}
+            container |= {"image": reference, "resources": SIZES}
     for group in spec["workerGroupSpecs"]:
         group |= {"replicas": 1, "minReplicas": 1, "maxReplicas": 1}
     spec["autoscalerOptions"]["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"},
@@ -80,8 +71,7 @@ def ray_cluster(cluster, core):
         return len(pods) == 2 and all(p.status.phase == "Running" and all(c.ready for c in p.status.container_statuses)
                                       for p in pods)
     cluster.wait("the head and the worker Ready", ready, timeout_s=600, every_s=2)
-    print(f"KubeRay's operator Ready in {operator_s:.1f} s; image {figures}; "
-          f"head and worker Ready {time.monotonic() - started:.1f} s after the RayCluster was created")
+    print(f"image {figures}; head and worker Ready {time.monotonic() - started:.1f} s after the RayCluster was created")
     # KubeRay's head Service is headless (no ClusterIP): this machine reaches the head Pod on the bridge
     head = core.list_namespaced_pod("default", label_selector="ray.io/cluster=podpulse,ray.io/node-type=head"
                                     ).items[0].status.pod_ip

@@ -103,7 +103,7 @@ def test_stream_handler_creates_follows_updates_and_prunes(cluster, example):
     status = run(op.reconcile_stream, cr)
     (job_name,) = cluster.names("RayJob")
     assert cluster.names("ConfigMap") == [job_name] and status["rayJob"] == job_name
-    assert status["phase"] == "Starting"  # the RayJob exists, KubeRay has not reported yet
+    assert status["phase"] == "Pending"  # the RayJob exists, KubeRay has not reported yet
     # KubeRay reports the job running; the next resync (the timer) sees it.
     cluster.objects[("RayJob", "podpulse", job_name)]["status"] = {"jobDeploymentStatus": "Running",
                                                                     "jobStatus": "RUNNING"}
@@ -115,7 +115,7 @@ def test_stream_handler_creates_follows_updates_and_prunes(cluster, example):
     status = run(op.reconcile_stream, cr)
     (new_name,) = cluster.names("RayJob")
     assert new_name != job_name and cluster.names("ConfigMap") == [new_name]
-    assert (status["phase"], status["observedGeneration"]) == ("Starting", 2)
+    assert (status["phase"], status["observedGeneration"]) == ("Pending", 2)
     # An invalid edit (a Ray the operator's own image does not carry) is reported and leaves the
     # running job alone.
     cr["spec"]["rayVersion"] = "2.59.0"
@@ -154,7 +154,7 @@ def test_a_labelled_secret_is_admitted_when_the_operator_admits_by_label(cluster
     assert run(op.reconcile_stream, example("AirPodsDataStream", credentialsSecret="team-db"))["phase"] == "Refused"
     assert not cluster.calls  # by default the operator never reads a Secret
     monkeypatch.setattr(op, "POLICY", rc.Policy(image=op.IMAGE, secret_label="podpulse.io/allowed=true"))
-    assert run(op.reconcile_stream, example("AirPodsDataStream", credentialsSecret="team-db"))["phase"] == "Starting"
+    assert run(op.reconcile_stream, example("AirPodsDataStream", credentialsSecret="team-db"))["phase"] == "Pending"
     assert ("labels", "Secret") in cluster.calls and cluster.names("RayJob")
 
 

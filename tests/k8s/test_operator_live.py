@@ -342,12 +342,12 @@ def test_a_stream_gets_its_children_follows_kuberay_and_changes_and_is_collected
         assert owned_by(child, cr) and applied_by_operator(child), child["metadata"]
         assert child["metadata"]["labels"][rc.HASH_LABEL] == job["metadata"]["labels"][rc.HASH_LABEL]
 
-    cr = until(operator, "phase Starting", lambda: admin.get("AirPodsDataStream", name),
-               lambda cr: status(cr).get("phase") == "Starting")
+    cr = until(operator, "phase Pending", lambda: admin.get("AirPodsDataStream", name),
+               lambda cr: status(cr).get("phase") == "Pending")
     assert (status(cr)["rayJob"], status(cr)["observedGeneration"]) == (job["metadata"]["name"], 1)
     assert "podpulse.io/finalizer" in cr["metadata"]["finalizers"]  # kopf's, for its resync timer
     ready = condition(cr, "Ready")
-    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("False", "Starting", 1)
+    assert (ready["status"], ready["reason"], ready["observedGeneration"]) == ("False", "RayClusterStarting", 1)
 
     # KubeRay reports the job running; a resync (kopf's timer) reads it.
     admin.patch_status("RayJob", job["metadata"]["name"], {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING",
@@ -383,7 +383,7 @@ def test_a_stream_gets_its_children_follows_kuberay_and_changes_and_is_collected
           lambda seen: seen == ({new_map["metadata"]["name"]}, {new_job["metadata"]["name"]}))
     cr = until(operator, "status of generation 2", lambda: admin.get("AirPodsDataStream", name),
                lambda cr: status(cr).get("observedGeneration") == 2)
-    assert (status(cr)["phase"], status(cr)["rayJob"]) == ("Starting", new_job["metadata"]["name"])
+    assert (status(cr)["phase"], status(cr)["rayJob"]) == ("Pending", new_job["metadata"]["name"])
 
     # Deleted (background propagation): the garbage collector deletes the children by their owner
     # reference. The operator has no deletion handler for streams: kopf only drops its finalizer.

@@ -130,7 +130,10 @@ def rayjob_seen(job, deployment, ray, **extra):
 
 
 @pytest.mark.parametrize("backfill, deployment, ray, phase, ready, reason", [
-    (False, "Initializing", "", "Starting", "False", "Starting"),
+    (False, "", "", "Pending", "False", "RayClusterStarting"),
+    (False, "Initializing", "", "Pending", "False", "RayClusterStarting"),
+    (False, "Retrying", "", "Starting", "False", "Starting"),
+    (False, "ValidationFailed", "", "Failed", "False", "JobFailed"),
     (False, "Running", "PENDING", "Starting", "False", "Starting"),
     (False, "Running", "RUNNING", "Running", "True", "Ingesting"),
     (False, "Failed", "FAILED", "Failed", "False", "AppFailed"),
