@@ -164,7 +164,7 @@ $(CNI)/.built: tools/cni/go.mod tools/cni/go.sum
 # `make test`. Needs root: the node configures this machine's network (and takes it all down after).
 # -rP prints each test's own figures (Pod start times, upgrade latencies); --durations, where the time
 # went; the JUnit summary is kept in .cache/e2e-junit.xml.
-e2e: setup cluster
+e2e: setup infra browser cluster
 	$(BIN)/python -m pytest -m e2e tests/e2e -rP --durations=30 --junitxml=.cache/e2e-junit.xml
 
 bench: setup
