@@ -16,6 +16,7 @@ pushes and installs only what changed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import subprocess
@@ -181,8 +182,10 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 VENV = "/opt/podpulse"
 
 
+@functools.cache
 def _wheels(cache: Path) -> tuple[Path, list[Path]]:
-    """This checkout as a wheel, and every wheel it needs (``pip download`` into ``cache``, kept)."""
+    """This checkout as a wheel, and every wheel it needs (``pip download`` into ``cache``, kept). Once per
+    process: each end-to-end module asks for the image, and pip takes about 20 s to find nothing changed."""
     cache.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "-q"]
     built = cache.parent / "podpulse-wheel"  # this checkout's wheel alone, made again each time
