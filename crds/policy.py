@@ -16,7 +16,7 @@ import posixpath
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 __all__ = ["InvalidSpec", "Refused", "Policy", "KAFKA_SETTINGS", "KAFKA_FILES", "check_images",
            "check_secrets", "check_storage_credentials", "check_kafka", "check_hosts", "refuse"]
@@ -24,10 +24,19 @@ __all__ = ["InvalidSpec", "Refused", "Policy", "KAFKA_SETTINGS", "KAFKA_FILES", 
 # The Secrets the project's own docs and examples name: allowed unless the configuration says otherwise.
 DEFAULT_SECRETS = frozenset({"podpulse-credentials", "podpulse-kafka", "podpulse-oracle", "podpulse-pseudonym-key"})
 # The hosts a resource may send data and credentials to (its Kafka bootstrap servers, its storage
-# backends): an entry starting with "." admits every name under it, any other entry one name.
-# In-cluster Services only, by default: a host of the resource's own choosing would receive the
-# telemetry and the credentials of the allowed Secrets (password_env).
-DEFAULT_HOSTS = (".svc", ".svc.cluster.local")
+# backends): an entry starting with "." admits every name under it, any other entry one name, and
+# "{namespace}" stands for the resource's own. By default the Services of its own namespace only: a
+# host of the resource's own choosing, or another team's Service, would receive the telemetry and
+# the credentials of the allowed Secrets (password_env).
+DEFAULT_HOSTS = (".{namespace}.svc", ".{namespace}.svc.cluster.local")
+# Query parameters a backend URL may carry. Any other is refused: libpq's host, hostaddr and service
+# (and Oracle's dsn) would send the connection, and its password, to a host the check never saw.
+URL_PARAMETERS = frozenset({"service_name", "sslmode", "connect_timeout", "application_name",
+                            "target_session_attrs"})
+# Kafka settings that decide how the credentials travel: from the kafkaConfigSecret alone when there is
+# one (a resource's SASL_PLAINTEXT would send a SCRAM-over-TLS password in the clear).
+KAFKA_SECURITY = frozenset({"security.protocol", "sasl.mechanism", "sasl.mechanisms",
+                            "ssl.endpoint.identification.algorithm"})
 # Admitting Secrets by label needs `get` on Secrets (RBAC cannot grant their metadata alone): off by default.
 DEFAULT_SECRET_LABEL = ""
 # password_env / username_env name variables of the credentials Secret (envFrom), never others of
@@ -109,9 +118,14 @@ class Policy:
                    secret_label=env.get("PODPULSE_ALLOWED_SECRET_LABEL", DEFAULT_SECRET_LABEL).strip(),
                    hosts=DEFAULT_HOSTS if hosts is None else tuple(h.lower() for h in _csv(hosts)))
 
-    def allows_host(self, host: str) -> bool:
+    def allowed_hosts(self, namespace: str) -> list[str]:
+        return [h.replace("{namespace}", namespace.lower()) for h in self.hosts]
+
+    def allows_host(self, host: str, namespace: str) -> bool:
+        """``namespace``: the resource's own, for the entries that name it."""
         host = host.lower().rstrip(".")
-        return bool(host) and any(host == h or (h.startswith(".") and host.endswith(h)) for h in self.hosts)
+        return bool(host) and any(host == h or (h.startswith(".") and host.endswith(h))
+                                  for h in self.allowed_hosts(namespace))
 
     def allows_image(self, image: str) -> bool:
         repo = _repository(image)
@@ -144,16 +158,31 @@ def _host(address: str) -> str:
     return urlsplit(address if "//" in address else f"//{address}").hostname or ""
 
 
-def check_hosts(policy: Policy, spec: dict) -> list[str]:
-    """Every host a stream reaches: its bootstrap servers, its backends' URLs and Cassandra hosts."""
+def _url_hosts(field: str, url: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """The hosts a backend URL reaches, every one of a multi-host authority (``a:5432,b:5432``), and
+    the problems with its query parameters."""
+    parts = urlsplit(url)
+    authority = parts.netloc.rpartition("@")[2]
+    hosts = [(f"{field}", _host(a.strip())) for a in authority.split(",")]
+    problems = [f"{field} query parameter {key!r} is refused (allowed: {', '.join(sorted(URL_PARAMETERS))})"
+                for key, _ in parse_qsl(parts.query, keep_blank_values=True) if key.lower() not in URL_PARAMETERS]
+    return hosts, problems
+
+
+def check_hosts(policy: Policy, spec: dict, namespace: str) -> list[str]:
+    """Every host a stream reaches: its bootstrap servers, its backends' URLs and Cassandra hosts.
+    ``namespace``: the resource's."""
     named = [("spec.bootstrap", _host(a.strip())) for a in str(spec.get("bootstrap", "")).split(",") if a.strip()]
+    problems = []
     for name, backend in sorted(((spec.get("storage") or {}).get("backends") or {}).items()):
         if backend.get("url"):
-            named.append((f"spec.storage.backends.{name}.url", _host(str(backend["url"]))))
+            hosts, refused = _url_hosts(f"spec.storage.backends.{name}.url", str(backend["url"]))
+            named += hosts
+            problems += refused
         named += [(f"spec.storage.backends.{name}.hosts", _host(str(h))) for h in backend.get("hosts") or []]
-    allowed = ", ".join(policy.hosts) or "none"
-    return [f"{field} host {host!r} is not an allowed host (allowed: {allowed}; PODPULSE_ALLOWED_HOSTS)"
-            for field, host in named if not policy.allows_host(host)]
+    allowed = ", ".join(policy.allowed_hosts(namespace)) or "none"
+    return problems + [f"{field} host {host!r} is not an allowed host (allowed: {allowed}; PODPULSE_ALLOWED_HOSTS)"
+                       for field, host in named if not policy.allows_host(host, namespace)]
 
 
 def check_secrets(policy: Policy, named: Mapping[str, str], labels: Mapping[str, dict | None]) -> list[str]:
@@ -195,8 +224,13 @@ def _kafka_problem(key: str, value: str, files_dir: str | None) -> str | None:
 
 
 def check_kafka(settings: Mapping[str, str], files_dir: str | None) -> list[str]:
-    """Every key must be allowlisted; ``files_dir``: where the kafkaConfigSecret is mounted, if it is."""
-    return [p for key, value in sorted(settings.items()) if (p := _kafka_problem(key, value, files_dir))]
+    """Every key must be allowlisted; ``files_dir``: where the kafkaConfigSecret is mounted, if it is.
+    With that Secret, how the credentials travel is its to say (``-X`` would override its file)."""
+    problems = [p for key, value in sorted(settings.items()) if (p := _kafka_problem(key, value, files_dir))]
+    if files_dir:
+        problems += [f"spec.kafka {key!r} is refused with a kafkaConfigSecret: its properties file sets it"
+                     for key in sorted(KAFKA_SECURITY & set(settings))]
+    return problems
 
 
 def refuse(problems: list[str]) -> None:

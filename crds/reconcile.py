@@ -199,7 +199,7 @@ def _admit(cr: dict, spec: dict, pol: Policy, secret_labels: Labels | None) -> N
     """Refused unless the operator's policy allows the image, the Secrets and the settings."""
     problems = policy.check_images(pol, spec) + policy.check_secrets(pol, secret_refs(cr), secret_labels or {})
     if cr["kind"] == "AirPodsDataStream":
-        problems += policy.check_storage_credentials(spec["storage"]) + policy.check_hosts(pol, spec)
+        problems += policy.check_storage_credentials(spec["storage"]) + policy.check_hosts(pol, spec, cr["metadata"]["namespace"])
         problems += policy.check_kafka(spec.get("kafka") or {}, KAFKA_DIR if "kafkaConfigSecret" in spec else None)
     policy.refuse(problems)
 

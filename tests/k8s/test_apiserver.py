@@ -164,6 +164,8 @@ REFUSED = [
     ("AirPodsDataStream", {"spec.workers.cpu": "0.5"}, "spec.workers.cpu", "should match"),
     ("AirPodsDataStream", {"spec.head": {"cpu": "0m"}}, "spec.head.cpu", "should match"),
     ("AirPodsDataStream", {"spec.workers.cpu": 65}, "spec.workers.cpu", "less than or equal to 64"),
+    ("AirPodsDataStream", {"spec.kafka": {"security.protocol": "SASL_PLAINTEXT"}}, "spec",
+     "how the credentials travel is its properties file's to say"),
     ("OracleDBSchemaManager", {"spec.targetVersion": 0}, "spec.targetVersion", "greater than or equal to 1"),
     ("OracleDBSchemaManager", {"spec.targetVersion": 1.5}, "spec.targetVersion", "must be of type integer"),
     ("OracleDBSchemaManager", {"spec.connectionSecret": DELETE}, "spec.connectionSecret", "Required value"),
@@ -196,7 +198,8 @@ ACCEPTED = [
     ("AirPodsDataStream", {"spec.image": "podpulse@sha256:" + "0" * 64}),  # a digest: nothing to compare
     ("AirPodsDataStream", {"spec.image": "registry.local:5000/team/podpulse:2.60.0-py311"}),
     ("AirPodsDataStream", {"spec.image": "podpulse"}),  # untagged: the registry's latest
-    ("AirPodsDataStream", {"spec.kafka": {"security.protocol": "sasl_ssl", "sasl.mechanism": "SCRAM-SHA-512",
+    ("AirPodsDataStream", {"spec.kafkaConfigSecret": DELETE,  # no Secret: the resource says how to connect
+                           "spec.kafka": {"security.protocol": "sasl_ssl", "sasl.mechanism": "SCRAM-SHA-512",
                                           "client.id": "podpulse-au"}}),
     ("AirPodsDataStream", {"spec.kafka": {"session.timeout.ms": "45000", "fetch.max.bytes": "52428800",
                                           "compression.codec": "zstd"}}),

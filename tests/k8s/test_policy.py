@@ -39,7 +39,7 @@ ATTACKS = {
     "pseudonym_key_file": (lambda ex: stream_with(ex, storage={**ex("AirPodsDataStream")["spec"]["storage"],
                                                                "pseudonym_key_file": TOKEN}),
                            f"spec.storage.pseudonym_key_file '{TOKEN}'"),
-    "bootstrap of the attacker's": (lambda ex: stream_with(ex, bootstrap="kafka-bootstrap.kafka.svc:9093,evil.example:9092"),
+    "bootstrap of the attacker's": (lambda ex: stream_with(ex, bootstrap="kafka-bootstrap.podpulse.svc:9093,evil.example:9092"),
                                     "spec.bootstrap host 'evil.example'"),
     "storage url of the attacker's": (
         lambda ex: core_backend(ex, url="oracle://podpulse@db.evil.example:1521/?service_name=X",
@@ -67,6 +67,25 @@ ATTACKS = {
     "ssl file escaping the Secret": (
         lambda ex: stream_with(ex, kafka={"ssl.ca.location": "/etc/podpulse/kafka/../../../" + TOKEN[1:]}),
         "spec.kafka 'ssl.ca.location'"),
+    # libpq takes the host from the query too: the authority is not the only place a URL names one
+    "storage url ?host=": (lambda ex: core_backend(
+        ex, type="postgresql", url="postgresql://podpulse@pg.podpulse.svc:5432/podpulse?host=attacker.example.net",
+        password_env="PODPULSE_PG_PASSWORD"), "spec.storage.backends.core.url query parameter 'host'"),
+    "storage url ?hostaddr=": (lambda ex: core_backend(
+        ex, type="postgresql", url="postgresql://podpulse@pg.podpulse.svc/podpulse?sslmode=disable&HOSTADDR=203.0.113.9",
+        password_env="PODPULSE_PG_PASSWORD"), "spec.storage.backends.core.url query parameter 'HOSTADDR'"),
+    "storage url ?service=": (lambda ex: core_backend(
+        ex, type="postgresql", url="postgresql://podpulse@pg.podpulse.svc/podpulse?service=evil",
+        password_env="PODPULSE_PG_PASSWORD"), "spec.storage.backends.core.url query parameter 'service'"),
+    "storage url of two hosts": (lambda ex: core_backend(
+        ex, type="postgresql", url="postgresql://podpulse@pg.podpulse.svc:5432,attacker.example.net:5432/podpulse",
+        password_env="PODPULSE_PG_PASSWORD"), "spec.storage.backends.core.url host 'attacker.example.net'"),
+    "another namespace's Service": (lambda ex: stream_with(ex, bootstrap="kafka-bootstrap.other-team.svc:9093"),
+                                    "spec.bootstrap host 'kafka-bootstrap.other-team.svc'"),
+    "plaintext over the Secret's TLS": (lambda ex: stream_with(ex, kafka={"security.protocol": "SASL_PLAINTEXT"}),
+                                        "spec.kafka 'security.protocol' is refused with a kafkaConfigSecret"),
+    "weaker SASL than the Secret's": (lambda ex: stream_with(ex, kafka={"sasl.mechanism": "PLAIN"}),
+                                      "spec.kafka 'sasl.mechanism' is refused with a kafkaConfigSecret"),
     "migration image": (lambda ex: ex("OracleDBSchemaManager", image="registry.evil/podpulse:2.60.0"),
                         "spec.image 'registry.evil/podpulse:2.60.0'"),
     "migration Secret": (lambda ex: ex("OracleDBSchemaManager", connectionSecret={"name": "kube-root-ca"}),
@@ -174,7 +193,7 @@ def test_a_secret_is_allowed_by_name_or_by_the_label(example):
 
 @pytest.mark.parametrize("settings", [
     {"compression.type": "lz4"},
-    {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "client.id": "podpulse-au"},
+    {"client.id": "podpulse-au", "client.rack": "au-east-1a"},
     {"session.timeout.ms": "45000", "request.timeout.ms": "30000", "socket.timeout.ms": "60000",
      "message.timeout.ms": "300000", "fetch.max.bytes": "52428800", "batch.size": "1000000"},
     {"ssl.ca.location": "/etc/podpulse/kafka/ca.crt", "ssl.certificate.location": "/etc/podpulse/kafka/tls.crt",
@@ -182,6 +201,13 @@ def test_a_secret_is_allowed_by_name_or_by_the_label(example):
 ])
 def test_allowed_kafka_settings_pass(example, settings):
     assert children(stream_with(example, kafka=settings))
+
+
+def test_without_a_kafka_secret_the_resource_says_how_to_connect(example):
+    """No kafkaConfigSecret, no credentials to protect: the security settings are the resource's."""
+    cr = stream_with(example, kafka={"security.protocol": "SSL", "ssl.endpoint.identification.algorithm": "https"})
+    del cr["spec"]["kafkaConfigSecret"]
+    assert children(cr)
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -221,6 +247,9 @@ def test_operator_policy_checks_are_mirrored_in_the_crd(crd_schema):
     assert patterns == policy.KAFKA_SETTINGS
     (files,) = [r for r in spec["x-kubernetes-validations"] if "ssl.*.location" in r.get("message", "")]
     assert _listed(files["rule"]) == policy.KAFKA_FILES and f"'{rc.KAFKA_DIR}/'" in files["rule"]
+    (security,) = [r for r in spec["x-kubernetes-validations"] if "how the credentials travel" in r.get("message", "")]
+    listed = security["rule"].split("k in [", 1)[1].split("]", 1)[0]
+    assert {k.strip(" '\n") for k in listed.split(",")} == policy.KAFKA_SECURITY
     backend = spec["properties"]["storage"]["properties"]["backends"]["additionalProperties"]
     assert "!has(self.password_file)" in {r["rule"] for r in backend["x-kubernetes-validations"]}
     for key in ("password_env", "username_env"):
@@ -231,9 +260,25 @@ def test_hosts_outside_the_cluster_are_allowed_only_by_the_operators_configurati
     cr = stream_with(example, bootstrap="broker-1.kafka.corp.example:9093,BROKER-2.kafka.corp.example.:9093")
     with pytest.raises(rc.Refused, match=r"'broker-1.kafka.corp.example' is not an allowed host"):
         children(cr)
-    corp = rc.Policy.from_env({"PODPULSE_ALLOWED_HOSTS": ".corp.example, oracle.db.svc, cassandra-0.cassandra.db.svc,"
-                                                         "cassandra-1.cassandra.db.svc,cassandra-2.cassandra.db.svc"},
-                              rc.DEFAULT_IMAGE)
+    corp = rc.Policy.from_env({"PODPULSE_ALLOWED_HOSTS": ".corp.example, .{namespace}.svc"}, rc.DEFAULT_IMAGE)
     assert children(cr, corp)  # a suffix admits every name under it; case and a final dot do not matter
-    assert not corp.allows_host("corp.example.evil") and not corp.allows_host("xcorp.example")
-    assert not rc.Policy.from_env({"PODPULSE_ALLOWED_HOSTS": ""}, rc.DEFAULT_IMAGE).allows_host("kafka.svc")
+    assert not corp.allows_host("corp.example.evil", "podpulse") and not corp.allows_host("xcorp.example", "podpulse")
+    assert not rc.Policy.from_env({"PODPULSE_ALLOWED_HOSTS": ""}, rc.DEFAULT_IMAGE).allows_host("x.podpulse.svc",
+                                                                                                 "podpulse")
+
+
+def test_by_default_a_stream_reaches_the_services_of_its_own_namespace_only(example):
+    default = rc.DEFAULT_POLICY
+    assert default.allows_host("kafka-bootstrap.podpulse.svc", "podpulse")
+    assert default.allows_host("pg.podpulse.svc.cluster.local.", "podpulse")
+    for host in ("kafka-bootstrap.other-team.svc", "podpulse.svc", "x.svc", "x.podpulse.svc.evil.example"):
+        assert not default.allows_host(host, "podpulse"), host
+    # the same stream in another namespace: refused, its hosts are the first namespace's Services
+    cr = example("AirPodsDataStream")
+    cr["metadata"]["namespace"] = "other-team"
+    with pytest.raises(rc.Refused, match="'kafka-bootstrap.podpulse.svc' is not an allowed host"):
+        children(cr)
+    # what a URL may carry besides its host: the parameters of the examples
+    assert children(core_backend(example, url="oracle://podpulse@oracle.podpulse.svc:1521/?service_name=FREEPDB1"))
+    assert children(core_backend(example, type="postgresql",
+                                 url="postgresql://podpulse@pg.podpulse.svc/podpulse?sslmode=verify-full"))

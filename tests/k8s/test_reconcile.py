@@ -45,7 +45,7 @@ def test_stream_creates_a_configmap_and_a_rayjob_owned_by_it(example, parse_cli,
     # The entrypoint is a `podpulse ingest` the real CLI accepts, with the resource's settings.
     command, params = parse_cli(shlex.split(job["spec"]["entrypoint"]))
     assert command == "ingest"
-    assert params["bootstrap"] == "kafka-bootstrap.kafka.svc:9093" and params["topic"] == "podpulse.telemetry"
+    assert params["bootstrap"] == "kafka-bootstrap.podpulse.svc:9093" and params["topic"] == "podpulse.telemetry"
     assert (params["consumers"], params["writers"], params["batch_size"], params["linger_ms"]) == (6, 1, 20000, 200)
     assert params["dlq_topic"] == "podpulse.telemetry.dlq" and params["until_caught_up"] is False
     assert params["kafka_setting"] == ["compression.type=lz4"]
