@@ -41,7 +41,7 @@ from storage.config import StorageConfig
 from testbed.api import ROW
 from testbed.stores import build_store
 
-TOKEN = "bench-token"
+TOKEN = "bench-admin-token-of-24-characters-or-more"
 
 
 async def open_loop(url: str, body: dict, headers: dict, rate: float, seconds: float) -> tuple[np.ndarray, int, float]:

@@ -119,7 +119,7 @@ def _models(storage: StorageConfig, registry: Path, truth: dict[str, str], port:
     except ConfigError as e:  # a short demo fleet: say why, keep going
         forecast = {"skipped": str(e)}
         progress.step(f"usage-forecast skipped: {e}")
-    token = os.environ.get("PODPULSE_API_TOKEN") or secrets.token_urlsafe(16)
+    token = os.environ.get("PODPULSE_API_TOKEN") or secrets.token_urlsafe(32)
     shown = "$PODPULSE_API_TOKEN" if "PODPULSE_API_TOKEN" in os.environ else token  # never echo a real secret
     url = run_local(storage.as_dict(), str(registry), token, port=port)
     worst = battery["most_anomalous"][0]["device_id"]

@@ -5,8 +5,11 @@ Two sources, read by every replica:
 - ``$PODPULSE_API_TOKENS_FILE``: a YAML list (a Kubernetes Secret mounted as a file, say) of
   ``{name, sha256, scopes}``: the SHA-256 of a token (never the token itself) and what it may do.
   The file is read again when it changes (checked at most once a second), so a token is added,
-  rotated or revoked without a restart; a file that no longer reads keeps the tokens it had.
-- ``$PODPULSE_API_TOKEN``: one token with every scope (``admin``), for one machine and the demo.
+  rotated or revoked without a restart. A file that cannot be read or parsed revokes its tokens until
+  it reads again (fail closed: a half-written file must not keep a revoked token alive); the gauge
+  ``podpulse_api_tokens_file_readable`` says so, and an alert fires.
+- ``$PODPULSE_API_TOKEN``: one token with every scope (``admin``), for one machine and the demo; one
+  shorter than :data:`MIN_ADMIN_TOKEN` characters is refused (guessable), and the log says so.
 
 Scopes (:class:`Scope`): ``ingest`` (POST /v1/telemetry), ``read:aggregates`` (analytics, forecasts,
 scoring), ``read:devices`` (per-device reads, and analytics' device ids) and ``admin`` (all of them,
@@ -30,6 +33,8 @@ from pathlib import Path
 
 import yaml
 
+from podpulse import metrics
+
 __all__ = ["Scope", "SCOPES", "Token", "Tokens", "parse_tokens", "new_token", "allows"]
 
 
@@ -46,6 +51,7 @@ SCOPES = tuple(s.value for s in Scope)
 RECHECK_S = 1.0  # how often a replica looks at the tokens file's modification time
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _BEARER = b"Bearer "
+MIN_ADMIN_TOKEN = 24  # characters of $PODPULSE_API_TOKEN; `podpulse token` and the demo make 43
 log = logging.getLogger("ray.serve")
 
 
@@ -104,6 +110,7 @@ class Tokens:
         self._file: tuple[str, float, tuple[Token, ...]] | None = None  # path, mtime, tokens
         self._checked = -RECHECK_S
         self._error = ""  # the last reason the file could not be read, logged once until it changes
+        self._short_said = False
 
     def scopes(self, authorization: bytes | None) -> frozenset[str] | None:
         """The scopes of ``Authorization: Bearer <token>``; None when it names no token. Every
@@ -119,6 +126,12 @@ class Tokens:
 
     def _known(self) -> tuple[Token, ...]:
         shared = self.env.get("PODPULSE_API_TOKEN")
+        if shared and len(shared) < MIN_ADMIN_TOKEN:
+            if not self._short_said:
+                self._short_said = True
+                log.error("API tokens: $PODPULSE_API_TOKEN has %d characters, under %d: refused (make one with "
+                          "`podpulse token`)", len(shared), MIN_ADMIN_TOKEN)
+            shared = None
         own = (Token("PODPULSE_API_TOKEN", digest(shared.encode()), frozenset({"admin"})),) if shared else ()
         return own + self._from_file()
 
@@ -137,10 +150,11 @@ class Tokens:
                     self._file = (path, mtime, parse_tokens(yaml.safe_load(Path(path).read_text())))
                     self._error = ""
                     log.info("API tokens: %d from %s", len(self._file[2]), path)
+                metrics.tokens_file_readable(True)
             except (OSError, ValueError, yaml.YAMLError) as e:
-                kept = self._file[2] if self._file is not None and self._file[0] == path else ()
                 if str(e) != self._error:  # an optional Secret not created yet: said once, not every second
                     self._error = str(e)
-                    log.error("API tokens: cannot read %s (%s); keeping the %d tokens read before", path, e, len(kept))
-                self._file = (path, -1.0, kept)
+                    log.error("API tokens: cannot read %s (%s); its tokens are refused until it reads", path, e)
+                self._file = (path, -1.0, ())
+                metrics.tokens_file_readable(False)
             return self._file[2]

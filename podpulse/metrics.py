@@ -38,6 +38,7 @@ ray_podpulse_anomalous_devices               gauge      model, version, region
 ray_podpulse_model_info                      gauge      model, version
 ray_podpulse_feature_drift_psi               gauge      model, version, feature
 ray_podpulse_firmware_regression             gauge      model, firmware, baseline
+ray_podpulse_api_tokens_file_readable        gauge      (none)
 ===========================================  =========  ==========================
 
 Firmware regressions are exported by the API replicas from the store's latest
@@ -76,6 +77,7 @@ __all__ = [
     "events_consumed", "events_stored", "events_dead_lettered", "consumer_lag", "partition_counts",
     "backend_label", "batch_written", "write_failed", "failure",
     "scoring_latency", "anomalous_devices", "model_version", "feature_drift", "firmware_regressions",
+    "tokens_file_readable",
 ]
 
 PREFIX = "ray_"  # added by Ray's exporter to every application metric
@@ -135,6 +137,9 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in (
                "Relative battery drain change of a firmware version found regressed against the version "
                "before it on a model (podpulse detect's latest findings); 0 once no longer found.",
                ("model", "firmware", "baseline")),
+    MetricSpec("podpulse_api_tokens_file_readable", "gauge",
+               "1 while a serving replica reads its API tokens file ($PODPULSE_API_TOKENS_FILE), 0 while it "
+               "cannot (its tokens are refused meanwhile).", ()),
 )}
 
 
@@ -308,3 +313,7 @@ def feature_drift(model: str, version: str, psi: Mapping[str, float]) -> None:
             m.set(0.0, {"model": model, "version": old[0], "feature": feature})
     for feature, value in psi.items():
         m.set(float(value), {"model": model, "version": version, "feature": feature})
+
+
+def tokens_file_readable(ok: bool) -> None:
+    _metric("podpulse_api_tokens_file_readable").set(1 if ok else 0)

@@ -4,7 +4,7 @@ from deployments.tokens import new_token
 
 __all__ = ["TOKEN", "AUTH", "INGEST", "AGGREGATES", "ROW"]
 
-TOKEN = "test-token"  # the admin token (every scope), given to the replicas as PODPULSE_API_TOKEN
+TOKEN = "test-admin-token-of-24-characters-or-more"  # the admin token (every scope), given to the replicas as PODPULSE_API_TOKEN
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # Scoped tokens (token, tokens-file entry): a tokens file of these gives the replicas both
 INGEST, AGGREGATES = new_token("gateway", ["ingest"]), new_token("product-team", ["read:aggregates"])

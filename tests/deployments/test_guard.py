@@ -10,6 +10,8 @@ from deployments.app import app
 from deployments.guard import OPEN, Guard, declared_scopes, needs
 from deployments.tokens import Scope, new_token
 
+ADMIN = "the-admin-token-of-24-characters-or-more"
+
 # Every route of the API and the scope it needs (None: open). A new route is added here on purpose.
 ROUTES = {
     ("GET", "/healthz"): None,
@@ -61,9 +63,9 @@ def tokens(monkeypatch, tmp_path):
 
     made = {s: new_token(s.value, [s]) for s in Scope if s is not Scope.admin}
     (tmp_path / "tokens.yaml").write_text(yaml.safe_dump([entry for _, entry in made.values()]))
-    monkeypatch.setenv("PODPULSE_API_TOKEN", "the-admin")
+    monkeypatch.setenv("PODPULSE_API_TOKEN", ADMIN)
     monkeypatch.setenv("PODPULSE_API_TOKENS_FILE", str(tmp_path / "tokens.yaml"))
-    return {"admin": "the-admin"} | {s.value: token for s, (token, _) in made.items()}
+    return {"admin": ADMIN} | {s.value: token for s, (token, _) in made.items()}
 
 
 def test_every_route_declares_its_scope():

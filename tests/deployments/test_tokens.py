@@ -7,6 +7,8 @@ import yaml
 
 from deployments.tokens import SCOPES, Tokens, allows, new_token, parse_tokens
 
+SHARED = "shared-admin-token-of-24-characters-or-more"
+
 
 class Clock:
     def __init__(self):
@@ -45,16 +47,25 @@ def test_a_header_gets_its_tokens_scopes_and_nothing_else(tmp_path):
     path = tmp_path / "tokens.yaml"
     path.write_text(yaml.safe_dump([entry]))
     assert "sha256" in path.read_text() and ingest not in path.read_text()  # the file holds no token
-    tokens = Tokens(env={"PODPULSE_API_TOKEN": "shared", "PODPULSE_API_TOKENS_FILE": str(path)})
+    tokens = Tokens(env={"PODPULSE_API_TOKEN": SHARED, "PODPULSE_API_TOKENS_FILE": str(path)})
     assert tokens.scopes(bearer(ingest)) == {"ingest"}
-    assert tokens.scopes(bearer("shared")) == {"admin"}
+    assert tokens.scopes(bearer(SHARED)) == {"admin"}
     for header in (None, b"", b"Bearer", bearer("nope"), ingest.encode(), b"Basic " + ingest.encode(),
                    bearer(ingest) + b" ", "Bearer é".encode()):
         assert tokens.scopes(header) is None, header
     assert Tokens(env={}).scopes(bearer("")) is None  # no token configured: nothing is accepted
 
 
-def test_the_file_is_read_again_when_it_changes_and_a_broken_one_keeps_what_was_read(tmp_path):
+@pytest.fixture
+def readable(monkeypatch):
+    """The last value the replica gave the gauge podpulse_api_tokens_file_readable."""
+    seen = []
+    monkeypatch.setattr("podpulse.metrics.tokens_file_readable", lambda ok: seen.append(int(ok)))
+    return lambda: seen[-1]
+
+
+def test_the_file_is_read_again_when_it_changes_and_a_broken_one_revokes_its_tokens(tmp_path, readable):
+    """Fail closed: a file that does not parse (or is gone) must not keep a revoked token alive."""
     (old, old_entry), (new, new_entry) = new_token("a", ["ingest"]), new_token("b", ["read:devices"])
     path, clock = tmp_path / "tokens.yaml", Clock()
     path.write_text(yaml.safe_dump([old_entry]))
@@ -67,10 +78,22 @@ def test_the_file_is_read_again_when_it_changes_and_a_broken_one_keeps_what_was_
     assert tokens.scopes(bearer(new)) == {"read:devices"} and tokens.scopes(bearer(old)) is None
     path.write_text("- name: [broken")
     clock.now += 1.5
-    assert tokens.scopes(bearer(new)) == {"read:devices"}
+    assert tokens.scopes(bearer(new)) is None and readable() == 0
+    path.write_text(yaml.safe_dump([new_entry]))
+    clock.now += 1.5
+    assert tokens.scopes(bearer(new)) == {"read:devices"} and readable() == 1
     path.unlink()
     clock.now += 1.5
-    assert tokens.scopes(bearer(new)) == {"read:devices"}
+    assert tokens.scopes(bearer(new)) is None and readable() == 0
+
+
+def test_an_admin_token_shorter_than_24_characters_is_refused_and_said_once(caplog):
+    short, long = "a" * 23, "a" * 24
+    tokens = Tokens(env={"PODPULSE_API_TOKEN": short})
+    for _ in range(3):
+        assert tokens.scopes(bearer(short)) is None
+    assert sum("23 characters, under 24: refused" in r.getMessage() for r in caplog.records) == 1
+    assert Tokens(env={"PODPULSE_API_TOKEN": long}).scopes(bearer(long)) == {"admin"}
 
 
 def test_a_tokens_file_not_there_yet_is_said_once_and_read_when_it_appears(tmp_path, caplog):

@@ -23,7 +23,8 @@ def test_names_follow_prometheus_conventions():
 
 def test_the_docstring_table_lists_every_exported_name_with_its_labels():
     rows = re.findall(r"^(ray_podpulse_\w+)\s+(counter|gauge|histogram)\s+(.+)$", metrics.__doc__, re.M)
-    table = {name: (kind, labels.split(" (+")[0].replace(", le", "").strip()) for name, kind, labels in rows}
+    table = {name: (kind, labels.split(" (+")[0].replace(", le", "").replace("(none)", "").strip())
+             for name, kind, labels in rows}
     expected = {}
     for s in metrics.METRICS.values():
         name = metrics.exported_name(s.name) + ("_bucket" if s.kind == "histogram" else "")

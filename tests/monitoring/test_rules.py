@@ -52,7 +52,8 @@ def test_the_rules_unit_tests_pass_and_show_each_alert_firing_and_not_firing():
             cases.setdefault(case["alertname"], set()).add(bool(case.get("exp_alerts")))
     alerts = {r["alert"] for r in rules()}
     assert alerts == {"PodPulseConsumerLagGrowing", "PodPulseDeadLetterRateHigh", "PodPulseNoEventsConsumed",
-                      "PodPulseScoringLatencyHigh", "PodPulseModelDrift", "PodPulseFirmwareRegression"}
+                      "PodPulseScoringLatencyHigh", "PodPulseModelDrift", "PodPulseFirmwareRegression",
+                      "PodPulseAPITokensFileUnreadable"}
     assert cases == {a: {True, False} for a in alerts}
 
 
