@@ -63,6 +63,17 @@ def hardened(shell):
 
 
 @pytest.fixture(scope="module")
+def namespace(core):
+    """``namespace(name)`` creates it labelled as deploy/base/namespace.yaml labels PodPulse's: the API
+    server refuses any Pod there that is not Pod Security "restricted"."""
+    labels = yaml.safe_load((checkout() / "deploy" / "base" / "namespace.yaml").read_text())["metadata"]["labels"]
+
+    def make(name: str) -> None:
+        core.create_namespace({"metadata": {"name": name, "labels": labels}})
+    return make
+
+
+@pytest.fixture(scope="module")
 def helm(cluster):
     """``helm(*args)``: Helm as the cluster's admin."""
     def run(*args: str) -> subprocess.CompletedProcess:

@@ -44,10 +44,10 @@ def postgres(cluster):
 
 
 @pytest.fixture(scope="module")
-def release(cluster, core, postgres, install):
+def release(cluster, core, postgres, namespace, install):
     """The chart with what this cluster needs on top: PostgreSQL's Service, an API token, smaller Pods."""
     server, _ = postgres
-    core.create_namespace({"metadata": {"name": NS}})
+    namespace(NS)
     cluster.external("postgres", server.port, namespace=NS)
     token = secrets.token_urlsafe(32)
     started, models = install(NS, {

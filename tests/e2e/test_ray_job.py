@@ -171,7 +171,7 @@ def test_a_worker_pod_deleted_in_the_middle_of_an_ingest_job_loses_and_duplicate
 
 
 @pytest.fixture(scope="module")
-def operator(cluster, core, servers, ray_cluster, install):
+def operator(cluster, core, servers, ray_cluster, namespace, install):
     """``ray-cluster.yaml``'s Ray cluster deleted, then the chart's operator alone, with the Services and the
     pseudonym key Secret a stream names in its namespace."""
     from kubernetes import client  # heavy: as the conftest's
@@ -181,7 +181,7 @@ def operator(cluster, core, servers, ray_cluster, install):
         "ray.io", "v1", "default", "rayclusters", "podpulse")
     cluster.wait("ray-cluster.yaml's Pods gone", lambda: not core.list_namespaced_pod(
         "default", label_selector="ray.io/cluster=podpulse").items, timeout_s=180, every_s=2)
-    core.create_namespace({"metadata": {"name": NS}})
+    namespace(NS)
     cluster.external("kafka", kafka.port, namespace=NS)
     cluster.external("postgres", postgres.port, namespace=NS)
     core.create_namespaced_secret(NS, {"metadata": {"name": "podpulse-pseudonym-key"},

@@ -51,7 +51,10 @@ def kuberay(kube, kube_api, kuberay_crds):
     from testbed.kuberay import FakeRayDashboard, RayOperator
 
     core = client.CoreV1Api(kube_api)
-    core.create_namespace({"metadata": {"name": NAMESPACE}})
+    # labelled as deploy/base/namespace.yaml labels PodPulse's: the API server refuses every Pod KubeRay
+    # makes here that is not "restricted" (Pod Security Admission)
+    labels = load_one(ROOT / "deploy" / "base" / "namespace.yaml")["metadata"]["labels"]
+    core.create_namespace({"metadata": {"name": NAMESPACE, "labels": labels}})
     # What the controller manager's ServiceAccount controller would make in a new namespace: Pods
     # that name no ServiceAccount (the workers') are refused without it.
     core.create_namespaced_service_account(NAMESPACE, {"metadata": {"name": "default"}})
@@ -162,6 +165,17 @@ def assert_cluster_as_written(kuberay, cluster, spec, where):
     ports = {p.name: p.port for p in service[0].spec.ports}
     assert ports == {p["name"]: p["containerPort"] for p in head_template["spec"]["containers"][0]["ports"]}, where
     return head
+
+
+def test_the_namespace_refuses_a_pod_that_is_not_restricted(kuberay):
+    """What makes the tests below mean that KubeRay's Pods of PodPulse's manifests pass Pod Security."""
+    from kubernetes.client.exceptions import ApiException
+
+    pod = {"metadata": {"name": "plain"}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}}
+    with pytest.raises(ApiException) as refused:
+        kuberay["core"].create_namespaced_pod(NAMESPACE, pod, dry_run="All")
+    message = json.loads(refused.value.body)["message"]
+    assert refused.value.status == 403 and 'violates PodSecurity "restricted:v1.30"' in message, message
 
 
 def test_the_raycluster_becomes_pods_services_and_a_token(kuberay):
