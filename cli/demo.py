@@ -120,8 +120,9 @@ def _models(storage: StorageConfig, registry: Path, truth: dict[str, str], port:
         forecast = {"skipped": str(e)}
         progress.step(f"usage-forecast skipped: {e}")
     token = os.environ.get("PODPULSE_API_TOKEN") or secrets.token_urlsafe(32)
-    shown = "$PODPULSE_API_TOKEN" if "PODPULSE_API_TOKEN" in os.environ else token  # never echo a real secret
-    url = run_local(storage.as_dict(), str(registry), token, port=port)
+    kept = registry.parent / "api-token"  # 0600: the token is never printed, nor passed in Ray's logs
+    url = run_local(storage.as_dict(), str(registry), token, port=port, token_file=kept)
+    shown = "$PODPULSE_API_TOKEN" if "PODPULSE_API_TOKEN" in os.environ else f'"$(cat {kept.resolve()})"'
     worst = battery["most_anomalous"][0]["device_id"]
     health = requests.get(f"{url}/v1/devices/{worst}/battery-health",
                           headers={"Authorization": f"Bearer {token}"}, timeout=60)

@@ -16,7 +16,10 @@ The deployments are thin: the logic is ``analytics``, ``podpulse.contract`` and 
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from deployments.guard import Guard, declared_scopes
 from deployments.routes import ROUTERS
 from deployments.service import Service
 from deployments.settings import MAX_ONGOING_REQUESTS, parse_user_config
+from deployments.tokens import write_token_file
 from podpulse.errors import ConfigError
 from podpulse.runtime import init_ray
 from storage.config import StorageConfig
@@ -89,11 +93,22 @@ def api(args: dict):
 
 def run_local(storage: dict, registry: str, token: str | None, *, host: str = "127.0.0.1", port: int = 8000,
               bootstrap: str | None = None, topic: str | None = None, model_path: str | None = None,
-              name: str = "podpulse", docs: bool = True, tokens_file: str | None = None) -> str:
+              name: str = "podpulse", docs: bool = True, tokens_file: str | None = None,
+              token_file: Path | None = None) -> str:
     """Start the application on the connected Ray (``podpulse serve``, the demo, the benchmark);
     returns its base URL. ``token``: an admin token; ``tokens_file``: scoped ones (deployments.tokens).
-    A local server publishes its OpenAPI docs unless ``docs`` is False."""
-    env = {k: v for k, v in (("PODPULSE_API_TOKEN", token), ("PODPULSE_API_TOKENS_FILE", tokens_file)) if v}
+    A local server publishes its OpenAPI docs unless ``docs`` is False.
+
+    The token reaches the replicas as a file (``token_file``, else one in a private temporary folder,
+    removed at exit) named by ``$PODPULSE_API_TOKEN_FILE``: a ``runtime_env``'s variables are written to
+    Ray's logs, which every user of the machine may read."""
+    env = {"PODPULSE_API_TOKENS_FILE": tokens_file} if tokens_file else {}
+    if token:
+        if token_file is None:
+            folder = Path(tempfile.mkdtemp(prefix="podpulse-api-"))  # 0700
+            atexit.register(shutil.rmtree, folder, True)
+            token_file = folder / "token"
+        env["PODPULSE_API_TOKEN_FILE"] = str(write_token_file(token, Path(token_file)).resolve())
     serve.start(http_options={"host": host, "port": port})
     serve.run(build(storage, bootstrap, topic, registry, model_path, env=env, docs=docs), name=name, route_prefix="/")
     return f"http://{host}:{port}"

@@ -10,6 +10,8 @@ Two sources, read by every replica:
   ``podpulse_api_tokens_file_readable`` says so, and an alert fires.
 - ``$PODPULSE_API_TOKEN``: one token with every scope (``admin``), for one machine and the demo; one
   shorter than :data:`MIN_ADMIN_TOKEN` characters is refused (guessable), and the log says so.
+  ``$PODPULSE_API_TOKEN_FILE`` names a file holding it instead: what a process gives Serve's replicas,
+  since environment variables passed through a Ray ``runtime_env`` are written to Ray's logs.
 
 Scopes (:class:`Scope`): ``ingest`` (POST /v1/telemetry), ``read:aggregates`` (analytics, forecasts,
 scoring), ``read:devices`` (per-device reads, and analytics' device ids) and ``admin`` (all of them,
@@ -35,7 +37,7 @@ import yaml
 
 from podpulse import metrics
 
-__all__ = ["Scope", "SCOPES", "Token", "Tokens", "parse_tokens", "new_token", "allows"]
+__all__ = ["Scope", "SCOPES", "Token", "Tokens", "parse_tokens", "new_token", "allows", "write_token_file"]
 
 
 class Scope(str, Enum):
@@ -60,6 +62,16 @@ class Token:
     name: str
     sha256: bytes  # of the token's UTF-8 bytes, hex digits as ASCII
     scopes: frozenset[str]
+
+
+def write_token_file(token: str, path: Path) -> Path:
+    """``token`` in ``path``, readable by this user alone (created 0600, never wider while written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that existed keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return path
 
 
 def digest(token: bytes) -> bytes:
@@ -111,6 +123,7 @@ class Tokens:
         self._checked = -RECHECK_S
         self._error = ""  # the last reason the file could not be read, logged once until it changes
         self._short_said = False
+        self._admin: tuple[str, float, float, str | None] | None = None  # path, checked, mtime, token
 
     def scopes(self, authorization: bytes | None) -> frozenset[str] | None:
         """The scopes of ``Authorization: Bearer <token>``; None when it names no token. Every
@@ -124,8 +137,27 @@ class Tokens:
                 found = token.scopes
         return found
 
+    def _admin_from_file(self, path: str) -> str | None:
+        """The admin token in ``path`` (read again when it changes, checked at most once a second)."""
+        with self._lock:
+            now = self.clock()
+            if self._admin is not None and self._admin[0] == path and now - self._admin[1] < RECHECK_S:
+                return self._admin[3]
+            try:
+                mtime = Path(path).stat().st_mtime
+                unchanged = self._admin is not None and (self._admin[0], self._admin[2]) == (path, mtime)
+                token = self._admin[3] if unchanged else (Path(path).read_text().strip() or None)
+            except OSError as e:
+                if self._admin is None or self._admin[3] is not None:
+                    log.error("API tokens: cannot read $PODPULSE_API_TOKEN_FILE %s (%s)", path, e)
+                mtime, token = -1.0, None
+            self._admin = (path, now, mtime, token)
+            return token
+
     def _known(self) -> tuple[Token, ...]:
         shared = self.env.get("PODPULSE_API_TOKEN")
+        if not shared and self.env.get("PODPULSE_API_TOKEN_FILE"):
+            shared = self._admin_from_file(self.env["PODPULSE_API_TOKEN_FILE"])
         if shared and len(shared) < MIN_ADMIN_TOKEN:
             if not self._short_said:
                 self._short_said = True

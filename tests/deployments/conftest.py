@@ -13,7 +13,7 @@ from jobs.segments import train_segments
 from jobs.train import train_battery_anomaly, train_usage_forecast
 from podpulse.broker import free_port
 from storage.config import StorageConfig
-from testbed.api import AGGREGATES, INGEST, TOKEN
+from testbed.api import AGGREGATES, INGEST, token_env
 from testbed.stores import build_store
 
 
@@ -33,7 +33,7 @@ def served(ray_local, broker, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = dict(storage=storage.as_dict(), bootstrap=broker.bootstrap, topic="serve-telemetry",
                     registry=str(root / "models"),
-                    env={"PODPULSE_API_TOKEN": TOKEN, "PODPULSE_API_TOKENS_FILE": str(root / "tokens.yaml")})
+                    env={**token_env(root), "PODPULSE_API_TOKENS_FILE": str(root / "tokens.yaml")})
     serve.run(build(**settings), name="podpulse", route_prefix="/")
     yield f"http://127.0.0.1:{port}", root, storage, settings, first
     serve.shutdown()

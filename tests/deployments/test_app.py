@@ -8,6 +8,7 @@ import time
 import uuid
 from collections import Counter
 from datetime import date, timedelta
+from pathlib import Path
 
 import pytest
 import requests
@@ -22,7 +23,7 @@ from podpulse.contract import DEVICE_FIELDS
 from podpulse.privacy import MIN_K
 from storage.config import StorageConfig
 from storage.reader import run_queries
-from testbed.api import AGGREGATES, AUTH, INGEST, ROW, TOKEN
+from testbed.api import AGGREGATES, AUTH, INGEST, ROW, TOKEN, token_env
 
 
 def event(device_id: str = "ap-0011223344556677", **changes) -> dict:
@@ -86,6 +87,18 @@ def test_every_endpoint_answers(served, broker):
     assert answer.status_code == 202
     body = answer.json()
     assert body["accepted"] == 1 and body["rejected"] == 1 and "battery_left" in body["reasons"][0]["reason"]
+
+
+def test_the_admin_token_is_in_no_log_of_ray(served):
+    """The replicas read it from a file ($PODPULSE_API_TOKEN_FILE): a runtime_env's variables are written
+    to Ray's logs (runtime_env_agent.log and others), which any user of the machine may read."""
+    import ray
+
+    url = served[0]
+    assert requests.get(f"{url}/v1/analytics/state_overview", headers=AUTH, timeout=60).status_code == 200
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    files = [f for f in logs.rglob("*") if f.is_file()]
+    assert files and not [f.name for f in files if TOKEN.encode() in f.read_bytes()]
 
 
 def test_a_202_means_the_accepted_events_are_in_the_topic(served, broker):
@@ -373,7 +386,7 @@ def own_app(storage: dict, registry: str, **options):
     from deployments.app import PodPulseAPI
 
     return PodPulseAPI.options(
-        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"PODPULSE_API_TOKEN": TOKEN}}},
+        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": token_env(Path(registry).parent)}},
         **options).bind(storage, None, None, registry)
 
 

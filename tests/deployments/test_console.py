@@ -12,7 +12,7 @@ import requests
 
 from analytics.registry import flagged_devices_by_region
 from storage.config import StorageConfig
-from testbed.api import AGGREGATES, AUTH, TOKEN
+from testbed.api import AGGREGATES, AUTH, TOKEN, token_env
 from testbed.stores import build_store
 
 CHROMIUM = "/usr/bin/chromium"
@@ -240,7 +240,7 @@ def fleet(served, tmp_path_factory):
     build_store(root / "f.duckdb", 1500, 8, seed=17, regressed_firmware="7A305", regression=1.25)
     storage = StorageConfig.embedded(root / "f.duckdb")
     regressions.record(storage, regressions.detect(storage, min_k=5))  # what podpulse detect keeps
-    serve.run(build(storage.as_dict(), registry=str(root / "models"), env={"PODPULSE_API_TOKEN": TOKEN}, min_k=5),
+    serve.run(build(storage.as_dict(), registry=str(root / "models"), env=token_env(root), min_k=5),
               name="fleet", route_prefix="/fleet")
     yield f"{served[0]}/fleet"
     serve.delete("fleet")

@@ -109,3 +109,23 @@ def test_a_tokens_file_not_there_yet_is_said_once_and_read_when_it_appears(tmp_p
     path.write_text(yaml.safe_dump([entry]))
     clock.now += 1.5
     assert tokens.scopes(bearer(made)) == {"ingest"}
+
+
+def test_the_admin_token_may_come_from_a_file_only_its_owner_reads(tmp_path):
+    from deployments.tokens import write_token_file
+
+    clock, path = Clock(), tmp_path / "private" / "admin-token"
+    write_token_file(SHARED, path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    tokens = Tokens(env={"PODPULSE_API_TOKEN_FILE": str(path)}, clock=clock)
+    assert tokens.scopes(bearer(SHARED)) == {"admin"}
+    rotated = SHARED[::-1]
+    path.chmod(0o644)
+    write_token_file(rotated, path)  # rotated: read again, and the file is private again
+    os.utime(path, (2, 2))
+    clock.now += 1.5
+    assert tokens.scopes(bearer(rotated)) == {"admin"} and tokens.scopes(bearer(SHARED)) is None
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.unlink()
+    clock.now += 1.5
+    assert tokens.scopes(bearer(rotated)) is None
