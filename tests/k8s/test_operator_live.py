@@ -19,6 +19,7 @@ nothing runs in a pod.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -240,11 +241,13 @@ def policy(operator):
 
 @pytest.fixture
 def resource(example, identity):
-    """An example resource as a user writes it (name and spec), in the operator's namespace."""
+    """An example resource as a user writes it (name and spec), in the operator's namespace, its hosts
+    that namespace's Services (which the operator admits by default)."""
     def make(kind: str, name: str | None = None, **spec_changes) -> dict:
         doc = example(kind, name, **spec_changes)
+        spec = json.loads(json.dumps(doc["spec"]).replace(".podpulse.svc", f".{identity.namespace}.svc"))
         return {"apiVersion": doc["apiVersion"], "kind": kind,
-                "metadata": {"name": doc["metadata"]["name"], "namespace": identity.namespace}, "spec": doc["spec"]}
+                "metadata": {"name": doc["metadata"]["name"], "namespace": identity.namespace}, "spec": spec}
     return make
 
 
