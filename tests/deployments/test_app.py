@@ -806,9 +806,13 @@ def test_a_token_is_rotated_by_rewriting_the_tokens_file_without_a_restart(serve
                           for t in (AGGREGATES, new))
             time.sleep(0.3)
         assert codes == (401, 200)
-        path.write_text("- name: broken\n")  # a file that no longer reads keeps the tokens it had
-        time.sleep(2.5)
-        assert requests.get(f"{url}/v1/analytics/state_overview", headers=bearer(new)).status_code == 200
+        path.write_text("- name: broken\n")  # a file that no longer reads revokes its tokens (fail closed)
+        deadline, code = time.monotonic() + 20, None
+        while time.monotonic() < deadline and code != 401:
+            code = requests.get(f"{url}/v1/analytics/state_overview", headers=bearer(new)).status_code
+            time.sleep(0.3)
+        assert code == 401
+        assert requests.get(f"{url}/v1/analytics/state_overview", headers=AUTH).status_code == 200  # the admin's
     finally:
         path.write_text(before)
         deadline = time.monotonic() + 20  # the tests after this one use product-team's token again

@@ -176,6 +176,7 @@ def record_every_metric() -> None:
     found = {"model": "names-model", "firmware": "F2", "baseline_firmware": "F1", "drain_change": 0.2, "regression": True}
     metrics.firmware_regressions([found, dict(found, firmware="F3", baseline_firmware="F2")])
     metrics.firmware_regressions([found])  # a later detect run no longer finds F3: it goes to 0
+    metrics.tokens_file_readable(True)
     time.sleep(3)  # outlive a report interval (1 s in the tests' Ray): gauges vanish with the process
 
 
@@ -198,4 +199,4 @@ def test_every_metric_is_exported_under_its_documented_name_and_the_rules_evalua
         if all(r["health"] != "unknown" for r in loaded) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert len(loaded) == 6 and all(r["health"] == "ok" and not r.get("lastError") for r in loaded), loaded
+    assert len(loaded) == 7 and all(r["health"] == "ok" and not r.get("lastError") for r in loaded), loaded
