@@ -118,18 +118,18 @@ $(TOOLS)/helm: tools/helm/go.mod tools/helm/go.sum
 # kubelet, kube-scheduler and kube-proxy (tools/node), containerd 2 with its runc shim and ctr
 # (tools/containerd), the CNI plugins (tools/cni), crane (tools/crane: the registry on loopback and the
 # image builder) and CoreDNS (tools/coredns), each from its Go module at the version its go.mod and
-# go.sum pin; runc, iptables, conntrack and busybox-static from Debian. Rebuilt only when a go.mod or
+# go.sum pin; runc, iptables, conntrack, busybox-static and mmdebstrap from Debian. Rebuilt only when a go.mod or
 # go.sum changes. On 2 cores after `make kube` (its build cache warm): kubelet 38 s, kube-scheduler
 # and kube-proxy 10 s each, containerd 55 s, CNI 9 s, crane 5 s, CoreDNS 99 s.
 CNI := .cache/tools/cni
 cluster: kube $(TOOLS)/kubelet $(TOOLS)/kube-scheduler $(TOOLS)/kube-proxy $(TOOLS)/containerd $(TOOLS)/crane \
   $(TOOLS)/coredns $(CNI)/.built
 	@command -v runc >/dev/null && command -v iptables >/dev/null && command -v conntrack >/dev/null \
-	  && test -x /bin/busybox || { \
+	  && command -v mmdebstrap >/dev/null && test -x /bin/busybox || { \
 	  sudo=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 	  $$sudo apt-get update -qq && \
 	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    runc iptables conntrack busybox-static; }
+	    runc iptables conntrack busybox-static mmdebstrap; }
 
 $(TOOLS)/kubelet $(TOOLS)/kube-scheduler $(TOOLS)/kube-proxy: tools/node/go.mod tools/node/go.sum
 	$(GO_NEEDED)
