@@ -942,3 +942,28 @@ def test_a_refused_request_closes_its_connection_instead_of_reading_the_body(ser
                 break  # closed by the server
             received += chunk
     assert received.startswith(b"HTTP/1.1 401") and b"connection: close" in received.lower(), received[:300]
+
+
+def test_a_write_succeeds_while_reads_are_in_flight_and_no_error_names_a_path(served):
+    url, root, *_ = served
+    stop, codes = threading.Event(), []
+
+    def read():
+        while not stop.is_set():
+            codes.append(requests.get(f"{url}/v1/analytics/state_overview", headers=AUTH, timeout=60).status_code)
+
+    readers = [threading.Thread(target=read) for _ in range(16)]
+    for t in readers:
+        t.start()
+    try:
+        time.sleep(1)
+        saved = [requests.post(f"{url}/v1/cohorts", json={"name": f"busy-{i}-{uuid.uuid4().hex[:6]}",
+                                                          "cohort": {"model": "AirPods Pro 2"}},
+                               headers=AUTH, timeout=60) for i in range(3)]
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert [s.status_code for s in saved] == [201] * 3, [s.text for s in saved]
+    assert codes and set(codes) <= {200, 503}
+    assert str(root) not in "".join(s.text for s in saved)
