@@ -231,6 +231,35 @@ def bench_detect(
                   f"days, false alarms {base['false_alarms']}")
 
 
+@bench_app.command("privacy")
+def bench_privacy(
+    devices: Annotated[int, typer.Option(min=100)] = 20_000,
+    days: Annotated[int, typer.Option(min=2, max=92)] = 28,
+    runs: Annotated[int, typer.Option(min=1, max=100, help="Releases of each query, fresh noise each.")] = 5,
+    seed: int = 5,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """The private answers against the exact ones (what an admin reads), and the differencing attack
+    against its baseline on exact answers (off by 0)."""
+    result = _module("privacy").run(devices=devices, days=days, seed=seed, runs=runs)
+    if json_out:
+        print(json.dumps(result))
+        return
+    table = Table("query", "ε", "median error", "p95 error", "baseline")
+    for name, q in result["queries"].items():
+        unit = "%" if q["error_unit"] == "relative" else " points"
+        scale = 100 if q["error_unit"] == "relative" else 1
+        table.add_row(name, f"{q['epsilon']:g}", f"{q['error_median'] * scale:.2f}{unit}",
+                      f"{q['error_p95'] * scale:.2f}{unit}", "0 (exact)")
+    out.print(table)
+    overview, attack = result["queries"]["state_overview"], result["attack"]
+    out.print(f"state listening per device-day within ±2%: [bold]{overview['listening_within_2pct']:.0%}[/] of "
+              f"releases; 95% intervals held {overview['interval_95_held']:.0%}")
+    out.print(f"differencing ({attack['target']}, {attack['devices']} devices): off by a median "
+              f"[bold]{attack['error_h_median']} h[/] a cell (truth {attack['true_listening_h_per_cell_median']} h); "
+              f"on exact answers: {attack['baseline_error_h']} h")
+
+
 @bench_app.command("serve")
 def bench_serve(
     rate: Annotated[int, typer.Option(min=1, help="Requests per second.")] = 200,

@@ -26,6 +26,7 @@ from deployments.tokens import Scope, new_token
 from podpulse.broker import EmbeddedBroker
 from podpulse.errors import ConfigError, PodPulseError
 from podpulse.kafka import settings_from
+from podpulse.privacy import MIN_K
 from podpulse.simulator import Shape
 from storage.config import StorageConfig
 
@@ -280,7 +281,8 @@ def report(
     fmt: Annotated[str, typer.Option("--format", help="table, json or html.")] = "table",
     out_dir: Annotated[Optional[Path], typer.Option(
         "--out", help="Directory to write report.json / report.html.")] = None,
-    k: Annotated[int, typer.Option(min=1, help="Suppress regional cells with fewer devices.")] = 10,
+    k: Annotated[int, typer.Option(min=MIN_K, help=f"Suppress regional cells with fewer devices (at least {MIN_K}, "
+                                                    "the privacy floor).")] = MIN_K,
     cohort: Annotated[Optional[list[str]], typer.Option(
         help="Only the devices whose registered FIELD is VALUE, as FIELD=VALUE (repeat to narrow): "
              "model, firmware, host_device, state, urban (true/false), schema_version, "
@@ -346,7 +348,8 @@ def drift(
 
 @app.command()
 def detect(
-    min_k: Annotated[int, typer.Option(min=2, help="Devices that must have run both versions.")] = 10,
+    min_k: Annotated[int, typer.Option(min=MIN_K, help=f"Devices that must have run both versions (at least {MIN_K}, "
+                                                        "the privacy floor).")] = MIN_K,
     min_effect: Annotated[float, typer.Option(min=0.0, max=1.0, help=(
         "A finding needs its interval's lower end above this relative drain change."))] = 0.05,
     confidence: Annotated[float, typer.Option(min=0.5, max=0.9999, help="Of the interval.")] = 0.99,

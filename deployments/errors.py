@@ -63,8 +63,8 @@ def refusal(where: str, e: ConfigError) -> RequestValidationError:
 
 async def store_unavailable(request: Request, exc: StorageError) -> JSONResponse:
     """A store that cannot be read now (down, or every read connection busy): 503, try again later."""
-    log.warning("%s %s: %s", request.method, request.url.path, exc)
-    return JSONResponse({"detail": f"the store cannot be read now: {exc}"}, status_code=503,
+    log.warning("%s %s: %s", request.method, request.url.path, exc)  # the why, with paths: for the log only
+    return JSONResponse({"detail": "the store cannot be reached now: try again later"}, status_code=503,
                         headers={"Retry-After": str(RETRY_AFTER_S)})
 
 

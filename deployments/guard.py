@@ -23,7 +23,7 @@ from starlette.middleware.body_limit import RequestBodyLimitResponder
 from starlette.routing import Match
 
 from deployments.settings import UserConfig
-from deployments.tokens import Scope, Tokens, allows
+from deployments.tokens import Scope, Token, Tokens, allows
 
 __all__ = ["needs", "OPEN", "Needs", "Guard", "declared_scopes", "scope_of", "routes_of", "replica_config", "DOCS_PATHS"]
 
@@ -108,10 +108,10 @@ def replica_config() -> UserConfig:
     return getattr(servable, "config", None) or UserConfig()
 
 
-def caller_scopes(headers: list[tuple[bytes, bytes]]) -> frozenset[str] | None:
-    """The scopes of the one ``Authorization`` header's token; None without exactly one known token."""
+def caller(headers: list[tuple[bytes, bytes]]) -> Token | None:
+    """The token of the one ``Authorization`` header; None without exactly one known token."""
     given = [value for name, value in headers if name.lower() == b"authorization"]
-    return TOKENS.scopes(given[0]) if len(given) == 1 else None
+    return TOKENS.find(given[0]) if len(given) == 1 else None
 
 
 def route_path(scope: dict) -> str:
@@ -126,6 +126,12 @@ def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     if not given:
         return None
     return int(given[0]) if len(set(given)) == 1 and given[0].isdigit() else -1
+
+
+def refused(body: dict, status: int, headers: dict | None = None) -> JSONResponse:
+    """A refusal before the body is read, which closes the connection (``Connection: close``): kept
+    open, the server would read whatever body was sent, to its end, to reach the next request."""
+    return JSONResponse(body, status_code=status, headers={**(headers or {}), "Connection": "close"})
 
 
 class Guard:
@@ -163,22 +169,20 @@ class Guard:
         else:
             routed, declared = scope_of(routes, scope)
             if declared is None or declared.scope is not None:
-                scopes = caller_scopes(headers)
-                if scopes is None:
-                    return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
-                                        headers={"WWW-Authenticate": "Bearer"})
+                token = caller(headers)
+                if token is None:
+                    return refused({"detail": "missing or wrong bearer token"}, 401, {"WWW-Authenticate": "Bearer"})
                 if routed and declared is None:
-                    return JSONResponse({"detail": "this route declares no scope, so it is refused"},
-                                        status_code=403)
-                if declared is not None and not allows(scopes, declared.scope.value):
+                    return refused({"detail": "this route declares no scope, so it is refused"}, 403)
+                if declared is not None and not allows(token.scopes, declared.scope.value):
                     need = declared.scope.value
-                    return JSONResponse({"detail": f"this token lacks the scope {need!r}"}, status_code=403,
-                                        headers={"WWW-Authenticate": f'Bearer scope="{need}"'})
-                scope.setdefault("state", {})["scopes"] = scopes
+                    return refused({"detail": f"this token lacks the scope {need!r}"}, 403,
+                                   {"WWW-Authenticate": f'Bearer scope="{need}"'})
+                scope.setdefault("state", {}).update(scopes=token.scopes, token=token.name)
         length = content_length(headers)
         if length == -1:
-            return JSONResponse({"detail": "Content-Length must be one whole number of bytes"}, status_code=400)
+            return refused({"detail": "Content-Length must be one whole number of bytes"}, 400)
         if length is not None and length > config.max_body_bytes:
-            return JSONResponse({"detail": f"the body takes {length} bytes, over the limit of "
-                                           f"{config.max_body_bytes} (max_body_bytes)"}, status_code=413)
+            return refused({"detail": f"the body takes {length} bytes, over the limit of "
+                                      f"{config.max_body_bytes} (max_body_bytes)"}, 413)
         return None

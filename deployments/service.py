@@ -26,6 +26,7 @@ from deployments.settings import (
 )
 from podpulse.kafka import producer_config
 from storage.config import StorageConfig
+from storage.ledger import Ledger
 from storage.reader import ReaderPool
 
 __all__ = ["Service", "Api", "current"]
@@ -53,11 +54,19 @@ class Service:
         self.registry = registry
         self.topic = topic
         self.models = Models(self.readers)
+        self._ledger = None
         self._watch = None  # the drift and firmware gauges' schedule, started by the first reconfigure
         self.producer = None
         if bootstrap and topic:
             self.producer = confluent_kafka.Producer(producer_config(
                 bootstrap, {"message.timeout.ms": int(DELIVERY_TIMEOUT_S * 1000)}))
+
+    @property
+    def ledger(self) -> Ledger:
+        """The privacy ledger of the store (``storage.ledger``), opened at its first use."""
+        if self._ledger is None:
+            self._ledger = Ledger(self.storage)
+        return self._ledger
 
     @property
     def config(self) -> UserConfig:

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
-from podpulse.privacy import MIN_K
+from podpulse.privacy import DAILY_EPSILON, MIN_K, QUERY_EPSILON
 
 __all__ = ["UserConfig", "USER_CONFIG_KEYS", "parse_user_config", "MAX_ROWS", "MAX_EVENTS", "MAX_BODY_BYTES",
            "FIRST_DAY", "LAST_DAY", "MAX_K", "MAX_ECHO_CHARS", "DELIVERY_TIMEOUT_S", "DELIVERY_WAIT_S",
@@ -116,6 +116,14 @@ class UserConfig(BaseModel):
         _whole(2, MAX_K), f"must be a whole number from 2 to {MAX_K} (the lowest k an analytics request may ask for)",
         int)
     ] = MIN_K
+    epsilon_per_answer: Annotated[float, _rule(  # what one private answer spends (podpulse.privacy)
+        lambda v: not isinstance(v, bool) and 0.01 <= float(v) <= 10, "must be from 0.01 to 10 (the ε one private "
+                                                                       "answer spends)", float)
+    ] = QUERY_EPSILON
+    daily_epsilon: Annotated[float, _rule(  # a token's budget per UTC day
+        lambda v: not isinstance(v, bool) and 0.01 <= float(v) <= 100, "must be from 0.01 to 100 (the ε a token may "
+                                                                        "spend per UTC day)", float)
+    ] = DAILY_EPSILON
     drift_interval_s: Annotated[float, _rule(  # feature drift of the served version, this often; 0: never
         _seconds(1, 7 * 86_400, zero=True), f"must be 0 (never) or seconds from 1 to {7 * 86_400} (how often a "
                                             f"replica computes the served version's feature drift)", float)
@@ -125,7 +133,8 @@ class UserConfig(BaseModel):
 USER_CONFIG_KEYS = tuple(UserConfig.model_fields)
 # The order refused values are named in: the models, the batches, the guards, the schedule.
 PROBLEM_ORDER = ("model_path", "canary_model_path", "canary_percent", "score_batch_size", "score_batch_wait_s",
-                 "max_body_bytes", "min_k", "docs", "drift_interval_s")
+                 "max_body_bytes", "min_k", "docs", "epsilon_per_answer", "daily_epsilon",
+                 "drift_interval_s")
 
 
 def parse_user_config(config: Any) -> UserConfig:

@@ -126,15 +126,20 @@ class Tokens:
         self._admin: tuple[str, float, float, str | None] | None = None  # path, checked, mtime, token
 
     def scopes(self, authorization: bytes | None) -> frozenset[str] | None:
-        """The scopes of ``Authorization: Bearer <token>``; None when it names no token. Every
-        known digest is compared (in constant time), so the time taken says nothing of which matched."""
+        """The scopes of ``Authorization: Bearer <token>``; None when it names no token."""
+        found = self.find(authorization)
+        return None if found is None else found.scopes
+
+    def find(self, authorization: bytes | None) -> Token | None:
+        """The token of ``Authorization: Bearer <token>``; None when it names none. Every known digest
+        is compared (in constant time), so the time taken says nothing of which matched."""
         if not authorization or not authorization.startswith(_BEARER):
             return None
         given = digest(authorization[len(_BEARER):])
         found = None
         for token in self._known():
             if hmac.compare_digest(given, token.sha256):
-                found = token.scopes
+                found = token
         return found
 
     def _admin_from_file(self, path: str) -> str | None:

@@ -77,7 +77,7 @@ __all__ = [
     "events_consumed", "events_stored", "events_dead_lettered", "consumer_lag", "partition_counts",
     "backend_label", "batch_written", "write_failed", "failure",
     "scoring_latency", "anomalous_devices", "model_version", "feature_drift", "firmware_regressions",
-    "tokens_file_readable",
+    "tokens_file_readable", "exact_read", "epsilon_spent", "budget_refused",
 ]
 
 PREFIX = "ray_"  # added by Ray's exporter to every application metric
@@ -140,6 +140,13 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("podpulse_api_tokens_file_readable", "gauge",
                "1 while a serving replica reads its API tokens file ($PODPULSE_API_TOKENS_FILE), 0 while it "
                "cannot (its tokens are refused meanwhile).", ()),
+    MetricSpec("podpulse_exact_reads_total", "counter",
+               "Exact (not differentially private) analytics answers, by who read them (an admin token's name) "
+               "and what; each is also a row of the exact_reads table.", ("who", "what")),
+    MetricSpec("podpulse_privacy_epsilon_spent_total", "counter",
+               "ε a token spent on new private answers (its daily budget: user_config daily_epsilon).", ("token",)),
+    MetricSpec("podpulse_privacy_budget_refused_total", "counter",
+               "Private answers refused (429) because the token's daily ε budget was spent.", ("token",)),
 )}
 
 
@@ -317,3 +324,15 @@ def feature_drift(model: str, version: str, psi: Mapping[str, float]) -> None:
 
 def tokens_file_readable(ok: bool) -> None:
     _metric("podpulse_api_tokens_file_readable").set(1 if ok else 0)
+
+
+def exact_read(who: str, what: str) -> None:
+    _metric("podpulse_exact_reads_total").inc(1, {"who": who, "what": what})
+
+
+def epsilon_spent(token: str, epsilon: float) -> None:
+    _metric("podpulse_privacy_epsilon_spent_total").inc(epsilon, {"token": token})
+
+
+def budget_refused(token: str) -> None:
+    _metric("podpulse_privacy_budget_refused_total").inc(1, {"token": token})

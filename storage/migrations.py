@@ -106,6 +106,9 @@ MIGRATIONS: tuple[Migration, ...] = (
               add_columns_ddl(schema.device_hourly, 10, dialect)),
     Migration(11, "each device's day per region, summed from its hours: the reports' region-days and "
                   "device-weeks", _device_days),
+    Migration(12, "privacy: each token's daily budget spent, the noisy answers released, the exact reads",
+              lambda dialect, opts: [create_table_ddl(t, dialect, opts) for t in
+                                     (schema.privacy_budget, schema.privacy_answers, schema.exact_reads)]),
 )
 LATEST = MIGRATIONS[-1].version
 

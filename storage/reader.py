@@ -47,6 +47,8 @@ class ReaderPool:
         self._lock = threading.Lock()
         self._slots: dict[str, threading.BoundedSemaphore] = {}
         self._engines: dict[str, Any] = {}
+        self._turns = threading.Condition()  # an embedded file's readers, and its one writer
+        self._reading, self._writing = 0, False
 
     @contextmanager
     def reader(self, kind: str = "rollups") -> Iterator[Reader]:
@@ -57,10 +59,50 @@ class ReaderPool:
         if not slots.acquire(timeout=self.wait_s):
             raise StorageError(f"all {self.size} read connections to {name} are busy (waited {self.wait_s:g} s)")
         try:
-            with backends.of(settings).reader(settings, self._engine(name, settings)) as reader:
-                yield reader
+            with self._read_turn(settings.embedded):
+                with backends.of(settings).reader(settings, self._engine(name, settings)) as reader:
+                    yield reader
         finally:
             slots.release()
+
+    @contextmanager
+    def _read_turn(self, embedded: bool) -> Iterator[None]:
+        if not embedded:
+            yield
+            return
+        with self._turns:
+            if not self._turns.wait_for(lambda: not self._writing, timeout=self.wait_s):
+                raise StorageError(f"a write held the store for {self.wait_s:g} s")
+            self._reading += 1
+        try:
+            yield
+        finally:
+            with self._turns:
+                self._reading -= 1
+                self._turns.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around a write to the store from this process: an embedded file (DuckDB) cannot be open for
+        reading and writing at once in one process, so the write waits for the reads in flight (new ones
+        wait for it). A server database needs no turn."""
+        if not any(self.config.settings(name).embedded for name in set(self.config.routes.values())):
+            yield
+            return
+        with self._turns:
+            if not self._turns.wait_for(lambda: not self._writing, timeout=self.wait_s):
+                raise StorageError(f"another write held the store for {self.wait_s:g} s")
+            self._writing = True
+            if not self._turns.wait_for(lambda: self._reading == 0, timeout=self.wait_s):
+                self._writing = False
+                self._turns.notify_all()
+                raise StorageError(f"the reads in flight held the store for {self.wait_s:g} s")
+        try:
+            yield
+        finally:
+            with self._turns:
+                self._writing = False
+                self._turns.notify_all()
 
     def _engine(self, name: str, settings):
         """The backend's pooled connections, made on first use; None for a backend without a pool."""

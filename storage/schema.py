@@ -32,6 +32,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    Text,
 )
 from sqlalchemy.dialects import oracle, postgresql
 from sqlalchemy.schema import CreateColumn, CreateTable
@@ -227,6 +228,33 @@ firmware_findings = Table(
     Column("first_day", String(10), nullable=False),
     Column("regression", Boolean, nullable=False),
     PrimaryKeyConstraint("detected_at", "model", "firmware"),
+)
+
+# Differential privacy (since migration 12; analytics.private, storage.ledger): the ε each token spent
+# per UTC day, in millionths (sums stay exact), the answers released (the same question on the same day
+# gets the same noisy answer and spends nothing), and every exact read: who, what, when.
+privacy_budget = Table(
+    "privacy_budget", metadata,
+    Column("token", String(64), nullable=False),
+    Column("day", Date, nullable=False),
+    Column("spent_micro", BigInteger, nullable=False),
+    PrimaryKeyConstraint("token", "day"),
+)
+
+privacy_answers = Table(
+    "privacy_answers", metadata,
+    Column("day", Date, nullable=False),
+    Column("question", String(64), nullable=False),  # SHA-256 of the question, canonical JSON
+    Column("answer", Text, nullable=False),  # JSON
+    Column("released_at", UtcTime, nullable=False),
+    PrimaryKeyConstraint("day", "question"),
+)
+
+exact_reads = Table(
+    "exact_reads", metadata,
+    Column("read_at", UtcTime, nullable=False),
+    Column("who", String(64), nullable=False),
+    Column("what", String(1000), nullable=False),
 )
 
 schema_version = Table(

@@ -28,7 +28,8 @@ def save_cohort(api: Api, body: CohortRequest) -> dict:
     with refused_as("body"):
         cohort = Cohort.parse(body.cohort)
         try:
-            cohorts.save(api.storage, body.name, cohort)
+            with api.readers.writing():  # the embedded store: after the reads in flight
+                cohorts.save(api.storage, body.name, cohort)
         except ConfigError as e:
             if "saved already" in str(e):
                 raise HTTPException(status_code=409, detail=str(e)) from None

@@ -67,6 +67,7 @@ def erase_device(api: Api, device_id: DeviceId) -> dict:
     """Erase the device (its id as stored) from every store, with a tombstone that keeps replays
     and backfills from bringing it back (``storage.router.erase_devices``); ``admin`` only. The
     replica opens the store for this one write and closes it: erasures are rare."""
-    result = erase_devices(api.storage, [device_id])
+    with api.readers.writing():  # the embedded store: after the reads in flight
+        result = erase_devices(api.storage, [device_id])
     log.warning("erased device %s (rows removed per backend: %s)", device_id, result["backends"])
     return result

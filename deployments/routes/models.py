@@ -1,5 +1,9 @@
 """What the models say: battery scoring, the usage forecast, flagged devices by region, listening
-segments, firmware findings."""
+segments, firmware findings.
+
+Scoring answers about the rows the caller sends. The rest are exact figures of the fleet, which have
+no differentially private release yet: they need an ``admin`` token (a ``read:aggregates`` token reads
+the private analytics, ``deployments.routes.analytics``)."""
 
 import time
 
@@ -24,7 +28,7 @@ async def battery_score(api: Api, body: ScoreRequest) -> dict:
     return scored
 
 
-@router.get("/v1/forecast/usage", dependencies=[needs(Scope.read_aggregates)])
+@router.get("/v1/forecast/usage", dependencies=[needs(Scope.admin)])
 def forecast(api: Api, region: Region) -> dict:
     week, evaluation = api.models.week_ahead()
     state, cls = region.split("-")
@@ -37,7 +41,7 @@ def forecast(api: Api, region: Region) -> dict:
             "evaluation": evaluation}
 
 
-@router.get("/v1/anomalies/regions", dependencies=[needs(Scope.read_aggregates)])
+@router.get("/v1/anomalies/regions", dependencies=[needs(Scope.admin)])
 def anomalies_by_region(api: Api) -> dict:
     """Per region of at least ``min_k`` devices: the devices the latest battery-anomaly version
     flagged, and their share (what the ``ray_podpulse_anomalous_devices`` gauge counts)."""
@@ -49,7 +53,7 @@ def anomalies_by_region(api: Api) -> dict:
             "regions": flagged_share_by_region(api.readers, entry["version"], k)}
 
 
-@router.get("/v1/segments", dependencies=[needs(Scope.read_aggregates)])
+@router.get("/v1/segments", dependencies=[needs(Scope.admin)])
 def segments(api: Api) -> dict:
     """The latest listening-segments version: its segments (names, shares, cancelling share per
     ambient band), segment shares per region (regions of at least k devices) and its evaluation."""
@@ -62,7 +66,7 @@ def segments(api: Api) -> dict:
             "data_window": meta.get("data_window")}
 
 
-@router.get("/v1/firmware/regressions", dependencies=[needs(Scope.read_aggregates)])
+@router.get("/v1/firmware/regressions", dependencies=[needs(Scope.admin)])
 def firmware_regressions(api: Api) -> dict:
     """The latest ``podpulse detect`` run's comparisons of each firmware version with the one before
     it on a model (:mod:`analytics.regressions`), regressions first. Counts and effects only."""

@@ -186,11 +186,16 @@ function table(result, side) {
   const body = el("tbody");
   t.append(el("thead"), body);
   t.tHead.append(head);
-  for (const row of result.rows) {
+  result.rows.forEach((row, n) => {
     const tr = el("tr", { "data-kind": "cell" });
-    row.forEach((v, i) => tr.append(el("td", {}, fmt(v, result.columns[i]))));
+    row.forEach((v, i) => {
+      const column = result.columns[i];
+      const td = tr.appendChild(el("td", {}, fmt(v, column)));
+      const interval = result.intervals && result.intervals[n][column];
+      if (interval) td.title = `about ${fmt(v, column)} (95%: ${fmt(interval[0], column)} to ${fmt(interval[1], column)})`;
+    });
     body.append(tr);
-  }
+  });
   for (const keys of result.suppressed_cells || []) {
     const tr = el("tr", { "data-kind": "suppressed" });
     keys.forEach((v, i) => tr.append(el("td", {}, fmt(v, result.columns[i]))));
@@ -201,6 +206,10 @@ function table(result, side) {
   wrap.append(t);
   if (!result.rows.length && !(result.suppressed_cells || []).length) {
     wrap.append(el("p", { class: "note", "data-empty": result.name }, "no devices in this range and cohort"));
+  }
+  if (result.privacy) {
+    wrap.append(el("p", { class: "note about" }, `about: every figure here is noisy (differential privacy: ` +
+      `ε ${result.privacy.epsilon} for this answer, ${result.privacy.bounds}); hover a figure for its 95% interval`));
   }
   for (const note of result.notes || []) if (!note.startsWith("distribution:")) wrap.append(el("p", { class: "note" }, note));
   return wrap;
@@ -222,8 +231,14 @@ const groupBy = (items, key) => items.reduce((m, x) => m.set(key(x), [...(m.get(
 
 function overview(host, data) {
   const states = records(data.state_overview);
-  chart(host, "Listening per device per day (h)", [{ type: "bar", x: states.map((r) => r.state),
-    y: states.map((r) => r.listening_h_per_day) }]);
+  const bars = { type: "bar", x: states.map((r) => r.state), y: states.map((r) => r.listening_h_per_day) };
+  if (data.state_overview.intervals) {  // a private answer: its 95% intervals as error bars
+    const iv = data.state_overview.intervals.map((i) => i.listening_h_per_day);
+    bars.error_y = { type: "data", symmetric: false, array: iv.map((x, n) => (x[1] ?? bars.y[n]) - bars.y[n]),
+                     arrayminus: iv.map((x, n) => bars.y[n] - x[0]) };
+  }
+  chart(host, data.state_overview.privacy ? "Listening per device per day (h, about: 95% intervals)"
+                                          : "Listening per device per day (h)", [bars]);
   host.append(table(data.state_overview, host.dataset.side));
   const trend = groupBy(records(data.usage_trend), (r) => `${r.state} ${r.urban ? "urban" : "rural"}`);
   chart(host, "Listening per device by day (h)", [...trend].map(([name, rows]) => ({

@@ -1,6 +1,6 @@
 """The benchmarks of issue 15 run small and their figures add up (the figures themselves are in the README)."""
 
-from bench import commit, decode, peak, report
+from bench import commit, decode, peak, privacy, report
 
 
 def test_decode_reads_the_same_samples_in_both_shapes_and_keeps_them_all():
@@ -34,3 +34,14 @@ def test_report_reads_every_stored_event_on_both_stores(tmp_path, pg_url):
         assert result["events_scanned"] == result["events_stored"] > 5000, storage_file
         assert result["seconds"] > 0 and result["raw_scan_seconds"] >= 0 and result["timeline_ms_p50"] > 0
     assert result["store"] == str(config)
+
+
+def test_privacy_measures_each_private_query_and_the_attack_beside_exact_answers():
+    result = privacy.run(devices=400, days=5, runs=2)
+    assert set(result["queries"]) == {"usage_trend", "state_overview", "mode_shares", "firmware_adoption"}
+    for q in result["queries"].values():
+        assert q["epsilon"] == 1.0 and q["error_median"] > 0 and q["baseline_error"] == 0
+    overview = result["queries"]["state_overview"]
+    assert 0 <= overview["listening_within_2pct"] <= 1 and overview["interval_95_held"] >= 0.5
+    attack = result["attack"]
+    assert attack["baseline_error_h"] == 0 and attack["error_h_median"] > 1  # noisy, where exact was off by 0

@@ -406,3 +406,9 @@ def test_each_command_parses_calls_and_renders_in_fifteen_lines_or_fewer():
         if body[-1].end_lineno - body[0].lineno + 1 > 15:
             long[fn.name] = body[-1].end_lineno - body[0].lineno + 1
     assert len(commands) == 15 and not long, long
+
+
+def test_no_command_goes_under_the_privacy_floor(tmp_path):
+    for args, option in ((("report", "--k", 1), "--k"), (("detect", "--min-k", 2), "--min-k")):
+        proc = podpulse(*args, "--db", tmp_path / "none.duckdb", check=False)
+        assert proc.returncode != 0 and option in proc.stderr and "10" in proc.stderr, proc.stderr

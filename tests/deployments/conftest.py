@@ -13,7 +13,7 @@ from jobs.segments import train_segments
 from jobs.train import train_battery_anomaly, train_usage_forecast
 from podpulse.broker import free_port
 from storage.config import StorageConfig
-from testbed.api import AGGREGATES, INGEST, token_env
+from testbed.api import AGGREGATES, ANALYST, INGEST, token_env
 from testbed.stores import build_store
 
 
@@ -29,7 +29,7 @@ def served(ray_local, broker, tmp_path_factory):
     train_segments(storage, registry=root / "models", epochs=3, k_min=5)
     broker.create_topic("serve-telemetry", 2)
     port = free_port()
-    (root / "tokens.yaml").write_text(yaml.safe_dump([INGEST[1], AGGREGATES[1]]))
+    (root / "tokens.yaml").write_text(yaml.safe_dump([INGEST[1], AGGREGATES[1], ANALYST[1]]))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = dict(storage=storage.as_dict(), bootstrap=broker.bootstrap, topic="serve-telemetry",
                     registry=str(root / "models"),

@@ -21,11 +21,12 @@ ROUTES = {
     ("GET", "/console/plotly.min.js"): None,
     ("POST", "/v1/telemetry"): "ingest",
     ("POST", "/v1/battery/score"): "read:aggregates",
-    ("GET", "/v1/forecast/usage"): "read:aggregates",
-    ("GET", "/v1/anomalies/regions"): "read:aggregates",
-    ("GET", "/v1/segments"): "read:aggregates",
-    ("GET", "/v1/firmware/regressions"): "read:aggregates",
+    ("GET", "/v1/forecast/usage"): "admin",  # exact: no private release yet
+    ("GET", "/v1/anomalies/regions"): "admin",  # exact: no private release yet
+    ("GET", "/v1/segments"): "admin",  # exact: no private release yet
+    ("GET", "/v1/firmware/regressions"): "admin",  # exact: no private release yet
     ("GET", "/v1/analytics/{query}"): "read:aggregates",
+    ("GET", "/v1/privacy/budget"): "read:aggregates",
     ("GET", "/v1/cohorts"): "read:aggregates",
     ("POST", "/v1/cohorts"): "admin",  # a write
     ("GET", "/v1/devices/{device_id}/battery-health"): "read:devices",

@@ -107,6 +107,42 @@ def test_a_pool_with_every_connection_busy_answers_a_storage_error_in_time(tmp_p
         assert again.rows("SELECT 2") == [(2,)]
 
 
+def test_a_write_to_the_embedded_file_waits_for_the_reads_in_flight(tmp_path):
+    """DuckDB will not open a file for writing in a process that has it open read-only: the pool's
+    writer waits for its readers, and readers that come meanwhile wait for the write."""
+    import threading
+    import time
+
+    path = tmp_path / "x.duckdb"
+    duckdb.connect(str(path)).execute("CREATE TABLE t (x INTEGER)").close()
+    pool = ReaderPool(StorageConfig.embedded(path), size=8, wait_s=5)
+    stop, reads = threading.Event(), []
+
+    def read():
+        while not stop.is_set():
+            with pool.reader() as r:
+                reads.append(r.rows("SELECT count(*) FROM t")[0][0])
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.2)
+        for i in range(5):
+            with pool.writing():
+                con = duckdb.connect(str(path))
+                con.execute("INSERT INTO t VALUES (?)", [i])
+                con.close()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert max(reads) <= 5 and len(reads) > 8
+    with pool.reader() as r:
+        assert r.rows("SELECT count(*) FROM t") == [(5,)]
+
+
 def test_a_dead_server_is_a_storage_error_naming_it():
     config = StorageConfig(backends={"pg": {"type": "postgresql", "url": "postgresql://x@127.0.0.1:1/none"}})
     with pytest.raises(StorageError, match="cannot read postgresql"):

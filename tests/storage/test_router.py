@@ -4,6 +4,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import yaml
 
 from storage.base import StorageError
 from storage.config import KINDS, StorageConfig
@@ -25,9 +26,20 @@ def test_every_example_loads_and_survives_pickling(name):
     assert pickle.loads(pickle.dumps(c)).as_dict() == c.as_dict()
 
 
-def test_the_postgres_example_shows_a_retention():
-    c = StorageConfig.load(EXAMPLES / "postgres.yaml")
-    assert dict(c.retention) == {"raw_events": 90, "anomalies": 365}
+@pytest.mark.parametrize("name", ["embedded.yaml", "postgres.yaml", "cassandra-postgres.yaml",
+                                  "oracle-cassandra.yaml"])
+def test_every_shipped_config_sets_a_retention(name):
+    c = StorageConfig.load(EXAMPLES / name)
+    assert dict(c.retention) == {"raw_events": 90, "rollups": 730, "anomalies": 365}
+
+
+def test_the_deployed_storage_configs_set_a_retention():
+    root = EXAMPLES.parent
+    base = yaml.safe_load(yaml.safe_load((root / "deploy/base/storage.yaml").read_text().split("---")[0])
+                          ["data"]["storage.yaml"])
+    chart = yaml.safe_load((root / "charts/podpulse/values.yaml").read_text())["storage"]["config"]
+    for config in (base, chart):
+        assert StorageConfig(**config).retention == {"raw_events": 90, "rollups": 730, "anomalies": 365}
 
 
 def test_the_fleet_example_puts_raw_events_in_cassandra_and_the_rest_in_oracle():
