@@ -144,9 +144,10 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in (
                "Exact (not differentially private) analytics answers, by who read them (an admin token's name) "
                "and what; each is also a row of the exact_reads table.", ("who", "what")),
     MetricSpec("podpulse_privacy_epsilon_spent_total", "counter",
-               "ε a token spent on new private answers (its daily budget: user_config daily_epsilon).", ("token",)),
+               "Epsilon a token spent on new private answers (its daily budget: user_config daily_epsilon).",
+               ("token",)),
     MetricSpec("podpulse_privacy_budget_refused_total", "counter",
-               "Private answers refused (429) because the token's daily ε budget was spent.", ("token",)),
+               "Private answers refused (429) because the token's daily epsilon budget was spent.", ("token",)),
 )}
 
 
