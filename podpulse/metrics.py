@@ -39,6 +39,9 @@ ray_podpulse_model_info                      gauge      model, version
 ray_podpulse_feature_drift_psi               gauge      model, version, feature
 ray_podpulse_firmware_regression             gauge      model, firmware, baseline
 ray_podpulse_api_tokens_file_readable        gauge      (none)
+ray_podpulse_exact_reads_total               counter    who, what
+ray_podpulse_privacy_epsilon_spent_total     counter    token
+ray_podpulse_privacy_budget_refused_total    counter    token
 ===========================================  =========  ==========================
 
 Firmware regressions are exported by the API replicas from the store's latest

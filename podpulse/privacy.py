@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
-
-import opendp.prelude as dp
-
-dp.enable_features("contrib")
+from functools import cache, lru_cache
 
 __all__ = ["MIN_K", "QUERY_EPSILON", "DAILY_EPSILON", "DELTA", "CONFIDENCE", "Noise", "laplace", "thresholded",
            "half_width"]
@@ -45,6 +41,22 @@ class Noise:
                 "sensitivity": self.sensitivity, "half_width_95": half_width(self.scale)}
 
 
+@cache
+def _dp():
+    """OpenDP's domains, metrics and measurements, loaded on first use: every module reads MIN_K from
+    here, and ``opendp.prelude`` would also import its scikit-learn extras (2.4 s)."""
+    from opendp import domains, measurements, metrics, mod  # heavy: a Rust library, 0.25 s
+
+    mod.enable_features("contrib")
+    return domains, metrics, measurements
+
+
+def _counts_space():
+    domains, metrics, _ = _dp()
+    return (domains.map_domain(domains.atom_domain(T=str), domains.atom_domain(T=float, nan=False)),
+            metrics.l01inf_distance(metrics.absolute_distance(T=float)))
+
+
 def half_width(scale: float, confidence: float = CONFIDENCE) -> float:
     """Half the width of the interval holding a value's Laplace noise with ``confidence``."""
     return scale * math.log(1 / (1 - confidence))
@@ -54,8 +66,9 @@ def laplace(measure: str, values: list[float], sensitivity: float, epsilon: floa
     """``values`` with Laplace noise for ``epsilon``-DP, when one device moves them by at most
     ``sensitivity`` in total (L1)."""
     scale = sensitivity / epsilon
-    space = dp.vector_domain(dp.atom_domain(T=float, nan=False)), dp.l1_distance(T=float)
-    mechanism = dp.m.make_laplace(*space, scale=scale)
+    domains, metrics, measurements = _dp()
+    space = domains.vector_domain(domains.atom_domain(T=float, nan=False)), metrics.l1_distance(T=float)
+    mechanism = measurements.make_laplace(*space, scale=scale)
     spent = mechanism.map(float(sensitivity))
     noisy = mechanism([float(v) for v in values]) if values else []
     return noisy, Noise(measure, spent, 0.0, scale, sensitivity)
@@ -66,9 +79,7 @@ def _threshold(cells: int, scale: float, floor: int, delta: float) -> tuple[floa
     """The lowest threshold of at least ``floor`` whose release keeps to ``delta`` when a device is in
     up to ``cells`` cells with 1 each; with the ε and δ OpenDP's privacy map gives it."""
     def measured(threshold: float) -> tuple[float, float]:
-        space = (dp.map_domain(dp.atom_domain(T=str), dp.atom_domain(T=float, nan=False)),
-                 dp.l01inf_distance(dp.absolute_distance(T=float)))
-        return dp.m.make_laplace_threshold(*space, scale=scale, threshold=threshold).map(
+        return _dp()[2].make_laplace_threshold(*_counts_space(), scale=scale, threshold=threshold).map(
             (cells, float(cells), 1.0))
 
     low, high = float(floor), float(floor)
@@ -88,8 +99,6 @@ def thresholded(measure: str, counts: dict[str, float], cells: int, epsilon: flo
     in each of up to ``cells`` keys. Returns the counts kept, the noise, and the threshold."""
     scale = cells / epsilon
     threshold, spent, spent_delta = _threshold(cells, scale, floor, delta)
-    space = (dp.map_domain(dp.atom_domain(T=str), dp.atom_domain(T=float, nan=False)),
-             dp.l01inf_distance(dp.absolute_distance(T=float)))
-    mechanism = dp.m.make_laplace_threshold(*space, scale=scale, threshold=threshold)
+    mechanism = _dp()[2].make_laplace_threshold(*_counts_space(), scale=scale, threshold=threshold)
     kept = mechanism({k: float(v) for k, v in counts.items()}) if counts else {}
     return kept, Noise(measure, spent, spent_delta, scale, float(cells)), threshold
