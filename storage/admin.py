@@ -8,13 +8,11 @@ or a file, never from the URL.
 from __future__ import annotations
 
 import os
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import duckdb
 from sqlalchemy import create_engine
 
+from storage.backends.duckdb import open_for_writing
 from storage.backends.oracle import oracle_url
 from storage.backends.postgres import engine_url
 from storage.base import StorageError
@@ -25,22 +23,9 @@ __all__ = ["migrate", "status", "db_password"]
 DUCKDB_LOCK_WAIT_S = 120.0
 
 
-@contextmanager
 def _duckdb(path: str):
     """Open the file for writing, waiting while another process holds its lock."""
-    deadline = time.monotonic() + DUCKDB_LOCK_WAIT_S
-    while True:
-        try:
-            con = duckdb.connect(path)
-            break
-        except duckdb.IOException as e:
-            if "lock" not in str(e).lower() or time.monotonic() > deadline:
-                raise StorageError(f"cannot open {path}: {e}") from e
-            time.sleep(0.2)
-    try:
-        yield con
-    finally:
-        con.close()
+    return open_for_writing(path, DUCKDB_LOCK_WAIT_S)
 
 
 def _engine(url: str, password: str | None):

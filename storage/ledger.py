@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from contextlib import contextmanager
 from datetime import date, datetime, timezone
 from typing import Iterator
 
-import duckdb
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from storage import backends
-from storage.base import StorageError
+from storage.backends.duckdb import open_for_writing
 from storage.config import StorageConfig
 from storage.schema import create_table_ddl, exact_reads, privacy_answers, privacy_budget
 
@@ -32,6 +30,7 @@ __all__ = ["Ledger", "MICRO"]
 MICRO = 1_000_000  # ε is kept in millionths
 LOCK_WAIT_S = 10.0  # how long a spend waits for the embedded ledger's file
 _LOCAL = threading.Lock()  # one writer of an embedded ledger per process
+_MADE: set[str] = set()  # the embedded ledgers whose tables this process made
 
 
 class Ledger:
@@ -50,24 +49,14 @@ class Ledger:
             with self._engine.begin() as conn:
                 yield conn
             return
-        with _LOCAL:
-            deadline = time.monotonic() + LOCK_WAIT_S
-            while True:
-                try:
-                    con = duckdb.connect(self._path)
-                    break
-                except duckdb.IOException as e:
-                    if "lock" not in str(e).lower() or time.monotonic() > deadline:
-                        raise StorageError(f"the privacy ledger cannot be opened: {str(e).splitlines()[0]}") from e
-                    time.sleep(0.05)
-            try:
+        with _LOCAL, open_for_writing(self._path, LOCK_WAIT_S) as con:
+            if self._path not in _MADE:  # the ledger's tables, once per file and process
                 for table in (privacy_budget, privacy_answers, exact_reads):
                     con.execute(create_table_ddl(table, "duckdb").replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
-                con.begin()
-                yield _Duck(con)
-                con.commit()
-            finally:
-                con.close()
+                _MADE.add(self._path)
+            con.begin()
+            yield _Duck(con)
+            con.commit()
 
     @property
     def _oracle(self) -> bool:

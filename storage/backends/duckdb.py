@@ -14,6 +14,7 @@ construction.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -31,7 +32,7 @@ from storage.rollups import LAST_SAMPLE_QUERY
 from storage.schema import EVENT_COLUMNS, expiry_bound
 from storage.sql import COUNT_EVENTS, merge_into_sql
 
-__all__ = ["DuckDBStore", "DuckDBReader", "BACKEND"]
+__all__ = ["DuckDBStore", "DuckDBReader", "BACKEND", "open_for_writing"]
 
 OFFSETS_UPSERT = ("INSERT INTO kafka_offsets (topic, kafka_partition, next_offset, updated_at) "
                   "VALUES (?, ?, ?, now()) ON CONFLICT (topic, kafka_partition) DO UPDATE SET "
@@ -45,6 +46,24 @@ EVENTS_INSERT = f"INSERT INTO events ({EVENT_NAMES}) SELECT {EVENT_NAMES} FROM _
 DATA_ERRORS = (duckdb.ConstraintException, duckdb.ConversionException, duckdb.OutOfRangeException,
                duckdb.InvalidInputException, duckdb.TypeMismatchException, pa.ArrowInvalid, pa.ArrowTypeError)
 
+
+
+@contextmanager
+def open_for_writing(path: str, wait_s: float) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The file opened for writing, waiting up to ``wait_s`` while another process holds its lock."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            con = duckdb.connect(path)
+            break
+        except duckdb.IOException as e:
+            if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                raise StorageError(f"cannot open {path}: {str(e).splitlines()[0]}") from e
+            time.sleep(0.05)
+    try:
+        yield con
+    finally:
+        con.close()
 
 class _Transaction:
     """storage.commit.Transaction on DuckDB: pyarrow tables registered as views, read in place."""
